@@ -1,0 +1,1 @@
+"""Thin, typed layer over the Linux interfaces uffdd uses (userfaultfd, fds, sockets)."""
