@@ -29,6 +29,10 @@ struct uffdd_client {
 	/* receive buffer: bytes [0, rlen) are received and not yet consumed */
 	unsigned char *rbuf;
 	size_t rlen, rcap;
+	/* bytes at the start of rbuf that belong to the last frame returned: the
+	 * msgpack objects of that frame point into them (msgpack_unpack_next does not
+	 * copy strings), so they are dropped only when the next frame is read */
+	size_t rconsumed;
 	/* queued events, a ring */
 	struct uffdd_event *evq;
 	size_t evq_head, evq_count, evq_cap;
@@ -326,6 +330,12 @@ static int read_frame(uffdd_client *c, int64_t deadline, msgpack_unpacked *out,
 {
 	if (c->fd < 0)
 		return fail(err, UFFDD_ERR_CLOSED, "connection is closed");
+	msgpack_unpacked_destroy(out); /* free the previous frame first */
+	if (c->rconsumed) {
+		memmove(c->rbuf, c->rbuf + c->rconsumed, c->rlen - c->rconsumed);
+		c->rlen -= c->rconsumed;
+		c->rconsumed = 0;
+	}
 	for (;;) {
 		if (c->rlen >= 4) {
 			uint32_t len = (uint32_t)c->rbuf[0] << 24 | (uint32_t)c->rbuf[1] << 16 |
@@ -335,12 +345,9 @@ static int read_frame(uffdd_client *c, int64_t deadline, msgpack_unpacked *out,
 					    "daemon sent a frame of %u bytes", len);
 			if (c->rlen >= 4 + (size_t)len) {
 				size_t off = 0;
-				msgpack_unpacked_destroy(out); /* free the previous frame */
 				msgpack_unpack_return ur = msgpack_unpack_next(
 					out, (const char *)c->rbuf + 4, len, &off);
-				size_t used = 4 + (size_t)len;
-				memmove(c->rbuf, c->rbuf + used, c->rlen - used);
-				c->rlen -= used;
+				c->rconsumed = 4 + (size_t)len;
 				if (ur != MSGPACK_UNPACK_SUCCESS || off != len)
 					return fail(err, UFFDD_ERR_PROTOCOL,
 						    "daemon sent a frame that is not one msgpack value");
