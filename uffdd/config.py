@@ -1,0 +1,199 @@
+"""The daemon's configuration: TOML file, documented defaults, command-line overrides.
+
+A wrong config (unknown key, wrong type, unreadable file) is refused at start with a
+ConfigError that names the file and the key. The defaults below are the reference: the
+README's configuration table and ``deploy/uffdd.toml`` document the same values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from uffdd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """[api]: the VMM API socket and who may use it."""
+
+    socket: str = "/run/uffdd/vmm.sock"
+    socket_mode: str = "0660"
+    allowed_uids: list[int] = field(default_factory=lambda: [0])
+    allowed_gids: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """[peer]: the TCP link between daemons."""
+
+    listen: str = "0.0.0.0:4460"
+    connect_timeout: float = 5.0
+    bulk_lanes: int = 1
+    chunk_bytes: int = 262144
+    integrity: bool = True
+    reconnect_max_delay: float = 2.0
+    stall_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: the Prometheus endpoint ("" disables it)."""
+
+    listen: str = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """[session]: defaults for sessions whose VMM does not choose."""
+
+    strategy: str = "continue-then-populate"
+    policy: str = "crash"
+    deadline: float = 30.0
+    kill_grace: float = 5.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """[limits]: bounds against abuse and runaway memory."""
+
+    max_sessions: int = 64
+    max_frame_bytes: int = 1048576
+    max_fds_per_request: int = 64
+    max_outstanding_requests: int = 4096
+    handshake_timeout: float = 5.0
+    max_connections: int = 256
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """[log]: log level (debug, info, warning, error)."""
+
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration."""
+
+    api: ApiConfig = field(default_factory=ApiConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+_SECTIONS: dict[str, type[Any]] = {f.name: f.type for f in fields(Config)}  # type: ignore[misc]
+_SECTION_TYPES: dict[str, type[Any]] = {
+    "api": ApiConfig,
+    "peer": PeerConfig,
+    "metrics": MetricsConfig,
+    "session": SessionConfig,
+    "limits": LimitsConfig,
+    "log": LogConfig,
+}
+
+
+def _check_value(where: str, expected: object, value: object) -> object:
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (int, float, str, bool):
+        assert isinstance(expected, type)
+        if type(value) is not expected:
+            raise ConfigError(f"{where}: must be {expected.__name__}, not {type(value).__name__}")
+        return value
+    # list[int]
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise ConfigError(f"{where}: must be a list of integers")
+    return value
+
+
+def _section(name: str, raw: object, source: str) -> Any:
+    cls = _SECTION_TYPES[name]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    known = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, object] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'")
+        expected = _field_type(cls, key)
+        kwargs[key] = _check_value(f"{source}: key '{name}.{key}'", expected, value)
+    return cls(**kwargs)
+
+
+def _field_type(cls: type[Any], key: str) -> object:
+    default = cls()
+    value = getattr(default, key)
+    return list if isinstance(value, list) else type(value)
+
+
+def from_dict(raw: dict[str, object], source: str = "<config>") -> Config:
+    """Build a Config from parsed TOML, refusing unknown keys and wrong types."""
+    sections: dict[str, object] = {}
+    for name, value in raw.items():
+        if name not in _SECTION_TYPES:
+            raise ConfigError(f"{source}: unknown section or key '{name}'")
+        sections[name] = _section(name, value, source)
+    config = Config(**sections)  # type: ignore[arg-type]
+    _check_semantics(config, source)
+    return config
+
+
+def load(path: str | None) -> Config:
+    """Read the config file (or return the defaults when ``path`` is None)."""
+    if path is None:
+        return Config()
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(raw, path)
+
+
+def _check_semantics(config: Config, source: str) -> None:
+    if config.session.policy not in ("crash", "poison"):
+        raise ConfigError(f"{source}: key 'session.policy' must be 'crash' or 'poison'")
+    try:
+        int(config.api.socket_mode, 8)
+    except ValueError:
+        raise ConfigError(f"{source}: key 'api.socket_mode' must be an octal string") from None
+    for key in ("peer.listen", "metrics.listen"):
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value and not _is_host_port(value):
+            raise ConfigError(f"{source}: key '{key}' must be HOST:PORT, not {value!r}")
+    if config.peer.bulk_lanes < 1 or config.peer.chunk_bytes < 4096:
+        raise ConfigError(f"{source}: key 'peer.bulk_lanes' must be >= 1, 'chunk_bytes' >= 4096")
+    if config.log.level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{source}: key 'log.level' must be debug, info, warning or error")
+
+
+def _is_host_port(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep) and bool(host) and port.isdigit() and 0 <= int(port) < 65536
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port)."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def override(config: Config, **changes: dict[str, object]) -> Config:
+    """Return a copy with some section fields replaced (command-line flags)."""
+    sections: dict[str, object] = {}
+    for section, values in changes.items():
+        if values:
+            sections[section] = dataclasses.replace(getattr(config, section), **values)
+    return dataclasses.replace(config, **sections)  # type: ignore[arg-type]

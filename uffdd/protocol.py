@@ -1,0 +1,295 @@
+"""Wire encoding of both protocols (docs/protocol.md), in one place.
+
+VMM API frames: ``u32 big-endian length`` + msgpack map. Peer frames: ``u32 big-endian
+header length`` + msgpack header map + ``header["len"]`` raw payload bytes. Requests are
+checked against small schemas here, so the daemon's handlers only ever see well-typed
+values, and every refusal names the field that is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import msgpack
+
+from uffdd.errors import ProtocolError, RequestError
+
+LENGTH: Final = struct.Struct(">I")
+PROTOCOL_VERSION: Final = 1
+SESSION_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MAX_PEER_HEADER: Final = 64 * 1024
+
+Message = dict[str, object]
+
+
+def pack(body: Mapping[str, object]) -> bytes:
+    """Encode one frame (length prefix + msgpack map)."""
+    data = msgpack.packb(body, use_bin_type=True)
+    return LENGTH.pack(len(data)) + data
+
+
+def unpack_body(data: bytes | bytearray | memoryview) -> Message:
+    """Decode a frame body; refuse anything but a map with string keys."""
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise RequestError("bad-frame", f"frame body is not valid msgpack: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError("bad-frame", "frame body must be a msgpack map")
+    for key in body:
+        if not isinstance(key, str):
+            raise RequestError("bad-frame", "frame map keys must be strings")
+    return body
+
+
+def check_length(length: int, limit: int) -> None:
+    """Refuse a frame length of 0 or over ``limit``."""
+    if length == 0:
+        raise RequestError("bad-frame", "empty frame")
+    if length > limit:
+        raise RequestError("frame-too-large", f"frame of {length} bytes exceeds limit {limit}")
+
+
+# ---------------------------------------------------------------- schemas
+
+_INT = (int,)
+_STR = (str,)
+_NUM = (int, float)
+_TOKEN = (bytes, str)
+_LIST = (list,)
+
+Schema = dict[str, tuple[tuple[type, ...], bool]]
+
+_EXPORT_REGION: Final[Schema] = {
+    "gpa": (_INT, True),
+    "size": (_INT, True),
+    "page_size": (_INT, True),
+    "fd": (_INT, False),
+    "offset": (_INT, False),
+    "addr": (_INT, False),
+}
+_IMPORT_REGION: Final[Schema] = {
+    "gpa": (_INT, True),
+    "addr": (_INT, True),
+    "size": (_INT, True),
+    "page_size": (_INT, True),
+    "uffd": (_INT, True),
+    "mode": (_STR, True),
+    "fd": (_INT, False),
+    "offset": (_INT, False),
+}
+_BASE: Final[Schema] = {"op": (_STR, True), "id": (_INT, True)}
+REQUESTS: Final[dict[str, Schema]] = {
+    "export": {
+        **_BASE,
+        "session": (_STR, True),
+        "token": (_TOKEN, True),
+        "pid": (_INT, False),
+        "regions": (_LIST, True),
+    },
+    "import": {
+        **_BASE,
+        "session": (_STR, True),
+        "token": (_TOKEN, True),
+        "peer": (_STR, True),
+        "strategy": (_STR, False),
+        "policy": (_STR, False),
+        "deadline": (_NUM, False),
+        "regions": (_LIST, True),
+    },
+    "status": {**_BASE, "session": (_STR, False)},
+    "subscribe": {**_BASE, "session": (_STR, True)},
+    "cancel": {**_BASE, "session": (_STR, True)},
+    "resolve": {
+        **_BASE,
+        "session": (_STR, True),
+        "vcpu": (_INT, True),
+        "gpa": (_INT, False),
+        "addr": (_INT, False),
+        "size": (_INT, True),
+        "access": (_STR, True),
+        "flags": (_INT, False),
+    },
+    "populate-failed": {
+        **_BASE,
+        "session": (_STR, True),
+        "vcpu": (_INT, True),
+        "gpa": (_INT, False),
+        "addr": (_INT, False),
+        "errno": (_INT, True),
+    },
+}
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in types)
+
+
+def check_fields(body: Mapping[str, object], schema: Schema, where: str) -> None:
+    """Refuse missing, extra or wrongly typed fields, naming the first bad one."""
+    for key in body:
+        if key not in schema:
+            raise RequestError("bad-request", f"{where}: unknown field {key!r}")
+    for key, (types, required) in schema.items():
+        if key not in body:
+            if required:
+                raise RequestError("bad-request", f"{where}: missing field {key!r}")
+            continue
+        value = body[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise RequestError(
+                "bad-request",
+                f"{where}: field {key!r} must be {_type_name(types)}, not {type(value).__name__}",
+            )
+        if isinstance(value, int) and value < 0:
+            raise RequestError("bad-request", f"{where}: field {key!r} must not be negative")
+
+
+def check_request(body: Message) -> str:
+    """Validate a VMM API request; return its op."""
+    op = body.get("op")
+    if not isinstance(op, str):
+        raise RequestError("bad-request", "request: missing field 'op' (a string)")
+    schema = REQUESTS.get(op)
+    if schema is None:
+        raise RequestError("bad-request", f"request: unknown op {op!r}")
+    check_fields(body, schema, op)
+    session = body.get("session")
+    if isinstance(session, str) and not SESSION_RE.fullmatch(session):
+        raise RequestError("bad-request", f"{op}: session id must match {SESSION_RE.pattern}")
+    return op
+
+
+def token_bytes(value: object) -> bytes:
+    """The session token as bytes (16..64 bytes; str tokens are UTF-8 encoded)."""
+    token = value.encode() if isinstance(value, str) else value
+    if not isinstance(token, bytes) or not 16 <= len(token) <= 64:
+        raise RequestError("bad-request", "field 'token' must be 16 to 64 bytes")
+    return token
+
+
+@dataclass(frozen=True, slots=True)
+class RegionSpec:
+    """One region as a VMM described it, checked for shape (not yet against the fds).
+
+    ``fd``/``uffd`` are indices into the fds that came with the request, or -1.
+    """
+
+    gpa: int
+    size: int
+    page_size: int
+    addr: int = 0
+    fd: int = -1
+    offset: int = 0
+    uffd: int = -1
+    mode: str = ""
+
+    @property
+    def pages(self) -> int:
+        return self.size // self.page_size
+
+
+PAGE_SIZES: Final = (4096, 2 << 20)
+
+
+def _region(raw: object, schema: Schema, where: str) -> Mapping[str, object]:
+    if not isinstance(raw, dict):
+        raise RequestError("bad-request", f"{where}: must be a map")
+    check_fields(raw, schema, where)
+    return raw
+
+
+def _int(raw: Mapping[str, object], key: str, default: int = -1) -> int:
+    value = raw.get(key, default)
+    assert isinstance(value, int)
+    return value
+
+
+def parse_regions(raw: object, *, role: str) -> list[RegionSpec]:
+    """Parse and shape-check a region table (alignment, sizes, overlaps)."""
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("bad-request", "field 'regions' must be a non-empty list")
+    schema = _IMPORT_REGION if role == "import" else _EXPORT_REGION
+    specs: list[RegionSpec] = []
+    for i, item in enumerate(raw):
+        where = f"regions[{i}]"
+        r = _region(item, schema, where)
+        spec = RegionSpec(
+            gpa=_int(r, "gpa"),
+            size=_int(r, "size"),
+            page_size=_int(r, "page_size"),
+            addr=_int(r, "addr", 0),
+            fd=_int(r, "fd"),
+            offset=_int(r, "offset", 0),
+            uffd=_int(r, "uffd"),
+            mode=str(r.get("mode", "")),
+        )
+        _check_region_shape(spec, where, role)
+        specs.append(spec)
+    _check_overlaps(specs)
+    return specs
+
+
+def _check_region_shape(r: RegionSpec, where: str, role: str) -> None:
+    if r.page_size not in PAGE_SIZES:
+        raise RequestError("bad-region", f"{where}: page_size must be 4096 or 2097152")
+    if r.size == 0 or r.size % r.page_size:
+        raise RequestError("bad-region", f"{where}: size must be a non-zero multiple of page_size")
+    for name, value in (("gpa", r.gpa), ("addr", r.addr), ("offset", r.offset)):
+        if value % r.page_size:
+            raise RequestError("bad-region", f"{where}: {name} {value:#x} is not page aligned")
+    if r.gpa + r.size > 1 << 64 or r.addr + r.size > 1 << 64:
+        raise RequestError("bad-region", f"{where}: region wraps around the address space")
+    if role == "import" and r.mode not in ("missing", "minor"):
+        raise RequestError("bad-region", f"{where}: mode must be 'missing' or 'minor'")
+    if role == "import" and r.mode == "minor" and r.fd < 0:
+        raise RequestError("bad-region", f"{where}: mode 'minor' needs the memory fd ('fd')")
+
+
+def _check_overlaps(specs: list[RegionSpec]) -> None:
+    for key in ("gpa", "addr"):
+        spans = sorted(
+            (getattr(s, key), getattr(s, key) + s.size, i)
+            for i, s in enumerate(specs)
+            if key == "gpa" or s.addr
+        )
+        for (_a0, a1, i), (b0, _b1, j) in zip(spans, spans[1:], strict=False):
+            if b0 < a1:
+                raise RequestError("bad-region", f"regions[{i}] and regions[{j}] overlap ({key})")
+
+
+def error_reply(req_id: object, code: str, message: str) -> Message:
+    """The error reply of the VMM API."""
+    return {"id": req_id if isinstance(req_id, int) else None, "ok": False,
+            "error": code, "message": message}
+
+
+# ---------------------------------------------------------------- peer frames
+
+def pack_peer(header: Mapping[str, object]) -> bytes:
+    """Encode a peer frame header (payload, if any, is sent right after it)."""
+    data = msgpack.packb(header, use_bin_type=True)
+    return LENGTH.pack(len(data)) + data
+
+
+def unpack_peer_header(data: bytes | bytearray | memoryview) -> Message:
+    """Decode a peer frame header; a bad header breaks the link (ProtocolError)."""
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:
+        raise ProtocolError(f"bad peer frame header: {e}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("t"), str):
+        raise ProtocolError("peer frame header must be a map with a string 't'")
+    return body
+
+
+def peer_int(header: Mapping[str, object], key: str) -> int:
+    """An integer field of a peer header; ProtocolError if missing or wrong."""
+    value = header.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProtocolError(f"peer frame {header.get('t')!r}: field {key!r} must be an int >= 0")
+    return value
