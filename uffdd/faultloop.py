@@ -1,0 +1,715 @@
+"""The import session's data path: one thread that owns the page state and every install.
+
+Why one thread: the kernel tells us about discards (UFFD_EVENT_REMOVE) on the same fd
+that delivers faults, and an install of source data must never land after a discard of
+the same page. With a single installer the order is simple: events are read and
+applied before any later install looks at the page state, and an install that races a
+pending event gets EAGAIN from the kernel and is retried after the event is read.
+
+The thread waits in epoll on the session's userfaultfds, the demand-lane socket and an
+eventfd that other threads (bulk receivers, the Trio side) use to hand it work. It never
+touches guest memory: the ioctls act on the VMM's address space, and MINOR-mode data is
+written through the daemon's own alias mapping of the memory fd, which is not registered.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import logging
+import os
+import queue
+import select
+import socket
+import time
+import zlib
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from uffdd import pagestate, protocol
+from uffdd._linux import uffd
+from uffdd._linux.mem import Mapping, buffer_address
+from uffdd.errors import AlreadyPresent, KernelError, ProtocolError, RangeGone, Retry, TargetGone
+from uffdd.pagestate import PageMap
+
+log = logging.getLogger("uffdd.import")
+
+_EPOLL_TIMEOUT: Final = 0.05
+_MSG_BATCH: Final = 64
+_LATENCY_SAMPLES: Final = 1 << 20
+
+
+@dataclass(eq=False)
+class ImportRegion:
+    """A region of guest RAM in the destination VMM, as this daemon fills it."""
+
+    index: int
+    gpa: int
+    addr: int
+    size: int
+    page_size: int
+    uffd: int
+    mode: str  # "missing" | "minor"
+    alias: Mapping | None = None
+    hugetlb: bool = False
+
+    @property
+    def pages(self) -> int:
+        return self.size // self.page_size
+
+    def contains(self, address: int) -> bool:
+        return self.addr <= address < self.addr + self.size
+
+
+@dataclass
+class Counters:
+    """What the session reports in status and events (read by other threads)."""
+
+    pages_demand: int = 0
+    pages_background: int = 0
+    pages_zero: int = 0
+    faults: int = 0
+    bytes_demand: int = 0
+    wakes: int = 0
+    latencies_us: array = field(default_factory=lambda: array("f"))  # type: ignore[type-arg]
+
+    def record_latency(self, seconds: float) -> None:
+        if len(self.latencies_us) < _LATENCY_SAMPLES:
+            self.latencies_us.append(seconds * 1e6)
+
+
+class Outcome:
+    """What a page request (from a vCPU exit) ended in."""
+
+    INSTALLED: Final = "installed"
+    PRESENT: Final = "present"
+    POISONED: Final = "poisoned"
+    LOST: Final = "lost"
+
+
+PageCallback = Callable[[str, str], None]  # (outcome, reason)
+
+
+class FaultLoop:
+    """Runs in the session's fault thread. Other threads call only the *_threadsafe methods."""
+
+    def __init__(
+        self,
+        regions: list[ImportRegion],
+        pages: PageMap,
+        *,
+        notify: Callable[[str, object], None],
+        metrics: object,
+        deadline: float,
+        policy: str,
+        integrity: bool,
+    ) -> None:
+        self.regions = regions
+        self.pages = pages
+        self.notify = notify
+        self.metrics = metrics
+        self.deadline = deadline
+        self.policy = policy
+        self.integrity = integrity
+        self.counters = Counters()
+        self._by_uffd: dict[int, list[ImportRegion]] = {}
+        for r in regions:
+            self._by_uffd.setdefault(r.uffd, []).append(r)
+        for rs in self._by_uffd.values():
+            rs.sort(key=lambda r: r.addr)
+        self._starts = {fd: [r.addr for r in rs] for fd, rs in self._by_uffd.items()}
+        self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._control: queue.SimpleQueue[tuple[object, ...]] = queue.SimpleQueue()
+        self.bulk: queue.SimpleQueue[tuple[object, ...]] = queue.SimpleQueue()
+        self._ep = select.epoll()
+        self._msgbuf = bytearray(uffd.MSG_SIZE * _MSG_BATCH)
+        self._demand: socket.socket | None = None
+        self._rx = bytearray(max(8 << 20, 4 * (2 << 20)))
+        self._rxview = memoryview(self._rx)
+        self._rxaddr = buffer_address(self._rx)
+        self._rx_start = 0
+        self._rx_end = 0
+        self._pending_header: protocol.Message | None = None
+        self._outbox = bytearray()
+        self._outstanding: dict[tuple[int, int], float] = {}
+        self._waiters: dict[tuple[int, int], list[tuple[int, float]]] = {}
+        self._callbacks: dict[tuple[int, int], list[PageCallback]] = {}
+        self._deferred: list[tuple[int, int, int, bytes, str]] = []
+        self._zero = bytearray(max(r.page_size for r in regions))
+        self._zeroaddr = buffer_address(self._zero)
+        self._stopping = False
+        self._finished = False
+        self._link_down_since: float | None = time.monotonic()
+        self._refetch_budget: dict[tuple[int, int], int] = {}
+
+    # ------------------------------------------------------------ thread-safe API
+
+    def stop_threadsafe(self) -> None:
+        self._control.put(("stop",))
+        self._kick()
+
+    def attach_demand_threadsafe(self, sock: socket.socket | None) -> None:
+        """Hand the fault thread a (new) demand-lane socket, or None when the link is down."""
+        self._control.put(("demand", sock))
+        self._kick()
+
+    def request_page_threadsafe(self, region: int, page: int, callback: PageCallback) -> None:
+        """Make a page present for a vCPU exit; ``callback`` runs in the fault thread."""
+        self._control.put(("page", region, page, callback))
+        self._kick()
+
+    def poison_remaining_threadsafe(self, reason: str) -> None:
+        self._control.put(("poison-remaining", reason))
+        self._kick()
+
+    def bulk_put(self, item: tuple[object, ...]) -> None:
+        """Called by bulk receiver threads with a received frame."""
+        self.bulk.put(item)
+        self._kick()
+
+    def _kick(self) -> None:
+        try:
+            os.eventfd_write(self._wakefd, 1)
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------ main loop
+
+    def run(self) -> None:
+        """The thread body. Returns when stopped; raises only on bugs."""
+        for fd in self._by_uffd:
+            self._ep.register(fd, select.EPOLLIN)
+        self._ep.register(self._wakefd, select.EPOLLIN)
+        try:
+            self._check_complete()
+            while not self._stopping:
+                ready = self._ep.poll(_EPOLL_TIMEOUT)
+                self._dispatch(ready)
+                self._retry_deferred()
+                self._check_deadlines()
+                self._check_complete()
+        except TargetGone as e:
+            self._fail(f"the destination VMM is gone ({e})")
+        except KernelError as e:
+            self._fail(f"kernel refused an install: {e}")
+        except ProtocolError as e:
+            self._fail(f"protocol error on the demand lane: {e}")
+        finally:
+            self._ep.close()
+            os.close(self._wakefd)
+            if self._demand is not None:
+                self._demand.close()
+
+    def _dispatch(self, ready: list[tuple[int, int]]) -> None:
+        for fd, _mask in ready:
+            if fd == self._wakefd:
+                self._drain_wakefd()
+            elif self._demand is not None and fd == self._demand.fileno():
+                self._demand_io(_mask)
+            else:
+                self._read_uffd(fd)
+        self._flush_outbox()
+
+    def _drain_wakefd(self) -> None:
+        try:
+            os.eventfd_read(self._wakefd)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                cmd = self._control.get_nowait()
+            except queue.Empty:
+                break
+            self._command(cmd)
+        while True:
+            try:
+                item = self.bulk.get_nowait()
+            except queue.Empty:
+                break
+            self._bulk_item(item)
+
+    def _command(self, cmd: tuple[object, ...]) -> None:
+        kind = cmd[0]
+        if kind == "stop":
+            self._stopping = True
+        elif kind == "demand":
+            sock = cmd[1]
+            assert sock is None or isinstance(sock, socket.socket)
+            self._set_demand(sock)
+        elif kind == "page":
+            region, page, callback = cmd[1], cmd[2], cmd[3]
+            assert isinstance(region, int) and isinstance(page, int) and callable(callback)
+            self._page_for_exit(region, page, callback)
+        elif kind == "poison-remaining":
+            self._poison_remaining(str(cmd[1]))
+
+    # ------------------------------------------------------------ faults
+
+    def _read_uffd(self, fd: int) -> None:
+        while True:
+            events = uffd.read_events(fd, self._msgbuf)
+            if not events:
+                return
+            now = time.monotonic()
+            # Discards first: a fault read in the same batch must see them applied.
+            for ev in events:
+                if isinstance(ev, uffd.Remove):
+                    self._discard(fd, ev)
+                elif isinstance(ev, uffd.Remap):
+                    self._remap(fd, ev)
+            for ev in events:
+                if isinstance(ev, uffd.PageFault):
+                    self._fault(fd, ev, now)
+            if len(events) < _MSG_BATCH:
+                return
+
+    def _region_at(self, fd: int, address: int) -> ImportRegion | None:
+        starts = self._starts[fd]
+        i = bisect.bisect_right(starts, address) - 1
+        if i < 0:
+            return None
+        region = self._by_uffd[fd][i]
+        return region if region.contains(address) else None
+
+    def _fault(self, fd: int, ev: uffd.PageFault, now: float) -> None:
+        region = self._region_at(fd, ev.address)
+        self.counters.faults += 1
+        _metric(self.metrics, "fault", "minor" if ev.minor else "missing",
+                "write" if ev.write else "read")
+        if region is None:
+            log.warning("fault outside every region addr=%#x", ev.address)
+            return
+        page = (ev.address - region.addr) // region.page_size
+        state = self.pages.get(region.index, page)
+        key = (region.index, page)
+        if state == pagestate.ABSENT:
+            self._waiters.setdefault(key, []).append((ev.thread_id, now))
+            self._request(region.index, page, now)
+        elif state == pagestate.REQUESTED:
+            self._waiters.setdefault(key, []).append((ev.thread_id, now))
+        elif state == pagestate.DISCARDED:
+            self._fill_discarded(region, page, ev.minor)
+        else:  # installed or poisoned: the install already woke it, or it raced; wake again
+            self._wake(region, page)
+
+    def _request(self, region: int, page: int, now: float) -> None:
+        self.pages.set(region, page, pagestate.REQUESTED)
+        self._outstanding[(region, page)] = now
+        if self._demand is not None:
+            self._outbox += protocol.pack_peer({"t": "req", "r": region, "p": page, "n": 1})
+
+    def _wake(self, region: ImportRegion, page: int) -> None:
+        try:
+            uffd.wake(region.uffd, region.addr + page * region.page_size, region.page_size)
+            self.counters.wakes += 1
+        except RangeGone:
+            pass
+
+    def _discard(self, fd: int, ev: uffd.Remove) -> None:
+        for region in self._by_uffd[fd]:
+            lo = max(ev.start, region.addr)
+            hi = min(ev.end, region.addr + region.size)
+            if lo >= hi:
+                continue
+            first = (lo - region.addr) // region.page_size
+            last = (hi - region.addr + region.page_size - 1) // region.page_size
+            for page in range(first, last):
+                self.pages.set(region.index, page, pagestate.DISCARDED)
+                self._outstanding.pop((region.index, page), None)
+            log.info("discard region=%d pages=%d..%d unmapped=%s", region.index, first, last,
+                     ev.unmapped)
+
+    def _remap(self, fd: int, ev: uffd.Remap) -> None:
+        for region in self._by_uffd[fd]:
+            if region.addr == ev.old and region.size == ev.length:
+                region.addr = ev.new
+                self._by_uffd[fd].sort(key=lambda r: r.addr)
+                self._starts[fd] = [r.addr for r in self._by_uffd[fd]]
+                return
+        self._fail(f"VMM remapped part of a region ({ev.old:#x} -> {ev.new:#x}); not supported")
+
+    def _fill_discarded(self, region: ImportRegion, page: int, minor: bool) -> None:
+        """A discarded page faulted again: it reads as zeros (never as source data)."""
+        try:
+            if minor:  # the VMM's own data is still in the page cache: map it
+                uffd.continue_(region.uffd, region.addr + page * region.page_size,
+                               region.page_size)
+            else:
+                self._zero_run(region, page, 1)
+        except AlreadyPresent:
+            self._wake(region, page)
+        except Retry:
+            self._deferred.append((region.index, page, 1, b"", "discard"))
+
+    # ------------------------------------------------------------ demand lane
+
+    def _set_demand(self, sock: socket.socket | None) -> None:
+        if self._demand is not None:
+            try:
+                self._ep.unregister(self._demand.fileno())
+            except (OSError, ValueError):
+                pass
+            self._demand.close()
+        self._demand = sock
+        self._rx_start = self._rx_end = 0
+        self._pending_header = None
+        self._outbox.clear()
+        if sock is None:
+            if self._link_down_since is None:
+                self._link_down_since = time.monotonic()
+            return
+        self._link_down_since = None
+        sock.setblocking(False)
+        self._ep.register(sock.fileno(), select.EPOLLIN)
+        # Every outstanding demand request is asked for again on the new link.
+        for region, page in self._outstanding:
+            self._outbox += protocol.pack_peer({"t": "req", "r": region, "p": page, "n": 1})
+
+    def _demand_io(self, mask: int) -> None:
+        if mask & (select.EPOLLERR | select.EPOLLHUP) and not mask & select.EPOLLIN:
+            self._demand_lost("demand lane closed")
+            return
+        if mask & select.EPOLLIN:
+            self._demand_recv()
+
+    def _demand_lost(self, why: str) -> None:
+        log.warning("demand lane lost: %s", why)
+        self._set_demand(None)
+        self.notify("link-lost", why)
+
+    def _flush_outbox(self) -> None:
+        if not self._outbox or self._demand is None:
+            return
+        try:
+            n = self._demand.send(self._outbox)
+        except BlockingIOError:
+            n = 0
+        except OSError as e:
+            self._demand_lost(str(e))
+            return
+        del self._outbox[:n]
+        mask = select.EPOLLIN | (select.EPOLLOUT if self._outbox else 0)
+        self._ep.modify(self._demand.fileno(), mask)
+
+    def _demand_recv(self) -> None:
+        sock = self._demand
+        assert sock is not None
+        while True:
+            if self._rx_end == len(self._rx):
+                self._compact()
+            try:
+                n = sock.recv_into(self._rxview[self._rx_end :])
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self._demand_lost(str(e))
+                return
+            if n == 0:
+                self._demand_lost("source closed the demand lane")
+                return
+            self._rx_end += n
+            self.counters.bytes_demand += n
+            _metric(self.metrics, "received", "demand", n)
+            self._parse_demand()
+            if self._demand is not sock:
+                return
+
+    def _compact(self) -> None:
+        left = self._rx_end - self._rx_start
+        if self._rx_start:
+            self._rx[:left] = self._rx[self._rx_start : self._rx_end]
+        self._rx_start, self._rx_end = 0, left
+        if left == len(self._rx):
+            raise ProtocolError("demand lane frame larger than the receive buffer")
+
+    def _parse_demand(self) -> None:
+        while True:
+            avail = self._rx_end - self._rx_start
+            if self._pending_header is None:
+                if avail < 4:
+                    break
+                (hlen,) = protocol.LENGTH.unpack_from(self._rx, self._rx_start)
+                if not 0 < hlen <= protocol.MAX_PEER_HEADER:
+                    raise ProtocolError(f"demand frame header of {hlen} bytes")
+                if avail < 4 + hlen:
+                    break
+                start = self._rx_start + 4
+                self._pending_header = protocol.unpack_peer_header(self._rxview[start : start + hlen])
+                self._rx_start = start + hlen
+                avail -= 4 + hlen
+            header = self._pending_header
+            length = protocol.peer_int(header, "len") if header.get("t") == "data" else 0
+            if avail < length:
+                break
+            self._pending_header = None
+            src = self._rx_start
+            self._rx_start += length
+            self._frame(header, self._rxaddr + src, self._rxview[src : src + length], "demand")
+        if self._rx_start == self._rx_end:
+            self._rx_start = self._rx_end = 0
+
+    # ------------------------------------------------------------ frames from either lane
+
+    def _frame(self, header: protocol.Message, addr: int, payload: memoryview, lane: str) -> None:
+        kind = header.get("t")
+        if kind == "data" or kind == "zero" or kind == "lost":
+            region, page, count = self._run_of(header)
+        if kind == "data":
+            if self.integrity and zlib.crc32(payload) != header.get("crc"):
+                self._corrupt(region, page, count, lane)
+                return
+            self._install_data(region, page, count, addr, lane)
+        elif kind == "zero":
+            self._install_zero(region, page, count, lane)
+        elif kind == "lost":
+            reason = str(header.get("reason", "source cannot read the page"))
+            for p in range(page, page + count):
+                self._unrecoverable(region, p, reason)
+        elif kind == "end":
+            log.debug("source finished its background stream")
+        else:
+            raise ProtocolError(f"unexpected peer frame {kind!r}")
+
+    def _run_of(self, header: protocol.Message) -> tuple[int, int, int]:
+        region = protocol.peer_int(header, "r")
+        page = protocol.peer_int(header, "p")
+        count = protocol.peer_int(header, "n")
+        if region >= len(self.regions) or count == 0 or page + count > self.regions[region].pages:
+            raise ProtocolError(f"peer frame names pages outside the regions: {header}")
+        if header.get("t") == "data":
+            length = protocol.peer_int(header, "len")
+            if length != count * self.regions[region].page_size:
+                raise ProtocolError("data frame length does not match its page count")
+        return region, page, count
+
+    def _corrupt(self, region: int, page: int, count: int, lane: str) -> None:
+        """A payload failed its checksum: ask again, a few times, then give up on the page."""
+        log.warning("checksum mismatch region=%d pages=%d+%d lane=%s", region, page, count, lane)
+        for p in range(page, page + count):
+            key = (region, p)
+            if self.pages.get(region, p) > pagestate.REQUESTED:
+                continue
+            tries = self._refetch_budget.get(key, 0) + 1
+            self._refetch_budget[key] = tries
+            if tries > 3:
+                self._unrecoverable(region, p, "integrity check failed 3 times")
+            else:
+                self._request(region, p, self._outstanding.get(key, time.monotonic()))
+
+    def _bulk_item(self, item: tuple[object, ...]) -> None:
+        header, buf, release = item
+        assert isinstance(header, dict)
+        if buf is None:
+            self._frame(header, 0, memoryview(b""), "bulk")
+            return
+        assert isinstance(buf, bytearray) and callable(release)
+        try:
+            length = protocol.peer_int(header, "len")
+            self._frame(header, buffer_address(buf), memoryview(buf)[:length], "bulk")
+        finally:
+            release(buf)
+
+    # ------------------------------------------------------------ installs
+
+    def _install_data(self, r: int, page: int, count: int, src: int, lane: str) -> None:
+        region = self.regions[r]
+        ps = region.page_size
+        for start, n in list(self.pages.installable_runs(r, page, count)):
+            self._install_run(region, start, n, src + (start - page) * ps, lane)
+
+    def _install_run(self, region: ImportRegion, start: int, count: int, src: int, lane: str) -> None:
+        ps = region.page_size
+        while count:
+            dst = region.addr + start * ps
+            length = count * ps
+            try:
+                self._copy(region, start, dst, src, length)
+                self._installed(region, start, count, lane, "continue" if region.alias else "copy")
+                return
+            except AlreadyPresent as e:
+                done = e.done // ps
+                self._installed(region, start, done, lane, "copy")
+                # The page is present already (a previous daemon installed it): success.
+                self._installed(region, start + done, 1, lane, "present")
+                skip = done + 1
+            except Retry as e:
+                done = e.done // ps
+                self._installed(region, start, done, lane, "copy")
+                rest = ctypes.string_at(src + done * ps, (count - done) * ps)
+                self._deferred.append((region.index, start + done, count - done, rest, lane))
+                return
+            except RangeGone:
+                log.warning("region %d no longer registered; dropping pages", region.index)
+                for p in range(start, start + count):
+                    self.pages.set(region.index, p, pagestate.DISCARDED)
+                return
+            start, count, src = start + skip, count - skip, src + skip * ps
+
+    def _copy(self, region: ImportRegion, page: int, dst: int, src: int, length: int) -> None:
+        if region.alias is not None:
+            ctypes.memmove(region.alias.address + page * region.page_size, src, length)
+            uffd.continue_(region.uffd, dst, length)
+        else:
+            uffd.copy(region.uffd, dst, src, length)
+
+    def _install_zero(self, r: int, page: int, count: int, lane: str) -> None:
+        region = self.regions[r]
+        for start, n in list(self.pages.installable_runs(r, page, count)):
+            try:
+                self._zero_run(region, start, n)
+            except AlreadyPresent as e:
+                done = e.done // region.page_size
+                self._installed(region, start, done + 1, lane, "zeropage")
+                if n > done + 1:
+                    self._install_zero(r, start + done + 1, n - done - 1, lane)
+                continue
+            except Retry:
+                self._deferred.append((r, start, n, b"", lane))
+                continue
+            self._installed(region, start, n, lane, "zeropage")
+            self.counters.pages_zero += n
+
+    def _zero_run(self, region: ImportRegion, page: int, count: int) -> None:
+        ps = region.page_size
+        if region.alias is not None:
+            ctypes.memset(region.alias.address + page * ps, 0, count * ps)
+            uffd.continue_(region.uffd, region.addr + page * ps, count * ps)
+        elif region.hugetlb:  # UFFDIO_ZEROPAGE does not support hugetlb
+            for i in range(count):
+                uffd.copy(region.uffd, region.addr + (page + i) * ps, self._zeroaddr, ps)
+        else:
+            uffd.zeropage(region.uffd, region.addr + page * ps, count * ps)
+
+    def _installed(self, region: ImportRegion, start: int, count: int, lane: str, method: str) -> None:
+        if count <= 0:
+            return
+        now = time.monotonic()
+        r = region.index
+        for page in range(start, start + count):
+            self.pages.set(r, page, pagestate.INSTALLED)
+            key = (r, page)
+            asked = self._outstanding.pop(key, None)
+            waiters = self._waiters.pop(key, None)
+            if waiters:
+                self._resolved_waiters(waiters, now, lane, asked)
+            callbacks = self._callbacks.pop(key, None)
+            if callbacks:
+                for cb in callbacks:
+                    cb(Outcome.INSTALLED, "")
+        if lane == "demand":
+            self.counters.pages_demand += count
+        else:
+            self.counters.pages_background += count
+        if method != "present":
+            _metric(self.metrics, "installed", method, count)
+
+    def _resolved_waiters(self, waiters: list[tuple[int, float]], now: float, lane: str,
+                          asked: float | None) -> None:
+        for i, (tid, seen) in enumerate(waiters):
+            waited = now - seen
+            if lane != "demand":
+                how = "background"
+            else:
+                how = "demand" if i == 0 and asked is not None and asked <= seen else "inflight"
+            self.counters.record_latency(waited)
+            _metric(self.metrics, "resolved", how, waited)
+            _metric(self.metrics, "blocked", tid, waited)
+
+    def _retry_deferred(self) -> None:
+        if not self._deferred:
+            return
+        work, self._deferred = self._deferred, []
+        for r, page, count, data, lane in work:
+            region = self.regions[r]
+            if lane == "discard":
+                self._fill_discarded(region, page, False)
+            elif data:
+                buf = bytearray(data)
+                self._install_data(r, page, count, buffer_address(buf), lane)
+            else:
+                self._install_zero(r, page, count, lane)
+
+    # ------------------------------------------------------------ vCPU exits
+
+    def _page_for_exit(self, r: int, page: int, callback: PageCallback) -> None:
+        state = self.pages.get(r, page)
+        if state == pagestate.INSTALLED:
+            callback(Outcome.PRESENT, "")
+        elif state == pagestate.POISONED:
+            callback(Outcome.POISONED, "page was poisoned earlier")
+        elif state == pagestate.DISCARDED:
+            self._fill_discarded(self.regions[r], page, False)
+            callback(Outcome.INSTALLED, "")
+        else:
+            self._callbacks.setdefault((r, page), []).append(callback)
+            if state == pagestate.ABSENT:
+                self._request(r, page, time.monotonic())
+                self._flush_outbox()
+
+    # ------------------------------------------------------------ failures
+
+    def _check_deadlines(self) -> None:
+        if not self._outstanding:
+            return
+        now = time.monotonic()
+        oldest = min(self._outstanding.values())
+        if now - oldest <= self.deadline:
+            return
+        why = "source unreachable past the session deadline" if self._demand is None else \
+            "source did not answer within the session deadline"
+        for (r, page), asked in list(self._outstanding.items()):
+            if now - asked > self.deadline:
+                self._unrecoverable(r, page, why)
+
+    def _unrecoverable(self, r: int, page: int, reason: str) -> None:
+        region = self.regions[r]
+        log.error("unrecoverable page region=%d gpa=%#x reason=%s policy=%s",
+                  r, region.gpa + page * region.page_size, reason, self.policy)
+        _metric(self.metrics, "unrecoverable", reason, 1)
+        self._outstanding.pop((r, page), None)
+        if self.policy == "poison":
+            self._poison(region, page)
+            callbacks = self._callbacks.pop((r, page), [])
+            for cb in callbacks:
+                cb(Outcome.POISONED, reason)
+        else:
+            for cb in self._callbacks.pop((r, page), []):
+                cb(Outcome.LOST, reason)
+            self._fail(f"page at gpa {region.gpa + page * region.page_size:#x} lost: {reason}")
+
+    def _poison(self, region: ImportRegion, page: int) -> None:
+        if self.pages.get(region.index, page) in (pagestate.INSTALLED, pagestate.POISONED):
+            return
+        try:
+            uffd.poison(region.uffd, region.addr + page * region.page_size, region.page_size)
+        except AlreadyPresent:
+            self.pages.set(region.index, page, pagestate.INSTALLED)
+            return
+        self.pages.set(region.index, page, pagestate.POISONED)
+        self._waiters.pop((region.index, page), None)
+        _metric(self.metrics, "installed", "poison", 1)
+
+    def _poison_remaining(self, reason: str) -> None:
+        for region in self.regions:
+            for page in range(region.pages):
+                if self.pages.get(region.index, page) <= pagestate.REQUESTED:
+                    self._unrecoverable(region.index, page, reason)
+
+    def _fail(self, reason: str) -> None:
+        if not self._finished:
+            self._finished = True
+            self.notify("failed", reason)
+        self._stopping = True
+
+    def _check_complete(self) -> None:
+        if self.pages.complete and not self._finished:
+            self._finished = True
+            self.notify("complete", None)
+
+
+def _metric(metrics: object, method: str, *args: object) -> None:
+    fn = getattr(metrics, method, None)
+    if fn is not None:
+        fn(*args)

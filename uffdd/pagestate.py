@@ -1,0 +1,91 @@
+"""Per-page state of an import session: pure data, no I/O.
+
+One byte per page of each region. A page moves ABSENT -> REQUESTED -> INSTALLED (or
+POISONED); a range the VMM discarded becomes DISCARDED and is never filled with source
+data again. The import session's fault thread is the only writer; other threads only
+read counters and snapshots, which may be a moment stale but never wrong in a way
+that matters (a stale "absent" only causes a redundant send).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Final
+
+ABSENT: Final = 0
+REQUESTED: Final = 1
+INSTALLED: Final = 2
+POISONED: Final = 3
+DISCARDED: Final = 4
+
+STATE_NAMES: Final = ("absent", "requested", "installed", "poisoned", "discarded")
+_DONE: Final = frozenset((INSTALLED, POISONED, DISCARDED))
+
+
+class PageMap:
+    """Page states for every region of a session, with running totals."""
+
+    def __init__(self, pages_per_region: list[int]) -> None:
+        self.states = [bytearray(n) for n in pages_per_region]
+        self.total = sum(pages_per_region)
+        self.done = 0
+        self.installed = 0
+        self.poisoned = 0
+        self.discarded = 0
+
+    def get(self, region: int, page: int) -> int:
+        return self.states[region][page]
+
+    def set(self, region: int, page: int, state: int) -> None:
+        """Move one page to ``state``, keeping the totals right."""
+        row = self.states[region]
+        old = row[page]
+        if old == state:
+            return
+        row[page] = state
+        self._count(old, -1)
+        self._count(state, +1)
+
+    def _count(self, state: int, delta: int) -> None:
+        if state in _DONE:
+            self.done += delta
+        if state == INSTALLED:
+            self.installed += delta
+        elif state == POISONED:
+            self.poisoned += delta
+        elif state == DISCARDED:
+            self.discarded += delta
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.total
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.done
+
+    def installable_runs(self, region: int, first: int, count: int) -> Iterator[tuple[int, int]]:
+        """Sub-runs of [first, first+count) whose pages may receive source data.
+
+        Only ABSENT and REQUESTED pages may; installed, poisoned and discarded ones never.
+        """
+        row = self.states[region]
+        start = -1
+        for page in range(first, first + count):
+            ok = row[page] <= REQUESTED
+            if ok and start < 0:
+                start = page
+            elif not ok and start >= 0:
+                yield start, page - start
+                start = -1
+        if start >= 0:
+            yield start, first + count - start
+
+    def have_bitmap(self, region: int) -> bytes:
+        """Bitmap (LSB first) of pages the destination no longer needs from the source."""
+        row = self.states[region]
+        bits = bytearray((len(row) + 7) // 8)
+        for page, state in enumerate(row):
+            if state in _DONE:
+                bits[page >> 3] |= 1 << (page & 7)
+        return bytes(bits)

@@ -1,0 +1,236 @@
+"""The peer link between daemons: framed sockets and the session handshake.
+
+Lanes run in plain threads with blocking sockets (the measurements in ARCHITECTURE.md put
+the page path there), so this module is written for blocking sockets: ``FrameSocket``
+reads a peer frame header into a small buffer and lets the caller receive the payload
+straight into its own buffer, so page data is never copied through Python objects.
+
+Handshake (docs/protocol.md section 2): hello(nonce) -> auth(session, lane, nonce, mac)
+-> welcome(mac, regions). The token never crosses the wire; MACs are compared in
+constant time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import socket
+from collections.abc import Callable
+from typing import Final
+
+from uffdd import protocol
+from uffdd.errors import AuthError, PeerUnavailable, ProtocolError
+
+LANES: Final = ("demand", "bulk")
+_CLIENT_LABEL: Final = b"uffdd/1 client"
+_SERVER_LABEL: Final = b"uffdd/1 server"
+
+RegionShape = tuple[int, int, int]  # gpa, size, page_size
+
+
+class FrameSocket:
+    """A connected blocking socket that speaks peer frames."""
+
+    def __init__(self, sock: socket.socket, max_header: int = protocol.MAX_PEER_HEADER) -> None:
+        self.sock = sock
+        self.max_header = max_header
+        self._buf = bytearray(max(65536, max_header + 4))
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self.received = 0
+        self.sent = 0
+
+    def close(self) -> None:
+        """Shut the connection down (wakes a thread blocked in recv) and close it."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    # -- sending
+
+    def send(self, header: dict[str, object], payload: memoryview | bytes | None = None) -> None:
+        """Send one frame; the payload goes out with the same sendmsg, never re-encoded."""
+        data = protocol.pack_peer(header)
+        parts: list[bytes | memoryview] = [data] if payload is None else [data, payload]
+        total = len(data) + (0 if payload is None else len(payload))
+        self._sendmsg_all(parts, total)
+        self.sent += total
+
+    def send_raw(self, data: bytes) -> None:
+        """Send already encoded frames (several requests batched in one write)."""
+        self.sock.sendall(data)
+        self.sent += len(data)
+
+    def _sendmsg_all(self, parts: list[bytes | memoryview], total: int) -> None:
+        del total
+        views = [memoryview(p) for p in parts]
+        try:
+            while views:
+                n = self.sock.sendmsg(views)
+                while views and n >= len(views[0]):
+                    n -= len(views.pop(0))
+                if views and n:
+                    views[0] = views[0][n:]
+        except OSError as e:
+            raise PeerUnavailable(f"peer link send failed: {e}") from None
+
+    # -- receiving
+
+    def _fill(self, need: int) -> None:
+        """Make at least ``need`` bytes available in the buffer."""
+        if self._start and self._end - self._start < need:
+            left = self._end - self._start
+            self._buf[:left] = self._buf[self._start : self._end]
+            self._start, self._end = 0, left
+        while self._end - self._start < need:
+            try:
+                n = self.sock.recv_into(self._view[self._end :])
+            except OSError as e:
+                raise PeerUnavailable(f"peer link receive failed: {e}") from None
+            if n == 0:
+                raise PeerUnavailable("peer closed the link")
+            self._end += n
+            self.received += n
+
+    def recv_header(self) -> protocol.Message:
+        """Receive one frame header (the payload, if any, is still to be read)."""
+        self._fill(4)
+        (length,) = protocol.LENGTH.unpack_from(self._buf, self._start)
+        if not 0 < length <= self.max_header:
+            raise ProtocolError(f"peer frame header of {length} bytes is out of bounds")
+        self._fill(4 + length)
+        start = self._start + 4
+        header = protocol.unpack_peer_header(self._view[start : start + length])
+        self._start = start + length
+        return header
+
+    def recv_into(self, target: memoryview) -> None:
+        """Receive exactly ``len(target)`` payload bytes into ``target``."""
+        have = min(self._end - self._start, len(target))
+        if have:
+            target[:have] = self._view[self._start : self._start + have]
+            self._start += have
+        pos = have
+        while pos < len(target):
+            try:
+                n = self.sock.recv_into(target[pos:])
+            except OSError as e:
+                raise PeerUnavailable(f"peer link receive failed: {e}") from None
+            if n == 0:
+                raise PeerUnavailable("peer closed the link")
+            pos += n
+            self.received += n
+
+    def skip(self, length: int) -> None:
+        """Receive and drop ``length`` payload bytes."""
+        scratch = bytearray(min(length, 1 << 20))
+        view = memoryview(scratch)
+        while length:
+            step = min(length, len(scratch))
+            self.recv_into(view[:step])
+            length -= step
+
+
+def _mac(token: bytes, label: bytes, snonce: bytes, cnonce: bytes, session: str, lane: str) -> bytes:
+    msg = label + snonce + cnonce + session.encode() + b"\0" + lane.encode()
+    return hmac.new(token, msg, hashlib.sha256).digest()
+
+
+def _expect(header: protocol.Message, kind: str) -> protocol.Message:
+    if header.get("t") == "error":
+        code = header.get("code")
+        raise AuthError(f"peer refused: {code}: {header.get('message')}")
+    if header.get("t") != kind:
+        raise ProtocolError(f"expected peer frame {kind!r}, got {header.get('t')!r}")
+    return header
+
+
+def _bytes_field(header: protocol.Message, key: str, size: int) -> bytes:
+    value = header.get(key)
+    if not isinstance(value, bytes) or len(value) != size:
+        raise ProtocolError(f"peer frame {header.get('t')!r}: field {key!r} must be {size} bytes")
+    return value
+
+
+def client_handshake(fs: FrameSocket, session: str, token: bytes, lane: str) -> list[RegionShape]:
+    """Authenticate a lane to the source daemon; return the source's region shapes."""
+    hello = _expect(fs.recv_header(), "hello")
+    if hello.get("v") != protocol.PROTOCOL_VERSION:
+        raise ProtocolError(f"peer speaks protocol version {hello.get('v')}, we speak 1")
+    snonce = _bytes_field(hello, "nonce", 16)
+    cnonce = os.urandom(16)
+    mac = _mac(token, _CLIENT_LABEL, snonce, cnonce, session, lane)
+    fs.send({"t": "auth", "v": 1, "session": session, "lane": lane, "nonce": cnonce, "mac": mac})
+    welcome = _expect(fs.recv_header(), "welcome")
+    expected = _mac(token, _SERVER_LABEL, snonce, cnonce, session, lane)
+    if not hmac.compare_digest(_bytes_field(welcome, "mac", 32), expected):
+        raise AuthError("the source daemon failed to prove it knows the session token")
+    return _region_shapes(welcome.get("regions"))
+
+
+def _region_shapes(raw: object) -> list[RegionShape]:
+    if not isinstance(raw, list):
+        raise ProtocolError("welcome: 'regions' must be a list")
+    shapes: list[RegionShape] = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 3 and all(isinstance(v, int) for v in item)):
+            raise ProtocolError("welcome: each region must be [gpa, size, page_size]")
+        shapes.append((item[0], item[1], item[2]))
+    return shapes
+
+
+TokenLookup = Callable[[str], "tuple[bytes, list[RegionShape]] | None"]
+
+
+def server_handshake(fs: FrameSocket, lookup: TokenLookup) -> tuple[str, str]:
+    """Authenticate an incoming lane; return (session, lane). Refusals are sent, then raised."""
+    snonce = os.urandom(16)
+    fs.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "nonce": snonce})
+    auth = _expect(fs.recv_header(), "auth")
+    session, lane = auth.get("session"), auth.get("lane")
+    if not isinstance(session, str) or lane not in LANES:
+        _refuse(fs, "bad-request", "auth needs a session id and lane 'demand' or 'bulk'")
+    assert isinstance(session, str) and isinstance(lane, str)
+    cnonce = _bytes_field(auth, "nonce", 16)
+    found = lookup(session)
+    if found is None:
+        _refuse(fs, "unknown-session", f"no export session {session!r} here (yet)")
+    assert found is not None
+    token, shapes = found
+    mac = _bytes_field(auth, "mac", 32)
+    if not hmac.compare_digest(mac, _mac(token, _CLIENT_LABEL, snonce, cnonce, session, lane)):
+        _refuse(fs, "unauthorized", "session token does not match")
+    fs.send({
+        "t": "welcome",
+        "mac": _mac(token, _SERVER_LABEL, snonce, cnonce, session, lane),
+        "regions": [list(s) for s in shapes],
+    })
+    return session, lane
+
+
+def _refuse(fs: FrameSocket, code: str, message: str) -> None:
+    try:
+        fs.send({"t": "error", "code": code, "message": message})
+    finally:
+        if code in ("unauthorized", "bad-request"):
+            raise AuthError(message)
+        raise UnknownSession(message)
+
+
+class UnknownSession(AuthError):
+    """The peer asked for a session this daemon does not (yet) export."""
+
+
+def connect(address: str, timeout: float) -> socket.socket:
+    """Open a TCP connection to ``host:port`` with TCP_NODELAY (requests are tiny)."""
+    host, _, port = address.rpartition(":")
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except OSError as e:
+        raise PeerUnavailable(f"cannot connect to peer {address}: {e}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
