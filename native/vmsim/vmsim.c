@@ -1,0 +1,782 @@
+/*
+ * uffdd-vmsim: a multi-threaded VMM stand-in without KVM, for end-to-end tests
+ * and benchmarks of uffdd.
+ *
+ *   uffdd-vmsim source --socket S --session ID --token HEX --memory 256M
+ *               --backing anon|shmem|hugetlb --seed N [--threads N] [--timeout SEC]
+ *     Fills guest RAM with the seeded pattern (vmsim/pattern.h) from N threads,
+ *     exports it to the uffdd at S (anon: pid mode; shmem/hugetlb: memfd mode),
+ *     waits for the session's completed/failed event, prints one JSON line with
+ *     the RAM hash and exits 0 (completed) or 1.
+ *
+ *   uffdd-vmsim dest --socket S --session ID --token HEX --peer HOST:PORT
+ *               --memory 256M --backing anon|shmem|hugetlb --mode missing|minor
+ *               --seed N --threads N --order seq|rand [--exits]
+ *               [--strategy NAME] [--policy crash|poison] [--deadline SEC]
+ *               [--timeout SEC]
+ *     Creates guest RAM and a userfaultfd over it, imports it into the uffdd at
+ *     S, then N "vCPU" threads touch every page of their slice (in address or
+ *     random order), timing each first touch and checking every byte against
+ *     the pattern. Waits for the completed event, hashes RAM and prints one JSON
+ *     line; exits 0 only if every page was right.
+ *     --exits registers with UFFD_FEATURE_SIGBUS: an absent page raises SIGBUS
+ *     in the touching thread, which asks the daemon (uffdd_resolve) and acts on
+ *     the verdict, like a VMM handling a vCPU memory-fault exit.
+ *
+ * Exit codes: 0 ok, 1 failed/mismatch/error, 2 crash verdict, 64 usage.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <linux/userfaultfd.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "pattern.h"
+#include "uffdd.h"
+
+/* uAPI constants newer than Debian bookworm's kernel headers. */
+#ifndef UFFD_FEATURE_EVENT_REMOVE
+#define UFFD_FEATURE_EVENT_REMOVE (1u << 3)
+#endif
+#ifndef UFFD_FEATURE_MISSING_HUGETLBFS
+#define UFFD_FEATURE_MISSING_HUGETLBFS (1u << 4)
+#endif
+#ifndef UFFD_FEATURE_MISSING_SHMEM
+#define UFFD_FEATURE_MISSING_SHMEM (1u << 5)
+#endif
+#ifndef UFFD_FEATURE_SIGBUS
+#define UFFD_FEATURE_SIGBUS (1u << 7)
+#endif
+#ifndef UFFD_FEATURE_THREAD_ID
+#define UFFD_FEATURE_THREAD_ID (1u << 8)
+#endif
+#ifndef UFFD_FEATURE_MINOR_HUGETLBFS
+#define UFFD_FEATURE_MINOR_HUGETLBFS (1u << 9)
+#endif
+#ifndef UFFD_FEATURE_MINOR_SHMEM
+#define UFFD_FEATURE_MINOR_SHMEM (1u << 10)
+#endif
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1u << 14)
+#endif
+#ifndef UFFDIO_REGISTER_MODE_MINOR
+#define UFFDIO_REGISTER_MODE_MINOR ((__u64)1 << 2)
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+#ifndef MFD_HUGETLB
+#define MFD_HUGETLB 0x0004u
+#endif
+#ifndef MFD_HUGE_2MB
+#define MFD_HUGE_2MB (21u << 26)
+#endif
+#ifndef BUS_MCEERR_AR
+#define BUS_MCEERR_AR 4
+#endif
+
+#define HUGE_2M (2u << 20)
+
+enum backing { BACKING_ANON, BACKING_SHMEM, BACKING_HUGETLB };
+
+static struct {
+	bool dest;
+	const char *socket, *session, *peer, *strategy, *policy;
+	unsigned char token[64];
+	size_t token_len;
+	uint64_t memory;
+	enum backing backing;
+	bool minor, exits, rand_order;
+	uint64_t seed;
+	unsigned threads;
+	double deadline, timeout;
+} opt = { .threads = 1, .timeout = 600 };
+
+/* guest RAM */
+static unsigned char *ram;
+static int memfd = -1;
+static uint64_t unit;      /* backing page size: 4 KiB or 2 MiB */
+static uint64_t n_units;   /* ram size / unit */
+static uint64_t n_pages;   /* ram size / 4 KiB */
+static unsigned char *poisoned; /* per unit: 1 = skipped (memory error) */
+static atomic_uint threads_done;
+static double t_start;
+
+/* ------------------------------------------------------------------------ */
+
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static const char *role(void)
+{
+	return opt.dest ? "dest" : "source";
+}
+
+static void json_str(FILE *f, const char *s)
+{
+	fputc('"', f);
+	for (; *s; s++) {
+		unsigned char ch = (unsigned char)*s;
+		if (ch == '"' || ch == '\\')
+			fprintf(f, "\\%c", ch);
+		else if (ch < 0x20)
+			fprintf(f, "\\u%04x", ch);
+		else
+			fputc(ch, f);
+	}
+	fputc('"', f);
+}
+
+/* Print {"role": ..., "error": msg} and exit with code. */
+__attribute__((noreturn, format(printf, 2, 3)))
+static void die(int code, const char *fmt, ...)
+{
+	char msg[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	flockfile(stdout);
+	printf("{\"role\": \"%s\", \"verified\": false, \"error\": ", role());
+	json_str(stdout, msg);
+	printf("}\n");
+	fflush(stdout);
+	funlockfile(stdout);
+	exit(code);
+}
+
+__attribute__((noreturn))
+static void usage(const char *msg)
+{
+	fprintf(stderr,
+		"uffdd-vmsim: %s\n"
+		"usage: uffdd-vmsim source --socket S --session ID --token HEX --memory SIZE\n"
+		"                   --backing anon|shmem|hugetlb --seed N [--threads N] [--timeout SEC]\n"
+		"       uffdd-vmsim dest --socket S --session ID --token HEX --peer HOST:PORT\n"
+		"                   --memory SIZE --backing anon|shmem|hugetlb --mode missing|minor\n"
+		"                   --seed N --threads N --order seq|rand [--exits]\n"
+		"                   [--strategy NAME] [--policy crash|poison] [--deadline SEC]\n"
+		"                   [--timeout SEC]\n",
+		msg);
+	exit(64);
+}
+
+static uint64_t parse_size(const char *s)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 10);
+	if (errno || end == s)
+		usage("bad --memory");
+	switch (*end) {
+	case 'k': case 'K': v <<= 10; end++; break;
+	case 'm': case 'M': v <<= 20; end++; break;
+	case 'g': case 'G': v <<= 30; end++; break;
+	}
+	if (*end == 'i')
+		end++;
+	if (*end == 'B')
+		end++;
+	if (*end)
+		usage("bad --memory");
+	return v;
+}
+
+static uint64_t parse_u64(const char *s, const char *what)
+{
+	char *end;
+	errno = 0;
+	unsigned long long v = strtoull(s, &end, 0);
+	if (errno || end == s || *end)
+		usage(what);
+	return v;
+}
+
+static void parse_token(const char *hex)
+{
+	size_t n = strlen(hex);
+	if (n % 2 || n / 2 < 16 || n / 2 > 64)
+		usage("--token must be 32..128 hex digits");
+	for (size_t i = 0; i < n / 2; i++) {
+		unsigned int b;
+		if (sscanf(hex + 2 * i, "%2x", &b) != 1)
+			usage("--token must be hex");
+		opt.token[i] = (unsigned char)b;
+	}
+	opt.token_len = n / 2;
+}
+
+static void parse_args(int argc, char **argv)
+{
+	if (argc < 2)
+		usage("missing role");
+	if (!strcmp(argv[1], "dest"))
+		opt.dest = true;
+	else if (strcmp(argv[1], "source"))
+		usage("role must be source or dest");
+	bool have_backing = false, have_seed = false;
+	for (int i = 2; i < argc; i++) {
+		const char *a = argv[i];
+		if (!strcmp(a, "--exits")) {
+			opt.exits = true;
+			continue;
+		}
+		if (i + 1 >= argc)
+			usage("option without value");
+		const char *v = argv[++i];
+		if (!strcmp(a, "--socket"))
+			opt.socket = v;
+		else if (!strcmp(a, "--session"))
+			opt.session = v;
+		else if (!strcmp(a, "--token"))
+			parse_token(v);
+		else if (!strcmp(a, "--peer"))
+			opt.peer = v;
+		else if (!strcmp(a, "--memory"))
+			opt.memory = parse_size(v);
+		else if (!strcmp(a, "--backing")) {
+			have_backing = true;
+			if (!strcmp(v, "anon"))
+				opt.backing = BACKING_ANON;
+			else if (!strcmp(v, "shmem"))
+				opt.backing = BACKING_SHMEM;
+			else if (!strcmp(v, "hugetlb"))
+				opt.backing = BACKING_HUGETLB;
+			else
+				usage("--backing must be anon, shmem or hugetlb");
+		} else if (!strcmp(a, "--mode")) {
+			if (!strcmp(v, "minor"))
+				opt.minor = true;
+			else if (strcmp(v, "missing"))
+				usage("--mode must be missing or minor");
+		} else if (!strcmp(a, "--seed")) {
+			opt.seed = parse_u64(v, "bad --seed");
+			have_seed = true;
+		} else if (!strcmp(a, "--threads")) {
+			opt.threads = (unsigned)parse_u64(v, "bad --threads");
+			if (opt.threads < 1 || opt.threads > 1024)
+				usage("--threads must be 1..1024");
+		} else if (!strcmp(a, "--order")) {
+			if (!strcmp(v, "rand"))
+				opt.rand_order = true;
+			else if (strcmp(v, "seq"))
+				usage("--order must be seq or rand");
+		} else if (!strcmp(a, "--strategy"))
+			opt.strategy = v;
+		else if (!strcmp(a, "--policy"))
+			opt.policy = v;
+		else if (!strcmp(a, "--deadline"))
+			opt.deadline = strtod(v, NULL);
+		else if (!strcmp(a, "--timeout"))
+			opt.timeout = strtod(v, NULL);
+		else
+			usage("unknown option");
+	}
+	if (!opt.socket || !opt.session || !opt.token_len || !opt.memory || !have_backing ||
+	    !have_seed)
+		usage("--socket, --session, --token, --memory, --backing and --seed are required");
+	if (opt.dest && !opt.peer)
+		usage("dest needs --peer");
+	if (opt.minor && opt.backing == BACKING_ANON)
+		usage("--mode minor needs a memfd backing (shmem or hugetlb)");
+	unit = opt.backing == BACKING_HUGETLB ? HUGE_2M : VMSIM_PAGE;
+	if (opt.memory % unit)
+		usage("--memory must be a multiple of the page size (2M for hugetlb)");
+	n_units = opt.memory / unit;
+	n_pages = opt.memory / VMSIM_PAGE;
+	if (opt.threads > n_units)
+		opt.threads = (unsigned)n_units;
+}
+
+/* ------------------------------------------------------------------------ */
+/* memory */
+
+static void create_ram(void)
+{
+	if (opt.backing == BACKING_ANON) {
+		ram = mmap(NULL, opt.memory, PROT_READ | PROT_WRITE,
+			   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	} else {
+		unsigned flags = MFD_CLOEXEC;
+		if (opt.backing == BACKING_HUGETLB)
+			flags |= MFD_HUGETLB | MFD_HUGE_2MB;
+		memfd = memfd_create("uffdd-vmsim-ram", flags);
+		if (memfd < 0)
+			die(1, "memfd_create: %s", strerror(errno));
+		if (ftruncate(memfd, (off_t)opt.memory) < 0)
+			die(1, "ftruncate memfd: %s", strerror(errno));
+		ram = mmap(NULL, opt.memory, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+	}
+	if (ram == MAP_FAILED)
+		die(1, "mmap %" PRIu64 " bytes: %s", opt.memory, strerror(errno));
+	poisoned = calloc(n_units, 1);
+	if (!poisoned)
+		die(1, "out of memory");
+}
+
+static uint64_t ram_hash(void)
+{
+	uint64_t h = FNV64_BASIS;
+	for (uint64_t u = 0; u < n_units; u++)
+		if (!poisoned[u])
+			h = fnv1a64(h, ram + u * unit, unit);
+	return h;
+}
+
+/* Unit range [lo, hi) of thread t. */
+static void slice(unsigned t, uint64_t *lo, uint64_t *hi)
+{
+	*lo = n_units * t / opt.threads;
+	*hi = n_units * (t + 1) / opt.threads;
+}
+
+/* ------------------------------------------------------------------------ */
+/* events */
+
+/*
+ * Wait for the completed/failed event of our session. Returns 1 completed,
+ * 0 failed (reason in ev), -1 timeout. If stop_when_done, also returns -2 as
+ * soon as all touching threads are done without an event yet.
+ */
+static int wait_session_end(uffdd_client *c, struct uffdd_event *ev, double until)
+{
+	struct uffdd_error err;
+	for (;;) {
+		double left = until - now();
+		if (left <= 0)
+			return -1;
+		int ms = left > 0.1 ? 100 : (int)(left * 1000) + 1;
+		int r = uffdd_next_event(c, ev, ms, &err);
+		if (r < 0)
+			die(1, "waiting for events: %s", err.message);
+		if (r == 0)
+			continue;
+		if (strcmp(ev->session, opt.session))
+			continue;
+		if (ev->kind == UFFDD_EVENT_COMPLETED)
+			return 1;
+		if (ev->kind == UFFDD_EVENT_FAILED)
+			return 0;
+	}
+}
+
+/* ------------------------------------------------------------------------ */
+/* source */
+
+struct filler {
+	pthread_t th;
+	unsigned idx;
+};
+
+static void *fill_thread(void *arg)
+{
+	struct filler *f = arg;
+	uint64_t lo, hi;
+	slice(f->idx, &lo, &hi);
+	uint64_t per = unit / VMSIM_PAGE;
+	for (uint64_t p = lo * per; p < hi * per; p++)
+		pattern_fill(ram + p * VMSIM_PAGE, opt.seed, p);
+	return NULL;
+}
+
+static int run_source(void)
+{
+	create_ram();
+	double t0 = now();
+	struct filler *fs = calloc(opt.threads, sizeof(*fs));
+	if (!fs)
+		die(1, "out of memory");
+	for (unsigned t = 0; t < opt.threads; t++) {
+		fs[t].idx = t;
+		if (pthread_create(&fs[t].th, NULL, fill_thread, &fs[t]))
+			die(1, "pthread_create failed");
+	}
+	for (unsigned t = 0; t < opt.threads; t++)
+		pthread_join(fs[t].th, NULL);
+	double fill_s = now() - t0;
+	uint64_t hash = ram_hash();
+
+	struct uffdd_error err;
+	uffdd_client *c = uffdd_connect(opt.socket, &err);
+	if (!c)
+		die(1, "connect: %s", err.message);
+	struct uffdd_region r = {
+		.gpa = 0, .addr = (uint64_t)(uintptr_t)ram, .size = opt.memory, .page_size = unit,
+		.offset = 0, .uffd = -1, .memfd = memfd, .mode = UFFDD_MODE_MISSING,
+	};
+	pid_t pid = opt.backing == BACKING_ANON ? getpid() : 0;
+	uint64_t pages = 0;
+	t_start = now();
+	if (uffdd_export(c, opt.session, opt.token, opt.token_len, pid, &r, 1, &pages, &err) < 0)
+		die(1, "export: %s", err.message);
+
+	struct uffdd_event ev;
+	int r_end = wait_session_end(c, &ev, now() + opt.timeout);
+	double secs = now() - t_start;
+	printf("{\"role\": \"source\", \"ok\": %s, \"event\": \"%s\", \"outcome\": ",
+	       r_end == 1 ? "true" : "false",
+	       r_end == 1 ? "completed" : r_end == 0 ? "failed" : "timeout");
+	json_str(stdout, r_end == 1 ? ev.outcome : "");
+	printf(", \"reason\": ");
+	json_str(stdout, r_end == 0 ? ev.reason : "");
+	printf(", \"pages\": %" PRIu64 ", \"export_pages\": %" PRIu64
+	       ", \"threads\": %u, \"fill_seconds\": %.6f, \"seconds\": %.6f, \"hash\": \"%016" PRIx64
+	       "\"}\n",
+	       n_pages, pages, opt.threads, fill_s, secs, hash);
+	fflush(stdout);
+	uffdd_close(c);
+	return r_end == 1 ? 0 : 1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* dest: userfaultfd */
+
+static int create_uffd(void)
+{
+	int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	if (fd < 0 && (errno == EPERM || errno == ENOSYS)) {
+		int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+		if (dev >= 0) {
+			fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+			close(dev);
+		}
+	}
+	if (fd < 0)
+		die(1, "userfaultfd: %s", strerror(errno));
+
+	struct uffdio_api api = { .api = UFFD_API };
+	api.features = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_THREAD_ID;
+	if (opt.backing == BACKING_SHMEM)
+		api.features |= UFFD_FEATURE_MISSING_SHMEM;
+	if (opt.backing == BACKING_HUGETLB)
+		api.features |= UFFD_FEATURE_MISSING_HUGETLBFS;
+	if (opt.minor)
+		api.features |= opt.backing == BACKING_HUGETLB ? UFFD_FEATURE_MINOR_HUGETLBFS
+							      : UFFD_FEATURE_MINOR_SHMEM;
+	if (opt.exits)
+		api.features |= UFFD_FEATURE_SIGBUS;
+	/* lets the daemon poison pages under the "poison" failure policy */
+	uint64_t wanted = api.features;
+	api.features |= UFFD_FEATURE_POISON;
+	if (ioctl(fd, UFFDIO_API, &api) < 0) {
+		/* an older kernel without POISON: retry without it */
+		close(fd);
+		fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+		struct uffdio_api api2 = { .api = UFFD_API, .features = wanted };
+		if (fd < 0 || ioctl(fd, UFFDIO_API, &api2) < 0)
+			die(1, "UFFDIO_API features 0x%" PRIx64 ": %s", wanted, strerror(errno));
+	}
+
+	struct uffdio_register reg = {
+		.range = { .start = (uint64_t)(uintptr_t)ram, .len = opt.memory },
+		.mode = UFFDIO_REGISTER_MODE_MISSING | (opt.minor ? UFFDIO_REGISTER_MODE_MINOR : 0),
+	};
+	if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0)
+		die(1, "UFFDIO_REGISTER: %s", strerror(errno));
+	return fd;
+}
+
+/* ------------------------------------------------------------------------ */
+/* dest: touching threads ("vCPUs") */
+
+static __thread sigjmp_buf tls_jb;
+static __thread volatile sig_atomic_t tls_armed;
+static __thread void *volatile tls_addr;
+static __thread volatile int tls_code;
+
+static void on_sigbus(int sig, siginfo_t *si, void *uc)
+{
+	(void)uc;
+	if (!tls_armed) {
+		/* not ours: die the default way */
+		signal(sig, SIG_DFL);
+		return;
+	}
+	tls_armed = 0;
+	tls_addr = si->si_addr;
+	tls_code = si->si_code;
+	siglongjmp(tls_jb, 1);
+}
+
+struct toucher {
+	pthread_t th;
+	unsigned idx;
+	uffdd_client *c; /* --exits: this vCPU's own client */
+	double *lat_us;  /* per touched unit */
+	uint64_t n_lat;
+	uint64_t mismatches; /* 4 KiB pages */
+	uint64_t poisoned;   /* units */
+	uint64_t exits, populates;
+};
+
+enum exit_action { ACT_RETRY, ACT_SKIP };
+
+__attribute__((noreturn))
+static void crash(unsigned vcpu, uint64_t gpa, const char *reason)
+{
+	flockfile(stdout);
+	printf("{\"role\": \"dest\", \"verified\": false, \"crash\": true, \"vcpu\": %u, "
+	       "\"gpa\": %" PRIu64 ", \"reason\": ",
+	       vcpu, gpa);
+	json_str(stdout, reason);
+	printf("}\n");
+	fflush(stdout);
+	_exit(2);
+}
+
+/* A SIGBUS at fault_addr in --exits mode: ask the daemon, act on the verdict. */
+static enum exit_action handle_exit(struct toucher *t, uint64_t u, void *fault_addr)
+{
+	struct uffdd_error err;
+	struct uffdd_verdict v;
+	uint64_t off = (uint64_t)((unsigned char *)fault_addr - ram);
+	if (off >= opt.memory)
+		crash(t->idx, 0, "SIGBUS outside guest RAM");
+	struct uffdd_exit x = { .vcpu = t->idx, .gpa = off, .size = 8,
+				.access = UFFDD_ACCESS_READ };
+	t->exits++;
+	if (uffdd_resolve(t->c, opt.session, &x, &v, &err) < 0)
+		die(1, "resolve gpa 0x%" PRIx64 ": %s", off, err.message);
+	for (int round = 0;; round++) {
+		switch (v.kind) {
+		case UFFDD_VERDICT_RESUME:
+			return ACT_RETRY;
+		case UFFDD_VERDICT_POPULATE: {
+			if (round > 0)
+				crash(t->idx, off, "daemon answered populate-failed with populate");
+			uint64_t a = v.addr ? v.addr : (uint64_t)(uintptr_t)ram + (off & ~(unit - 1));
+			uint64_t sz = v.size ? v.size : unit;
+			uint64_t a0 = a & ~(unit - 1);
+			sz = ((a + sz + unit - 1) & ~(unit - 1)) - a0;
+			t->populates++;
+			if (madvise((void *)(uintptr_t)a0, sz, MADV_POPULATE_WRITE) == 0)
+				return ACT_RETRY;
+			int e = errno;
+			if (uffdd_populate_failed(t->c, opt.session, t->idx, v.gpa ? v.gpa : off, e, &v,
+						  &err) < 0)
+				die(1, "populate-failed: %s", err.message);
+			continue;
+		}
+		case UFFDD_VERDICT_INJECT_MEMORY_ERROR:
+			poisoned[u] = 1;
+			t->poisoned++;
+			return ACT_SKIP;
+		case UFFDD_VERDICT_CRASH:
+			crash(t->idx, off, v.reason);
+		}
+		die(1, "unknown verdict %d", (int)v.kind);
+	}
+}
+
+/* Touch unit u: time the first access, then check every byte. */
+static void touch_unit(struct toucher *t, uint64_t u)
+{
+	unsigned char *p = ram + u * unit;
+	const double t0 = now();
+	volatile int attempts = 0;
+
+	if (sigsetjmp(tls_jb, 1)) {
+		void *fa = tls_addr;
+		if (++attempts > 1000)
+			crash(t->idx, u * unit, "page still absent after 1000 resumes");
+		if (!opt.exits) {
+			/* no exit path: a SIGBUS is a poisoned page (memory error) */
+			poisoned[u] = 1;
+			t->poisoned++;
+			return;
+		}
+		if (handle_exit(t, u, fa) == ACT_SKIP)
+			return;
+	}
+	tls_armed = 1;
+	(void)*(volatile uint64_t *)p;
+	double t1 = now();
+	uint64_t bad = 0;
+	uint64_t per = unit / VMSIM_PAGE;
+	for (uint64_t i = 0; i < per; i++)
+		bad += !pattern_check(p + i * VMSIM_PAGE, opt.seed, u * per + i);
+	tls_armed = 0;
+	t->mismatches += bad;
+	t->lat_us[t->n_lat++] = (t1 - t0) * 1e6;
+}
+
+static void *touch_thread(void *arg)
+{
+	struct toucher *t = arg;
+	uint64_t lo, hi;
+	slice(t->idx, &lo, &hi);
+	uint64_t n = hi - lo;
+	uint64_t *order = malloc((n ? n : 1) * sizeof(*order));
+	t->lat_us = malloc((n ? n : 1) * sizeof(*t->lat_us));
+	if (!order || !t->lat_us)
+		die(1, "out of memory");
+	for (uint64_t i = 0; i < n; i++)
+		order[i] = lo + i;
+	if (opt.rand_order) {
+		uint64_t s = opt.seed ^ (0x5851f42d4c957f2dull * (t->idx + 1));
+		for (uint64_t i = n; i > 1; i--) {
+			s = splitmix64(s);
+			uint64_t j = s % i;
+			uint64_t tmp = order[i - 1];
+			order[i - 1] = order[j];
+			order[j] = tmp;
+		}
+	}
+	for (uint64_t i = 0; i < n; i++)
+		touch_unit(t, order[i]);
+	free(order);
+	atomic_fetch_add(&threads_done, 1);
+	return NULL;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+	return (x > y) - (x < y);
+}
+
+static double percentile(const double *v, uint64_t n, double q)
+{
+	if (!n)
+		return 0;
+	uint64_t i = (uint64_t)(q * (double)(n - 1) + 0.5);
+	return v[i < n ? i : n - 1];
+}
+
+static int run_dest(void)
+{
+	create_ram();
+	int uffd = create_uffd();
+
+	struct sigaction sa = { .sa_sigaction = on_sigbus, .sa_flags = SA_SIGINFO | SA_NODEFER };
+	sigemptyset(&sa.sa_mask);
+	if (sigaction(SIGBUS, &sa, NULL) < 0)
+		die(1, "sigaction: %s", strerror(errno));
+
+	struct uffdd_error err;
+	uffdd_client *c = uffdd_connect(opt.socket, &err);
+	if (!c)
+		die(1, "connect: %s", err.message);
+	struct toucher *ts = calloc(opt.threads, sizeof(*ts));
+	if (!ts)
+		die(1, "out of memory");
+	if (opt.exits) {
+		for (unsigned t = 0; t < opt.threads; t++) {
+			ts[t].c = uffdd_connect(opt.socket, &err);
+			if (!ts[t].c)
+				die(1, "connect (vcpu %u): %s", t, err.message);
+		}
+	}
+	struct uffdd_region r = {
+		.gpa = 0, .addr = (uint64_t)(uintptr_t)ram, .size = opt.memory, .page_size = unit,
+		.offset = 0, .uffd = uffd, .memfd = memfd,
+		.mode = opt.minor ? UFFDD_MODE_MINOR : UFFDD_MODE_MISSING,
+	};
+	struct uffdd_import_options io = { .strategy = opt.strategy, .policy = opt.policy,
+					   .deadline_seconds = opt.deadline };
+	uint64_t pages = 0;
+	t_start = now();
+	if (uffdd_import(c, opt.session, opt.token, opt.token_len, opt.peer, &io, &r, 1, &pages,
+			 &err) < 0)
+		die(1, "import: %s", err.message);
+	/* We keep our own uffd open: if the daemon died, faults must block (and be
+	 * seen), never be silently zero-filled. */
+
+	double t_touch = now();
+	for (unsigned t = 0; t < opt.threads; t++) {
+		ts[t].idx = t;
+		if (pthread_create(&ts[t].th, NULL, touch_thread, &ts[t]))
+			die(1, "pthread_create failed");
+	}
+	/* Watch events while the vCPUs run: a failed session must not leave them
+	 * blocked forever. */
+	struct uffdd_event ev;
+	int end = -2;
+	double until = now() + opt.timeout;
+	double touch_s = 0;
+	while (atomic_load(&threads_done) < opt.threads) {
+		if (now() > until)
+			die(1, "timeout: vCPU threads still touching after %.0f s", opt.timeout);
+		int rr = uffdd_next_event(c, &ev, 20, &err);
+		if (rr < 0)
+			die(1, "waiting for events: %s", err.message);
+		if (rr == 1 && !strcmp(ev.session, opt.session)) {
+			if (ev.kind == UFFDD_EVENT_FAILED)
+				die(1, "session failed while vCPUs ran: %s", ev.reason);
+			if (ev.kind == UFFDD_EVENT_COMPLETED)
+				end = 1;
+		}
+	}
+	touch_s = now() - t_touch;
+	for (unsigned t = 0; t < opt.threads; t++)
+		pthread_join(ts[t].th, NULL);
+	if (end != 1)
+		end = wait_session_end(c, &ev, until);
+	double secs = now() - t_start;
+
+	uint64_t n_lat = 0, mism = 0, pois = 0, exits = 0, pops = 0;
+	for (unsigned t = 0; t < opt.threads; t++) {
+		n_lat += ts[t].n_lat;
+		mism += ts[t].mismatches;
+		pois += ts[t].poisoned;
+		exits += ts[t].exits;
+		pops += ts[t].populates;
+	}
+	double *lat = malloc((n_lat ? n_lat : 1) * sizeof(*lat));
+	if (!lat)
+		die(1, "out of memory");
+	uint64_t k = 0;
+	for (unsigned t = 0; t < opt.threads; t++) {
+		memcpy(lat + k, ts[t].lat_us, ts[t].n_lat * sizeof(*lat));
+		k += ts[t].n_lat;
+		free(ts[t].lat_us);
+	}
+	qsort(lat, n_lat, sizeof(*lat), cmp_double);
+	uint64_t hash = end == 1 ? ram_hash() : 0;
+	bool verified = end == 1 && mism == 0;
+	printf("{\"role\": \"dest\", \"verified\": %s, \"pages\": %" PRIu64
+	       ", \"mismatches\": %" PRIu64 ", \"poisoned_pages\": %" PRIu64
+	       ", \"threads\": %u, \"fault_latency_p50_us\": %.2f, \"fault_latency_p90_us\": %.2f"
+	       ", \"fault_latency_p99_us\": %.2f, \"faults_per_second\": %.1f"
+	       ", \"touch_seconds\": %.6f, \"seconds\": %.6f, \"exits\": %" PRIu64
+	       ", \"populates\": %" PRIu64 ", \"event\": \"%s\", \"reason\": ",
+	       verified ? "true" : "false", n_pages, mism, pois * (unit / VMSIM_PAGE),
+	       opt.threads, percentile(lat, n_lat, 0.50), percentile(lat, n_lat, 0.90),
+	       percentile(lat, n_lat, 0.99), touch_s > 0 ? (double)n_lat / touch_s : 0.0, touch_s,
+	       secs, exits, pops, end == 1 ? "completed" : end == 0 ? "failed" : "timeout");
+	json_str(stdout, end == 0 ? ev.reason : "");
+	printf(", \"hash\": \"%016" PRIx64 "\"}\n", hash);
+	fflush(stdout);
+	free(lat);
+	for (unsigned t = 0; t < opt.threads; t++)
+		uffdd_close(ts[t].c);
+	uffdd_close(c);
+	return verified ? 0 : 1;
+}
+
+int main(int argc, char **argv)
+{
+	parse_args(argc, argv);
+	return opt.dest ? run_dest() : run_source();
+}
