@@ -247,10 +247,8 @@ static void maybe_complete(void)
 /* Install unit u the way the region's mode wants. */
 static void install(uint64_t u)
 {
-	static __thread unsigned char *buf;
+	static __thread unsigned char buf[2u << 20] __attribute__((aligned(4096)));
 	uint64_t ps = F.page_size, per = ps / VMSIM_PAGE;
-	if (!buf)
-		buf = aligned_alloc(4096, 2u << 20);
 	unsigned char expected = 0;
 	if (!__atomic_compare_exchange_n(&F.state[u], &expected, 1, false, __ATOMIC_SEQ_CST,
 					 __ATOMIC_SEQ_CST))
@@ -622,6 +620,9 @@ int main(void)
 	const char *d5[] = { "--peer", "127.0.0.1:1", "--mode", "minor", "--threads", "2",
 			     "--order", "rand", "--exits", NULL };
 	scenario("dest shmem minor exits x2", vmsim, "dest", "4M", 4 << 20, "shmem", d5, true);
+	const char *d8[] = { "--peer", "127.0.0.1:1", "--mode", "missing", "--threads", "64",
+			     "--order", "rand", NULL };
+	scenario("dest anon missing rand x64", vmsim, "dest", "16M", 16 << 20, "anon", d8, false);
 	const char *s1[] = { "--threads", "3", NULL };
 	scenario("source anon (pid mode)", vmsim, "source", "8M", 8 << 20, "anon", s1, false);
 	scenario("source shmem (memfd mode)", vmsim, "source", "8M", 8 << 20, "shmem", s1, false);

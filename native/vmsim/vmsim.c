@@ -414,6 +414,7 @@ static int run_source(void)
 	}
 	for (unsigned t = 0; t < opt.threads; t++)
 		pthread_join(fs[t].th, NULL);
+	free(fs);
 	double fill_s = now() - t0;
 	uint64_t hash = ram_hash();
 
@@ -771,6 +772,7 @@ static int run_dest(void)
 	free(lat);
 	for (unsigned t = 0; t < opt.threads; t++)
 		uffdd_close(ts[t].c);
+	free(ts);
 	uffdd_close(c);
 	return verified ? 0 : 1;
 }
