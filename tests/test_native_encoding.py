@@ -245,10 +245,15 @@ def test_daemon_error_reply_maps_to_code(probe: Path, daemon: FakeDaemon) -> Non
     assert res["message"] == "bad-region: region 0 overlaps region 1"
 
 
-def test_unauthorized_frame_without_id(probe: Path, daemon: FakeDaemon) -> None:
+@pytest.mark.parametrize("id_field", [{}, {"id": None}])
+def test_unauthorized_frame_without_id(
+    probe: Path, daemon: FakeDaemon, id_field: dict[str, Any]
+) -> None:
+    """The daemon refuses a connection with one error frame whose id is absent or nil."""
     p = start(probe, daemon, "cancel")
     daemon.recv()
-    daemon.send({"ok": False, "error": "unauthorized", "message": "uid 1000 not allowed"})
+    daemon.send({**id_field, "ok": False, "error": "unauthorized",
+                 "message": "uid 1000 not allowed"})
     [res] = finish(p, daemon)
     assert res["name"] == "unauthorized" and res["code"] == 107
 
