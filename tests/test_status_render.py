@@ -1,10 +1,20 @@
-"""uffdd.status: the status table, JSON, and the terminal progress bar."""
+"""uffdd.status and uffdd.logs: what people read (status table, progress bar, log lines)."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
+
+from uffdd.logs import format_value, get_logger, parse_level, setup_logging, syslog_priority
 from uffdd.status import ProgressBar, format_bytes_rate, render_status_json, render_status_table
 
 IMPORT = {
@@ -170,3 +180,122 @@ def test_progress_bar_close_without_updates() -> None:
     stream = FakeTTY()
     ProgressBar(stream).close()
     assert stream.getvalue() == ""
+
+
+# --- log lines (uffdd.logs): the other human-facing output of the daemon ----------
+
+LINE_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
+
+
+def capture(journald: bool, level: str = "debug") -> io.StringIO:
+    """Set up logging as the daemon does, but into a StringIO; return it."""
+    setup_logging(level, journald=journald)
+    stream = io.StringIO()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+            handler.setStream(stream)
+    return stream
+
+
+@pytest.fixture(autouse=False)
+def restore_logging() -> Iterator[None]:
+    """Put the root logger back as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_format_value() -> None:
+    assert format_value("plain") == "plain"
+    assert format_value("two words") == '"two words"'
+    assert format_value("a=b") == '"a=b"'
+    assert format_value('say "hi"') == '"say \\"hi\\""'
+    assert format_value("line\nbreak") == '"line\\nbreak"'
+    assert format_value("") == '""'
+    assert format_value(None) == "null"
+    assert format_value(True) == "true"
+    assert format_value(4096) == "4096"
+    assert format_value(b"\x01\xff") == "01ff"
+
+
+def test_syslog_priorities() -> None:
+    assert syslog_priority(logging.DEBUG) == 7
+    assert syslog_priority(logging.INFO) == 6
+    assert syslog_priority(logging.WARNING) == 4
+    assert syslog_priority(logging.ERROR) == 3
+    assert syslog_priority(logging.CRITICAL) == 2
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_plain_lines_have_timestamps_and_fields_in_order() -> None:
+    stream = capture(journald=False)
+    log = get_logger("uffdd.session").bind(session="vm42-mig7")
+    log.info("session.started", peer="192.0.2.10:4460", pages=65536)
+    line = stream.getvalue()
+    assert line.count("\n") == 1
+    assert LINE_TS.match(line)
+    assert line.split(" ", 1)[1] == (
+        "level=info logger=uffdd.session event=session.started session=vm42-mig7 "
+        "peer=192.0.2.10:4460 pages=65536\n"
+    )
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_journald_lines_have_priorities_and_no_timestamp() -> None:
+    stream = capture(journald=True)
+    log = get_logger("uffdd.peer", session="s1")
+    log.warning("peer.lost", lane="bulk")
+    log.debug("peer.detail")
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "<4>level=warning logger=uffdd.peer event=peer.lost session=s1 lane=bulk"
+    assert lines[1].startswith("<7>level=debug ")
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_exception_stays_on_one_line() -> None:
+    stream = capture(journald=True)
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        get_logger("uffdd.x").exception("task.crashed", session="s2")
+    out = stream.getvalue()
+    assert out.count("\n") == 1
+    assert out.startswith("<3>level=error logger=uffdd.x event=task.crashed session=s2 exc=")
+    assert "RuntimeError: boom" in out
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_level_filter_and_idempotent_setup() -> None:
+    capture(journald=False, level="debug")
+    stream = capture(journald=False, level="warning")
+    ours = [h for h in logging.getLogger().handlers if type(h).__name__ == "_UffddHandler"]
+    assert len(ours) == 1
+    log = get_logger("uffdd.y")
+    log.info("hidden")
+    log.error("shown")
+    assert stream.getvalue().count("\n") == 1
+    with pytest.raises(ValueError):
+        parse_level("loud")
+
+
+@pytest.mark.parametrize("matching", [True, False])
+def test_journal_stream_detection(tmp_path: Path, matching: bool) -> None:
+    err = tmp_path / "stderr"
+    with err.open("w") as f:
+        st = os.fstat(f.fileno())
+        inode = st.st_ino if matching else st.st_ino + 1
+        env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{inode}"}
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+        code = (
+            "from uffdd.logs import get_logger, setup_logging\n"
+            "setup_logging('info')\n"
+            "get_logger('uffdd.t').warning('hello', session='s')\n"
+        )
+        subprocess.run([sys.executable, "-c", code], env=env, stderr=f, check=True, timeout=60)
+    line = err.read_text()
+    if matching:
+        assert line == "<4>level=warning logger=uffdd.t event=hello session=s\n"
+    else:
+        assert LINE_TS.match(line)
