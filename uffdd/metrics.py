@@ -28,10 +28,14 @@ from collections.abc import Iterable
 from typing import NoReturn
 
 import trio
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
 
 from uffdd import __version__
+
+# ``*_created`` series would double the series count of every counter and histogram
+# for a value (process start) that ``process_start_time_seconds`` already gives.
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
 
 # --- label values (bounded sets) -------------------------------------------------
 
