@@ -104,7 +104,7 @@ static void clear_err(struct uffdd_error *err)
 /* ------------------------------------------------------------------------ */
 /* connection */
 
-UFFDD_API uffdd_client *uffdd__client_from_fd(int fd, struct uffdd_error *err)
+uffdd_client *uffdd__client_from_fd(int fd, struct uffdd_error *err)
 {
 	uffdd_client *c = calloc(1, sizeof(*c));
 	if (!c) {

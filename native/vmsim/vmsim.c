@@ -4,6 +4,7 @@
  *
  *   uffdd-vmsim source --socket S --session ID --token HEX --memory 256M
  *               --backing anon|shmem|hugetlb --seed N [--threads N] [--timeout SEC]
+ *               [--ready-file PATH]
  *     Fills guest RAM with the seeded pattern (vmsim/pattern.h) from N threads,
  *     exports it to the uffdd at S (anon: pid mode; shmem/hugetlb: memfd mode),
  *     waits for the session's completed/failed event, prints one JSON line with
@@ -98,7 +99,7 @@ enum backing { BACKING_ANON, BACKING_SHMEM, BACKING_HUGETLB };
 
 static struct {
 	bool dest;
-	const char *socket, *session, *peer, *strategy, *policy;
+	const char *socket, *session, *peer, *strategy, *policy, *ready_file;
 	unsigned char token[64];
 	size_t token_len;
 	uint64_t memory;
@@ -173,6 +174,7 @@ static void usage(const char *msg)
 		"uffdd-vmsim: %s\n"
 		"usage: uffdd-vmsim source --socket S --session ID --token HEX --memory SIZE\n"
 		"                   --backing anon|shmem|hugetlb --seed N [--threads N] [--timeout SEC]\n"
+		"                   [--ready-file PATH]\n"
 		"       uffdd-vmsim dest --socket S --session ID --token HEX --peer HOST:PORT\n"
 		"                   --memory SIZE --backing anon|shmem|hugetlb --mode missing|minor\n"
 		"                   --seed N --threads N --order seq|rand [--exits]\n"
@@ -290,6 +292,8 @@ static void parse_args(int argc, char **argv)
 			opt.deadline = strtod(v, NULL);
 		else if (!strcmp(a, "--timeout"))
 			opt.timeout = strtod(v, NULL);
+		else if (!strcmp(a, "--ready-file"))
+			opt.ready_file = v;
 		else
 			usage("unknown option");
 	}
@@ -431,6 +435,14 @@ static int run_source(void)
 	t_start = now();
 	if (uffdd_export(c, opt.session, opt.token, opt.token_len, pid, &r, 1, &pages, &err) < 0)
 		die(1, "export: %s", err.message);
+	if (opt.ready_file) {
+		/* tells a driver script that the destination may start now */
+		FILE *rf = fopen(opt.ready_file, "w");
+		if (!rf)
+			die(1, "--ready-file %s: %s", opt.ready_file, strerror(errno));
+		fprintf(rf, "%" PRIu64 "\n", pages);
+		fclose(rf);
+	}
 
 	struct uffdd_event ev;
 	int r_end = wait_session_end(c, &ev, now() + opt.timeout);
