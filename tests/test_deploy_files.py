@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -358,3 +359,51 @@ def test_daemonset_parses_as_yaml() -> None:
     assert ports == {"peer": 4460, "metrics": 9464}
     paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
     assert paths == {"/run/uffdd", "/dev/userfaultfd"}
+
+
+# --- MemoryDenyWriteExecute=yes must not break the daemon ------------------------
+
+MDWE_CHILD = """
+import ctypes, importlib, json, pkgutil, sys
+import uffdd
+if sys.argv[1] == "mdwe":
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+    if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+        print(json.dumps({"unsupported": ctypes.get_errno()}))
+        sys.exit(0)
+failed = []
+for module in pkgutil.walk_packages(uffdd.__path__, "uffdd."):
+    if module.name.endswith("__main__"):  # importing it runs the CLI
+        continue
+    try:
+        importlib.import_module(module.name)
+    except Exception as e:
+        failed.append(f"{module.name}: {type(e).__name__}")
+callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)(lambda x: x + 1)
+print(json.dumps({"failed": sorted(failed), "callback": callback(41)}))
+"""
+
+
+def test_memory_deny_write_execute_keeps_the_daemon_working() -> None:
+    """The unit sets MemoryDenyWriteExecute=yes; PR_SET_MDWE enforces the same rule."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def child(mode: str) -> dict[str, object]:
+        result = subprocess.run(
+            [sys.executable, "-c", MDWE_CHILD, mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        report: dict[str, object] = json.loads(result.stdout.splitlines()[-1])
+        return report
+
+    protected = child("mdwe")
+    if "unsupported" in protected:
+        pytest.skip(f"PR_SET_MDWE not supported by this kernel (errno {protected['unsupported']})")
+    assert protected["callback"] == 42
+    # Modules that fail to import without the rule are not this test's business.
+    assert protected["failed"] == child("plain")["failed"]
