@@ -42,7 +42,7 @@ trap cleanup EXIT
 
 start_daemon() { # name port
 	PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m uffdd serve \
-		--api-socket "$dir/$1.sock" --peer-listen "127.0.0.1:$2" \
+		--api-socket "$dir/$1.sock" --peer-listen "127.0.0.1:$2" --metrics-listen "" \
 		>"$dir/$1.log" 2>&1 &
 	pids+=($!)
 }
