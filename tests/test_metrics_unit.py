@@ -154,6 +154,15 @@ def test_fault_path_counts() -> None:
     s.close()
 
 
+def test_faults_seen_sums_every_mode() -> None:
+    s = new_session()
+    before = metrics.faults_seen()
+    s.fault("missing", "read")
+    s.fault("vcpu_exit", "write")
+    assert metrics.faults_seen() == before + 2
+    s.close()
+
+
 def test_exec_access_counts_as_read() -> None:
     s = new_session()
     before = value("uffdd_faults_total", mode="vcpu_exit", access="read") or 0

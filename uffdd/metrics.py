@@ -11,6 +11,7 @@ The daemon talks to this module through:
   :meth:`~SessionMetrics.close`\\ d when it ends. Its methods are thread-safe: the fault
   path runs in plain threads. They are cheap (label children are resolved once).
 * :func:`refused` — a request or peer connection was refused.
+* :func:`faults_seen` — faults so far, for a "M faults/s" ``STATUS=`` line.
 * :func:`serve_metrics` — the ``/metrics`` HTTP endpoint, a Trio task.
 
 Per-session series (``uffdd_session_*``) carry ``session`` and ``role``: a daemon may
@@ -238,6 +239,20 @@ _SENT_CHILDREN = {lane: PEER_SENT.labels(lane) for lane in LANES}
 def refused(reason: str) -> None:
     """Count one refused VMM request or peer connection; ``reason`` is an error code."""
     REFUSED.labels(reason=_check("reason", reason, REFUSED_REASONS)).inc()
+
+
+def faults_seen() -> float:
+    """Return the number of faults counted since start, all modes (for ``STATUS=``).
+
+    Reads the counter through its public ``collect()``; cheap enough for a watchdog
+    tick, not meant for the fault path.
+    """
+    return sum(
+        sample.value
+        for family in FAULTS.collect()
+        for sample in family.samples
+        if sample.name == "uffdd_faults_total"
+    )
 
 
 class SessionMetrics:
