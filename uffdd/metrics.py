@@ -7,9 +7,9 @@ created with zero in advance, so a query never sees a series appear from nowhere
 
 The daemon talks to this module through:
 
-* :class:`SessionMetrics` — one per session, created when the session starts and
-  :meth:`~SessionMetrics.close`\\ d when it ends. Its methods are thread-safe: the fault
-  path runs in plain threads. They are cheap (label children are resolved once).
+* :class:`SessionMetrics` — one per session, created when the session starts, closed
+  with :meth:`~SessionMetrics.close` when it ends. Its methods are thread-safe (the
+  fault path runs in plain threads) and cheap (label children are resolved once).
 * :func:`refused` — a request or peer connection was refused.
 * :func:`faults_seen` — faults so far, for a "M faults/s" ``STATUS=`` line.
 * :func:`serve_metrics` — the ``/metrics`` HTTP endpoint, a Trio task.
