@@ -466,7 +466,7 @@ class FaultLoop:
         elif kind == "lost":
             reason = str(header.get("reason", "source cannot read the page"))
             for p in range(page, page + count):
-                self._unrecoverable(region, p, reason)
+                self._unrecoverable(region, p, "lost", reason)
         elif kind == "end":
             log.debug("source finished its background stream")
         else:
@@ -494,7 +494,7 @@ class FaultLoop:
             tries = self._refetch_budget.get(key, 0) + 1
             self._refetch_budget[key] = tries
             if tries > 3:
-                self._unrecoverable(region, p, "integrity check failed 3 times")
+                self._unrecoverable(region, p, "corrupt", "integrity check failed 3 times")
             else:
                 self._request(region, p, self._outstanding.get(key, time.monotonic()))
 
@@ -661,13 +661,13 @@ class FaultLoop:
             "source did not answer within the session deadline"
         for (r, page), asked in list(self._outstanding.items()):
             if now - asked > self.deadline:
-                self._unrecoverable(r, page, why)
+                self._unrecoverable(r, page, "deadline", why)
 
-    def _unrecoverable(self, r: int, page: int, reason: str) -> None:
+    def _unrecoverable(self, r: int, page: int, code: str, reason: str) -> None:
         region = self.regions[r]
         log.error("unrecoverable page region=%d gpa=%#x reason=%s policy=%s",
                   r, region.gpa + page * region.page_size, reason, self.policy)
-        _metric(self.metrics, "unrecoverable", reason, 1)
+        _metric(self.metrics, "unrecoverable", code, 1)
         self._outstanding.pop((r, page), None)
         if self.policy == "poison":
             self._poison(region, page)
@@ -695,7 +695,7 @@ class FaultLoop:
         for region in self.regions:
             for page in range(region.pages):
                 if self.pages.get(region.index, page) <= pagestate.REQUESTED:
-                    self._unrecoverable(region.index, page, reason)
+                    self._unrecoverable(region.index, page, "deadline", reason)
 
     def _fail(self, reason: str) -> None:
         if not self._finished:

@@ -1,0 +1,123 @@
+"""The ``uffdd`` command line: parse arguments, call into the package, print results.
+
+No business logic lives here: ``serve`` runs :mod:`uffdd.daemon`, ``demo`` runs
+:mod:`uffdd.demo`, ``status`` asks a running daemon and renders with :mod:`uffdd.status`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import trio
+
+from uffdd import __version__
+from uffdd import config as config_mod
+from uffdd.errors import ConfigError, UffddError
+
+DESCRIPTION = """\
+uffdd moves a running VM's memory during the postcopy phase of a live migration:
+the destination VMM hands it its userfaultfds, and every page the guest touches
+is fetched from the uffdd on the source host (the rest streams in behind).
+
+Run `uffdd serve` on every host (usually via systemd), point VMMs at its socket,
+and try `uffdd demo` to see a whole migration on this machine.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uffdd", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"uffdd {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the daemon",
+                           description="Run the daemon in the foreground (systemd: Type=notify).")
+    serve.add_argument("--config", metavar="PATH", help="TOML config file (default: built-in "
+                       "defaults; see deploy/uffdd.toml)")
+    serve.add_argument("--api-socket", metavar="PATH", help="VMM API Unix socket [api.socket]")
+    serve.add_argument("--peer-listen", metavar="HOST:PORT", help="peer TCP address [peer.listen]")
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="Prometheus endpoint, '' to disable [metrics.listen]")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--check-config", action="store_true",
+                       help="load and check the config, print it, and exit")
+
+    demo = sub.add_parser("demo", help="run a whole postcopy migration on this machine",
+                          description="Start two daemons on loopback, a source VMM and a "
+                          "destination VMM, migrate guest RAM postcopy and verify every byte.")
+    from uffdd import demo as demo_mod
+    demo_mod.add_arguments(demo)
+
+    status = sub.add_parser("status", help="show the sessions of a running daemon")
+    status.add_argument("--api-socket", metavar="PATH", default=config_mod.ApiConfig().socket)
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument("--session", help="only this session")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "demo":
+        from uffdd import demo
+        return demo.run(args)
+    if args.command == "status":
+        return _status(args)
+    _parser().print_help()
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from uffdd import daemon, logs
+    try:
+        cfg = config_mod.load(args.config)
+        cfg = config_mod.override(
+            cfg,
+            api={"socket": args.api_socket} if args.api_socket else {},
+            peer={"listen": args.peer_listen} if args.peer_listen else {},
+            metrics={"listen": args.metrics_listen} if args.metrics_listen is not None else {},
+            log={"level": args.log_level} if args.log_level else {},
+        )
+        config_mod.from_dict(_as_dict(cfg), args.config or "<command line>")
+    except ConfigError as e:
+        print(f"uffdd: configuration error: {e}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(cfg)
+        return 0
+    logs.setup_logging(cfg.log.level)
+    try:
+        trio.run(daemon.run_daemon, cfg)
+    except KeyboardInterrupt:
+        pass
+    except UffddError as e:
+        print(f"uffdd: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"uffdd: cannot start: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _as_dict(cfg: config_mod.Config) -> dict[str, object]:
+    return dataclasses.asdict(cfg)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from uffdd import status
+    from uffdd.client import Client, ClientError
+    try:
+        with Client(args.api_socket, timeout=10) as client:
+            sessions = client.status(args.session)
+    except ClientError as e:
+        print(f"uffdd status: {e}", file=sys.stderr)
+        return 1
+    print(status.render_status_json(sessions) if args.json else status.render_status_table(sessions))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The Python client library for VMMs: export, import, follow events, resolve vCPU exits.
+
+Blocking and thread-compatible (one ``Client`` per thread). Example, destination side::
+
+    from uffdd.client import Client, GuestRegion
+
+    with Client("/run/uffdd/vmm.sock") as c:
+        c.import_session("vm42-mig7", token, peer="192.0.2.10:4460",
+                         regions=[GuestRegion(gpa=0, addr=ram_addr, size=ram_size, uffd=ufd)])
+        event = c.wait_finished("vm42-mig7")   # {"event": "completed", ...} or "failed"
+
+The wire format is documented in docs/protocol.md (and the README's integration guide).
+Errors the daemon reports are raised as :class:`ClientError` with its ``code``.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from uffdd import protocol
+from uffdd._linux import scm
+from uffdd.errors import UffddError
+
+
+class ClientError(UffddError):
+    """The daemon refused a request (``code`` as in docs/protocol.md) or the link broke."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """A region of source guest RAM: a memory fd (``fd``, ``offset``) or, with a pid
+    export, its address ``addr`` in the VMM."""
+
+    gpa: int
+    size: int
+    page_size: int = 4096
+    fd: int | None = None
+    offset: int = 0
+    addr: int | None = None
+
+
+@dataclass(frozen=True)
+class GuestRegion:
+    """A region of destination guest RAM at ``addr`` in the VMM, registered with ``uffd``.
+
+    ``mode`` is "missing" (UFFDIO_COPY) or "minor" (UFFDIO_CONTINUE; needs ``fd``).
+    """
+
+    gpa: int
+    addr: int
+    size: int
+    uffd: int
+    mode: str = "missing"
+    page_size: int = 4096
+    fd: int | None = None
+    offset: int = 0
+
+
+class Client:
+    """A connection to the uffdd VMM API socket."""
+
+    def __init__(self, path: str, *, timeout: float = 60.0) -> None:
+        """Connect to the daemon at ``path``. Raises ClientError if it cannot."""
+        self.path = path
+        self.timeout = timeout
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(path)
+        except OSError as e:
+            self._sock.close()
+            raise ClientError("unavailable", f"cannot connect to {path}: {e}") from None
+        self._next_id = 1
+        self._events: deque[dict[str, Any]] = deque()
+        self._buf = bytearray()
+
+    def close(self) -> None:
+        """Close the connection (sessions this connection created are cancelled)."""
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- requests
+
+    def export_session(self, session: str, token: bytes, regions: list[MemoryRegion], *,
+                       pid: int | None = None) -> int:
+        """Hand source guest RAM to the daemon. Returns the number of pages."""
+        fds: list[int] = []
+        table = []
+        for r in regions:
+            entry: dict[str, Any] = {"gpa": r.gpa, "size": r.size, "page_size": r.page_size}
+            if pid is None:
+                if r.fd is None:
+                    raise ValueError("each region needs fd (or pass pid=)")
+                entry["fd"] = _index(fds, r.fd)
+                entry["offset"] = r.offset
+            else:
+                if r.addr is None:
+                    raise ValueError("with pid=, each region needs addr")
+                entry["addr"] = r.addr
+            table.append(entry)
+        body: dict[str, Any] = {"op": "export", "session": session, "token": token,
+                                "regions": table}
+        if pid is not None:
+            body["pid"] = pid
+        return int(self.request(body, fds)["pages"])
+
+    def import_session(self, session: str, token: bytes, *, peer: str,
+                       regions: list[GuestRegion], strategy: str | None = None,
+                       policy: str | None = None, deadline: float | None = None) -> int:
+        """Hand the destination's uffds (and memory fds) to the daemon. Returns pages."""
+        fds: list[int] = []
+        table = []
+        for r in regions:
+            entry: dict[str, Any] = {"gpa": r.gpa, "addr": r.addr, "size": r.size,
+                                     "page_size": r.page_size, "uffd": _index(fds, r.uffd),
+                                     "mode": r.mode}
+            if r.fd is not None:
+                entry["fd"] = _index(fds, r.fd)
+                entry["offset"] = r.offset
+            table.append(entry)
+        body: dict[str, Any] = {"op": "import", "session": session, "token": token,
+                                "peer": peer, "regions": table}
+        for key, value in (("strategy", strategy), ("policy", policy), ("deadline", deadline)):
+            if value is not None:
+                body[key] = value
+        return int(self.request(body, fds)["pages"])
+
+    def status(self, session: str | None = None) -> list[dict[str, Any]]:
+        """Status of every session (or one)."""
+        body: dict[str, Any] = {"op": "status"}
+        if session is not None:
+            body["session"] = session
+        sessions = self.request(body)["sessions"]
+        assert isinstance(sessions, list)
+        return sessions
+
+    def subscribe(self, session: str) -> None:
+        """Receive the session's events on this connection."""
+        self.request({"op": "subscribe", "session": session})
+
+    def cancel(self, session: str) -> None:
+        """End a session this VMM created."""
+        self.request({"op": "cancel", "session": session})
+
+    def resolve(self, session: str, *, vcpu: int, gpa: int, size: int = 8,
+                access: str = "read", flags: int = 0) -> dict[str, Any]:
+        """Report a vCPU memory-fault exit; returns the verdict reply."""
+        return self.request({"op": "resolve", "session": session, "vcpu": vcpu, "gpa": gpa,
+                             "size": size, "access": access, "flags": flags})
+
+    def populate_failed(self, session: str, *, vcpu: int, gpa: int, errno: int) -> dict[str, Any]:
+        """Report that MADV_POPULATE_WRITE failed after a populate verdict."""
+        return self.request({"op": "populate-failed", "session": session, "vcpu": vcpu,
+                             "gpa": gpa, "errno": errno})
+
+    # -- events
+
+    def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next event (None on timeout)."""
+        if self._events:
+            return self._events.popleft()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            message = self._receive(deadline)
+            if message is None:
+                return None
+            if "event" in message:
+                return message
+
+    def wait_finished(self, session: str, timeout: float | None = None) -> dict[str, Any]:
+        """Wait for the session's ``completed`` or ``failed`` event and return it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            event = self.next_event(left)
+            if event is None:
+                raise ClientError("timeout", f"session {session} did not finish in time")
+            if event.get("session") == session and event["event"] in ("completed", "failed"):
+                return event
+
+    # -- plumbing
+
+    def request(self, body: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
+        """Send one request (with fds) and return its successful reply."""
+        req_id = self._next_id
+        self._next_id += 1
+        body = {**body, "id": req_id}
+        try:
+            scm.send_with_fds(self._sock, protocol.pack(body), fds or [])
+        except OSError as e:
+            raise ClientError("unavailable", f"daemon connection broken: {e}") from None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            reply = self._receive(deadline, keep_events=True)
+            if reply is None:
+                raise ClientError("timeout", f"no reply to {body['op']} in {self.timeout}s")
+            if "event" in reply:
+                continue
+            if reply.get("id") not in (req_id, None):
+                continue
+            if not reply.get("ok"):
+                raise ClientError(str(reply.get("error")), str(reply.get("message")))
+            return reply
+
+    def _receive(self, deadline: float | None, keep_events: bool = False
+                 ) -> dict[str, Any] | None:
+        while True:
+            message = self._pop_frame()
+            if message is not None:
+                if keep_events and "event" in message:
+                    self._events.append(message)
+                    return message
+                return message
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            self._sock.settimeout(left)
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                return None
+            except OSError as e:
+                raise ClientError("unavailable", f"daemon connection broken: {e}") from None
+            if not data:
+                raise ClientError("unavailable", "the daemon closed the connection")
+            self._buf += data
+
+    def _pop_frame(self) -> dict[str, Any] | None:
+        if len(self._buf) < 4:
+            return None
+        (length,) = protocol.LENGTH.unpack_from(self._buf)
+        if len(self._buf) < 4 + length:
+            return None
+        body = protocol.unpack_body(bytes(self._buf[4 : 4 + length]))
+        del self._buf[: 4 + length]
+        return body
+
+
+def _index(fds: list[int], fd: int) -> int:
+    """Index of ``fd`` in the list sent with a request (each fd is sent once)."""
+    if fd in fds:
+        return fds.index(fd)
+    fds.append(fd)
+    return len(fds) - 1

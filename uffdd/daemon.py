@@ -1,0 +1,244 @@
+"""The daemon: one nursery tree that owns every listener, session and helper task.
+
+``serve()`` opens the root nursery, binds the VMM API socket (or takes it from systemd's
+socket activation), the peer listener and the metrics endpoint, then reports READY=1.
+Sessions run in the root nursery, each in its own nursery (see ``uffdd.session``). On
+SIGTERM/SIGINT the daemon stops accepting, cancels its sessions (their VMMs get a
+``failed`` event), and exits within a bounded time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from functools import partial
+
+import trio
+
+from uffdd import __version__, metrics, peer
+from uffdd._linux import sdnotify
+from uffdd._linux.listenfds import listen_fds
+from uffdd.api import Connection
+from uffdd.config import Config, split_host_port
+from uffdd.errors import AuthError, ProtocolError, RequestError
+from uffdd.session import ExportSession, ImportSession, SessionBase
+from uffdd.threads import DATA_PATH_THREADS
+
+log = logging.getLogger("uffdd.daemon")
+
+_KEEP_FINISHED = 64  # finished sessions kept for `status` and late `subscribe`
+_SHUTDOWN_GRACE = 5.0
+
+
+class Daemon:
+    """Holds the configuration and the session registry; ``serve`` runs it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.imports: dict[str, ImportSession] = {}
+        self.exports: dict[str, ExportSession] = {}
+        self.finished: list[SessionBase] = []
+        self._nursery: trio.Nursery | None = None
+        self.api_path = config.api.socket
+        self.peer_port = 0
+        self.metrics_port = 0
+        self.connections = 0
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None, "daemon is not serving"
+        return self._nursery
+
+    # -- sessions
+
+    def all_sessions(self) -> list[SessionBase]:
+        return [*self.imports.values(), *self.exports.values(), *self.finished]
+
+    def check_new_session(self, role: str, session_id: str) -> None:
+        table: dict[str, ImportSession] | dict[str, ExportSession]
+        table = self.imports if role == "import" else self.exports
+        if session_id in table:
+            raise RequestError("session-exists", f"an {role} session {session_id!r} is running")
+        if len(self.imports) + len(self.exports) >= self.config.limits.max_sessions:
+            raise RequestError("limit", f"the daemon already runs "
+                               f"{self.config.limits.max_sessions} sessions (limits.max_sessions)")
+
+    async def start_session(self, session: SessionBase, owner: Connection) -> None:
+        """Register a session, subscribe its creator and run it in the root nursery."""
+        if isinstance(session, ImportSession):
+            self.imports[session.session_id] = session
+        else:
+            assert isinstance(session, ExportSession)
+            self.exports[session.session_id] = session
+        session.subscribers.append(owner.event_sink())
+        owner.owned.append(session)
+        await self.nursery.start(self._run_session, session)
+
+    async def _run_session(self, session: SessionBase, *,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await session.run(task_status=task_status)  # type: ignore[attr-defined]
+        except Exception as e:  # a bug in one session must not take the daemon down
+            log.exception("session=%s role=%s failed with an internal error", session.session_id,
+                          session.role)
+            session.set_state("failed", f"internal error: {e!r}")
+        finally:
+            table: dict[str, ImportSession] | dict[str, ExportSession]
+            table = self.imports if session.role == "import" else self.exports
+            if table.get(session.session_id) is session:
+                del table[session.session_id]
+            if not session.finished:
+                session.set_state("cancelled", "daemon shutting down")
+            self.finished.append(session)
+            del self.finished[:-_KEEP_FINISHED]
+
+    # -- serving
+
+    async def serve(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        """Run until cancelled or signalled. Calls ``task_status.started(self)`` when ready."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            api_sock = await self._api_socket()
+            nursery.start_soon(self._serve_api, api_sock)
+            peer_sock = await self._peer_socket()
+            nursery.start_soon(self._serve_peer, peer_sock)
+            if self.config.metrics.listen:
+                host, port = split_host_port(self.config.metrics.listen)
+                self.metrics_port = await nursery.start(metrics.serve_metrics, host, port)
+            nursery.start_soon(self._signals, nursery.cancel_scope)
+            nursery.start_soon(self._watchdog)
+            log.info("uffdd %s ready api=%s peer_port=%d metrics_port=%d", __version__,
+                     self.api_path, self.peer_port, self.metrics_port)
+            task_status.started(self)
+            sdnotify.notify("READY=1", "STATUS=0 sessions")
+        sdnotify.notify("STOPPING=1")
+
+    async def _api_socket(self) -> trio.socket.SocketType:
+        activated = listen_fds().get("vmm")
+        if activated:
+            log.info("using the socket-activated VMM API socket")
+            sock = activated[0]
+            self.api_path = str(sock.getsockname())
+            return trio.socket.from_stdlib_socket(sock)
+        path = self.api_path
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # no window in which the socket is world-accessible
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, int(self.config.api.socket_mode, 8))
+        sock.listen(128)
+        return sock
+
+    async def _peer_socket(self) -> trio.socket.SocketType:
+        host, port = split_host_port(self.config.peer.listen)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = trio.socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        await sock.bind((host, port))
+        sock.listen(128)
+        self.peer_port = sock.getsockname()[1]
+        return sock
+
+    async def _serve_api(self, listener: trio.socket.SocketType) -> None:
+        with listener:
+            while True:
+                sock, _ = await listener.accept()
+                if self.connections >= self.config.limits.max_connections:
+                    metrics.refused("limit")
+                    sock.close()
+                    continue
+                self.nursery.start_soon(self._connection, sock)
+
+    async def _connection(self, sock: trio.socket.SocketType) -> None:
+        self.connections += 1
+        try:
+            await Connection(self, sock).run()
+        except Exception:  # a bug in one connection must not take the daemon down
+            log.exception("VMM API connection failed with an internal error")
+        finally:
+            self.connections -= 1
+
+    async def _serve_peer(self, listener: trio.socket.SocketType) -> None:
+        with listener:
+            while True:
+                sock, addr = await listener.accept()
+                self.nursery.start_soon(self._peer_connection, sock, addr)
+
+    async def _peer_connection(self, tsock: trio.socket.SocketType, addr: object) -> None:
+        sock = socket.socket(fileno=tsock.detach())
+        sock.setblocking(True)
+        sock.settimeout(self.config.limits.handshake_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        fs = peer.FrameSocket(sock)
+        try:
+            session_id, lane = await trio.to_thread.run_sync(
+                partial(peer.server_handshake, fs, self._lookup_export), limiter=DATA_PATH_THREADS)
+        except (AuthError, ProtocolError, OSError) as e:
+            metrics.refused("peer-auth" if isinstance(e, AuthError) else "peer-protocol")
+            log.warning("refused peer %s: %s", addr, e)
+            fs.close()
+            return
+        session = self.exports.get(session_id)
+        if session is None:
+            fs.close()
+            return
+        sock.settimeout(None)
+        log.info("session=%s peer %s attached a %s lane", session_id, addr, lane)
+        session.attach_lane(lane, fs)
+
+    def _lookup_export(self, session_id: str) -> tuple[bytes, list[peer.RegionShape]] | None:
+        session = self.exports.get(session_id)
+        if session is None or session.finished:
+            return None
+        return session.token, session.shapes
+
+    # -- process integration
+
+    async def _signals(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal %s: shutting down", signal.Signals(signum).name)
+                sdnotify.notify("STOPPING=1")
+                for session in [*self.imports.values(), *self.exports.values()]:
+                    session.set_state("cancelled", "daemon shutting down")
+                with trio.move_on_after(_SHUTDOWN_GRACE):
+                    while self.imports or self.exports:
+                        await trio.sleep(0.05)
+                scope.cancel()
+                return
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 from the event loop itself, so a stalled loop gets restarted."""
+        interval = sdnotify.watchdog_interval()
+        last = time.monotonic()
+        while True:
+            await trio.sleep(interval / 2 if interval else 5.0)
+            if interval:
+                sdnotify.notify("WATCHDOG=1", f"STATUS={self._status_line(last)}")
+            last = time.monotonic()
+
+    def _status_line(self, since: float) -> str:
+        del since
+        running = len(self.imports) + len(self.exports)
+        return f"{running} sessions ({len(self.imports)} import, {len(self.exports)} export)"
+
+
+def iter_sessions(daemon: Daemon) -> Iterator[SessionBase]:
+    yield from daemon.all_sessions()
+
+
+async def run_daemon(config: Config) -> None:
+    """Entry point for ``uffdd serve``."""
+    await Daemon(config).serve()

@@ -1,0 +1,582 @@
+"""Sessions: one migration of one VM on one side, with a Trio task tree that owns it.
+
+An :class:`ImportSession` (destination) owns the VMM's userfaultfds, the fault thread
+(:mod:`uffdd.faultloop`), the link to the source (a demand lane and bulk lanes, with
+reconnection) and resolves vCPU exits with its strategy. An :class:`ExportSession`
+(source) owns the memory fds and serves lanes as the destination connects them.
+
+Each session runs in its own nursery; when it ends, all of its tasks and threads end and
+every fd and mapping it held is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Final
+
+import trio
+
+from uffdd import exporter, pagestate, peer, protocol, strategies
+from uffdd._linux.mem import pidfd_kill
+from uffdd.config import Config
+from uffdd.errors import AuthError, PeerUnavailable, ProtocolError, UffddError
+from uffdd.exporter import ExportRegion, ExportState
+from uffdd.faultloop import FaultLoop, ImportRegion, Outcome
+from uffdd.metrics import SessionMetrics
+from uffdd.pagestate import PageMap
+from uffdd.threads import run_thread
+
+log = logging.getLogger("uffdd.session")
+
+EventSink = Callable[[protocol.Message], Awaitable[None]]
+_BULK_BUFFERS: Final = 8
+FINAL_STATES: Final = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class SessionBase:
+    """What both roles share: identity, owner, state, subscribers, metrics."""
+
+    session_id: str
+    role: str
+    token: bytes
+    owner_pid: int
+    config: Config
+    state: str = "connecting"
+    reason: str | None = None
+    started: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    subscribers: list[EventSink] = field(default_factory=list)
+    metrics: SessionMetrics = field(init=False)
+    _done: trio.Event = field(default_factory=trio.Event)
+    _cancel_scope: trio.CancelScope | None = None
+
+    def __post_init__(self) -> None:
+        self.metrics = SessionMetrics(self.session_id, self.role)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def set_state(self, state: str, reason: str | None = None) -> None:
+        if self.finished:
+            return
+        self.state = state
+        if reason:
+            self.reason = reason
+        self.metrics.state(state)
+        if state in FINAL_STATES:
+            self.finished_at = time.time()
+            self._done.set()
+        log.info("session=%s role=%s state=%s%s", self.session_id, self.role, state,
+                 f" reason={reason!r}" if reason else "")
+
+    async def emit(self, event: protocol.Message) -> None:
+        """Send an event to every subscriber; a subscriber that is gone is dropped."""
+        for sink in list(self.subscribers):
+            try:
+                await sink(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self.subscribers.remove(sink)
+
+    def cancel(self, reason: str = "cancelled by the VMM") -> None:
+        self.set_state("cancelled", reason)
+
+    async def wait_finished(self) -> None:
+        await self._done.wait()
+
+    def elapsed(self) -> float:
+        return (self.finished_at or time.time()) - self.started
+
+
+# ============================================================== import
+
+
+@dataclass
+class ImportSession(SessionBase):
+    """The destination side of a migration."""
+
+    regions: list[ImportRegion] = field(default_factory=list)
+    peer_address: str = ""
+    strategy: strategies.Strategy = field(default_factory=strategies.ContinueThenPopulate)
+    policy: str = "crash"
+    deadline: float = 30.0
+    fds: list[int] = field(default_factory=list)
+    pages: PageMap = field(init=False)
+    loop: FaultLoop = field(init=False)
+    link: str = "down"
+    reconnects: int = 0
+    bytes_bulk: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.pages = PageMap([r.pages for r in self.regions])
+        self._token = trio.lowlevel.current_trio_token()
+        self._link_lost = trio.Event()
+        self._completed = trio.Event()
+        self._bulk_socks: list[peer.FrameSocket] = []
+        self.loop = FaultLoop(
+            self.regions, self.pages, notify=self._notify_threadsafe, metrics=self.metrics,
+            deadline=self.deadline, policy=self.policy, integrity=self.config.peer.integrity,
+        )
+        self._by_gpa = sorted(self.regions, key=lambda r: r.gpa)
+
+    # -- thread -> Trio
+
+    def _notify_threadsafe(self, kind: str, data: object) -> None:
+        try:
+            self._token.run_sync_soon(self._on_notify, kind, data)
+        except trio.RunFinishedError:
+            pass
+
+    def _on_notify(self, kind: str, data: object) -> None:
+        if kind == "complete":
+            self._completed.set()
+        elif kind == "failed":
+            self.set_state("failed", str(data))
+        elif kind == "link-lost":
+            self._link_lost.set()
+
+    # -- lifetime
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the session until it completes, fails or is cancelled; release everything."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel_scope = nursery.cancel_scope
+                nursery.start_soon(self._fault_thread)
+                nursery.start_soon(self._link_supervisor)
+                nursery.start_soon(self._progress_loop)
+                task_status.started()
+                await self._until_end()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(5, shield=True):
+                await self._finish()
+
+    async def _until_end(self) -> None:
+        async with trio.open_nursery() as n:
+            async def completed() -> None:
+                await self._completed.wait()
+                await self._send_done()
+                outcome = "completed-with-poisoned-pages" if self.pages.poisoned else "completed"
+                self.set_state("completed", outcome)
+            n.start_soon(completed)
+            await self._done.wait()
+            n.cancel_scope.cancel()
+
+    async def _fault_thread(self) -> None:
+        await run_thread(self.loop.run, self.loop.stop_threadsafe)
+
+    async def _finish(self) -> None:
+        for fs in self._bulk_socks:
+            fs.close()
+        self._report_progress()
+        if self.state == "completed":
+            await self.emit(self._completed_event())
+        else:
+            await self.emit({"event": "failed", "session": self.session_id,
+                             "reason": self.reason or self.state})
+            if self.state == "failed" and self.policy == "crash":
+                await self._kill_lingering_vmm()
+        for region in self.regions:
+            if region.alias is not None:
+                region.alias.close()
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+        self.metrics.link(False)
+        self.metrics.close()
+
+    def _completed_event(self) -> protocol.Message:
+        return {"event": "completed", "session": self.session_id,
+                "pages_total": self.pages.total, "pages_poisoned": self.pages.poisoned,
+                "outcome": self.reason or "completed"}
+
+    async def _kill_lingering_vmm(self) -> None:
+        """Crash policy: a VMM still running after the grace period is killed."""
+        grace = self.config.session.kill_grace
+        deadline = trio.current_time() + grace
+        while trio.current_time() < deadline:
+            if not _pid_alive(self.owner_pid):
+                return
+            await trio.sleep(0.05)
+        if _pid_alive(self.owner_pid):
+            log.error("session=%s VMM pid=%d still running %.1fs after failure: killing it",
+                      self.session_id, self.owner_pid, grace)
+            pidfd_kill(self.owner_pid)
+
+    # -- the link to the source
+
+    async def _link_supervisor(self) -> None:
+        delay = 0.05
+        first = True
+        while True:
+            try:
+                demand, bulks, rtt = await trio.to_thread.run_sync(self._connect_lanes)
+            except AuthError as e:
+                if not isinstance(e, peer.UnknownSession):
+                    self.set_state("failed", f"source refused the session: {e}")
+                    return
+                log.info("session=%s source has no such export yet: %s", self.session_id, e)
+            except (PeerUnavailable, ProtocolError, OSError) as e:
+                log.warning("session=%s cannot reach source %s: %s", self.session_id,
+                            self.peer_address, e)
+            else:
+                if not first:
+                    self.reconnects += 1
+                    self.metrics.reconnected()
+                first = False
+                delay = 0.05
+                self.metrics.rtt(rtt)
+                await self._run_link(demand, bulks)
+            await trio.sleep(delay)
+            delay = min(delay * 2, self.config.peer.reconnect_max_delay)
+
+    def _connect_lanes(self) -> tuple[socket.socket, list[peer.FrameSocket], float]:
+        """Blocking: connect and authenticate the demand lane and every bulk lane."""
+        timeout = self.config.peer.connect_timeout
+        opened: list[socket.socket] = []
+        try:
+            t0 = time.monotonic()
+            demand = peer.FrameSocket(peer.connect(self.peer_address, timeout))
+            opened.append(demand.sock)
+            shapes = peer.client_handshake(demand, self.session_id, self.token, "demand")
+            rtt = (time.monotonic() - t0) / 3
+            self._check_shapes(shapes)
+            bulks = []
+            for _ in range(self.config.peer.bulk_lanes):
+                fs = peer.FrameSocket(peer.connect(self.peer_address, timeout))
+                opened.append(fs.sock)
+                peer.client_handshake(fs, self.session_id, self.token, "bulk")
+                self._send_have(fs)
+                bulks.append(fs)
+            for sock in opened:
+                sock.settimeout(None)
+            return demand.sock, bulks, rtt
+        except BaseException:
+            for sock in opened:
+                sock.close()
+            raise
+
+    def _check_shapes(self, shapes: list[peer.RegionShape]) -> None:
+        mine = [(r.gpa, r.size, r.page_size) for r in self.regions]
+        if shapes != mine:
+            raise AuthError(f"source regions {shapes} do not match the import's {mine}")
+
+    def _send_have(self, fs: peer.FrameSocket) -> None:
+        for region in self.regions:
+            if self.pages.done:
+                fs.send({"t": "have", "r": region.index, "bits": self.pages.have_bitmap(region.index)})
+        chunk = max(self.config.peer.chunk_bytes, max(r.page_size for r in self.regions))
+        fs.send({"t": "start", "chunk": chunk})
+
+    async def _run_link(self, demand: socket.socket, bulks: list[peer.FrameSocket]) -> None:
+        self._link_lost = trio.Event()
+        self._bulk_socks = bulks
+        self.loop.attach_demand_threadsafe(demand)
+        self.link = "up"
+        self.metrics.link(True)
+        if self.state == "connecting":
+            self.set_state("running")
+        log.info("session=%s link up to %s (%d bulk lanes)", self.session_id, self.peer_address,
+                 len(bulks))
+        async with trio.open_nursery() as n:
+            for fs in bulks:
+                n.start_soon(self._bulk_lane, fs, n.cancel_scope)
+            await self._link_lost.wait()
+            n.cancel_scope.cancel()
+        for fs in bulks:
+            fs.close()
+        self._bulk_socks = []
+        self.loop.attach_demand_threadsafe(None)
+        self.link = "reconnecting"
+        self.metrics.link(False)
+
+    async def _bulk_lane(self, fs: peer.FrameSocket, scope: trio.CancelScope) -> None:
+        chunk = max(self.config.peer.chunk_bytes, max(r.page_size for r in self.regions))
+        pool: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(_BULK_BUFFERS):
+            pool.put(bytearray(chunk))
+        try:
+            await run_thread(partial(self._receive_bulk, fs, pool, chunk), fs.close)
+        except (PeerUnavailable, ProtocolError, OSError) as e:
+            if not self._completed.is_set():
+                log.warning("session=%s bulk lane ended: %s", self.session_id, e)
+                self._link_lost.set()
+
+    def _receive_bulk(self, fs: peer.FrameSocket, pool: queue.Queue[bytearray], chunk: int) -> None:
+        """Bulk receiver thread: frames go to the fault thread; data into pooled buffers."""
+        while True:
+            header = fs.recv_header()
+            kind = header.get("t")
+            if kind == "data":
+                length = protocol.peer_int(header, "len")
+                if length > chunk:
+                    raise ProtocolError(f"bulk data frame of {length} bytes exceeds {chunk}")
+                buf = pool.get()
+                fs.recv_into(memoryview(buf)[:length])
+                self.bytes_bulk += length
+                self.metrics.received("bulk", length)
+                self.loop.bulk_put((header, buf, pool.put))
+            elif kind in ("zero", "lost", "end"):
+                self.loop.bulk_put((header, None, None))
+            else:
+                raise ProtocolError(f"unexpected frame on a bulk lane: {kind!r}")
+
+    async def _send_done(self) -> None:
+        for fs in self._bulk_socks:
+            try:
+                await trio.to_thread.run_sync(fs.send, {"t": "done"})
+            except (PeerUnavailable, OSError) as e:
+                log.warning("session=%s could not tell the source we are done: %s",
+                            self.session_id, e)
+
+    # -- progress
+
+    async def _progress_loop(self) -> None:
+        interval = 0.5
+        while True:
+            await trio.sleep(interval)
+            self._report_progress()
+            await self.emit({"event": "progress", **self._progress_fields()})
+
+    def _report_progress(self) -> None:
+        self.metrics.progress(self.pages.total, self.pages.installed + self.pages.discarded,
+                              self.pages.poisoned)
+
+    def _progress_fields(self) -> protocol.Message:
+        c = self.loop.counters
+        return {"session": self.session_id, "pages_total": self.pages.total,
+                "pages_installed": self.pages.installed + self.pages.discarded,
+                "pages_demand": c.pages_demand, "pages_background": c.pages_background,
+                "pages_zero": c.pages_zero, "pages_poisoned": self.pages.poisoned}
+
+    def status(self) -> protocol.Message:
+        """The session's entry of the ``status`` reply (docs/protocol.md)."""
+        c = self.loop.counters
+        p50, p99 = latency_percentiles(list(c.latencies_us))
+        return {
+            **self._progress_fields(), "role": "import", "state": self.state,
+            "bytes_received": c.bytes_demand + self.bytes_bulk, "bytes_sent": 0,
+            "faults": c.faults, "started": self.started, "elapsed_seconds": self.elapsed(),
+            "demand_latency_p50_us": p50, "demand_latency_p99_us": p99,
+            "peer": self.peer_address, "link": self.link, "reconnects": self.reconnects,
+            "strategy": self.strategy.name, "policy": self.policy, "reason": self.reason,
+        }
+
+    # -- vCPU exits
+
+    def region_of_gpa(self, gpa: int) -> tuple[ImportRegion, int]:
+        for region in self._by_gpa:
+            if region.gpa <= gpa < region.gpa + region.size:
+                return region, (gpa - region.gpa) // region.page_size
+        raise UffddError(f"gpa {gpa:#x} is outside every region of session {self.session_id}")
+
+    def region_of_addr(self, addr: int) -> tuple[ImportRegion, int]:
+        for region in self.regions:
+            if region.contains(addr):
+                return region, (addr - region.addr) // region.page_size
+        raise UffddError(f"address {addr:#x} is outside every region of session {self.session_id}")
+
+    async def resolve(self, exit: strategies.VcpuExit) -> strategies.Verdict:
+        """Resolve a vCPU exit with this session's strategy."""
+        self.metrics.fault("vcpu_exit", exit.access)
+        verdict = await self.strategy.resolve(exit, _Context(self))
+        try:
+            self.metrics.verdict(self.strategy.name, verdict.kind)
+        except ValueError:  # a third-party strategy's name is not a metric label value
+            pass
+        if verdict.kind == strategies.CRASH:
+            self.set_state("failed", verdict.reason or "crash verdict")
+        return verdict
+
+
+class _Context:
+    """The ResolveContext a strategy gets for one session."""
+
+    def __init__(self, session: ImportSession) -> None:
+        self._s = session
+        self.session = session.session_id
+        self.policy = session.policy
+
+    def page_state(self, gpa: int) -> str:
+        region, page = self._s.region_of_gpa(gpa)
+        return pagestate.STATE_NAMES[self._s.pages.get(region.index, page)]
+
+    async def make_present(self, gpa: int) -> str:
+        region, page = self._s.region_of_gpa(gpa)
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        result: list[str] = []
+
+        def callback(outcome: str, reason: str) -> None:  # runs in the fault thread
+            result.append(outcome)
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+        self._s.loop.request_page_threadsafe(region.index, page, callback)
+        with trio.move_on_after(self._s.deadline + 5):
+            await done.wait()
+        return result[0] if result else Outcome.LOST
+
+    async def fail_page(self, gpa: int, reason: str) -> strategies.Verdict:
+        self._s.metrics.unrecoverable("populate-failed")
+        if self.policy == "poison":
+            return self.verdict(strategies.INJECT, gpa, reason)
+        return self.verdict(strategies.CRASH, gpa, reason)
+
+    def verdict(self, kind: str, gpa: int, reason: str | None = None) -> strategies.Verdict:
+        region, page = self._s.region_of_gpa(gpa)
+        return strategies.Verdict(
+            kind, region.gpa + page * region.page_size, region.addr + page * region.page_size,
+            region.page_size, reason)
+
+
+# ============================================================== export
+
+
+@dataclass
+class ExportSession(SessionBase):
+    """The source side of a migration."""
+
+    regions: list[ExportRegion] = field(default_factory=list)
+    fds: list[int] = field(default_factory=list)
+    export_state: ExportState = field(init=False)
+    lanes: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.export_state = ExportState(self.regions, self.config.peer.chunk_bytes,
+                                        integrity=self.config.peer.integrity)
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def shapes(self) -> list[peer.RegionShape]:
+        return [(r.gpa, r.size, r.page_size) for r in self.regions]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._cancel_scope = nursery.cancel_scope
+                nursery.start_soon(self._progress_loop)
+                task_status.started()
+                await self._done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(5, shield=True):
+                await self._finish()
+
+    def attach_lane(self, lane: str, fs: peer.FrameSocket) -> None:
+        """A destination lane authenticated for this session: serve it."""
+        if self._nursery is None or self.finished:
+            fs.close()
+            return
+        if self.state == "connecting":
+            self.set_state("running")
+        self._nursery.start_soon(self._serve_lane, lane, fs)
+
+    async def _serve_lane(self, lane: str, fs: peer.FrameSocket) -> None:
+        serve = exporter.serve_demand if lane == "demand" else exporter.serve_bulk
+        if lane == "bulk":
+            self.export_state.reset_sent()
+        self.lanes += 1
+        self.metrics.link(True)
+        try:
+            await run_thread(partial(serve, fs, self.export_state, self.metrics), fs.close)
+        except (PeerUnavailable, ProtocolError, OSError, UffddError) as e:
+            if not self.export_state.done.is_set():
+                log.warning("session=%s %s lane ended: %s", self.session_id, lane,
+                            exporter.link_error(e))
+        finally:
+            fs.close()
+            self.lanes -= 1
+            if not self.lanes:
+                self.metrics.link(False)
+        if self.export_state.done.is_set():
+            self.set_state("completed", "completed")
+
+    async def _progress_loop(self) -> None:
+        while True:
+            await trio.sleep(0.5)
+            self._report_progress()
+            await self.emit({"event": "progress", **self._progress_fields()})
+
+    def _report_progress(self) -> None:
+        total = sum(r.pages for r in self.regions)
+        self.metrics.progress(total, min(total, self.export_state.pages_sent))
+
+    def _progress_fields(self) -> protocol.Message:
+        st = self.export_state
+        total = sum(r.pages for r in self.regions)
+        return {"session": self.session_id, "pages_total": total,
+                "pages_installed": min(total, st.pages_sent), "pages_demand": st.pages_demand,
+                "pages_background": max(0, st.pages_sent - st.pages_demand),
+                "pages_zero": st.pages_zero, "pages_poisoned": 0}
+
+    async def _finish(self) -> None:
+        self._report_progress()
+        if self.state == "completed":
+            total = sum(r.pages for r in self.regions)
+            await self.emit({"event": "completed", "session": self.session_id,
+                             "pages_total": total, "pages_poisoned": 0, "outcome": "completed"})
+        else:
+            await self.emit({"event": "failed", "session": self.session_id,
+                             "reason": self.reason or self.state})
+        for region in self.regions:
+            region.close()
+        for fd in self.fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+        self.metrics.close()
+
+    def status(self) -> protocol.Message:
+        return {
+            **self._progress_fields(), "role": "export", "state": self.state,
+            "bytes_received": 0, "bytes_sent": self.export_state.bytes_sent,
+            "started": self.started, "elapsed_seconds": self.elapsed(),
+            "demand_latency_p50_us": None, "demand_latency_p99_us": None,
+            "peer": "", "link": "up" if self.lanes else "down", "reconnects": 0,
+            "strategy": "", "policy": "", "reason": self.reason,
+        }
+
+
+def latency_percentiles(samples: list[float]) -> tuple[float | None, float | None]:
+    """p50 and p99 of latency samples (None when there are none)."""
+    if not samples:
+        return None, None
+    if len(samples) == 1:
+        return samples[0], samples[0]
+    q = statistics.quantiles(samples, n=100, method="inclusive")
+    return round(q[49], 1), round(q[98], 1)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not running any more
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
