@@ -38,6 +38,15 @@
 
 #include "../vmsim/pattern.h"
 
+#ifndef UFFDIO_POISON
+struct uffdio_poison {
+	struct uffdio_range range;
+	__u64 mode;
+	__s64 updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, 0x08, struct uffdio_poison)
+#endif
+
 #define TOKEN_HEX "00112233445566778899aabbccddeeff"
 #define SESSION "vmsim-test"
 #define SEED 42
@@ -65,6 +74,7 @@ struct fake {
 	bool exits;
 	uint64_t inject_unit;   /* resolve for this unit answers inject-memory-error */
 	uint64_t populate_unit; /* installed, then answered with populate */
+	uint64_t poison_unit;   /* a fault on it is answered with UFFDIO_POISON */
 	/* learnt from the import / export */
 	int uffd, memfd;
 	unsigned char *memmap; /* the fake's own mapping of memfd */
@@ -255,6 +265,15 @@ static void install(uint64_t u)
 		return; /* someone else did it */
 	bool all_zero = per == 1 && pattern_is_zero_page(u);
 	int rc;
+	if (u == F.poison_unit) {
+		struct uffdio_poison po = { .range = { F.addr + u * ps, ps } };
+		rc = ioctl(F.uffd, UFFDIO_POISON, &po);
+		CHECK(rc == 0, "UFFDIO_POISON: %s", strerror(errno));
+		F.state[u] = 2;
+		atomic_fetch_add(&F.poisoned, 1);
+		maybe_complete();
+		return;
+	}
 	if (F.minor) {
 		/* fill the page cache through our own mapping, then map it in the VMM */
 		for (uint64_t i = 0; i < per; i++)
@@ -493,7 +512,7 @@ static void reset(void)
 	F.listen_fd = lfd;
 	memcpy(F.path, path, sizeof(path));
 	pthread_mutex_init(&F.lock, NULL);
-	F.inject_unit = F.populate_unit = UINT64_MAX;
+	F.inject_unit = F.populate_unit = F.poison_unit = UINT64_MAX;
 }
 
 static void scenario(const char *name, const char *vmsim, const char *role, const char *memory,
@@ -504,6 +523,8 @@ static void scenario(const char *name, const char *vmsim, const char *role, cons
 	if (exits) {
 		F.inject_unit = 7;
 		F.populate_unit = 9;
+	} else if (!strcmp(role, "dest") && !strcmp(backing, "anon")) {
+		F.poison_unit = 7; /* the daemon's "poison" policy, seen from the VMM */
 	}
 	char *argv[40];
 	int a = 0;
@@ -524,7 +545,7 @@ static void scenario(const char *name, const char *vmsim, const char *role, cons
 	char want[64];
 	uint64_t h = !strcmp(role, "source") ? F.source_hash
 					     : expected_hash(mem_bytes, unit,
-							     exits ? F.inject_unit : UINT64_MAX);
+							     exits ? F.inject_unit : F.poison_unit);
 	snprintf(want, sizeof(want), "\"hash\": \"%016" PRIx64 "\"", h);
 	CHECK(out && strstr(out, want), "%s: want %s in %s", name, want, out ? out : "");
 	if (!strcmp(role, "source"))
@@ -534,6 +555,9 @@ static void scenario(const char *name, const char *vmsim, const char *role, cons
 	if (exits)
 		CHECK(out && strstr(out, "\"poisoned_pages\": 1,") && strstr(out, "\"populates\": 1,"),
 		      "%s: poison/populate counts: %s", name, out);
+	else if (F.poison_unit != UINT64_MAX)
+		CHECK(out && strstr(out, "\"poisoned_pages\": 1,"), "%s: poisoned page: %s", name,
+		      out);
 	fprintf(stderr, "%s: %s", name, out ? out : "(no output)\n");
 	if (ok)
 		passes++;
