@@ -175,13 +175,16 @@ def run_dest(args: argparse.Namespace) -> int:
     with Client(args.socket) as client:
         client.import_session(args.session, bytes.fromhex(args.token), peer=args.peer,
                               regions=regions, policy=args.policy)
+        follower = EventFollower(client, args.session, ufd, ram, args.timeout)
+        follower.start()
         zero_pages = _discard(ram, args.discard)
+        for first, count in _holes(args.holes):  # never written on the source: zeros
+            zero_pages.update(range(first, first + count))
         toucher = Toucher(ram, args.seed, args.threads, args.order, zero_pages)
         touch_seconds = toucher.run()
-        event = client.wait_finished(args.session, timeout=args.timeout)
+        follower.join()
+        event = follower.event
     seconds = time.monotonic() - t0
-    uffd.unregister(ufd, ram.address, ram.size)
-    os.close(ufd)
     lat = sorted(toucher.latencies)
     result = {
         "role": "dest", "verified": not toucher.mismatches and event["event"] == "completed",
@@ -202,6 +205,36 @@ def region_layout(ram: GuestRam, split: int) -> list[tuple[int, int, int]]:
     if step % ram.page_size:
         raise SystemExit(f"--split {split} does not divide RAM into whole pages")
     return [(i * (step + (1 << 30)), i * step, step) for i in range(max(1, split))]
+
+
+class EventFollower(threading.Thread):
+    """Waits for the session's end; on ``completed`` unregisters guest RAM at once.
+
+    This is what a VMM must do: once the daemon is done it stops reading the uffd, so a
+    fault after that (say, on a page the guest discarded) must be served by the kernel.
+    UFFDIO_UNREGISTER also wakes any thread already waiting on the range.
+    """
+
+    def __init__(self, client: Client, session: str, ufd: int, ram: GuestRam,
+                 timeout: float) -> None:
+        super().__init__(daemon=True)
+        self.client, self.session, self.ufd, self.ram, self.timeout = (
+            client, session, ufd, ram, timeout)
+        self.event: dict[str, object] = {"event": "failed", "reason": "no event"}
+
+    def run(self) -> None:
+        try:
+            self.event = self.client.wait_finished(self.session, timeout=self.timeout)
+        except Exception as e:  # the daemon is gone or timed out: the VM cannot go on
+            self.event = {"event": "failed", "reason": str(e)}
+        if self.event["event"] != "completed":
+            # A failed migration: stop the VM now (never let the guest read wrong data).
+            print(json.dumps({"role": "dest", "verified": False, "event": "failed",
+                              "outcome": "crashed", "reason": self.event.get("reason")}),
+                  flush=True)
+            os._exit(3)
+        uffd.unregister(self.ufd, self.ram.address, self.ram.size)
+        os.close(self.ufd)
 
 
 def _dest_regions(ram: GuestRam, ufd: int, args: argparse.Namespace) -> list[GuestRegion]:
@@ -250,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--order", choices=("seq", "rand"), default="rand")
     p.add_argument("--peer", default="")
     p.add_argument("--policy", choices=("crash", "poison"), default=None)
-    p.add_argument("--holes", help="source: page ranges never written, e.g. 10+5,100+1")
+    p.add_argument("--holes", help="page ranges the source never writes (the destination expects zeros), e.g. 10+5,100+1")
     p.add_argument("--discard", help="dest: page ranges discarded before touching")
     p.add_argument("--split", type=int, default=1, help="describe RAM as N regions (gpa holes between)")
     p.add_argument("--timeout", type=float, default=300.0)
