@@ -279,6 +279,11 @@ static void sigbus_handler(int sig, siginfo_t *si, void *uc)
 	raise(sig);
 }
 
+static void kick_handler(int sig)
+{
+	(void)sig; /* only interrupts KVM_RUN (EINTR) */
+}
+
 static void install_sigbus_handler(void)
 {
 	struct sigaction sa;
@@ -288,6 +293,11 @@ static void install_sigbus_handler(void)
 	sigemptyset(&sa.sa_mask);
 	if (sigaction(SIGBUS, &sa, NULL))
 		fatal_errno("sigaction(SIGBUS)");
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = kick_handler; /* no SA_RESTART: KVM_RUN returns EINTR */
+	sigemptyset(&sa.sa_mask);
+	if (sigaction(SIGUSR1, &sa, NULL))
+		fatal_errno("sigaction(SIGUSR1)");
 }
 
 /* memcpy that returns -1 instead of dying if the source or target page faults. */
@@ -533,6 +543,10 @@ static void vcpu_setup(struct vcpu *v, enum guest_op op)
 }
 
 static void vcpu_crash(struct vcpu *v, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Set when one vCPU crashed: the others stop at their next exit (they are kicked). */
+static atomic_int vm_stopping;
+static int vcpus_running;
+
 static void vcpu_crash(struct vcpu *v, const char *fmt, ...)
 {
 	va_list ap;
@@ -540,6 +554,13 @@ static void vcpu_crash(struct vcpu *v, const char *fmt, ...)
 	vsnprintf(v->crash_reason, sizeof(v->crash_reason), fmt, ap);
 	va_end(ap);
 	v->crashed = 1;
+	/* stop the whole VM: kick every other vCPU out of KVM_RUN */
+	if (atomic_exchange(&vm_stopping, 1) == 0)
+		for (int i = 0; i < vcpus_running; i++)
+			if (&vcpus[i] != v) {
+				vcpus[i].run->immediate_exit = 1;
+				pthread_kill(vcpus[i].th, SIGUSR1);
+			}
 }
 
 /* Dump where a vCPU stopped, for unexpected exits. */
@@ -744,6 +765,12 @@ static void *vcpu_thread(void *arg)
 		int r = ioctl(v->fd, KVM_RUN, 0);
 		struct kvm_run *run = v->run;
 		if (r < 0) {
+			if (atomic_load(&vm_stopping)) {
+				snprintf(v->crash_reason, sizeof(v->crash_reason),
+					 "stopped because another vCPU crashed");
+				v->crashed = 2;
+				break;
+			}
 			if (errno == EINTR || errno == EAGAIN)
 				continue;
 			if (errno == EFAULT && run->exit_reason == KVM_EXIT_MEMORY_FAULT && opt.exits) {
@@ -832,11 +859,14 @@ static double vcpus_run(int n, enum guest_op op)
 	for (int i = 0; i < n; i++)
 		vcpu_setup(&vcpus[i], op);
 	double t0 = now_s();
+	atomic_store(&vm_stopping, 0);
 	for (int i = 0; i < n; i++)
 		if (pthread_create(&vcpus[i].th, NULL, vcpu_thread, &vcpus[i]))
 			fatal("pthread_create failed");
+	vcpus_running = n;
 	for (int i = 0; i < n; i++)
 		pthread_join(vcpus[i].th, NULL);
+	vcpus_running = 0;
 	return now_s() - t0;
 }
 
@@ -871,6 +901,8 @@ static struct run_totals totals(int n)
 			t.first_bad = vcpus[i].first_bad;
 		if (vcpus[i].crashed) {
 			t.crashed = 1;
+			if (vcpus[i].crashed == 2)
+				continue;
 			fprintf(stderr, "uffdd-testvm %s: vCPU %d: %s\n", prog_role, i,
 				vcpus[i].crash_reason);
 		}
@@ -894,8 +926,9 @@ static void *watchdog_thread(void *arg)
 			      .tv_nsec = (long)((opt.timeout - (double)(time_t)opt.timeout) * 1e9)};
 	while (nanosleep(&ts, &ts) && errno == EINTR)
 		;
-	fatal("timed out after %.0f s (--timeout); a vCPU may be blocked on a page that never "
-	      "arrived", opt.timeout);
+	fatal("timed out after %.0f s (--timeout)%s", opt.timeout,
+	      opt.role == ROLE_SOURCE ? ": the session never ended"
+				      : "; a vCPU may be blocked on a page that never arrived");
 	return NULL;
 }
 
@@ -1276,9 +1309,17 @@ static int run_dest(void)
 			fprintf(stderr, "uffdd-testvm dest: %" PRIu64 " memory errors injected\n",
 				t.mce_count);
 	}
-	uffdd_close(c);
-	if (t.crashed)
+	if (t.crashed) {
+		/* the VM is gone: end the migration on both hosts (best effort) */
+		struct uffdd_error cerr;
+		if (uffdd_cancel(c, opt.session, &cerr))
+			fprintf(stderr, "uffdd-testvm dest: cancel session %s: %s\n", opt.session,
+				cerr.message);
+		fprintf(stderr, "uffdd-testvm dest: VM aborted\n");
+		uffdd_close(c);
 		return 2;
+	}
+	uffdd_close(c);
 	return ok ? 0 : 1;
 }
 #endif
@@ -1296,7 +1337,7 @@ static void usage(FILE *f)
 		"                    --backing B --vcpus N --seed S --order seq|rand [--exits]\n"
 		"                    [--mode missing|minor] [--expect-hash HEX | --expect-hash-file F]\n"
 		"                    [--strategy NAME] [--policy crash|poison] [--deadline SECONDS]\n"
-		"                    [--mce]\n"
+		"                    [--no-mce]\n"
 		"common: [--timeout SECONDS] (default 300; 0 = none)\n");
 }
 
