@@ -251,6 +251,8 @@ def _start_daemon(name: str, tmp: Path) -> Daemon:
                 str(api),
                 "--peer-listen",
                 f"127.0.0.1:{port}",
+                "--metrics-listen",
+                "",
             ],
             stdout=f,
             stderr=subprocess.STDOUT,
