@@ -248,13 +248,8 @@ async def handle_export(conn: Connection, body: protocol.Message, fds: list[int]
     daemon.check_new_session("export", session_id)
     session = ExportSession(session_id, "export", token, conn.cred.pid, daemon.config,
                             regions=regions, fds=list(fds))
-    _inject_faults(daemon, session, body)
     await daemon.start_session(session, conn)
     return {"session": session_id, "pages": sum(r.pages for r in regions)}
-
-
-def _inject_faults(daemon: Daemon, session: ExportSession, body: protocol.Message) -> None:
-    del daemon, session, body
 
 
 async def handle_import(conn: Connection, body: protocol.Message, fds: list[int]) -> protocol.Message:
@@ -421,7 +416,32 @@ def _exit_gpa(session: ImportSession, body: protocol.Message) -> int:
     raise RequestError("bad-request", f"{body.get('op')}: give 'gpa' or 'addr'")
 
 
+async def handle_inject(conn: Connection, body: protocol.Message, fds: list[int]) -> protocol.Message:
+    """Fault injection on an export session (only with ``testing.fault_injection``).
+
+    ``lose``: 4 KiB guest page numbers (gpa // 4096) the source will report it cannot
+    read; ``corrupt``: how many data frames to send with a wrong checksum.
+    """
+    if not conn.daemon.config.testing.fault_injection:
+        raise RequestError("bad-request", "inject: fault injection is disabled "
+                           "(testing.fault_injection / --enable-fault-injection)")
+    session = conn.daemon.exports.get(str(body["session"]))
+    if session is None:
+        raise RequestError("unknown-session", f"no export session {body['session']!r}")
+    lose = body.get("lose", [])
+    assert isinstance(lose, list)
+    for item in lose:
+        if not isinstance(item, int) or isinstance(item, bool) or item < 0:
+            raise RequestError("bad-request", "inject: 'lose' must be a list of page numbers")
+        session.lose_gpa(item * 4096)
+    corrupt = body.get("corrupt", 0)
+    assert isinstance(corrupt, int)
+    session.export_state.corrupt_frames += corrupt
+    return {"lost": len(lose), "corrupt": corrupt}
+
+
 HANDLERS: dict[str, Handler] = {
+    "inject": handle_inject,
     "export": handle_export,
     "import": handle_import,
     "status": handle_status,

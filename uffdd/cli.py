@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-listen", metavar="HOST:PORT",
                        help="Prometheus endpoint, '' to disable [metrics.listen]")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    serve.add_argument("--enable-fault-injection", action="store_true",
+                       help="accept the 'inject' request (demos and tests only) "
+                       "[testing.fault_injection]")
     serve.add_argument("--check-config", action="store_true",
                        help="load and check the config, print it, and exit")
 
@@ -80,6 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
             peer={"listen": args.peer_listen} if args.peer_listen else {},
             metrics={"listen": args.metrics_listen} if args.metrics_listen is not None else {},
             log={"level": args.log_level} if args.log_level else {},
+            testing={"fault_injection": True} if args.enable_fault_injection else {},
         )
         config_mod.from_dict(_as_dict(cfg), args.config or "<command line>")
     except ConfigError as e:

@@ -76,6 +76,13 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class TestingConfig:
+    """[testing]: fault injection for demos, tests and chaos runs (never in production)."""
+
+    fault_injection: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration."""
 
@@ -85,9 +92,9 @@ class Config:
     session: SessionConfig = field(default_factory=SessionConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    testing: TestingConfig = field(default_factory=TestingConfig)
 
 
-_SECTIONS: dict[str, type[Any]] = {f.name: f.type for f in fields(Config)}  # type: ignore[misc]
 _SECTION_TYPES: dict[str, type[Any]] = {
     "api": ApiConfig,
     "peer": PeerConfig,
@@ -95,6 +102,7 @@ _SECTION_TYPES: dict[str, type[Any]] = {
     "session": SessionConfig,
     "limits": LimitsConfig,
     "log": LogConfig,
+    "testing": TestingConfig,
 }
 
 

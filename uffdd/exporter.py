@@ -53,6 +53,7 @@ class ExportState:
     chunk_bytes: int
     integrity: bool = True
     lost: set[tuple[int, int]] = field(default_factory=set)  # fault injection: pages we "cannot read"
+    corrupt_frames: int = 0  # fault injection: data frames still to send with a bad CRC
     lock: threading.Lock = field(default_factory=threading.Lock)
     sent: list[bytearray] = field(default_factory=list)
     hint: tuple[int, int] | None = None
@@ -122,6 +123,9 @@ def send_pages(fs: FrameSocket, reader: PageReader, region: ExportRegion, page: 
             header: dict[str, object] = {"t": "data", "r": region.index, "p": page + i, "n": n,
                                          "len": len(payload)}
             header["crc"] = zlib.crc32(payload) if state.integrity else 0
+            if state.corrupt_frames > 0:
+                state.corrupt_frames -= 1
+                header["crc"] = (int(header["crc"]) ^ 0x5A5A5A5A) if state.integrity else 0
             fs.send(header, payload)
         i = j
     sent = fs.sent - before

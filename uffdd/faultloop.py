@@ -185,8 +185,11 @@ class FaultLoop:
         try:
             self._check_complete()
             while not self._stopping:
-                ready = self._ep.poll(_EPOLL_TIMEOUT)
+                # Bulk work waiting: only peek at faults and demand replies, so that a
+                # vCPU's page never queues behind more than one bulk chunk.
+                ready = self._ep.poll(0 if self._bulk_backlog else _EPOLL_TIMEOUT)
                 self._dispatch(ready)
+                self._bulk_step()
                 self._retry_deferred()
                 self._check_deadlines()
                 self._check_complete()
@@ -223,12 +226,18 @@ class FaultLoop:
             except queue.Empty:
                 break
             self._command(cmd)
-        while True:
-            try:
-                item = self.bulk.get_nowait()
-            except queue.Empty:
-                break
-            self._bulk_item(item)
+
+    @property
+    def _bulk_backlog(self) -> bool:
+        return not self.bulk.empty()
+
+    def _bulk_step(self) -> None:
+        """Install one bulk frame (the loop comes back for the next one)."""
+        try:
+            item = self.bulk.get_nowait()
+        except queue.Empty:
+            return
+        self._bulk_item(item)
 
     def _command(self, cmd: tuple[object, ...]) -> None:
         kind = cmd[0]

@@ -114,6 +114,12 @@ REQUESTS: Final[dict[str, Schema]] = {
         "access": (_STR, True),
         "flags": (_INT, False),
     },
+    "inject": {
+        **_BASE,
+        "session": (_STR, True),
+        "lose": (_LIST, False),
+        "corrupt": (_INT, False),
+    },
     "populate-failed": {
         **_BASE,
         "session": (_STR, True),

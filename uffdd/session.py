@@ -464,6 +464,14 @@ class ExportSession(SessionBase):
                                         integrity=self.config.peer.integrity)
         self._nursery: trio.Nursery | None = None
 
+    def lose_gpa(self, gpa: int) -> None:
+        """Fault injection: the page holding ``gpa`` becomes unreadable for the peer."""
+        for region in self.regions:
+            if region.gpa <= gpa < region.gpa + region.size:
+                self.export_state.lost.add((region.index, (gpa - region.gpa) // region.page_size))
+                return
+        raise UffddError(f"gpa {gpa:#x} is outside the session's regions")
+
     @property
     def shapes(self) -> list[peer.RegionShape]:
         return [(r.gpa, r.size, r.page_size) for r in self.regions]
