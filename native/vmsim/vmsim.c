@@ -568,7 +568,7 @@ static enum exit_action handle_exit(struct toucher *t, uint64_t u, void *fault_a
 		crash(t->idx, 0, "SIGBUS outside guest RAM");
 	struct uffdd_exit x = { .vcpu = t->idx, .gpa = off, .size = 8,
 				.access = UFFDD_ACCESS_READ };
-	t->exits++;
+	__atomic_store_n(&t->exits, t->exits + 1, __ATOMIC_RELAXED);
 	if (uffdd_resolve(t->c, opt.session, &x, &v, &err) < 0)
 		die(1, "resolve gpa 0x%" PRIx64 ": %s", off, err.message);
 	for (int round = 0;; round++) {
@@ -593,7 +593,7 @@ static enum exit_action handle_exit(struct toucher *t, uint64_t u, void *fault_a
 		}
 		case UFFDD_VERDICT_INJECT_MEMORY_ERROR:
 			poisoned[u] = 1;
-			t->poisoned++;
+			__atomic_store_n(&t->poisoned, t->poisoned + 1, __ATOMIC_RELAXED);
 			return ACT_SKIP;
 		case UFFDD_VERDICT_CRASH:
 			crash(t->idx, off, v.reason);
@@ -616,7 +616,7 @@ static void touch_unit(struct toucher *t, uint64_t u)
 		if (!opt.exits) {
 			/* no exit path: a SIGBUS is a poisoned page (memory error) */
 			poisoned[u] = 1;
-			t->poisoned++;
+			__atomic_store_n(&t->poisoned, t->poisoned + 1, __ATOMIC_RELAXED);
 			return;
 		}
 		if (handle_exit(t, u, fa) == ACT_SKIP)
@@ -631,7 +631,8 @@ static void touch_unit(struct toucher *t, uint64_t u)
 		bad += !pattern_check(p + i * VMSIM_PAGE, opt.seed, u * per + i);
 	tls_armed = 0;
 	t->mismatches += bad;
-	t->lat_us[t->n_lat++] = (t1 - t0) * 1e6;
+	t->lat_us[t->n_lat] = (t1 - t0) * 1e6;
+	__atomic_store_n(&t->n_lat, t->n_lat + 1, __ATOMIC_RELAXED);
 }
 
 static void *touch_thread(void *arg)
@@ -729,8 +730,18 @@ static int run_dest(void)
 	double until = now() + opt.timeout;
 	double touch_s = 0;
 	while (atomic_load(&threads_done) < opt.threads) {
-		if (now() > until)
-			die(1, "timeout: vCPU threads still touching after %.0f s", opt.timeout);
+		if (now() > until) {
+			/* say how far the vCPUs got (counters read while they still run) */
+			uint64_t touched = 0, pois = 0, ex = 0;
+			for (unsigned t = 0; t < opt.threads; t++) {
+				touched += __atomic_load_n(&ts[t].n_lat, __ATOMIC_RELAXED);
+				pois += __atomic_load_n(&ts[t].poisoned, __ATOMIC_RELAXED);
+				ex += __atomic_load_n(&ts[t].exits, __ATOMIC_RELAXED);
+			}
+			die(1, "timeout: vCPU threads still touching after %.0f s (%" PRIu64 " of %" PRIu64
+			    " units touched, %" PRIu64 " poisoned, %" PRIu64 " exits)",
+			    opt.timeout, touched, n_units, pois, ex);
+		}
 		int rr = uffdd_next_event(c, &ev, 20, &err);
 		if (rr < 0)
 			die(1, "waiting for events: %s", err.message);
