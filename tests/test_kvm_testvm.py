@@ -417,3 +417,36 @@ def test_migrate_exits(
     assert out["pages"] == 256 * MIB // 4096
     # every page a vCPU reads before the background stream installs it is an exit
     assert 0 <= out["exits"] <= out["pages"]
+
+
+def test_dest_reports_a_failed_session(testvm: Path, daemons: tuple[Daemon, Daemon]) -> None:
+    """No export behind the import: the session fails and the VMM stops instead of hanging."""
+    src_d, dst_d = daemons
+    t0 = time.monotonic()
+    rc, out, err = _run_json(
+        [
+            str(testvm),
+            "dest",
+            "--socket",
+            str(dst_d.api_socket),
+            "--peer",
+            src_d.peer,
+            "--session",
+            f"kvm-nosource-{secrets.token_hex(4)}",
+            "--token",
+            secrets.token_hex(32),
+            "--memory",
+            "16M",
+            "--vcpus",
+            "2",
+            "--deadline",
+            "3",
+            "--timeout",
+            "60",
+        ]
+    )
+    assert rc == 1, err
+    assert out["verified"] is False
+    assert out["outcome"] == "failed"
+    assert "failed" in err
+    assert time.monotonic() - t0 < 30

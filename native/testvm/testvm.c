@@ -546,6 +546,22 @@ static void vcpu_crash(struct vcpu *v, const char *fmt, ...) __attribute__((form
 /* Set when one vCPU crashed: the others stop at their next exit (they are kicked). */
 static atomic_int vm_stopping;
 static int vcpus_running;
+static atomic_int vcpus_finished;
+
+/*
+ * Stop every vCPU; used when the session failed. Only vCPUs of the exit path
+ * are kicked out of KVM_RUN with a signal: a vCPU blocked on a uffd page
+ * cannot leave anyway, and signalling one made it spin in the kernel (100 %
+ * sys time) in some runs on the development machines. The VMM exits instead.
+ */
+static void vm_stop_all(void)
+{
+	if (atomic_exchange(&vm_stopping, 1) == 0 && opt.exits)
+		for (int i = 0; i < vcpus_running; i++) {
+			vcpus[i].run->immediate_exit = 1;
+			pthread_kill(vcpus[i].th, SIGUSR1);
+		}
+}
 
 static void vcpu_crash(struct vcpu *v, const char *fmt, ...)
 {
@@ -554,8 +570,8 @@ static void vcpu_crash(struct vcpu *v, const char *fmt, ...)
 	vsnprintf(v->crash_reason, sizeof(v->crash_reason), fmt, ap);
 	va_end(ap);
 	v->crashed = 1;
-	/* stop the whole VM: kick every other vCPU out of KVM_RUN */
-	if (atomic_exchange(&vm_stopping, 1) == 0)
+	/* stop the whole VM: kick every other vCPU out of KVM_RUN (see vm_stop_all) */
+	if (atomic_exchange(&vm_stopping, 1) == 0 && opt.exits)
 		for (int i = 0; i < vcpus_running; i++)
 			if (&vcpus[i] != v) {
 				vcpus[i].run->immediate_exit = 1;
@@ -767,7 +783,7 @@ static void *vcpu_thread(void *arg)
 		if (r < 0) {
 			if (atomic_load(&vm_stopping)) {
 				snprintf(v->crash_reason, sizeof(v->crash_reason),
-					 "stopped because another vCPU crashed");
+					 "stopped with the VM");
 				v->crashed = 2;
 				break;
 			}
@@ -839,6 +855,7 @@ static void *vcpu_thread(void *arg)
 		break;
 	}
 	v->seconds = now_s() - t0;
+	atomic_fetch_add(&vcpus_finished, 1);
 	return NULL;
 }
 
@@ -854,6 +871,18 @@ static void vcpus_create(int n)
 }
 
 /* Run op on all vCPUs, wait for them. Returns wall seconds. */
+static void vcpus_start(int n, enum guest_op op)
+{
+	for (int i = 0; i < n; i++)
+		vcpu_setup(&vcpus[i], op);
+	atomic_store(&vm_stopping, 0);
+	atomic_store(&vcpus_finished, 0);
+	for (int i = 0; i < n; i++)
+		if (pthread_create(&vcpus[i].th, NULL, vcpu_thread, &vcpus[i]))
+			fatal("pthread_create failed");
+	vcpus_running = n;
+}
+
 static double vcpus_run(int n, enum guest_op op)
 {
 	for (int i = 0; i < n; i++)
@@ -899,10 +928,10 @@ static struct run_totals totals(int n)
 		t.mce_count += vcpus[i].mce_count;
 		if (vcpus[i].first_bad >= 0 && (t.first_bad < 0 || vcpus[i].first_bad < t.first_bad))
 			t.first_bad = vcpus[i].first_bad;
+		if (vcpus[i].crashed == 2)
+			continue; /* stopped because the VM stopped: not a crash of its own */
 		if (vcpus[i].crashed) {
 			t.crashed = 1;
-			if (vcpus[i].crashed == 2)
-				continue;
 			fprintf(stderr, "uffdd-testvm %s: vCPU %d: %s\n", prog_role, i,
 				vcpus[i].crash_reason);
 		}
@@ -1266,12 +1295,66 @@ static int run_dest(void)
 	fprintf(stderr, "uffdd-testvm dest: imported session %s (%" PRIu64 " pages)\n", opt.session,
 		pages);
 
-	double t_run = vcpus_run(n, OP_VERIFY);
-	struct run_totals t = totals(n);
-	fprintf(stderr, "uffdd-testvm dest: vCPUs done in %.2fs, waiting for completion\n", t_run);
+	/*
+	 * Run the vCPUs and follow the session's events at the same time: if the
+	 * session fails while a vCPU waits for a page, the VM has to stop (a vCPU
+	 * blocked in the kernel on a page that never comes cannot finish).
+	 */
+	double t_start = now_s(), t_run = 0;
+	vcpus_start(n, OP_VERIFY);
 	struct uffdd_event ev;
 	memset(&ev, 0, sizeof(ev));
-	int rc = t.crashed ? -1 : wait_session_end(c, &ev);
+	int rc = 1; /* 1: running, 0: completed, -1: failed/crashed */
+	double stop_deadline = 0;
+	for (;;) {
+		int done = atomic_load(&vcpus_finished) == n;
+		if (done && t_run == 0)
+			t_run = now_s() - t_start;
+		if (atomic_load(&vm_stopping)) {
+			/* a vCPU crashed or the session failed: give the others 2 s to leave */
+			if (stop_deadline == 0)
+				stop_deadline = now_s() + (opt.exits ? 2 : 0.2);
+			if (done || now_s() > stop_deadline)
+				break;
+			usleep(10000);
+			continue;
+		}
+		if (rc == 0) {
+			if (done)
+				break;
+			usleep(5000);
+			continue;
+		}
+		int r = uffdd_next_event(c, &ev, 100, &err);
+		if (r < 0) {
+			fprintf(stderr, "uffdd-testvm dest: waiting for session events: %s\n", err.message);
+			rc = -1;
+			vm_stop_all();
+		} else if (r > 0 && !strcmp(ev.session, opt.session)) {
+			if (ev.kind == UFFDD_EVENT_COMPLETED) {
+				rc = 0;
+			} else if (ev.kind == UFFDD_EVENT_FAILED) {
+				fprintf(stderr, "uffdd-testvm dest: session %s failed: %s\n", opt.session,
+					ev.reason);
+				rc = -1;
+				vm_stop_all();
+			}
+		}
+	}
+	if (t_run == 0)
+		t_run = now_s() - t_start;
+	int all_done = atomic_load(&vcpus_finished) == n;
+	if (all_done) {
+		for (int i = 0; i < n; i++)
+			pthread_join(vcpus[i].th, NULL);
+		vcpus_running = 0;
+	}
+	struct run_totals t = totals(n);
+	if (rc != 0 && !t.crashed && all_done == 0)
+		fprintf(stderr, "uffdd-testvm dest: %d vCPU(s) still blocked, abandoning them\n",
+			n - atomic_load(&vcpus_finished));
+	fprintf(stderr, "uffdd-testvm dest: vCPUs ran %.2fs, session %s\n", t_run,
+		rc == 0 ? "completed" : "did not complete");
 	uint64_t h = 0, unreadable = 0;
 	if (rc == 0)
 		h = hash_pages(guest.host, guest.size, &unreadable);
