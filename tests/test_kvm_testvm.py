@@ -206,6 +206,20 @@ def test_selftest_memory_error_is_reported(testvm: Path) -> None:
     assert out["mce_delivered"] == 1 or out["first_mismatch"] == 77
 
 
+@pytest.mark.parametrize("exits", [False, True])
+def test_selftest_poisoned_page_is_a_memory_error(testvm: Path, exits: bool) -> None:
+    """UFFDIO_POISON (the "poison" failure policy): the guest gets a machine check, the
+    VMM survives reading the page and counts it as unreadable."""
+    cmd = [str(testvm), "selftest", "--memory", "16M", "--vcpus", "2", "--local-uffd"]
+    cmd += ["--poison-page", "300"] + (["--exits"] if exits else [])
+    rc, out, err = _run_json(cmd)
+    assert rc == 1, err
+    assert out["verified"] is False
+    assert out["mce_gpas"] == [0x40000000 + 300 * 4096]
+    assert out["unreadable_pages"] == 1
+    assert "SIGBUS outside" not in err
+
+
 # ---------------------------------------------------------------------------
 # Migration between two real daemons.
 

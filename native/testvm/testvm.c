@@ -60,6 +60,17 @@
 #ifndef UFFDIO_REGISTER_MODE_MINOR
 #define UFFDIO_REGISTER_MODE_MINOR ((__u64)1 << 2)
 #endif
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1 << 14)
+#endif
+#ifndef UFFDIO_POISON
+struct uffdio_poison {
+	struct uffdio_range range;
+	__u64 mode;
+	__s64 updated;
+};
+#define UFFDIO_POISON _IOWR(UFFDIO, 0x08, struct uffdio_poison)
+#endif
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
@@ -186,9 +197,10 @@ static struct {
 	int mce;
 	int64_t corrupt_page;
 	int64_t mce_page;
+	int64_t poison_page;
 } opt = {
 	.memory = 64ULL << 20, .backing = BACK_ANON, .vcpus = 1, .seed = 1, .timeout = 300, .mce = 1, .corrupt_page = -1,
-	.mce_page = -1,
+	.mce_page = -1, .poison_page = -1,
 };
 
 static unsigned char token[64];
@@ -262,12 +274,21 @@ static inline uint32_t ident_word(uint64_t seed, uint64_t p)
  * touches guest RAM in exactly two places — the MMIO completion of a faulting
  * vCPU access and the final hash — and both run under this guard.
  */
-static __thread sigjmp_buf *guard_jmp;
+static __thread sigjmp_buf *volatile guard_jmp; /* volatile: the stores must not be elided around memcpy */
 static __thread volatile void *guard_addr;
+
+static __thread volatile int in_kvm_run;       /* this vCPU thread is inside KVM_RUN */
+static __thread void *volatile kvm_sigbus_addr; /* SIGBUS KVM sent during KVM_RUN */
 
 static void sigbus_handler(int sig, siginfo_t *si, void *uc)
 {
 	(void)uc;
+	if (in_kvm_run) {
+		/* KVM found a poisoned page (BUS_MCEERR_AR) while running the guest:
+		 * the vCPU loop turns it into a memory error for the guest */
+		kvm_sigbus_addr = si->si_addr;
+		return;
+	}
 	if (guard_jmp) {
 		guard_addr = si->si_addr;
 		siglongjmp(*guard_jmp, 1);
@@ -598,6 +619,14 @@ static void local_install(uint64_t off)
 {
 	uint64_t pg = guest.page_size;
 	off &= ~(pg - 1);
+	if (opt.poison_page >= 0 && off / PAGE <= (uint64_t)opt.poison_page &&
+	    (uint64_t)opt.poison_page < (off + pg) / PAGE) {
+		/* what the daemon's "poison" failure policy does with a lost page */
+		struct uffdio_poison ps = {.range = {.start = (uintptr_t)guest.host + off, .len = pg}};
+		if (ioctl(local_uffd, UFFDIO_POISON, &ps) && errno != EEXIST && errno != EAGAIN)
+			fatal_errno("UFFDIO_POISON");
+		return;
+	}
 	if (local_mode & UFFDIO_REGISTER_MODE_MINOR) {
 		/* minor mode: write the page cache through a second, unregistered mapping
 		 * of the memfd (pwrite does not work on hugetlbfs), then CONTINUE */
@@ -628,6 +657,11 @@ static enum verdict resolve(struct vcpu *v, uint64_t gpa, uint64_t size, int wri
 		uint64_t off = gpa - TESTVM_RAM_GPA;
 		if (opt.mce_page >= 0 && v->op == OP_VERIFY && off / PAGE == (uint64_t)opt.mce_page)
 			return V_MCE;
+		if (opt.poison_page >= 0 && off / guest.page_size ==
+					    (uint64_t)opt.poison_page * PAGE / guest.page_size) {
+			local_install(off); /* poisons it */
+			return V_MCE;
+		}
 		local_install(off);
 		if (((off + size - 1) & ~(guest.page_size - 1)) != (off & ~(guest.page_size - 1)))
 			local_install(off + size - 1);
@@ -702,6 +736,25 @@ static int inject_mce(struct vcpu *v, uint64_t gpa)
 	return ioctl(v->fd, KVM_X86_SET_MCE, &m);
 }
 
+/*
+ * The guest touched a page it must not get: record the gpa and inject a
+ * machine check (the guest's #MC handler reports and stops the vCPU). If KVM
+ * refuses the injection, an emulated read completes with all-ones bytes (the
+ * guest reports a mismatch on this page) and the vCPU goes on.
+ */
+static void memory_error(struct vcpu *v, uint64_t gpa, uint64_t len, int write, int mmio)
+{
+	if (v->mce_count < 16)
+		v->mce_gpas[v->mce_count] = gpa;
+	v->mce_count++;
+	int mr = inject_mce(v, gpa);
+	if (getenv("TESTVM_DEBUG"))
+		fprintf(stderr, "inject_mce(gpa %#" PRIx64 "): supported %d, rc %d (%s)\n", gpa,
+			mce_supported, mr, mr ? strerror(errno) : "ok");
+	if (mmio && !write)
+		memset(v->run->mmio.data, 0xff, len);
+}
+
 /* Complete an emulated MMIO access to guest RAM once its page is present. */
 static int complete_mmio(struct vcpu *v, uint64_t gpa, uint32_t len, int write)
 {
@@ -729,23 +782,7 @@ static int handle_memory_fault(struct vcpu *v, uint64_t gpa, uint64_t len, int w
 		if (vd == V_CRASH)
 			return 1;
 		if (vd == V_MCE) {
-			if (v->mce_count < 16)
-				v->mce_gpas[v->mce_count] = gpa;
-			v->mce_count++;
-			int mr = inject_mce(v, gpa);
-			if (getenv("TESTVM_DEBUG"))
-				fprintf(stderr, "inject_mce(gpa %#" PRIx64 "): supported %d, rc %d (%s)\n",
-					gpa, mce_supported, mr, mr ? strerror(errno) : "ok");
-			if (mr == 0) {
-				/* the guest's #MC handler reports and stops the vCPU */
-				if (mmio && !write)
-					memset(v->run->mmio.data, 0xff, len);
-				return 0;
-			}
-			/* no MCE delivery: complete the read with all-ones (the guest sees a
-			 * mismatch on this page) and go on */
-			if (mmio && !write)
-				memset(v->run->mmio.data, 0xff, len);
+			memory_error(v, gpa, len, write, mmio);
 			return 0;
 		}
 		if (!mmio)
@@ -778,8 +815,21 @@ static void *vcpu_thread(void *arg)
 #endif
 	char where[160];
 	for (;;) {
+		in_kvm_run = 1;
 		int r = ioctl(v->fd, KVM_RUN, 0);
+		in_kvm_run = 0;
 		struct kvm_run *run = v->run;
+		if (kvm_sigbus_addr) {
+			/* a poisoned page (UFFDIO_POISON) hit outside the emulator */
+			uint64_t hva = (uintptr_t)kvm_sigbus_addr;
+			kvm_sigbus_addr = NULL;
+			if (hva >= (uintptr_t)guest.host && hva < (uintptr_t)guest.host + guest.size) {
+				memory_error(v, TESTVM_RAM_GPA + (hva - (uintptr_t)guest.host), PAGE, 0, 0);
+				continue;
+			}
+			vcpu_crash(v, "SIGBUS at %#" PRIx64 " outside guest RAM", hva);
+			break;
+		}
 		if (r < 0) {
 			if (atomic_load(&vm_stopping)) {
 				snprintf(v->crash_reason, sizeof(v->crash_reason),
@@ -838,12 +888,23 @@ static void *vcpu_thread(void *arg)
 					break;
 				continue;
 			}
+			if (in_ram(gpa, run->mmio.len)) {
+				/*
+				 * Without UFFD_FEATURE_SIGBUS a RAM access becomes MMIO under the
+				 * emulator when the page cannot be had at all: it was poisoned
+				 * (UFFDIO_POISON). If the VMM can read it now, complete it; if
+				 * not, it is a memory error for the guest.
+				 */
+				v->exits++;
+				if (complete_mmio(v, gpa, run->mmio.len, run->mmio.is_write))
+					memory_error(v, gpa, run->mmio.len, run->mmio.is_write, 1);
+				continue;
+			}
 			vcpu_where(v, where, sizeof(where));
 			vcpu_crash(v, "unexpected MMIO %s at gpa %#llx len %u (%s)%s",
 				   run->mmio.is_write ? "write" : "read", run->mmio.phys_addr,
 				   run->mmio.len, where,
-				   in_ram(gpa, run->mmio.len)
-					   ? ": a RAM access became MMIO without --exits" : "");
+				   "");
 			break;
 		}
 		vcpu_where(v, where, sizeof(where));
@@ -1024,6 +1085,8 @@ static void local_dest_vm(int n)
 							: UFFD_FEATURE_MISSING_SHMEM;
 	if (opt.exits)
 		features |= UFFD_FEATURE_SIGBUS;
+	if (opt.poison_page >= 0)
+		features |= UFFD_FEATURE_POISON;
 	local_mode = UFFDIO_REGISTER_MODE_MISSING;
 	if (opt.minor) {
 		features |= opt.backing == BACK_HUGETLB ? UFFD_FEATURE_MINOR_HUGETLBFS
@@ -1088,7 +1151,7 @@ static int run_selftest(void)
 
 	uint64_t h_dst, h_wr = h_src;
 	double t_verify, t_write = 0;
-	uint64_t read_faults = 0, write_faults = 0, write_exits = 0;
+	uint64_t read_faults = 0, write_faults = 0, write_exits = 0, unreadable = 0;
 	struct run_totals tw = {0, 0, 0, 0, -1};
 	if (!opt.local_uffd) {
 		t_verify = vcpus_run(n, OP_VERIFY);
@@ -1103,7 +1166,7 @@ static int run_selftest(void)
 		memcpy(saved_mce, mce_log, sizeof(saved_mce));
 		saved_mce_n = mce_log_n;
 		read_faults = local_faults;
-		h_dst = hash_pages(guest.host, guest.size, NULL);
+		h_dst = hash_pages(guest.host, guest.size, &unreadable);
 		/* write faults: the vCPUs fill another copy that arrives on demand */
 		local_dest_vm(n);
 		t_write = local_dest_run(n, OP_FILL);
@@ -1113,16 +1176,16 @@ static int run_selftest(void)
 		h_wr = hash_pages(guest.host, guest.size, NULL);
 	}
 	int ok = !t.crashed && !tw.crashed && t.mismatches == 0 && h_dst == h_src &&
-		 h_wr == h_src && t.mce_count == 0;
+		 h_wr == h_src && t.mce_count == 0 && unreadable == 0;
 	printf("{\"role\":\"selftest\",\"verified\":%s,\"vcpus\":%d,\"pages\":%" PRIu64
 	       ",\"guest_mismatches\":%" PRIu64 ",\"first_mismatch\":%" PRId64 ",\"hash\":\"%016"
 	       PRIx64 "\",\"source_hash\":\"%016" PRIx64 "\",\"write_hash\":\"%016" PRIx64 "\","
 	       "\"exits\":%" PRIu64 ",\"write_exits\":%" PRIu64 ",\"uffd_faults\":%" PRIu64
 	       ",\"write_uffd_faults\":%" PRIu64 ",\"fill_seconds\":%.3f,\"verify_seconds\":%.3f,"
-	       "\"write_seconds\":%.3f,\"seconds\":%.3f,",
+	       "\"write_seconds\":%.3f,\"seconds\":%.3f,\"unreadable_pages\":%" PRIu64 ",",
 	       ok ? "true" : "false", n, guest.size / PAGE, t.mismatches, t.first_bad, h_dst, h_src,
 	       h_wr, t.exits, write_exits, read_faults, write_faults, t_fill, t_verify, t_write,
-	       now_s() - t_all);
+	       now_s() - t_all, unreadable);
 	if (opt.local_uffd)
 		print_mce_gpas_from(saved_mce, saved_mce_n);
 	else
@@ -1413,7 +1476,8 @@ static void usage(FILE *f)
 	fprintf(f,
 		"usage:\n"
 		"  uffdd-testvm selftest [--memory 64M] [--vcpus N] [--backing anon|shmem|hugetlb]\n"
-		"                        [--seed S] [--order seq|rand] [--local-uffd [--exits] [--mode minor]]\n"
+		"                        [--seed S] [--order seq|rand] [--corrupt-page P]\n"
+		"                        [--local-uffd [--exits] [--mode minor] [--mce-page P] [--poison-page P]]\n"
 		"  uffdd-testvm source --socket S --session ID --token HEX --memory M --backing B\n"
 		"                      --vcpus N --seed S\n"
 		"  uffdd-testvm dest --socket S --session ID --token HEX --peer HOST:PORT --memory M\n"
@@ -1472,7 +1536,7 @@ int main(int argc, char **argv)
 	prog_role = cmd;
 	enum { O_SOCKET = 256, O_SESSION, O_TOKEN, O_PEER, O_MEMORY, O_BACKING, O_VCPUS, O_SEED,
 	       O_ORDER, O_EXITS, O_MODE, O_LOCAL, O_EXPECT, O_EXPECT_FILE, O_STRATEGY, O_POLICY,
-	       O_DEADLINE, O_TIMEOUT, O_MCE, O_CORRUPT, O_MCE_PAGE, O_HELP };
+	       O_DEADLINE, O_TIMEOUT, O_MCE, O_CORRUPT, O_MCE_PAGE, O_POISON_PAGE, O_HELP };
 	static const struct option lo[] = {
 		{"socket", required_argument, 0, O_SOCKET},
 		{"session", required_argument, 0, O_SESSION},
@@ -1495,6 +1559,7 @@ int main(int argc, char **argv)
 		{"no-mce", no_argument, 0, O_MCE},
 		{"corrupt-page", required_argument, 0, O_CORRUPT},
 		{"mce-page", required_argument, 0, O_MCE_PAGE},
+		{"poison-page", required_argument, 0, O_POISON_PAGE},
 		{"help", no_argument, 0, O_HELP},
 		{0, 0, 0, 0}};
 	int c;
@@ -1535,6 +1600,7 @@ int main(int argc, char **argv)
 		case O_MCE: opt.mce = 0; break;
 		case O_CORRUPT: opt.corrupt_page = strtoll(optarg, NULL, 0); break;
 		case O_MCE_PAGE: opt.mce_page = strtoll(optarg, NULL, 0); break;
+		case O_POISON_PAGE: opt.poison_page = strtoll(optarg, NULL, 0); break;
 		case O_HELP: usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
