@@ -634,6 +634,8 @@ class FaultLoop:
             region = self.regions[r]
             if lane == "discard":
                 self._fill_discarded(region, page, False)
+            elif lane == "poison":
+                self._poison_run(region, page, count)
             elif data:
                 buf = bytearray(data)
                 self._install_data(r, page, count, buffer_address(buf), lane)
@@ -660,17 +662,58 @@ class FaultLoop:
     # ------------------------------------------------------------ failures
 
     def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        down = self._link_down_since
+        if down is not None and now - down > self.deadline and not self._finished:
+            # Past the deadline without a link: every page still needed is unrecoverable
+            # now, not one deadline per fault.
+            self._give_up_remaining("source unreachable past the session deadline")
+            return
         if not self._outstanding:
             return
-        now = time.monotonic()
-        oldest = min(self._outstanding.values())
-        if now - oldest <= self.deadline:
+        if now - min(self._outstanding.values()) <= self.deadline:
             return
-        why = "source unreachable past the session deadline" if self._demand is None else \
-            "source did not answer within the session deadline"
         for (r, page), asked in list(self._outstanding.items()):
             if now - asked > self.deadline:
-                self._unrecoverable(r, page, "deadline", why)
+                self._unrecoverable(r, page, "deadline",
+                                    "source did not answer within the session deadline")
+
+    def _give_up_remaining(self, reason: str) -> None:
+        """Apply the failure policy to every page not yet installed, in whole runs."""
+        if self.policy != "poison":
+            self._fail(reason)
+            return
+        log.error("poisoning every remaining page (%d): %s", self.pages.remaining, reason)
+        for region in self.regions:
+            for start, count in list(self.pages.installable_runs(region.index, 0, region.pages)):
+                self._poison_run(region, start, count)
+        for (r, page) in list(self._callbacks):
+            for cb in self._callbacks.pop((r, page), []):
+                cb(Outcome.POISONED, reason)
+        self._outstanding.clear()
+        _metric(self.metrics, "unrecoverable", "deadline", self.pages.poisoned)
+
+    def _poison_run(self, region: ImportRegion, start: int, count: int) -> None:
+        ps = region.page_size
+        try:
+            uffd.poison(region.uffd, region.addr + start * ps, count * ps)
+        except AlreadyPresent as e:  # one page in the run is present: keep it, go on
+            done = e.done // ps
+            self._mark(region, start, done, pagestate.POISONED)
+            self.pages.set(region.index, start + done, pagestate.INSTALLED)
+            if count > done + 1:
+                self._poison_run(region, start + done + 1, count - done - 1)
+            return
+        except Retry:
+            self._deferred.append((region.index, start, count, b"", "poison"))
+            return
+        self._mark(region, start, count, pagestate.POISONED)
+        _metric(self.metrics, "installed", "poison", count)
+
+    def _mark(self, region: ImportRegion, start: int, count: int, state: int) -> None:
+        for page in range(start, start + count):
+            self.pages.set(region.index, page, state)
+            self._waiters.pop((region.index, page), None)
 
     def _unrecoverable(self, r: int, page: int, code: str, reason: str) -> None:
         region = self.regions[r]
@@ -701,10 +744,7 @@ class FaultLoop:
         _metric(self.metrics, "installed", "poison", 1)
 
     def _poison_remaining(self, reason: str) -> None:
-        for region in self.regions:
-            for page in range(region.pages):
-                if self.pages.get(region.index, page) <= pagestate.REQUESTED:
-                    self._unrecoverable(region.index, page, "deadline", reason)
+        self._give_up_remaining(reason)
 
     def _fail(self, reason: str) -> None:
         if not self._finished:

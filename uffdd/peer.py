@@ -41,9 +41,11 @@ class FrameSocket:
         self._end = 0
         self.received = 0
         self.sent = 0
+        self.closed = False
 
     def close(self) -> None:
         """Shut the connection down (wakes a thread blocked in recv) and close it."""
+        self.closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

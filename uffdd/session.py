@@ -84,8 +84,10 @@ class SessionBase:
         for sink in list(self.subscribers):
             try:
                 await sink(event)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                log.info("session=%s dropped an event subscriber: %r", self.session_id, e)
                 self.subscribers.remove(sink)
+
 
     def cancel(self, reason: str = "cancelled by the VMM") -> None:
         self.set_state("cancelled", reason)
@@ -325,7 +327,7 @@ class ImportSession(SessionBase):
                 length = protocol.peer_int(header, "len")
                 if length > chunk:
                     raise ProtocolError(f"bulk data frame of {length} bytes exceeds {chunk}")
-                buf = pool.get()
+                buf = _take_buffer(pool, fs)
                 fs.recv_into(memoryview(buf)[:length])
                 self.bytes_bulk += length
                 self.metrics.received("bulk", length)
@@ -564,6 +566,20 @@ class ExportSession(SessionBase):
             "peer": "", "link": "up" if self.lanes else "down", "reconnects": 0,
             "strategy": "", "policy": "", "reason": self.reason,
         }
+
+
+def _take_buffer(pool: queue.Queue[bytearray], fs: peer.FrameSocket) -> bytearray:
+    """A free receive buffer; gives up when the lane is closed (the session is ending).
+
+    The fault thread returns buffers after installing from them; once it has stopped,
+    none come back, so waiting without looking at the lane would never end.
+    """
+    while True:
+        try:
+            return pool.get(timeout=0.1)
+        except queue.Empty:
+            if fs.closed:
+                raise PeerUnavailable("bulk lane closed while waiting for a buffer") from None
 
 
 def latency_percentiles(samples: list[float]) -> tuple[float | None, float | None]:
