@@ -498,3 +498,119 @@ def test_dest_reports_a_failed_session(testvm: Path, daemons: tuple[Daemon, Daem
     assert out["outcome"] == "failed"
     assert "failed" in err
     assert time.monotonic() - t0 < 30
+
+
+# ---------------------------------------------------------------------------
+# Failure policy: the source loses pages after the export (fault injection).
+# Each test gets its own daemons: a daemon that dies here must not take the
+# other tests with it.
+
+
+@pytest.fixture
+def fresh_daemons(testvm: Path, tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
+    src = _start_daemon("source", tmp_path)
+    try:
+        dst = _start_daemon("dest", tmp_path)
+    except BaseException:
+        _stop_daemon(src)
+        raise
+    yield src, dst
+    _stop_daemon(dst)
+    _stop_daemon(src)
+
+
+def _migrate_losing_pages(
+    testvm: Path, daemons: tuple[Daemon, Daemon], backing: str, lose: int
+) -> tuple[int, dict[str, Any], str, str]:
+    src_d, dst_d = daemons
+    session = f"kvm-lose-{backing}-{secrets.token_hex(4)}"
+    token = secrets.token_hex(32)
+    common = [
+        "--session",
+        session,
+        "--token",
+        token,
+        "--memory",
+        "64M",
+        "--backing",
+        backing,
+        "--vcpus",
+        "2",
+        "--seed",
+        "5",
+        "--timeout",
+        "60",
+    ]
+    source = subprocess.Popen(
+        [
+            str(testvm),
+            "source",
+            "--socket",
+            str(src_d.api_socket),
+            *common,
+            "--lose-pages",
+            str(lose),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert source.stdout is not None
+        first = source.stdout.readline()
+        assert first.startswith("{"), first
+        rc, out, derr = _run_json(
+            [
+                str(testvm),
+                "dest",
+                "--socket",
+                str(dst_d.api_socket),
+                "--peer",
+                src_d.peer,
+                *common,
+                "--order",
+                "seq",
+                "--policy",
+                "poison",
+                "--deadline",
+                "3",
+            ]
+        )
+    finally:
+        source.kill()
+        _, serr = source.communicate()
+    return rc, out, derr, serr + src_d.log_tail() + dst_d.log_tail()
+
+
+@pytest.mark.xfail(
+    reason="daemon: a short process_vm_readv ends the bulk lane instead of sending "
+    "'lost' pages, and the import then fails with EBADF on its uffd",
+    strict=False,
+)
+def test_pages_the_source_lost_are_poisoned(
+    testvm: Path, fresh_daemons: tuple[Daemon, Daemon]
+) -> None:
+    """pid mode: the source VMM unmaps its last 16 pages after the export. With the
+    poison policy the destination completes with those pages poisoned: the guest gets
+    machine checks for them, everything else arrives intact."""
+    rc, out, derr, logs = _migrate_losing_pages(testvm, fresh_daemons, "anon", 16)
+    assert out["outcome"] == "completed-with-poisoned-pages", f"{out}\n{derr}\n{logs}"
+    assert out["unreadable_pages"] == 16
+    assert out["guest_mismatches"] == 0
+    assert out["mce_gpas"], "the vCPU reading the lost pages must get a machine check"
+    assert rc == 1
+
+
+@pytest.mark.xfail(
+    reason="daemon: reading a truncated export memfd kills the source daemon with SIGBUS",
+    strict=False,
+)
+def test_source_truncating_its_memfd_does_not_kill_the_daemon(
+    testvm: Path, fresh_daemons: tuple[Daemon, Daemon]
+) -> None:
+    """memfd mode: the source VMM shrinks its memfd after the export. The source daemon
+    must survive (and the pages count as lost), whatever the session's outcome."""
+    src_d, _ = fresh_daemons
+    _rc, out, derr, logs = _migrate_losing_pages(testvm, fresh_daemons, "shmem", 16)
+    assert src_d.proc.poll() is None, f"source daemon died: rc {src_d.proc.returncode}\n{logs}"
+    assert out["outcome"] in ("completed-with-poisoned-pages", "failed"), f"{out}\n{derr}"

@@ -198,6 +198,7 @@ static struct {
 	int64_t corrupt_page;
 	int64_t mce_page;
 	int64_t poison_page;
+	uint64_t lose_pages;
 } opt = {
 	.memory = 64ULL << 20, .backing = BACK_ANON, .vcpus = 1, .seed = 1, .timeout = 300, .mce = 1, .corrupt_page = -1,
 	.mce_page = -1, .poison_page = -1,
@@ -1278,6 +1279,23 @@ static int run_source(void)
 		fatal("uffdd_export(session %s): %s", opt.session, err.message);
 	fprintf(stderr, "uffdd-testvm source: exported session %s (%" PRIu64 " pages, %s mode)\n",
 		opt.session, pages, pid ? "pid" : "memfd");
+	if (opt.lose_pages) {
+		/*
+		 * Fault injection: the last lose_pages pages of guest RAM become
+		 * unreadable for the daemon (anon: unmapped, so process_vm_readv fails;
+		 * memfd: the file is truncated, so reads through its mapping fault).
+		 * The destination's failure policy has to deal with them.
+		 */
+		uint64_t keep = guest.size - opt.lose_pages * PAGE;
+		if (guest.memfd >= 0) {
+			if (ftruncate(guest.memfd, (off_t)keep))
+				fatal_errno("ftruncate (--lose-pages)");
+		} else if (munmap(guest.host + keep, guest.size - keep)) {
+			fatal_errno("munmap (--lose-pages)");
+		}
+		fprintf(stderr, "uffdd-testvm source: lost the last %" PRIu64 " pages on purpose\n",
+			opt.lose_pages);
+	}
 	/* tell the caller the export is in place before we block */
 	printf("{\"role\":\"source\",\"event\":\"exported\",\"hash\":\"%016" PRIx64 "\",\"pages\":%"
 	       PRIu64 "}\n", h, guest.size / PAGE);
@@ -1479,7 +1497,7 @@ static void usage(FILE *f)
 		"                        [--seed S] [--order seq|rand] [--corrupt-page P]\n"
 		"                        [--local-uffd [--exits] [--mode minor] [--mce-page P] [--poison-page P]]\n"
 		"  uffdd-testvm source --socket S --session ID --token HEX --memory M --backing B\n"
-		"                      --vcpus N --seed S\n"
+		"                      --vcpus N --seed S [--lose-pages N]\n"
 		"  uffdd-testvm dest --socket S --session ID --token HEX --peer HOST:PORT --memory M\n"
 		"                    --backing B --vcpus N --seed S --order seq|rand [--exits]\n"
 		"                    [--mode missing|minor] [--expect-hash HEX | --expect-hash-file F]\n"
@@ -1536,7 +1554,7 @@ int main(int argc, char **argv)
 	prog_role = cmd;
 	enum { O_SOCKET = 256, O_SESSION, O_TOKEN, O_PEER, O_MEMORY, O_BACKING, O_VCPUS, O_SEED,
 	       O_ORDER, O_EXITS, O_MODE, O_LOCAL, O_EXPECT, O_EXPECT_FILE, O_STRATEGY, O_POLICY,
-	       O_DEADLINE, O_TIMEOUT, O_MCE, O_CORRUPT, O_MCE_PAGE, O_POISON_PAGE, O_HELP };
+	       O_DEADLINE, O_TIMEOUT, O_MCE, O_CORRUPT, O_MCE_PAGE, O_POISON_PAGE, O_LOSE, O_HELP };
 	static const struct option lo[] = {
 		{"socket", required_argument, 0, O_SOCKET},
 		{"session", required_argument, 0, O_SESSION},
@@ -1560,6 +1578,7 @@ int main(int argc, char **argv)
 		{"corrupt-page", required_argument, 0, O_CORRUPT},
 		{"mce-page", required_argument, 0, O_MCE_PAGE},
 		{"poison-page", required_argument, 0, O_POISON_PAGE},
+		{"lose-pages", required_argument, 0, O_LOSE},
 		{"help", no_argument, 0, O_HELP},
 		{0, 0, 0, 0}};
 	int c;
@@ -1601,6 +1620,7 @@ int main(int argc, char **argv)
 		case O_CORRUPT: opt.corrupt_page = strtoll(optarg, NULL, 0); break;
 		case O_MCE_PAGE: opt.mce_page = strtoll(optarg, NULL, 0); break;
 		case O_POISON_PAGE: opt.poison_page = strtoll(optarg, NULL, 0); break;
+		case O_LOSE: opt.lose_pages = strtoull(optarg, NULL, 0); break;
 		case O_HELP: usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
@@ -1614,6 +1634,9 @@ int main(int argc, char **argv)
 		fatal("--memory must be a multiple of %" PRIu64 " KiB, at most 2 GiB", gran >> 10);
 	if (opt.memory / PAGE < (uint64_t)opt.vcpus)
 		fatal("--memory too small for %d vCPUs", opt.vcpus);
+	if (opt.lose_pages && (opt.role != ROLE_SOURCE || opt.lose_pages * PAGE >= opt.memory ||
+			       (opt.lose_pages * PAGE) % gran))
+		fatal("--lose-pages: source only, fewer pages than guest RAM, whole backing pages");
 	if (opt.minor && opt.backing == BACK_ANON)
 		fatal("--mode minor needs --backing shmem or hugetlb");
 	if (opt.role == ROLE_SELFTEST && (opt.exits || opt.minor) && !opt.local_uffd)
