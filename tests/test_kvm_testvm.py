@@ -207,6 +207,21 @@ def test_selftest_memory_error_is_reported(testvm: Path) -> None:
 
 
 @pytest.mark.parametrize("exits", [False, True])
+def test_selftest_long_mode_guest(testvm: Path, exits: bool) -> None:
+    """The same guest in 64-bit long mode (paging on): same pages, same hash."""
+    cmd = [str(testvm), "selftest", "--long", "--memory", "16M", "--vcpus", "2"]
+    cmd += ["--order", "rand", "--local-uffd"] + (["--exits"] if exits else [])
+    rc, out, err = _run_json(cmd)
+    assert rc == 0, err
+    assert out["guest"] == "64"
+    assert out["hash"] == out["source_hash"] == out["write_hash"]
+    if exits:
+        assert out["exits"] == out["pages"]
+    else:
+        assert out["uffd_faults"] == out["pages"]
+
+
+@pytest.mark.parametrize("exits", [False, True])
 def test_selftest_poisoned_page_is_a_memory_error(testvm: Path, exits: bool) -> None:
     """UFFDIO_POISON (the "poison" failure policy): the guest gets a machine check, the
     VMM survives reading the page and counts it as unreadable."""
@@ -434,6 +449,14 @@ def test_migrate_exits(
     # every page a vCPU reads before the background stream installs it is an exit;
     # the vCPUs start with the import, so their first pages are always absent
     assert 0 < out["exits"] <= out["pages"]
+
+
+def test_migrate_long_mode_guest(testvm: Path, daemons: tuple[Daemon, Daemon]) -> None:
+    """A 64-bit guest on the destination (the guest mode is not part of the migration)."""
+    out = _migrate(
+        testvm, daemons, vcpus=2, backing="shmem", order="rand", exits=True, extra=("--long",)
+    )
+    assert out["guest"] == "64"
 
 
 def test_migrate_minor_mode(testvm: Path, daemons: tuple[Daemon, Daemon]) -> None:

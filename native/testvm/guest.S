@@ -1,6 +1,7 @@
 /*
- * Guest code of uffdd-testvm: flat 32-bit protected mode, no paging, no stack
- * use except one counter. It is copied by the VMM to guest-physical
+ * Guest code of uffdd-testvm: flat 32-bit protected mode without paging (the
+ * default), or 64-bit long mode with an identity map (--long, at the end of
+ * this file); no stack use except one counter. It is copied by the VMM to guest-physical
  * TESTVM_CODE_GPA in a small "firmware" memory slot that is not migrated.
  * Everything here runs under KVM's instruction emulator on nested hosts, so the
  * loops are as short as they can be: every page costs about ten instructions.
@@ -105,6 +106,79 @@ testvm_guest_mce:
 	hlt
 	jmp	.
 
-testvm_guest_end:
+/*
+ * 64-bit versions (--long: long mode with identity-mapped 2 MiB pages). Same
+ * register contract with the 64-bit registers; 32-bit operations zero-extend,
+ * so (%rsi,%rbx) addresses the page. Outside the emulator, a fault on an
+ * absent page takes KVM's page-fault path (KVM_EXIT_MEMORY_FAULT).
+ */
 	.code64
+	.globl testvm_guest64_fill, testvm_guest64_verify_seq, testvm_guest64_verify_rand
+	.globl testvm_guest64_mce
+testvm_guest64_fill:
+	xorl	%ebp, %ebp
+1:	movl	%ebp, %eax
+	imull	$K, %eax, %eax
+	addl	%edx, %eax
+	movl	%ebp, %ebx
+	shll	$12, %ebx
+	movl	%eax, (%rsi,%rbx)
+	leal	(%rbp,%rdi), %eax
+	movl	%eax, 4(%rsi,%rbx)
+	incl	%ebp
+	cmpl	%ecx, %ebp
+	jb	1b
+	movl	$1, %eax
+	outl	%eax, $PORT_DONE
+	hlt
+	jmp	.
+
+testvm_guest64_verify_seq:
+	xorl	%ebp, %ebp
+1:	movl	%ebp, %eax
+	imull	$K, %eax, %eax
+	addl	%edx, %eax
+	movl	%ebp, %ebx
+	shll	$12, %ebx
+	cmpl	(%rsi,%rbx), %eax
+	je	2f
+	movl	%ebp, %eax
+	outl	%eax, $PORT_BAD
+2:	incl	%ebp
+	cmpl	%ecx, %ebp
+	jb	1b
+	movl	$2, %eax
+	outl	%eax, $PORT_DONE
+	hlt
+	jmp	.
+
+testvm_guest64_verify_rand:
+1:	imull	$1103515245, %ebp, %ebp
+	addl	$12345, %ebp
+	andl	%edi, %ebp
+	cmpl	%ecx, %ebp
+	jae	1b
+	movl	%ebp, %eax
+	imull	$K, %eax, %eax
+	addl	%edx, %eax
+	movl	%ebp, %ebx
+	shll	$12, %ebx
+	cmpl	(%rsi,%rbx), %eax
+	je	2f
+	movl	%ebp, %eax
+	outl	%eax, $PORT_BAD
+2:	decl	(%rsp)
+	jnz	1b
+	movl	$2, %eax
+	outl	%eax, $PORT_DONE
+	hlt
+	jmp	.
+
+testvm_guest64_mce:
+	movq	(%rsp), %rax
+	outl	%eax, $PORT_MCE
+	hlt
+	jmp	.
+
+testvm_guest_end:
 	.section .note.GNU-stack,"",@progbits

@@ -83,6 +83,9 @@ struct uffdio_poison {
 #ifndef KVM_EXIT_MEMORY_FAULT
 #define KVM_EXIT_MEMORY_FAULT 39
 #endif
+#ifndef KVM_MEMORY_EXIT_FLAG_WRITE
+#define KVM_MEMORY_EXIT_FLAG_WRITE (1ULL << 1) /* proposed with KVM Userfault */
+#endif
 #ifndef KVM_MEMORY_EXIT_FLAG_PRIVATE
 #define KVM_MEMORY_EXIT_FLAG_PRIVATE (1ULL << 3)
 #endif
@@ -100,6 +103,7 @@ struct testvm_memory_fault {
 #define TESTVM_CODE_GPA 0x1000ULL
 #define TESTVM_IDT_GPA 0x800ULL
 #define TESTVM_GDT_GPA 0x500ULL
+#define TESTVM_PT_GPA 0x2000ULL /* --long: PML4, PDPT at +0x1000, 4 PDs at +0x2000 */
 #define TESTVM_STACK_GPA(i) (0x10000ULL + (uint64_t)(i) * 0x1000ULL + 0xff0ULL)
 #define TESTVM_TSS_GPA 0xfffbd000UL
 #define MAX_VCPUS 8
@@ -112,6 +116,8 @@ struct testvm_memory_fault {
 extern const unsigned char testvm_guest_start[], testvm_guest_end[];
 extern const unsigned char testvm_guest_fill[], testvm_guest_verify_seq[],
 	testvm_guest_verify_rand[], testvm_guest_mce[];
+extern const unsigned char testvm_guest64_fill[], testvm_guest64_verify_seq[],
+	testvm_guest64_verify_rand[], testvm_guest64_mce[];
 
 #define GUEST_OFF(sym) ((uint64_t)((sym) - testvm_guest_start))
 
@@ -199,6 +205,7 @@ static struct {
 	int64_t mce_page;
 	int64_t poison_page;
 	uint64_t lose_pages;
+	int long_mode;
 } opt = {
 	.memory = 64ULL << 20, .backing = BACK_ANON, .vcpus = 1, .seed = 1, .timeout = 300, .mce = 1, .corrupt_page = -1,
 	.mce_page = -1, .poison_page = -1,
@@ -439,15 +446,36 @@ static void vm_create(void)
 			fatal_errno("mmap firmware");
 		size_t n = (size_t)(testvm_guest_end - testvm_guest_start);
 		memcpy(fw + TESTVM_CODE_GPA, testvm_guest_start, n);
-		/* IDT: vector 18 (#MC) -> 32-bit interrupt gate to the mce handler */
-		uint64_t h = TESTVM_CODE_GPA + GUEST_OFF(testvm_guest_mce);
-		uint64_t gate = (h & 0xffff) | (8ULL << 16) | (0x8EULL << 40) |
-				((h >> 16) << 48);
-		memcpy(fw + TESTVM_IDT_GPA + 18 * 8, &gate, 8);
-		/* GDT: null, flat 32-bit code (selector 8), flat data (16); interrupt
-		 * delivery reloads CS from it */
+		/* GDT: null, flat code (selector 8; 64-bit with --long), flat data
+		 * (16); interrupt delivery reloads CS from it */
 		uint64_t gdt[3] = {0, 0x00CF9A000000FFFFULL, 0x00CF92000000FFFFULL};
+		if (opt.long_mode)
+			gdt[1] = 0x00AF9A000000FFFFULL; /* L=1, D=0 */
 		memcpy(fw + TESTVM_GDT_GPA, gdt, sizeof(gdt));
+		if (!opt.long_mode) {
+			/* IDT: vector 18 (#MC) -> 32-bit interrupt gate to the handler */
+			uint64_t h = TESTVM_CODE_GPA + GUEST_OFF(testvm_guest_mce);
+			uint64_t gate = (h & 0xffff) | (8ULL << 16) | (0x8EULL << 40) |
+					((h >> 16) << 48);
+			memcpy(fw + TESTVM_IDT_GPA + 18 * 8, &gate, 8);
+		} else {
+			/* 16-byte 64-bit interrupt gate */
+			uint64_t h = TESTVM_CODE_GPA + GUEST_OFF(testvm_guest64_mce);
+			uint64_t gate[2] = {(h & 0xffff) | (8ULL << 16) | (0x8EULL << 40) |
+						    (((h >> 16) & 0xffff) << 48),
+					    h >> 32};
+			memcpy(fw + TESTVM_IDT_GPA + 18 * 16, gate, 16);
+			/* identity map of the low 4 GiB with 2 MiB pages */
+			uint64_t *pml4 = (uint64_t *)(fw + TESTVM_PT_GPA);
+			uint64_t *pdpt = (uint64_t *)(fw + TESTVM_PT_GPA + 0x1000);
+			pml4[0] = (TESTVM_PT_GPA + 0x1000) | 3;
+			for (uint64_t i = 0; i < 4; i++) {
+				uint64_t *pd = (uint64_t *)(fw + TESTVM_PT_GPA + 0x2000 + i * 0x1000);
+				pdpt[i] = (TESTVM_PT_GPA + 0x2000 + i * 0x1000) | 3;
+				for (uint64_t j = 0; j < 512; j++)
+					pd[j] = (i << 30) + (j << 21) + 0x83; /* P|RW|PS */
+			}
+		}
 	}
 	set_slot(0, 0, fw, TESTVM_FW_SIZE);
 }
@@ -471,6 +499,7 @@ struct vcpu {
 	enum guest_op op;
 	/* results */
 	uint64_t mismatches, exits, mce_count;
+	uint64_t memfault_exits, sigbus_exits; /* subsets of exits, by kind */
 	int64_t first_bad;
 	uint64_t mce_gpas[16];
 	int crashed;
@@ -523,10 +552,18 @@ static void vcpu_setup(struct vcpu *v, enum guest_op op)
 	sregs.cs = cs;
 	sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = ds;
 	sregs.cr0 |= 1; /* PE, no paging */
+	if (opt.long_mode) {
+		sregs.cs.db = 0;
+		sregs.cs.l = 1;
+		sregs.cr3 = TESTVM_PT_GPA;
+		sregs.cr4 |= 1u << 5;                   /* PAE */
+		sregs.cr0 |= 1u << 31;                  /* PG */
+		sregs.efer |= (1u << 8) | (1u << 10);   /* LME | LMA */
+	}
 	sregs.gdt.base = TESTVM_GDT_GPA;
 	sregs.gdt.limit = 3 * 8 - 1;
 	sregs.idt.base = TESTVM_IDT_GPA;
-	sregs.idt.limit = 32 * 8 - 1;
+	sregs.idt.limit = opt.long_mode ? 32 * 16 - 1 : 32 * 8 - 1;
 	if (mce_supported)
 		sregs.cr4 |= 1u << 6; /* CR4.MCE: deliver #MC instead of shutting down */
 	if (ioctl(v->fd, KVM_SET_SREGS, &sregs))
@@ -543,15 +580,17 @@ static void vcpu_setup(struct vcpu *v, enum guest_op op)
 	uint32_t remaining = (uint32_t)v->n;
 	memcpy(fw + regs.rsp, &remaining, 4);
 	if (op == OP_FILL) {
-		entry = GUEST_OFF(testvm_guest_fill);
+		entry = GUEST_OFF(opt.long_mode ? testvm_guest64_fill : testvm_guest_fill);
 		regs.rdi = v->first;
 	} else if (!opt.rand_order) {
-		entry = GUEST_OFF(testvm_guest_verify_seq);
+		entry = GUEST_OFF(opt.long_mode ? testvm_guest64_verify_seq
+						: testvm_guest_verify_seq);
 	} else {
 		uint64_t mask = 1;
 		while (mask < v->n)
 			mask <<= 1;
-		entry = GUEST_OFF(testvm_guest_verify_rand);
+		entry = GUEST_OFF(opt.long_mode ? testvm_guest64_verify_rand
+						: testvm_guest_verify_rand);
 		regs.rdi = mask - 1;
 		regs.rbp = splitmix64(opt.seed + (uint64_t)v->id) & (mask - 1);
 	}
@@ -560,6 +599,7 @@ static void vcpu_setup(struct vcpu *v, enum guest_op op)
 		fatal_errno("KVM_SET_REGS");
 	v->op = op;
 	v->mismatches = v->exits = v->mce_count = 0;
+	v->memfault_exits = v->sigbus_exits = 0;
 	v->first_bad = -1;
 	v->crashed = 0;
 }
@@ -825,6 +865,8 @@ static void *vcpu_thread(void *arg)
 			uint64_t hva = (uintptr_t)kvm_sigbus_addr;
 			kvm_sigbus_addr = NULL;
 			if (hva >= (uintptr_t)guest.host && hva < (uintptr_t)guest.host + guest.size) {
+				v->exits++;
+				v->sigbus_exits++;
 				memory_error(v, TESTVM_RAM_GPA + (hva - (uintptr_t)guest.host), PAGE, 0, 0);
 				continue;
 			}
@@ -848,8 +890,9 @@ static void *vcpu_thread(void *arg)
 						   (unsigned long long)mf.gpa, (unsigned long long)mf.size);
 					break;
 				}
+				v->memfault_exits++;
 				if (handle_memory_fault(v, mf.gpa, mf.size ? mf.size : PAGE,
-							0, 0))
+							(mf.flags & KVM_MEMORY_EXIT_FLAG_WRITE) != 0, 0))
 					break;
 				continue;
 			}
@@ -970,7 +1013,7 @@ static void vcpus_destroy(int n)
 }
 
 struct run_totals {
-	uint64_t mismatches, exits, mce_count;
+	uint64_t mismatches, exits, mce_count, memfault_exits, sigbus_exits;
 	int crashed;
 	int64_t first_bad;
 };
@@ -980,7 +1023,7 @@ static size_t mce_log_n;
 
 static struct run_totals totals(int n)
 {
-	struct run_totals t = {0, 0, 0, 0, -1};
+	struct run_totals t = {0, 0, 0, 0, 0, 0, -1};
 	mce_log_n = 0;
 	for (int i = 0; i < n; i++) {
 		for (uint64_t j = 0; j < vcpus[i].mce_count && j < 16; j++)
@@ -988,6 +1031,8 @@ static struct run_totals totals(int n)
 		t.mismatches += vcpus[i].mismatches;
 		t.exits += vcpus[i].exits;
 		t.mce_count += vcpus[i].mce_count;
+		t.memfault_exits += vcpus[i].memfault_exits;
+		t.sigbus_exits += vcpus[i].sigbus_exits;
 		if (vcpus[i].first_bad >= 0 && (t.first_bad < 0 || vcpus[i].first_bad < t.first_bad))
 			t.first_bad = vcpus[i].first_bad;
 		if (vcpus[i].crashed == 2)
@@ -1153,7 +1198,7 @@ static int run_selftest(void)
 	uint64_t h_dst, h_wr = h_src;
 	double t_verify, t_write = 0;
 	uint64_t read_faults = 0, write_faults = 0, write_exits = 0, unreadable = 0;
-	struct run_totals tw = {0, 0, 0, 0, -1};
+	struct run_totals tw = {0, 0, 0, 0, 0, 0, -1};
 	if (!opt.local_uffd) {
 		t_verify = vcpus_run(n, OP_VERIFY);
 		t = totals(n);
@@ -1183,10 +1228,12 @@ static int run_selftest(void)
 	       PRIx64 "\",\"source_hash\":\"%016" PRIx64 "\",\"write_hash\":\"%016" PRIx64 "\","
 	       "\"exits\":%" PRIu64 ",\"write_exits\":%" PRIu64 ",\"uffd_faults\":%" PRIu64
 	       ",\"write_uffd_faults\":%" PRIu64 ",\"fill_seconds\":%.3f,\"verify_seconds\":%.3f,"
-	       "\"write_seconds\":%.3f,\"seconds\":%.3f,\"unreadable_pages\":%" PRIu64 ",",
+	       "\"write_seconds\":%.3f,\"seconds\":%.3f,\"unreadable_pages\":%" PRIu64 ","
+	       "\"memory_fault_exits\":%" PRIu64 ",\"sigbus_exits\":%" PRIu64 ",\"guest\":\"%s\",",
 	       ok ? "true" : "false", n, guest.size / PAGE, t.mismatches, t.first_bad, h_dst, h_src,
 	       h_wr, t.exits, write_exits, read_faults, write_faults, t_fill, t_verify, t_write,
-	       now_s() - t_all, unreadable);
+	       now_s() - t_all, unreadable, t.memfault_exits + tw.memfault_exits,
+	       t.sigbus_exits + tw.sigbus_exits, opt.long_mode ? "64" : "32");
 	if (opt.local_uffd)
 		print_mce_gpas_from(saved_mce, saved_mce_n);
 	else
@@ -1450,10 +1497,11 @@ static int run_dest(void)
 	printf("{\"role\":\"dest\",\"verified\":%s,\"vcpus\":%d,\"pages\":%" PRIu64
 	       ",\"guest_mismatches\":%" PRIu64 ",\"hash\":\"%016" PRIx64 "\",\"expected_hash\":%s"
 	       ",\"exits\":%" PRIu64 ",\"unreadable_pages\":%" PRIu64 ",\"outcome\":\"%s\","
-	       "\"vcpu_seconds\":%.3f,\"seconds\":%.3f,",
+	       "\"vcpu_seconds\":%.3f,\"seconds\":%.3f,\"memory_fault_exits\":%" PRIu64
+	       ",\"sigbus_exits\":%" PRIu64 ",\"guest\":\"%s\",",
 	       ok ? "true" : "false", n, guest.size / PAGE, t.mismatches, h, exp_s, t.exits,
 	       unreadable, rc == 0 ? ev.outcome : (t.crashed ? "crashed" : "failed"), t_run,
-	       now_s() - t0);
+	       now_s() - t0, t.memfault_exits, t.sigbus_exits, opt.long_mode ? "64" : "32");
 	print_mce_gpas_from(mce_log, mce_log_n);
 	printf("}\n");
 	fflush(stdout);
@@ -1503,7 +1551,8 @@ static void usage(FILE *f)
 		"                    [--mode missing|minor] [--expect-hash HEX | --expect-hash-file F]\n"
 		"                    [--strategy NAME] [--policy crash|poison] [--deadline SECONDS]\n"
 		"                    [--no-mce]\n"
-		"common: [--timeout SECONDS] (default 300; 0 = none)\n");
+		"common: [--timeout SECONDS] (default 300; 0 = none)\n"
+		"        [--long] (64-bit long-mode guest instead of 32-bit protected mode)\n");
 }
 
 static int hexval(int c)
@@ -1554,7 +1603,7 @@ int main(int argc, char **argv)
 	prog_role = cmd;
 	enum { O_SOCKET = 256, O_SESSION, O_TOKEN, O_PEER, O_MEMORY, O_BACKING, O_VCPUS, O_SEED,
 	       O_ORDER, O_EXITS, O_MODE, O_LOCAL, O_EXPECT, O_EXPECT_FILE, O_STRATEGY, O_POLICY,
-	       O_DEADLINE, O_TIMEOUT, O_MCE, O_CORRUPT, O_MCE_PAGE, O_POISON_PAGE, O_LOSE, O_HELP };
+	       O_DEADLINE, O_TIMEOUT, O_MCE, O_CORRUPT, O_MCE_PAGE, O_POISON_PAGE, O_LOSE, O_LONG, O_HELP };
 	static const struct option lo[] = {
 		{"socket", required_argument, 0, O_SOCKET},
 		{"session", required_argument, 0, O_SESSION},
@@ -1579,6 +1628,7 @@ int main(int argc, char **argv)
 		{"mce-page", required_argument, 0, O_MCE_PAGE},
 		{"poison-page", required_argument, 0, O_POISON_PAGE},
 		{"lose-pages", required_argument, 0, O_LOSE},
+		{"long", no_argument, 0, O_LONG},
 		{"help", no_argument, 0, O_HELP},
 		{0, 0, 0, 0}};
 	int c;
@@ -1621,6 +1671,7 @@ int main(int argc, char **argv)
 		case O_MCE_PAGE: opt.mce_page = strtoll(optarg, NULL, 0); break;
 		case O_POISON_PAGE: opt.poison_page = strtoll(optarg, NULL, 0); break;
 		case O_LOSE: opt.lose_pages = strtoull(optarg, NULL, 0); break;
+		case O_LONG: opt.long_mode = 1; break;
 		case O_HELP: usage(stdout); return 0;
 		default: usage(stderr); return 2;
 		}
