@@ -172,6 +172,14 @@ def load(path: str | None) -> Config:
 def _check_semantics(config: Config, source: str) -> None:
     if config.session.policy not in ("crash", "poison"):
         raise ConfigError(f"{source}: key 'session.policy' must be 'crash' or 'poison'")
+    # The default strategy is loaded now, so a bad one stops the daemon at start, not at
+    # the first vCPU exit of some session.
+    from uffdd import strategies  # here: strategies may import third-party code
+
+    try:
+        strategies.load(config.session.strategy)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: key 'session.strategy': {e}") from None
     try:
         int(config.api.socket_mode, 8)
     except ValueError:

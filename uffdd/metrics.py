@@ -47,7 +47,8 @@ INSTALL_METHODS = ("copy", "zeropage", "continue", "poison")
 LANES = ("demand", "bulk")
 ROLES = ("import", "export")
 STATES = ("connecting", "running", "completed", "failed", "cancelled")
-STRATEGIES = ("continue-then-populate", "no-uffd-wait")
+# "custom" stands for every third-party strategy (label values must stay bounded).
+STRATEGIES = ("continue-then-populate", "no-uffd-wait", "custom")
 VERDICTS = ("resume", "populate", "inject-memory-error", "crash")
 UNRECOVERABLE_REASONS = ("deadline", "lost", "corrupt", "kernel", "populate-failed")
 REFUSED_REASONS = (

@@ -129,6 +129,8 @@ class ImportSession(SessionBase):
             self.regions, self.pages, notify=self._notify_threadsafe, metrics=self.metrics,
             deadline=self.deadline, policy=self.policy, integrity=self.config.peer.integrity,
         )
+        self.loop.stall_timeout = self.config.peer.stall_timeout
+        self.loop.vmm_pid = self.owner_pid  # a re-import after a restart: adopt what is present
         self._by_gpa = sorted(self.regions, key=lambda r: r.gpa)
 
     # -- thread -> Trio
@@ -395,11 +397,25 @@ class ImportSession(SessionBase):
     async def resolve(self, exit: strategies.VcpuExit) -> strategies.Verdict:
         """Resolve a vCPU exit with this session's strategy."""
         self.metrics.fault("vcpu_exit", exit.access)
-        verdict = await self.strategy.resolve(exit, _Context(self))
+        ctx = _Context(self)
         try:
-            self.metrics.verdict(self.strategy.name, verdict.kind)
-        except ValueError:  # a third-party strategy's name is not a metric label value
-            pass
+            verdict = await self.strategy.resolve(exit, ctx)
+        except Exception as e:  # a strategy's bug must not leave the vCPU without an answer
+            log.error("session=%s strategy %s failed on gpa=%#x: %r", self.session_id,
+                      self.strategy.name, exit.gpa, e)
+            verdict = ctx.verdict(strategies.CRASH, exit.gpa, f"strategy {self.strategy.name} "
+                                  f"failed: {e!r}")
+        if verdict.kind not in strategies.VERDICTS:
+            log.error("session=%s strategy %s returned verdict %r", self.session_id,
+                      self.strategy.name, verdict.kind)
+            verdict = ctx.verdict(strategies.CRASH, exit.gpa, f"strategy {self.strategy.name} "
+                                  f"returned an unknown verdict {verdict.kind!r}")
+        # Metric label values are bounded: every third-party strategy counts as "custom".
+        label = self.strategy.name if self.strategy.name in strategies.BUILTIN else "custom"
+        self.metrics.verdict(label, verdict.kind)
+        if verdict.kind in (strategies.CRASH, strategies.INJECT):
+            log.error("session=%s vcpu=%d gpa=%#x verdict=%s reason=%s", self.session_id,
+                      exit.vcpu, verdict.gpa, verdict.kind, verdict.reason)
         if verdict.kind == strategies.CRASH:
             self.set_state("failed", verdict.reason or "crash verdict")
         return verdict
@@ -436,6 +452,8 @@ class _Context:
         return result[0] if result else Outcome.LOST
 
     async def fail_page(self, gpa: int, reason: str) -> strategies.Verdict:
+        log.error("unrecoverable page session=%s gpa=%#x reason=%s policy=%s",
+                  self.session, gpa, reason, self.policy)
         self._s.metrics.unrecoverable("populate-failed")
         if self.policy == "poison":
             return self.verdict(strategies.INJECT, gpa, reason)

@@ -150,8 +150,8 @@ def load(spec: str) -> Strategy:
         module_name, _, attr = spec.partition(":")
         try:
             cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise ConfigError(f"strategy {spec!r} cannot be loaded: {e}") from None
+        except Exception as e:  # any error while importing third-party code: refuse it
+            raise ConfigError(f"strategy {spec!r} cannot be loaded: {e!r}") from None
     else:
         found = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
                  if ep.name == spec]
