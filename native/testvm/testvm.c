@@ -721,12 +721,22 @@ static enum verdict resolve(struct vcpu *v, uint64_t gpa, uint64_t size, int wri
 		switch (vd.kind) {
 		case UFFDD_VERDICT_RESUME:
 			return V_RESUME;
-		case UFFDD_VERDICT_POPULATE:
-			*vaddr = vd.addr;
-			*vsize = vd.size;
-			if (madvise((void *)(uintptr_t)(vd.addr & ~(PAGE - 1)),
-				    vd.size + (vd.addr & (PAGE - 1)), MADV_POPULATE_WRITE) == 0)
+		case UFFDD_VERDICT_POPULATE: {
+			/* [addr, addr+size) in our address space, widened to backing pages
+			 * (hugetlb ranges must be 2 MiB aligned) */
+			uint64_t a = vd.addr ? vd.addr : *vaddr, n = vd.size ? vd.size : size;
+			uint64_t pg = guest.page_size;
+			uint64_t start = a & ~(pg - 1), end = (a + n + pg - 1) & ~(pg - 1);
+			*vaddr = a;
+			*vsize = n;
+			if (start < (uintptr_t)guest.host || end > (uintptr_t)guest.host + guest.size) {
+				vcpu_crash(v, "populate verdict outside guest RAM: %#" PRIx64 "+%" PRIu64,
+					   a, n);
+				return V_CRASH;
+			}
+			if (madvise((void *)(uintptr_t)start, end - start, MADV_POPULATE_WRITE) == 0)
 				return V_RESUME;
+		}
 			{
 				int e = errno;
 				if (uffdd_populate_failed(v->client, opt.session, (uint32_t)v->id, gpa, e,
