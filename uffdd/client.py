@@ -11,10 +11,16 @@ Blocking and thread-compatible (one ``Client`` per thread). Example, destination
 
 The wire format is documented in docs/protocol.md (and the README's integration guide).
 Errors the daemon reports are raised as :class:`ClientError` with its ``code``.
+
+With ``resilient=True`` a lost daemon connection (the daemon was restarted) is not an
+error: the client reconnects with capped exponential backoff and hands the daemon every
+session it created again, with the same fds (the VMM keeps its own copies), then goes on
+waiting. A session is forgotten once its ``completed`` or ``failed`` event arrived.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections import deque
@@ -25,6 +31,9 @@ from uffdd import protocol
 from uffdd._linux import scm
 from uffdd.errors import UffddError
 
+log = logging.getLogger("uffdd.client")
+
+_RESENT_OPS = ("export", "import")
 
 class ClientError(UffddError):
     """The daemon refused a request (``code`` as in docs/protocol.md) or the link broke."""
@@ -68,23 +77,38 @@ class GuestRegion:
 class Client:
     """A connection to the uffdd VMM API socket."""
 
-    def __init__(self, path: str, *, timeout: float = 60.0) -> None:
-        """Connect to the daemon at ``path``. Raises ClientError if it cannot."""
+    def __init__(self, path: str, *, timeout: float = 60.0, resilient: bool = False,
+                 reconnect_timeout: float = 120.0, reconnect_max_delay: float = 1.0) -> None:
+        """Connect to the daemon at ``path``. Raises ClientError if it cannot.
+
+        ``resilient``: survive daemon restarts (see the module docstring); reconnecting
+        gives up after ``reconnect_timeout`` seconds without a daemon.
+        """
         self.path = path
         self.timeout = timeout
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            self._sock.settimeout(timeout)
-            self._sock.connect(path)
-        except OSError as e:
-            self._sock.close()
-            raise ClientError("unavailable", f"cannot connect to {path}: {e}") from None
+        self.resilient = resilient
+        self.reconnect_timeout = reconnect_timeout
+        self.reconnect_max_delay = reconnect_max_delay
+        self.reconnects = 0
+        self._sessions: dict[str, tuple[dict[str, Any], list[int]]] = {}
+        self._sock = self._connect()
         self._next_id = 1
         self._events: deque[dict[str, Any]] = deque()
         self._buf = bytearray()
 
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+        except OSError as e:
+            sock.close()
+            raise ClientError("unavailable", f"cannot connect to {self.path}: {e}") from None
+        return sock
+
     def close(self) -> None:
         """Close the connection (sessions this connection created are cancelled)."""
+        self._sessions.clear()
         self._sock.close()
 
     def __enter__(self) -> Client:
@@ -172,13 +196,22 @@ class Client:
     def next_event(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The next event (None on timeout)."""
         if self._events:
-            return self._events.popleft()
+            event = self._events.popleft()
+            self._forget(event)
+            return event
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            message = self._receive(deadline)
+            try:
+                message = self._receive(deadline)
+            except ClientError as e:
+                if not (self.resilient and e.code == "unavailable" and self._sessions):
+                    raise
+                self._reconnect(e)
+                continue
             if message is None:
                 return None
             if "event" in message:
+                self._forget(message)
                 return message
 
     def wait_finished(self, session: str, timeout: float | None = None) -> dict[str, Any]:
@@ -195,7 +228,67 @@ class Client:
     # -- plumbing
 
     def request(self, body: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
-        """Send one request (with fds) and return its successful reply."""
+        """Send one request (with fds) and return its successful reply.
+
+        Resilient mode: if the connection breaks, reconnect (re-creating the sessions)
+        and send the request again; an export or import is remembered for that.
+        """
+        while True:
+            try:
+                reply = self._request_once(body, fds)
+            except ClientError as e:
+                if not (self.resilient and e.code == "unavailable"):
+                    raise
+                self._reconnect(e)
+                if body.get("op") in _RESENT_OPS and str(body.get("session")) in self._sessions:
+                    return {"ok": True, "session": body["session"],
+                            "pages": self._sessions[str(body["session"])][0].get("pages", 0)}
+                continue
+            if self.resilient and body.get("op") in _RESENT_OPS:
+                self._sessions[str(body["session"])] = ({**body, "pages": reply.get("pages")},
+                                                        list(fds or []))
+            return reply
+
+    def _reconnect(self, why: ClientError) -> None:
+        """Connect again with capped exponential backoff and re-create every session."""
+        give_up = time.monotonic() + self.reconnect_timeout
+        delay = 0.05
+        log.warning("lost the daemon (%s): reconnecting", why.message)
+        while True:
+            self._sock.close()
+            self._buf.clear()
+            try:
+                self._sock = self._connect()
+                for body, fds in list(self._sessions.values()):
+                    self._resend(body, fds)
+                break
+            except ClientError as e:
+                if e.code != "unavailable" or time.monotonic() + delay > give_up:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, self.reconnect_max_delay)
+        self.reconnects += 1
+        log.warning("reconnected to the daemon; %d sessions handed over again",
+                    len(self._sessions))
+
+    def _resend(self, body: dict[str, Any], fds: list[int]) -> None:
+        request = {k: v for k, v in body.items() if k != "pages"}
+        try:
+            self._request_once(request, fds)
+        except ClientError as e:
+            # The daemon did not die after all (only our connection did) and still
+            # runs the session: it is ours again through the subscription.
+            if e.code != "session-exists":
+                raise
+            self._request_once({"op": "subscribe", "session": body["session"]}, [])
+
+    def _forget(self, event: dict[str, Any]) -> None:
+        """A final event: the session must not be handed over again."""
+        if event.get("event") in ("completed", "failed"):
+            self._sessions.pop(str(event.get("session")), None)
+
+    def _request_once(self, body: dict[str, Any], fds: list[int] | None = None
+                      ) -> dict[str, Any]:
         req_id = self._next_id
         self._next_id += 1
         body = {**body, "id": req_id}

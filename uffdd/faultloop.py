@@ -15,6 +15,7 @@ written through the daemon's own alias mapping of the memory fd, which is not re
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import logging
 import os
@@ -39,6 +40,9 @@ log = logging.getLogger("uffdd.import")
 _EPOLL_TIMEOUT: Final = 0.05
 _MSG_BATCH: Final = 64
 _LATENCY_SAMPLES: Final = 1 << 20
+_PAGEMAP_PAGE: Final = 4096
+_PAGEMAP_BATCH: Final = 1 << 16
+_PRESENT_TABLE: Final = bytes(1 if b & 0xC0 else 0 for b in range(256))
 
 
 @dataclass(eq=False)
@@ -143,6 +147,11 @@ class FaultLoop:
         self._finished = False
         self._link_down_since: float | None = time.monotonic()
         self._refetch_budget: dict[tuple[int, int], int] = {}
+        # Stall detection: a link that stays open but moves nothing while pages are
+        # outstanding is as good as lost (a black-holed network never closes a socket).
+        self.stall_timeout = 0.0  # 0: off; the session sets peer.stall_timeout
+        self.vmm_pid = 0  # whose pagemap tells what is present already (0: nobody's)
+        self._last_progress = time.monotonic()
 
     # ------------------------------------------------------------ thread-safe API
 
@@ -183,6 +192,7 @@ class FaultLoop:
             self._ep.register(fd, select.EPOLLIN)
         self._ep.register(self._wakefd, select.EPOLLIN)
         try:
+            self._adopt_present_pages()
             self._check_complete()
             while not self._stopping:
                 # Bulk work waiting: only peek at faults and demand replies, so that a
@@ -204,6 +214,43 @@ class FaultLoop:
             os.close(self._wakefd)
             if self._demand is not None:
                 self._demand.close()
+
+    def _adopt_present_pages(self) -> None:
+        """Learn what a previous daemon installed, then wake every thread once.
+
+        A VMM re-imports its uffds after a daemon restart. Pages present in its address
+        space are installed: never fetch them again (in MINOR mode writing the alias
+        would overwrite what the guest wrote since). Threads whose fault message the
+        dead daemon had read would wait forever: a wake of each whole range makes them
+        fault again, and this time we read the message.
+        """
+        if self.vmm_pid:
+            try:
+                for region in self.regions:
+                    self._seed_region(region)
+            except OSError as e:
+                log.warning("cannot read the VMM's pagemap (%s): present pages will be "
+                            "learnt from EEXIST", e)
+        if self.pages.installed:
+            log.info("adopted %d pages already present in the VMM", self.pages.installed)
+        for region in self.regions:
+            with contextlib.suppress(RangeGone):  # the VMM unmapped it: nobody waits there
+                uffd.wake(region.uffd, region.addr, region.size)
+
+    def _seed_region(self, region: ImportRegion) -> None:
+        step = region.page_size // _PAGEMAP_PAGE
+        with open(f"/proc/{self.vmm_pid}/pagemap", "rb", buffering=0) as f:
+            for first in range(0, region.pages, _PAGEMAP_BATCH):
+                count = min(_PAGEMAP_BATCH, region.pages - first)
+                vpage = (region.addr + first * region.page_size) // _PAGEMAP_PAGE
+                data = os.pread(f.fileno(), count * step * 8, vpage * 8)
+                # Byte 7 of each little-endian entry holds bit 63 (present) and 62 (swapped).
+                flags = data[7 :: 8 * step].translate(_PRESENT_TABLE)
+                page = flags.find(1)
+                while page >= 0:
+                    if self.pages.get(region.index, first + page) <= pagestate.REQUESTED:
+                        self.pages.set(region.index, first + page, pagestate.INSTALLED)
+                    page = flags.find(1, page + 1)
 
     def _dispatch(self, ready: list[tuple[int, int]]) -> None:
         for fd, _mask in ready:
@@ -370,6 +417,7 @@ class FaultLoop:
                 self._link_down_since = time.monotonic()
             return
         self._link_down_since = None
+        self._last_progress = time.monotonic()
         sock.setblocking(False)
         self._ep.register(sock.fileno(), select.EPOLLIN)
         # Every outstanding demand request is asked for again on the new link.
@@ -420,6 +468,7 @@ class FaultLoop:
                 return
             self._rx_end += n
             self.counters.bytes_demand += n
+            self._last_progress = time.monotonic()
             _metric(self.metrics, "received", "demand", n)
             self._parse_demand()
             if self._demand is not sock:
@@ -508,6 +557,7 @@ class FaultLoop:
                 self._request(region, p, self._outstanding.get(key, time.monotonic()))
 
     def _bulk_item(self, item: tuple[object, ...]) -> None:
+        self._last_progress = time.monotonic()
         header, buf, release = item
         assert isinstance(header, dict)
         if buf is None:
@@ -661,8 +711,17 @@ class FaultLoop:
 
     # ------------------------------------------------------------ failures
 
+    def _check_stall(self, now: float) -> None:
+        """No byte on any lane for ``stall_timeout`` while pages are owed: drop the link."""
+        if (self.stall_timeout > 0 and self._demand is not None and self._outstanding
+                and now - self._last_progress > self.stall_timeout):
+            self._last_progress = now
+            self._demand_lost(f"link stalled: no data for {self.stall_timeout:.1f}s "
+                              f"with {len(self._outstanding)} pages outstanding")
+
     def _check_deadlines(self) -> None:
         now = time.monotonic()
+        self._check_stall(now)
         down = self._link_down_since
         if down is not None and now - down > self.deadline and not self._finished:
             # Past the deadline without a link: every page still needed is unrecoverable

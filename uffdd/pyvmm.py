@@ -86,7 +86,7 @@ def run_source(args: argparse.Namespace) -> int:
     fill(ram, args.seed, _holes(args.holes))
     digest = ram_hash(ram)
     layout = region_layout(ram, args.split)
-    with Client(args.socket) as client:
+    with Client(args.socket, resilient=args.resilient) as client:
         if ram.fd is None:
             regions = [MemoryRegion(gpa=gpa, size=size, page_size=ram.page_size,
                                     addr=ram.address + off) for gpa, off, size in layout]
@@ -172,7 +172,7 @@ def run_dest(args: argparse.Namespace) -> int:
     uffd.register(ufd, ram.address, ram.size, mode)
     regions = _dest_regions(ram, ufd, args)
     t0 = time.monotonic()
-    with Client(args.socket) as client:
+    with Client(args.socket, resilient=args.resilient) as client:
         client.import_session(args.session, bytes.fromhex(args.token), peer=args.peer,
                               regions=regions, policy=args.policy)
         follower = EventFollower(client, args.session, ufd, ram, args.timeout)
@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", type=int, default=1, help="describe RAM as N regions (gpa holes between)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--ready-file")
+    p.add_argument("--resilient", action="store_true",
+                   help="survive daemon restarts: reconnect and hand the session over again")
     args = p.parse_args(argv)
     return run_source(args) if args.role == "source" else run_dest(args)
 
