@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     from uffdd import demo as demo_mod
     demo_mod.add_arguments(demo)
 
+    chaos = sub.add_parser("chaos", help="migrate repeatedly while injecting faults",
+                           description="Run migrations between two local daemons while cutting, "
+                           "resetting and stalling the link, killing daemons and VMMs and "
+                           "corrupting pages; report pages lost and hung vCPUs.")
+    from uffdd import chaos as chaos_mod
+    chaos_mod.add_arguments(chaos)
+
     status = sub.add_parser("status", help="show the sessions of a running daemon")
     status.add_argument("--api-socket", metavar="PATH", default=config_mod.ApiConfig().socket)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -67,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from uffdd import demo
         return demo.run(args)
+    if args.command == "chaos":
+        from uffdd import chaos
+        return chaos.run(args)
     if args.command == "status":
         return _status(args)
     _parser().print_help()

@@ -1,0 +1,367 @@
+"""``uffdd chaos``: repeated migrations on this machine while faults are injected.
+
+Every run migrates a small guest between two real daemons on loopback, with real
+userfaultfd and the Python VMM stand-ins, through :class:`uffdd.faultproxy.FaultProxy`
+(throttled, so that a fault lands in the middle of the migration). While it runs, three
+faults are injected at spread-out points of its progress, drawn from: a link cut (FIN),
+a link reset (RST), a link stall (black hole, found by the stall detector), SIGKILL of
+the source daemon, SIGKILL of the destination daemon (both restarted on the same socket
+and port, as systemd would), and corrupted payloads. Every few runs a further migration
+loses its destination VMM to SIGKILL: both sessions must end and release their fds.
+
+The destination VMM reads every page and compares it with the source's pattern, so
+"pages lost" counts pages that came back wrong or never came; a VMM that does not finish
+in time has hung vCPUs. The same :class:`Rig` drives tests/test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import secrets
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from uffdd import harness
+from uffdd.client import Client, ClientError
+from uffdd.faultproxy import FaultProxy
+
+# Fast failure detection so that a run lasts seconds: a stalled link is dropped after
+# one second without data, reconnects back off to at most half a second.
+DAEMON_CONFIG = """\
+[peer]
+listen = "127.0.0.1:0"
+stall_timeout = 1.0
+reconnect_max_delay = 0.5
+connect_timeout = 2.0
+bulk_lanes = 2
+
+[session]
+deadline = 60.0
+"""
+
+RECOVERABLE_FAULTS = ("cut", "reset", "stall", "kill-source", "kill-dest", "corrupt")
+VMM_TIMEOUT = 180.0
+
+
+@dataclass
+class Migration:
+    """One migration in progress: its session and its two VMM processes."""
+
+    session: str
+    pages: int
+    threads: int
+    source: harness.VmmProcess
+    dest: harness.VmmProcess
+
+
+class Rig:
+    """Two daemons on loopback with a fault proxy between them, restartable."""
+
+    def __init__(self, workdir: Path, *, config: str = DAEMON_CONFIG, rate: int = 0) -> None:
+        self.workdir = workdir
+        self.config = config
+        self.src = self._start("source", 0)
+        self.dst = self._start("destination", 0)
+        self.proxy = FaultProxy(self.src.peer, lifetime=7200)
+        self.proxy.throttle(rate)
+        self.logs: list[Path] = []
+        self._n = 0
+
+    def _start(self, name: str, port: int) -> harness.DaemonProcess:
+        extra = ["--enable-fault-injection"] if name == "source" else []
+        return harness.start_daemon(self.workdir, name, config=self.config, extra=extra,
+                                    peer_port=port)
+
+    # -- daemons
+
+    def restart(self, which: str) -> None:
+        """SIGKILL one daemon and start it again on the same socket (and peer port)."""
+        old = self.src if which == "source" else self.dst
+        old.kill()
+        kept = old.log_path.with_name(f"{old.name}.{len(self.logs)}.log")
+        shutil.move(old.log_path, kept)  # the new daemon's "ready" line must be its own
+        self.logs.append(kept)
+        new = self._start(old.name, old.peer_port if which == "source" else 0)
+        if which == "source":
+            self.src = new
+        else:
+            self.dst = new
+
+    def tracebacks(self) -> list[str]:
+        """Names of the logs (current and rotated) that contain a Python traceback."""
+        paths = [*self.logs, self.src.log_path, self.dst.log_path]
+        return [p.name for p in paths
+                if p.exists() and "Traceback" in p.read_text(errors="replace")]
+
+    def close(self) -> tuple[int, int]:
+        """Stop both daemons (SIGTERM) and the proxy; returns their exit codes."""
+        codes = (self.src.stop(), self.dst.stop())
+        self.proxy.close()
+        return codes
+
+    # -- migrations
+
+    def start_migration(self, *, memory: str = "16M", backing: str = "shmem",
+                        mode: str = "missing", threads: int = 4, policy: str | None = None,
+                        seed: int | None = None, peer: str | None = None) -> Migration:
+        """Start a source VMM (exported), then a destination VMM that reads every page."""
+        self._n += 1
+        session = f"chaos{self._n}-{secrets.token_hex(3)}"
+        seed = self._n if seed is None else seed
+        ready = self.workdir / f"{session}.ready"
+        common = ["--session", session, "--token", secrets.token_hex(16), "--memory", memory,
+                  "--backing", backing, "--seed", str(seed), "--resilient",
+                  "--timeout", str(VMM_TIMEOUT)]
+        src = harness.start_vmm(harness.python_vmm(
+            "source", *common, "--socket", self.src.api_socket, "--ready-file", str(ready)),
+            "source", self.workdir, ready)
+        src.wait_ready()
+        dst_args = [*common, "--socket", self.dst.api_socket, "--peer", peer or self.proxy.address,
+                    "--mode", mode, "--threads", str(threads), "--order", "rand"]
+        if policy:
+            dst_args += ["--policy", policy]
+        dst = harness.start_vmm(harness.python_vmm("dest", *dst_args), "dest", self.workdir)
+        from uffdd.pyvmm import parse_size
+        return Migration(session, parse_size(memory) // 4096, threads, src, dst)
+
+    def inject(self, session: str, **fields: Any) -> None:
+        """Ask the source daemon to misbehave for ``session`` (lose pages, corrupt frames)."""
+        with Client(self.src.api_socket, timeout=10) as c:
+            c.request({"op": "inject", "session": session, **fields})
+
+    def status(self, which: str, session: str) -> dict[str, Any] | None:
+        """The session's status on one daemon (None if that daemon does not know it)."""
+        daemon = self.src if which == "source" else self.dst
+        try:
+            with Client(daemon.api_socket, timeout=5) as c:
+                found = c.status(session)
+        except ClientError:
+            return None
+        running = [s for s in found if s.get("state") not in ("completed", "failed", "cancelled")]
+        chosen = running or found
+        return chosen[-1] if chosen else None
+
+    def wait_installed(self, session: str, pages: int, timeout: float = 30.0) -> bool:
+        """Wait until the destination installed ``pages`` pages (or the session ended)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status("destination", session)
+            if st is not None and (st["pages_installed"] >= pages
+                                   or st["state"] in ("completed", "failed", "cancelled")):
+                return True
+            time.sleep(0.05)
+        return False
+
+
+def daemon_fds(daemon: harness.DaemonProcess) -> int:
+    """How many fds the daemon process holds now."""
+    return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+
+
+def wait_fds(daemon: harness.DaemonProcess, at_most: int, timeout: float = 15.0) -> int:
+    """Wait until the daemon holds at most ``at_most`` fds; returns the last count."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = daemon_fds(daemon)
+        if n <= at_most or time.monotonic() > deadline:
+            return n
+        time.sleep(0.1)
+
+
+def apply_fault(rig: Rig, kind: str, m: Migration, stall_seconds: float = 2.5) -> None:
+    """Inject one recoverable fault into a running migration."""
+    if kind == "cut":
+        rig.proxy.cut()
+    elif kind == "reset":
+        rig.proxy.reset()
+    elif kind == "stall":
+        rig.proxy.stall(stall_seconds)
+        time.sleep(stall_seconds)
+    elif kind == "kill-source":
+        rig.restart("source")
+    elif kind == "kill-dest":
+        rig.restart("destination")
+    elif kind == "corrupt":
+        rig.inject(m.session, corrupt=3)
+    else:
+        raise ValueError(f"unknown fault {kind!r}")
+
+
+@dataclass
+class RunResult:
+    """One line of the chaos output."""
+
+    run: int
+    faults: list[str]
+    pages: int
+    pages_verified: int
+    pages_lost: int
+    hung_vcpus: int
+    seconds: float
+    error: str | None = None
+
+
+@dataclass
+class Summary:
+    """The chaos run's totals (``--json`` prints this)."""
+
+    migrations: int = 0
+    faults_injected: int = 0
+    pages_verified: int = 0
+    pages_lost: int = 0
+    hung_vcpus: int = 0
+    vmm_deaths: int = 0
+    vmm_deaths_cleaned: int = 0
+    failed_runs: int = 0
+    seconds: float = 0.0
+    faults: dict[str, int] = field(default_factory=dict)
+    tracebacks: list[str] = field(default_factory=list)
+
+
+def finish(m: Migration) -> tuple[int, int, int, str | None]:
+    """Wait for a migration; returns (pages verified, pages lost, hung vCPUs, error)."""
+    try:
+        d = m.dest.result(VMM_TIMEOUT + 30)
+    except harness.HarnessError as e:
+        m.source.proc.kill()
+        return 0, m.pages, m.threads, f"destination hung: {str(e)[:200]}"
+    try:
+        s = m.source.result(60)
+    except harness.HarnessError as e:
+        s = {"event": "failed", "reason": str(e)[:200]}
+    if d.get("verified") is True and d.get("hash") == s.get("hash"):
+        return m.pages, 0, 0, None
+    mismatches = d.get("mismatches")
+    lost = int(mismatches) if isinstance(mismatches, int) and mismatches else m.pages
+    return 0, lost, 0, f"dest={d.get('event')} {d.get('reason')} source={s.get('event')}"
+
+
+def one_run(rig: Rig, run: int, rng: random.Random, memory: str) -> RunResult:
+    """One migration with three faults at 15%, 40% and 65% of its pages."""
+    faults = rng.sample(RECOVERABLE_FAULTS, 3)
+    t0 = time.monotonic()
+    m = rig.start_migration(memory=memory, mode=rng.choice(("missing", "minor")), seed=run)
+    for i, kind in enumerate(faults):
+        rig.wait_installed(m.session, int(m.pages * (0.15 + 0.25 * i)))
+        apply_fault(rig, kind, m)
+    verified, lost, hung, error = finish(m)
+    return RunResult(run, faults, m.pages, verified, lost, hung,
+                     round(time.monotonic() - t0, 2), error)
+
+
+def vmm_death(rig: Rig, memory: str) -> tuple[bool, str]:
+    """Kill a destination VMM mid-migration: both sessions end and release their fds."""
+    before_dst, before_src = daemon_fds(rig.dst), daemon_fds(rig.src)
+    m = rig.start_migration(memory=memory)
+    rig.wait_installed(m.session, m.pages // 5)
+    m.dest.proc.kill()
+    m.dest.proc.wait(10)
+    # The source VMM has nobody left to migrate to: it is stopped too (as a VMM
+    # orchestrator would), and its export must end as well.
+    m.source.proc.kill()
+    m.source.proc.wait(10)
+    dst_fds, src_fds = wait_fds(rig.dst, before_dst), wait_fds(rig.src, before_src)
+    dst_st = rig.status("destination", m.session) or {}
+    src_st = rig.status("source", m.session) or {}
+    ok = (dst_fds <= before_dst and src_fds <= before_src
+          and dst_st.get("state") in ("cancelled", "failed")
+          and src_st.get("state") in ("cancelled", "failed", "completed"))
+    return ok, (f"fds dest {before_dst}->{dst_fds} source {before_src}->{src_fds}, "
+                f"dest session {dst_st.get('state')}, source session {src_st.get('state')}")
+
+
+def run_chaos(runs: int, *, memory: str = "16M", rate: int = 3 << 20, seed: int = 1,
+              workdir: Path | None = None, out: Any = None, as_json: bool = False) -> Summary:
+    """Run ``runs`` migrations under faults; print one line each; return the totals."""
+    rng = random.Random(seed)
+    summary = Summary()
+    t0 = time.monotonic()
+    own = workdir is None
+    base = Path(tempfile.mkdtemp(prefix="uffdd-chaos-")) if workdir is None else workdir
+    rig = Rig(base, rate=rate)
+    try:
+        for run in range(1, runs + 1):
+            try:
+                r = one_run(rig, run, rng, memory)
+            except (harness.HarnessError, ClientError, OSError) as e:
+                r = RunResult(run, [], 0, 0, 0, 0, 0.0, f"run could not be set up: {e}")
+            _account(summary, r)
+            _say(out, as_json, f"run {run:3d}: faults {','.join(r.faults):34s} "
+                 f"pages {r.pages_verified}/{r.pages} verified, lost {r.pages_lost}, "
+                 f"hung vCPUs {r.hung_vcpus}, {r.seconds:.1f}s"
+                 + (f"  ERROR {r.error}" if r.error else ""))
+            if run % 5 == 0:
+                ok, detail = vmm_death(rig, memory)
+                summary.vmm_deaths += 1
+                summary.vmm_deaths_cleaned += ok
+                summary.faults_injected += 1
+                summary.faults["kill-vmm"] = summary.faults.get("kill-vmm", 0) + 1
+                _say(out, as_json, f"vmm death after run {run}: {'clean' if ok else 'NOT CLEAN'}"
+                     f" ({detail})")
+    finally:
+        rig.close()
+        summary.tracebacks = rig.tracebacks()
+        if own and not summary.tracebacks and not summary.failed_runs:
+            shutil.rmtree(base, ignore_errors=True)
+    summary.seconds = round(time.monotonic() - t0, 1)
+    return summary
+
+
+def _account(summary: Summary, r: RunResult) -> None:
+    summary.migrations += 1 if r.faults else 0
+    summary.faults_injected += len(r.faults)
+    for kind in r.faults:
+        summary.faults[kind] = summary.faults.get(kind, 0) + 1
+    summary.pages_verified += r.pages_verified
+    summary.pages_lost += r.pages_lost
+    summary.hung_vcpus += r.hung_vcpus
+    summary.failed_runs += r.error is not None
+
+
+def _say(out: Any, as_json: bool, line: str) -> None:
+    if out is not None and not as_json:
+        print(line, file=out, flush=True)
+
+
+def render_summary(s: Summary) -> str:
+    """The human-readable final summary."""
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(s.faults.items()))
+    return (f"migrations: {s.migrations}\nfaults injected: {s.faults_injected} ({kinds})\n"
+            f"pages verified: {s.pages_verified}\npages lost: {s.pages_lost}\n"
+            f"hung vCPUs: {s.hung_vcpus}\nVMM deaths cleaned up: {s.vmm_deaths_cleaned}"
+            f"/{s.vmm_deaths}\nfailed runs: {s.failed_runs}\n"
+            f"daemon tracebacks: {len(s.tracebacks)}\nseconds: {s.seconds}")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``uffdd chaos`` options."""
+    p.add_argument("--runs", type=int, default=30, help="migrations to run (default 30)")
+    p.add_argument("--memory", default="16M", help="guest RAM per migration (default 16M)")
+    p.add_argument("--rate", type=int, default=3 << 20,
+                   help="proxy throttle per connection in bytes/s (default 3 MiB/s)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the fault schedule")
+    p.add_argument("--workdir", help="keep sockets and logs here (default: a temp dir, "
+                   "removed after a clean run)")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``uffdd chaos``; exit status 0 only with nothing lost or hung."""
+    import sys
+    workdir = Path(args.workdir) if args.workdir else None
+    summary = run_chaos(args.runs, memory=args.memory, rate=args.rate, seed=args.seed,
+                        workdir=workdir, out=sys.stdout, as_json=args.json)
+    if args.json:
+        print(json.dumps(asdict(summary)))
+    else:
+        print(render_summary(summary))
+    clean = (summary.pages_lost == 0 and summary.hung_vcpus == 0 and not summary.failed_runs
+             and summary.vmm_deaths_cleaned == summary.vmm_deaths and not summary.tracebacks)
+    return 0 if clean else 1
