@@ -970,6 +970,12 @@ static void *vcpu_thread(void *arg)
 		break;
 	}
 	v->seconds = now_s() - t0;
+#ifndef TESTVM_NO_LIBUFFDD
+	if (v->client) {
+		uffdd_close(v->client);
+		v->client = NULL;
+	}
+#endif
 	atomic_fetch_add(&vcpus_finished, 1);
 	return NULL;
 }
