@@ -385,7 +385,16 @@ async def handle_cancel(conn: Connection, body: protocol.Message, fds: list[int]
 
 
 async def handle_resolve(conn: Connection, body: protocol.Message, fds: list[int]) -> protocol.Message:
-    session = _own_session(conn, str(body["session"]), "import")
+    try:
+        session = _own_session(conn, str(body["session"]), "import")
+    except RequestError as e:
+        ended = _ended_import(conn, str(body["session"])) if e.code == "unknown-session" else None
+        if ended is None:
+            raise
+        # The VM's session failed: a vCPU that still asks must stop, with the reason.
+        verdict = _crash_verdict(ended, _exit_gpa(ended, body))
+        return {"verdict": verdict.kind, "gpa": verdict.gpa, "addr": verdict.addr,
+                "size": verdict.size, "reason": verdict.reason}
     assert isinstance(session, ImportSession)
     gpa = _exit_gpa(session, body)
     errno_value = body.get("errno")
@@ -400,6 +409,22 @@ async def handle_resolve(conn: Connection, body: protocol.Message, fds: list[int
     verdict = await session.resolve(exit)
     return {"verdict": verdict.kind, "gpa": verdict.gpa, "addr": verdict.addr,
             "size": verdict.size, "reason": verdict.reason}
+
+
+def _ended_import(conn: Connection, session_id: str) -> ImportSession | None:
+    """This VMM's import session of that id if it ended in failure (or was cancelled)."""
+    for s in conn.daemon.all_sessions():
+        if (isinstance(s, ImportSession) and s.session_id == session_id
+                and s.state in ("failed", "cancelled") and s.owner_pid == conn.cred.pid):
+            return s
+    return None
+
+
+def _crash_verdict(session: ImportSession, gpa: int) -> strategies.Verdict:
+    region, page = session.region_of_gpa(gpa)
+    return strategies.Verdict(strategies.CRASH, region.gpa + page * region.page_size,
+                              region.addr + page * region.page_size, region.page_size,
+                              f"session {session.state}: {session.reason or session.state}")
 
 
 def _exit_gpa(session: ImportSession, body: protocol.Message) -> int:

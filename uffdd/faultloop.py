@@ -809,6 +809,10 @@ class FaultLoop:
         if not self._finished:
             self._finished = True
             self.notify("failed", reason)
+        # vCPU exits waiting for a page get their answer now (crash), not at their timeout.
+        for key in list(self._callbacks):
+            for cb in self._callbacks.pop(key, []):
+                cb(Outcome.LOST, reason)
         self._stopping = True
 
     def _check_complete(self) -> None:

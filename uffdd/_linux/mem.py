@@ -7,6 +7,7 @@ registered with a userfaultfd, so touching them can never fault on a uffd.
 from __future__ import annotations
 
 import ctypes
+import gc
 import mmap
 import os
 import signal
@@ -62,11 +63,24 @@ class Mapping:
         self.address = buffer_address(self.map) if writable else 0
 
     def close(self) -> None:
-        """Unmap; idempotent."""
-        if self.length:
-            self.view.release()
+        """Unmap; idempotent.
+
+        Slices of ``view`` handed to a lane thread can outlive it inside a traceback
+        cycle; collect those first. If one is still alive the mapping is unmapped when
+        it goes (the mmap object owns it), so closing never fails.
+        """
+        if not self.length:
+            return
+        self.length = 0
+        self.view.release()
+        try:
             self.map.close()
-            self.length = 0
+        except BufferError:
+            gc.collect()
+            try:
+                self.map.close()
+            except BufferError:
+                pass
 
 
 def process_read(pid: int, remote: int, local: int, length: int) -> None:

@@ -36,6 +36,7 @@ FEATURE_MINOR_HUGETLBFS: Final = 1 << 9
 FEATURE_MINOR_SHMEM: Final = 1 << 10
 FEATURE_EXACT_ADDRESS: Final = 1 << 11
 FEATURE_POISON: Final = 1 << 14
+_FEATURE_INITIALIZED: Final = 1 << 31  # kernel-internal: UFFDIO_API has been done
 
 # Register modes.
 REGISTER_MODE_MISSING: Final = 1 << 0
@@ -384,7 +385,10 @@ def granted_features(fd: int) -> int:
     for line in text.splitlines():
         if line.startswith("API:"):
             _api, features, _ioctls = line.split()[1].split(":")
-            return int(features, 16)
+            value = int(features, 16)
+            # The kernel marks a completed handshake with a private feature bit.
+            if value & _FEATURE_INITIALIZED:
+                return value & ~_FEATURE_INITIALIZED
     raise KernelError("fdinfo", errno.EINVAL, "not an initialised userfaultfd")
 
 
