@@ -103,7 +103,7 @@ class ContinueThenPopulate(Strategy):
 
     async def resolve(self, exit: VcpuExit, ctx: ResolveContext) -> Verdict:
         if exit.populate_errno is not None:
-            return await ctx.fail_page(exit.gpa, f"populate failed with errno {exit.populate_errno}")
+            return await ctx.fail_page(exit.gpa, _populate_failed(exit.populate_errno))
         outcome = await ctx.make_present(exit.gpa)
         if outcome == "installed":
             return ctx.verdict(RESUME, exit.gpa)
@@ -115,21 +115,41 @@ class ContinueThenPopulate(Strategy):
 
 
 class NoUffdWait(Strategy):
-    """Never installed: install and resume. Installed before: slow GUP failed, so policy."""
+    """Never installed: install and resume. Installed before: slow GUP failed, so policy.
+
+    "Installed before" means before the vCPU faulted. A page the background stream
+    installs while the exit is on its way to us looks installed too, and that race is
+    common. So the first exit of a vCPU on a present page is answered ``resume``; if the
+    same vCPU exits on the same page again, the kernel really cannot map it and the
+    page goes to the failure policy.
+    """
 
     name = "no-uffd-wait"
 
+    def __init__(self) -> None:
+        self._resumed_present: dict[int, int] = {}  # vCPU -> page it was resumed on
+
     async def resolve(self, exit: VcpuExit, ctx: ResolveContext) -> Verdict:
         if exit.populate_errno is not None:
-            return await ctx.fail_page(exit.gpa, f"populate failed with errno {exit.populate_errno}")
+            return await ctx.fail_page(exit.gpa, _populate_failed(exit.populate_errno))
         outcome = await ctx.make_present(exit.gpa)
+        page = ctx.verdict(RESUME, exit.gpa).gpa
+        if outcome == "present":
+            if self._resumed_present.pop(exit.vcpu, None) == page:
+                return await ctx.fail_page(exit.gpa, "page was installed before and still faults")
+            self._resumed_present[exit.vcpu] = page
+            return ctx.verdict(RESUME, exit.gpa, "page is present (installed while the exit "
+                               "was on its way): resume once")
+        self._resumed_present.pop(exit.vcpu, None)
         if outcome == "installed":
             return ctx.verdict(RESUME, exit.gpa)
-        if outcome == "present":
-            return await ctx.fail_page(exit.gpa, "page was installed before and still faults")
         if outcome == "poisoned":
             return ctx.verdict(INJECT, exit.gpa, "page is unrecoverable (poisoned)")
         return ctx.verdict(CRASH, exit.gpa, "page is unrecoverable")
+
+
+def _populate_failed(errno_value: int) -> str:
+    return f"the VMM's populate failed with errno {errno_value}"
 
 
 BUILTIN: Final[dict[str, type[Strategy]]] = {

@@ -92,6 +92,9 @@
 #ifndef BUS_MCEERR_AR
 #define BUS_MCEERR_AR 4
 #endif
+#ifndef MADV_PAGEOUT
+#define MADV_PAGEOUT 21
+#endif
 
 #define HUGE_2M (2u << 20)
 
@@ -105,10 +108,13 @@ static struct {
 	uint64_t memory;
 	enum backing backing;
 	bool minor, exits, rand_order;
+	bool linger;        /* test aid: ignore a failed event, so the daemon must kill us */
+	int64_t reexit_page; /* test aid: report an exit for this page after installing it */
+	bool pageout;       /* ... and MADV_PAGEOUT it first (swap) */
 	uint64_t seed;
 	unsigned threads;
 	double deadline, timeout;
-} opt = { .threads = 1, .timeout = 600 };
+} opt = { .threads = 1, .timeout = 600, .reexit_page = -1 };
 
 /* guest RAM */
 static unsigned char *ram;
@@ -119,6 +125,23 @@ static uint64_t n_pages;   /* ram size / 4 KiB */
 static unsigned char *poisoned; /* per unit: 1 = skipped (memory error) */
 static atomic_uint threads_done;
 static double t_start;
+static int dest_uffd = -1;
+
+/*
+ * Memory errors the vCPUs saw: the gpa of the touched unit, the address the
+ * SIGBUS named and its si_code (or -1: an inject-memory-error verdict). Tests
+ * check that every one is exactly at a lost page.
+ */
+#define MAX_MEMERR 1024
+static struct memerr { uint64_t gpa, si_gpa; int code; } memerrs[MAX_MEMERR];
+static atomic_uint n_memerr;
+
+static void record_memerr(uint64_t gpa, uint64_t si_gpa, int code)
+{
+	unsigned i = atomic_fetch_add(&n_memerr, 1);
+	if (i < MAX_MEMERR)
+		memerrs[i] = (struct memerr){ gpa, si_gpa, code };
+}
 
 /* ------------------------------------------------------------------------ */
 
@@ -244,6 +267,14 @@ static void parse_args(int argc, char **argv)
 			opt.exits = true;
 			continue;
 		}
+		if (!strcmp(a, "--linger")) {
+			opt.linger = true;
+			continue;
+		}
+		if (!strcmp(a, "--pageout")) {
+			opt.pageout = true;
+			continue;
+		}
 		if (i + 1 >= argc)
 			usage("option without value");
 		const char *v = argv[++i];
@@ -294,6 +325,8 @@ static void parse_args(int argc, char **argv)
 			opt.timeout = strtod(v, NULL);
 		else if (!strcmp(a, "--ready-file"))
 			opt.ready_file = v;
+		else if (!strcmp(a, "--reexit-page"))
+			opt.reexit_page = (int64_t)parse_u64(v, "bad --reexit-page");
 		else
 			usage("unknown option");
 	}
@@ -311,6 +344,8 @@ static void parse_args(int argc, char **argv)
 	n_pages = opt.memory / VMSIM_PAGE;
 	if (opt.threads > n_units)
 		opt.threads = (unsigned)n_units;
+	if (opt.reexit_page >= (int64_t)n_units)
+		usage("--reexit-page is outside guest RAM");
 }
 
 /* ------------------------------------------------------------------------ */
@@ -357,6 +392,47 @@ static void slice(unsigned t, uint64_t *lo, uint64_t *hi)
 
 /* ------------------------------------------------------------------------ */
 /* events */
+
+/*
+ * The daemon stops reading our uffd once the session completed, so from then on
+ * the kernel must serve every fault (a page discarded later, say): unregister
+ * guest RAM at once. Never on failure: that would hand the guest zero pages.
+ */
+static void unregister_ram(void)
+{
+	static bool done;
+	if (done || dest_uffd < 0)
+		return;
+	done = true;
+	struct uffdio_range r = { .start = (uint64_t)(uintptr_t)ram, .len = opt.memory };
+	if (ioctl(dest_uffd, UFFDIO_UNREGISTER, &r) < 0)
+		fprintf(stderr, "uffdd-vmsim: UFFDIO_UNREGISTER: %s\n", strerror(errno));
+}
+
+/*
+ * The session failed: stop the VM (exit 1) with the reason. With --linger
+ * (tests of the crash policy) keep running instead, as a hung VMM would, so
+ * the daemon has to kill us after its grace period.
+ */
+__attribute__((noreturn))
+static void session_failed(const char *reason)
+{
+	flockfile(stdout);
+	printf("{\"role\": \"dest\", \"verified\": false, \"event\": \"failed\", "
+	       "\"outcome\": \"crashed\", \"lingering\": %s, \"reason\": ",
+	       opt.linger ? "true" : "false");
+	json_str(stdout, reason);
+	printf("}\n");
+	fflush(stdout);
+	funlockfile(stdout);
+	if (opt.linger) {
+		fprintf(stderr, "uffdd-vmsim: session failed; lingering (--linger)\n");
+		double until = now() + opt.timeout;
+		while (now() < until)
+			usleep(100000);
+	}
+	_exit(1);
+}
 
 /*
  * Wait for the completed/failed event of our session. Returns 1 completed,
@@ -569,8 +645,14 @@ static enum exit_action handle_exit(struct toucher *t, uint64_t u, void *fault_a
 	struct uffdd_exit x = { .vcpu = t->idx, .gpa = off, .size = 8,
 				.access = UFFDD_ACCESS_READ };
 	__atomic_store_n(&t->exits, t->exits + 1, __ATOMIC_RELAXED);
-	if (uffdd_resolve(t->c, opt.session, &x, &v, &err) < 0)
-		die(1, "resolve gpa 0x%" PRIx64 ": %s", off, err.message);
+	if (uffdd_resolve(t->c, opt.session, &x, &v, &err) < 0) {
+		if (err.code != UFFDD_ERR_UNKNOWN_SESSION)
+			die(1, "resolve gpa 0x%" PRIx64 ": %s", off, err.message);
+		/* The session ended (completed: a failure stops us from the main
+		 * thread): no page is absent any more, so this is a memory error. */
+		v.kind = UFFDD_VERDICT_INJECT_MEMORY_ERROR;
+		v.gpa = off;
+	}
 	for (int round = 0;; round++) {
 		switch (v.kind) {
 		case UFFDD_VERDICT_RESUME:
@@ -594,6 +676,7 @@ static enum exit_action handle_exit(struct toucher *t, uint64_t u, void *fault_a
 		case UFFDD_VERDICT_INJECT_MEMORY_ERROR:
 			poisoned[u] = 1;
 			__atomic_store_n(&t->poisoned, t->poisoned + 1, __ATOMIC_RELAXED);
+			record_memerr(u * unit, v.gpa, -1);
 			return ACT_SKIP;
 		case UFFDD_VERDICT_CRASH:
 			crash(t->idx, off, v.reason);
@@ -611,12 +694,15 @@ static void touch_unit(struct toucher *t, uint64_t u)
 
 	if (sigsetjmp(tls_jb, 1)) {
 		void *fa = tls_addr;
+		int code = tls_code;
 		if (++attempts > 1000)
 			crash(t->idx, u * unit, "page still absent after 1000 resumes");
-		if (!opt.exits) {
-			/* no exit path: a SIGBUS is a poisoned page (memory error) */
+		if (!opt.exits || code == BUS_MCEERR_AR) {
+			/* no exit path (or the kernel says so): a poisoned page, a memory
+			 * error; the test checks address and si_code */
 			poisoned[u] = 1;
 			__atomic_store_n(&t->poisoned, t->poisoned + 1, __ATOMIC_RELAXED);
+			record_memerr(u * unit, (uint64_t)((unsigned char *)fa - ram), code);
 			return;
 		}
 		if (handle_exit(t, u, fa) == ACT_SKIP)
@@ -664,6 +750,94 @@ static void *touch_thread(void *arg)
 	return NULL;
 }
 
+/* /proc/self/pagemap: is the page at addr swapped out (bit 62)? */
+static bool page_swapped(const void *addr)
+{
+	int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return false;
+	uint64_t entry = 0;
+	off_t at = (off_t)((uintptr_t)addr / VMSIM_PAGE * sizeof(entry));
+	bool ok = pread(fd, &entry, sizeof(entry), at) == (ssize_t)sizeof(entry);
+	close(fd);
+	return ok && (entry >> 62 & 1);
+}
+
+static const char *verdict_name(enum uffdd_verdict_kind k)
+{
+	switch (k) {
+	case UFFDD_VERDICT_RESUME: return "resume";
+	case UFFDD_VERDICT_POPULATE: return "populate";
+	case UFFDD_VERDICT_INJECT_MEMORY_ERROR: return "inject-memory-error";
+	case UFFDD_VERDICT_CRASH: return "crash";
+	}
+	return "?";
+}
+
+/* --reexit-page: what happened, printed as "reexit" in the JSON line. */
+static struct {
+	bool done, swapped, populate_ok, bytes_ok;
+	int populate_errno, reports;
+	const char *verdict, *verdict2;
+} rx = { .verdict = "", .verdict2 = "" };
+
+/*
+ * --reexit-page P (test aid, before the vCPUs start): touch page P so it gets
+ * installed, optionally MADV_PAGEOUT it (--pageout: its PTE becomes a swap
+ * entry), then report a vCPU exit for it, as KVM does when a vCPU faults on a
+ * page that slow GUP could not bring in. The strategy decides: populate
+ * (MADV_POPULATE_WRITE here, then the bytes are checked), or the failure policy.
+ */
+static void reexit(uffdd_client *c)
+{
+	uint64_t u = (uint64_t)opt.reexit_page;
+	double lat;
+	struct toucher tm = { .idx = opt.threads, .c = c, .lat_us = &lat };
+	touch_unit(&tm, u);
+	unsigned char *p = ram + u * unit;
+	if (opt.pageout) {
+		if (madvise(p, unit, MADV_PAGEOUT) < 0)
+			die(1, "MADV_PAGEOUT: %s", strerror(errno));
+		rx.swapped = page_swapped(p);
+	}
+	struct uffdd_error err;
+	struct uffdd_verdict v;
+	struct uffdd_exit x = { .vcpu = opt.threads, .gpa = u * unit, .size = 8,
+				.access = UFFDD_ACCESS_WRITE };
+	/* A resume verdict re-enters the vCPU; the kernel still cannot map the page
+	 * (that is the case we stand in for), so the vCPU exits once more. */
+	for (rx.reports = 1;; rx.reports++) {
+		if (uffdd_resolve(c, opt.session, &x, &v, &err) < 0)
+			die(1, "resolve (reexit) gpa 0x%" PRIx64 ": %s", x.gpa, err.message);
+		if (v.kind != UFFDD_VERDICT_RESUME || rx.reports == 2)
+			break;
+	}
+	rx.done = true;
+	rx.verdict = verdict_name(v.kind);
+	if (v.kind == UFFDD_VERDICT_POPULATE) {
+		if (madvise(p, unit, MADV_POPULATE_WRITE) == 0) {
+			rx.populate_ok = true;
+		} else {
+			rx.populate_errno = errno;
+			if (uffdd_populate_failed(c, opt.session, x.vcpu, x.gpa, errno, &v, &err) < 0)
+				die(1, "populate-failed: %s", err.message);
+			rx.verdict2 = verdict_name(v.kind);
+		}
+	}
+	if (v.kind == UFFDD_VERDICT_CRASH)
+		crash(x.vcpu, x.gpa, v.reason);
+	if (v.kind == UFFDD_VERDICT_INJECT_MEMORY_ERROR) {
+		poisoned[u] = 1;
+		record_memerr(x.gpa, v.gpa, -1);
+		return;
+	}
+	bool ok = true;
+	uint64_t per = unit / VMSIM_PAGE;
+	for (uint64_t i = 0; i < per; i++)
+		ok = ok && pattern_check(p + i * VMSIM_PAGE, opt.seed, u * per + i);
+	rx.bytes_ok = ok;
+}
+
 static int cmp_double(const void *a, const void *b)
 {
 	double x = *(const double *)a, y = *(const double *)b;
@@ -682,6 +856,7 @@ static int run_dest(void)
 {
 	create_ram();
 	int uffd = create_uffd();
+	dest_uffd = uffd;
 
 	struct sigaction sa = { .sa_sigaction = on_sigbus, .sa_flags = SA_SIGINFO | SA_NODEFER };
 	sigemptyset(&sa.sa_mask);
@@ -716,6 +891,8 @@ static int run_dest(void)
 		die(1, "import: %s", err.message);
 	/* We keep our own uffd open: if the daemon died, faults must block (and be
 	 * seen), never be silently zero-filled. */
+	if (opt.reexit_page >= 0)
+		reexit(c);
 
 	double t_touch = now();
 	for (unsigned t = 0; t < opt.threads; t++) {
@@ -725,7 +902,8 @@ static int run_dest(void)
 	}
 	/* Watch events while the vCPUs run: a failed session must not leave them
 	 * blocked forever. */
-	struct uffdd_event ev;
+	struct uffdd_event ev, done_ev;
+	memset(&done_ev, 0, sizeof(done_ev));
 	int end = -2;
 	double until = now() + opt.timeout;
 	double touch_s = 0;
@@ -747,16 +925,26 @@ static int run_dest(void)
 			die(1, "waiting for events: %s", err.message);
 		if (rr == 1 && !strcmp(ev.session, opt.session)) {
 			if (ev.kind == UFFDD_EVENT_FAILED)
-				die(1, "session failed while vCPUs ran: %s", ev.reason);
-			if (ev.kind == UFFDD_EVENT_COMPLETED)
+				session_failed(ev.reason);
+			if (ev.kind == UFFDD_EVENT_COMPLETED) {
 				end = 1;
+				done_ev = ev;
+				unregister_ram();
+			}
 		}
 	}
 	touch_s = now() - t_touch;
 	for (unsigned t = 0; t < opt.threads; t++)
 		pthread_join(ts[t].th, NULL);
-	if (end != 1)
+	if (end != 1) {
 		end = wait_session_end(c, &ev, until);
+		if (end == 0)
+			session_failed(ev.reason);
+		if (end == 1) {
+			done_ev = ev;
+			unregister_ram();
+		}
+	}
 	double secs = now() - t_start;
 
 	uint64_t n_lat = 0, mism = 0, pois = 0, exits = 0, pops = 0;
@@ -790,6 +978,22 @@ static int run_dest(void)
 	       percentile(lat, n_lat, 0.99), touch_s > 0 ? (double)n_lat / touch_s : 0.0, touch_s,
 	       secs, exits, pops, end == 1 ? "completed" : end == 0 ? "failed" : "timeout");
 	json_str(stdout, end == 0 ? ev.reason : "");
+	printf(", \"outcome\": ");
+	json_str(stdout, end == 1 ? done_ev.outcome : "");
+	printf(", \"daemon_pages_poisoned\": %" PRIu64 ", \"memory_errors\": [",
+	       done_ev.pages_poisoned);
+	unsigned nm = atomic_load(&n_memerr);
+	for (unsigned i = 0; i < nm && i < MAX_MEMERR; i++)
+		printf("%s{\"gpa\": %" PRIu64 ", \"si_gpa\": %" PRIu64 ", \"code\": %d}",
+		       i ? ", " : "", memerrs[i].gpa, memerrs[i].si_gpa, memerrs[i].code);
+	printf("]");
+	if (rx.done)
+		printf(", \"reexit\": {\"page\": %" PRId64 ", \"swapped\": %s, \"verdict\": \"%s\", "
+		       "\"populate_ok\": %s, \"populate_errno\": %d, \"verdict2\": \"%s\", "
+		       "\"bytes_ok\": %s, \"reports\": %d}",
+		       opt.reexit_page, rx.swapped ? "true" : "false", rx.verdict,
+		       rx.populate_ok ? "true" : "false", rx.populate_errno, rx.verdict2,
+		       rx.bytes_ok ? "true" : "false", rx.reports);
 	printf(", \"hash\": \"%016" PRIx64 "\"}\n", hash);
 	fflush(stdout);
 	free(lat);
