@@ -44,6 +44,7 @@ class Connection:
         self._send_lock = trio.Lock()
         self.owned: list[SessionBase] = []
         self.closed = False
+        self.in_flight = 0  # resolve requests not answered yet (limits.max_outstanding_requests)
 
     @property
     def limits(self) -> object:
@@ -97,7 +98,13 @@ class Connection:
                 return
             body, fds = frame
             if body.get("op") in ("resolve", "populate-failed"):
-                nursery.start_soon(self._handle, body, fds)
+                if self.in_flight >= self.daemon.config.limits.max_outstanding_requests:
+                    # Each waits up to the page deadline: unbounded, they would pin memory
+                    # and tasks for any VMM that keeps asking.
+                    await self._handle({**body, "op": "__limit__"}, fds)
+                    continue
+                self.in_flight += 1
+                nursery.start_soon(self._handle_in_flight, body, fds)
             else:
                 await self._handle(body, fds)
 
@@ -141,11 +148,21 @@ class Connection:
             scm.close_all([fd for fd in fds if fd >= 0])
             return {"op": "__invalid__", "error": e.code, "message": e.message}, []
 
+    async def _handle_in_flight(self, body: protocol.Message, fds: list[int]) -> None:
+        try:
+            await self._handle(body, fds)
+        finally:
+            self.in_flight -= 1
+
     async def _handle(self, body: protocol.Message, fds: list[int]) -> None:
         req_id = body.get("id")
         try:
             if body.get("op") == "__invalid__":
                 raise RequestError(str(body["error"]), str(body["message"]))
+            if body.get("op") == "__limit__":
+                raise RequestError("limit", f"{self.in_flight} resolve requests of this "
+                                   "connection are still in flight "
+                                   "(limits.max_outstanding_requests)")
             if fds and fds[0] == -1:
                 raise RequestError("bad-fds", "too many fds or unexpected ancillary data")
             op = protocol.check_request(body)
@@ -326,9 +343,19 @@ def _strategy(name: str) -> strategies.Strategy:
         raise RequestError("bad-request", f"import: {e}") from None
 
 
+def _may_observe(conn: Connection, session: SessionBase) -> bool:
+    """Status and events of a session: for the VMM that created it and for the admin.
+
+    The admin is root or the daemon's own uid (``uffdd status`` run by the operator).
+    Other allowed VMMs do not even learn that the session exists: its id, peer and
+    progress are another tenant's business.
+    """
+    return session.owner_pid == conn.cred.pid or conn.cred.uid in (0, os.geteuid())
+
+
 async def handle_status(conn: Connection, body: protocol.Message, fds: list[int]) -> protocol.Message:
     session_id = body.get("session")
-    sessions = conn.daemon.all_sessions()
+    sessions = [s for s in conn.daemon.all_sessions() if _may_observe(conn, s)]
     if isinstance(session_id, str):
         sessions = [s for s in sessions if s.session_id == session_id]
         if not sessions:
@@ -337,7 +364,11 @@ async def handle_status(conn: Connection, body: protocol.Message, fds: list[int]
 
 
 def _own_session(conn: Connection, session_id: str, role: str | None = None) -> SessionBase:
-    """A session this connection may act on: created by the same pid (or by root)."""
+    """A session this connection may act on (resolve, cancel): created by the same pid.
+
+    Not even root gets another VMM's session: acting on a VM is its own VMM's job, and
+    a second VMM resolving its exits or cancelling it would be a bug or an attack.
+    """
     found = [s for s in conn.daemon.all_sessions() if s.session_id == session_id
              and (role is None or s.role == role) and not s.finished]
     if not found:
@@ -354,7 +385,7 @@ async def handle_subscribe(conn: Connection, body: protocol.Message, fds: list[i
     if not found:
         raise RequestError("unknown-session", f"no session {session_id!r}")
     for session in found:
-        if session.owner_pid != conn.cred.pid and conn.cred.uid != 0:
+        if not _may_observe(conn, session):
             raise RequestError("unauthorized", f"session {session_id!r} belongs to another VMM")
     for session in found:
         if session.finished:

@@ -8,6 +8,7 @@ README's configuration table and ``deploy/uffdd.toml`` document the same values.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,6 +25,9 @@ class ApiConfig:
     socket_mode: str = "0660"
     allowed_uids: list[int] = field(default_factory=lambda: [0])
     allowed_gids: list[int] = field(default_factory=list)
+    # Owner and group of the socket file (name or number; "" keeps the daemon's).
+    socket_owner: str = ""
+    socket_group: str = ""
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,15 @@ class PeerConfig:
     integrity: bool = True
     reconnect_max_delay: float = 2.0
     stall_timeout: float = 10.0
+    # Mutual TLS (docs/security.md). tls unset: TLS when ca/cert/key are given, else
+    # plaintext only for a daemon whose listener is on loopback; false: plaintext,
+    # explicitly (warned at start); true: TLS, and ca/cert/key are required.
+    tls: bool | None = None
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    # Names (subjectAltName DNS/IP, else CN) a peer certificate must carry; [] = any.
+    peer_names: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class LimitsConfig:
     max_outstanding_requests: int = 4096
     handshake_timeout: float = 5.0
     max_connections: int = 256
+    max_connections_per_peer: int = 16
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,9 @@ _SECTION_TYPES: dict[str, type[Any]] = {
 }
 
 
+_STR_LISTS = frozenset({"peer_names"})
+
+
 def _check_value(where: str, expected: object, value: object) -> object:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -113,6 +130,10 @@ def _check_value(where: str, expected: object, value: object) -> object:
         assert isinstance(expected, type)
         if type(value) is not expected:
             raise ConfigError(f"{where}: must be {expected.__name__}, not {type(value).__name__}")
+        return value
+    if expected == "list[str]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: must be a list of strings")
         return value
     # list[int]
     if not isinstance(value, list) or not all(
@@ -132,6 +153,9 @@ def _section(name: str, raw: object, source: str) -> Any:
         if key not in known:
             raise ConfigError(f"{source}: unknown key '{name}.{key}'")
         expected = _field_type(cls, key)
+        if value is None and getattr(cls(), key) is None:
+            kwargs[key] = None  # an optional key left unset (a Config turned back into a dict)
+            continue
         kwargs[key] = _check_value(f"{source}: key '{name}.{key}'", expected, value)
     return cls(**kwargs)
 
@@ -139,7 +163,11 @@ def _section(name: str, raw: object, source: str) -> Any:
 def _field_type(cls: type[Any], key: str) -> object:
     default = cls()
     value = getattr(default, key)
-    return list if isinstance(value, list) else type(value)
+    if value is None:  # optional bool (peer.tls): unset means "decide from other keys"
+        return bool
+    if isinstance(value, list):
+        return "list[str]" if key in _STR_LISTS else list
+    return type(value)
 
 
 def from_dict(raw: dict[str, object], source: str = "<config>") -> Config:
@@ -193,6 +221,37 @@ def _check_semantics(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: key 'peer.bulk_lanes' must be >= 1, 'chunk_bytes' >= 4096")
     if config.log.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{source}: key 'log.level' must be debug, info, warning or error")
+    if config.limits.max_connections_per_peer < 1:
+        raise ConfigError(f"{source}: key 'limits.max_connections_per_peer' must be >= 1")
+
+
+def check_peer_security(peer: PeerConfig, source: str) -> None:
+    """The peer link is TLS unless the config says plaintext explicitly (or is loopback).
+
+    Checked when the daemon starts, on the final configuration (command-line
+    overrides such as --peer-listen included), not when the file is read.
+    """
+    files = {"peer.ca": peer.ca, "peer.cert": peer.cert, "peer.key": peer.key}
+    if peer.tls is True or (peer.tls is None and any(files.values())):
+        missing = [key for key, value in files.items() if not value]
+        if missing:
+            raise ConfigError(f"{source}: mutual TLS needs {', '.join(missing)} as well")
+        return
+    if peer.tls is None and not is_loopback_host(split_host_port(peer.listen)[0]):
+        raise ConfigError(
+            f"{source}: peer.listen {peer.listen} is reachable from other hosts but no "
+            "certificates are configured: set peer.ca, peer.cert and peer.key for mutual "
+            "TLS, or peer.tls = false to run the peer link in plaintext explicitly")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for 'localhost' and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.strip("[]") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_host_port(value: str) -> bool:

@@ -9,22 +9,27 @@ SIGTERM/SIGINT the daemon stops accepting, cancels its sessions (their VMMs get 
 
 from __future__ import annotations
 
+import contextlib
+import grp
 import logging
 import os
+import pwd
 import signal
 import socket
+import ssl
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import trio
 
-from uffdd import __version__, metrics, peer
+from uffdd import __version__, metrics, peer, protocol, tls
 from uffdd._linux import sdnotify
 from uffdd._linux.listenfds import listen_fds
 from uffdd.api import Connection
-from uffdd.config import Config, split_host_port
-from uffdd.errors import AuthError, ProtocolError, RequestError
+from uffdd.config import Config, check_peer_security, split_host_port
+from uffdd.errors import AuthError, ConfigError, PeerUnavailable, ProtocolError, RequestError
 from uffdd.session import ExportSession, ImportSession, SessionBase
 from uffdd.threads import DATA_PATH_THREADS
 
@@ -47,6 +52,7 @@ class Daemon:
         self.peer_port = 0
         self.metrics_port = 0
         self.connections = 0
+        self.peer_slots = PeerSlots(config.limits.max_connections_per_peer)
 
     @property
     def nursery(self) -> trio.Nursery:
@@ -101,6 +107,9 @@ class Daemon:
     async def serve(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         """Run until cancelled or signalled. Calls ``task_status.started(self)`` when ready."""
+        check_peer_security(self.config.peer, "peer link")  # plaintext only if allowed
+        tls.check_contexts(self.config.peer)  # a wrong CA/cert/key path stops the start
+        self._log_peer_security()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             api_sock = await self._api_socket()
@@ -122,9 +131,9 @@ class Daemon:
         activated = listen_fds().get("vmm")
         if activated:
             log.info("using the socket-activated VMM API socket")
-            sock = activated[0]
-            self.api_path = str(sock.getsockname())
-            return trio.socket.from_stdlib_socket(sock)
+            std = activated[0]
+            self.api_path = str(std.getsockname())
+            return trio.socket.from_stdlib_socket(std)
         path = self.api_path
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         try:
@@ -138,8 +147,17 @@ class Daemon:
         finally:
             os.umask(old_umask)
         os.chmod(path, int(self.config.api.socket_mode, 8))
+        _chown_socket(path, self.config.api.socket_owner, self.config.api.socket_group)
         sock.listen(128)
         return sock
+
+    def _log_peer_security(self) -> None:
+        """Say at start how the peer link is protected; plaintext by choice is a warning."""
+        how = tls.describe(self.config.peer)
+        if self.config.peer.tls is False:
+            log.warning("peer link: %s", how)
+        else:
+            log.info("peer link: %s", how)
 
     async def _peer_socket(self) -> trio.socket.SocketType:
         host, port = split_host_port(self.config.peer.listen)
@@ -174,28 +192,54 @@ class Daemon:
         with listener:
             while True:
                 sock, addr = await listener.accept()
-                self.nursery.start_soon(self._peer_connection, sock, addr)
+                host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
+                if not self.peer_slots.acquire(host):
+                    # Refused before TLS: nothing is read from or written to it.
+                    metrics.refused("limit")
+                    log.warning("refused peer %s: already %d connections from %s "
+                                "(limits.max_connections_per_peer)", addr,
+                                self.peer_slots.limit, host)
+                    sock.close()
+                    continue
+                self.nursery.start_soon(self._peer_connection, sock, addr, host)
 
-    async def _peer_connection(self, tsock: trio.socket.SocketType, addr: object) -> None:
+    async def _peer_connection(self, tsock: trio.socket.SocketType, addr: object,
+                               host: str) -> None:
+        """TLS and the session handshake in a thread, within limits.handshake_timeout."""
         sock = socket.socket(fileno=tsock.detach())
         sock.setblocking(True)
-        sock.settimeout(self.config.limits.handshake_timeout)
+        timeout = self.config.limits.handshake_timeout
+        sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        fs = peer.FrameSocket(sock)
+        # A second descriptor of the same socket: shutting it down wakes the handshake
+        # thread when the whole handshake (not just one read) took too long.
+        guard = sock.dup()
+        make = partial(_PeerLane, release=partial(self.peer_slots.release, host))
         try:
-            session_id, lane = await trio.to_thread.run_sync(
-                partial(peer.server_handshake, fs, self._lookup_export), limiter=DATA_PATH_THREADS)
-        except (AuthError, ProtocolError, OSError) as e:
-            metrics.refused("peer-auth" if isinstance(e, AuthError) else "peer-protocol")
-            log.warning("refused peer %s: %s", addr, e)
-            fs.close()
+            with trio.move_on_after(timeout) as deadline:
+                fs, session_id, lane = await trio.to_thread.run_sync(
+                    partial(peer.accept_lane, sock, self.config.peer, self._lookup_export, make),
+                    limiter=DATA_PATH_THREADS, abandon_on_cancel=True)
+            if deadline.cancelled_caught:
+                guard.shutdown(socket.SHUT_RDWR)
+                raise PeerUnavailable(f"no handshake within {timeout:g}s "
+                                      "(limits.handshake_timeout)")
+        except (ssl.SSLError, AuthError, ProtocolError, PeerUnavailable, OSError) as e:
+            self.peer_slots.release(host)  # idempotent with the lane's own release
+            _refused_peer(addr, e)
+            sock.close()
             return
+        finally:
+            guard.close()
         session = self.exports.get(session_id)
         if session is None:
             fs.close()
             return
-        sock.settimeout(None)
-        log.info("session=%s peer %s attached a %s lane", session_id, addr, lane)
+        fs.sock.settimeout(None)
+        if isinstance(fs, _PeerLane):
+            fs.bind(f"session={session_id} peer {addr} {lane} lane", session.shapes)
+        log.info("session=%s peer %s attached a %s lane%s", session_id, addr, lane,
+                 " (mutual TLS)" if isinstance(fs.sock, ssl.SSLSocket) else "")
         session.attach_lane(lane, fs)
 
     def _lookup_export(self, session_id: str) -> tuple[bytes, list[peer.RegionShape]] | None:
@@ -233,6 +277,105 @@ class Daemon:
         del since
         running = len(self.imports) + len(self.exports)
         return f"{running} sessions ({len(self.imports)} import, {len(self.exports)} export)"
+
+
+class PeerSlots:
+    """Connections per peer address (limits.max_connections_per_peer); thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._count: dict[str, int] = {}
+
+    def acquire(self, host: str) -> bool:
+        with self._lock:
+            if self._count.get(host, 0) >= self.limit:
+                return False
+            self._count[host] = self._count.get(host, 0) + 1
+            return True
+
+    def release(self, host: str) -> None:
+        with self._lock:
+            left = self._count.get(host, 0) - 1
+            if left > 0:
+                self._count[host] = left
+            else:
+                self._count.pop(host, None)
+
+
+class _PeerLane(peer.FrameSocket):
+    """A lane accepted from a peer: it gives its connection slot back when it closes
+    (once), and once bound to a session it refuses any demand request for pages
+    outside that session's regions -- a lane can only ever name its own session's
+    pages, and this check sits at the daemon's edge, before the exporter reads memory.
+    """
+
+    def __init__(self, sock: socket.socket, *, release: Callable[[], None]) -> None:
+        super().__init__(sock)
+        self._release: Callable[[], None] | None = release
+        self._release_lock = threading.Lock()
+        self.region_pages: list[int] | None = None  # pages per region, once bound
+        self.label = ""
+
+    def bind(self, label: str, shapes: list[peer.RegionShape]) -> None:
+        """Limit this lane's requests to the regions of the session it authenticated for."""
+        self.label = label
+        self.region_pages = [size // page_size for _gpa, size, page_size in shapes]
+
+    def recv_header(self, spin_s: float = 0.0) -> protocol.Message:
+        # (spin_s only when asked: works with FrameSocket versions without busy-polling)
+        header = super().recv_header(spin_s) if spin_s else super().recv_header()
+        if self.region_pages is not None and header.get("t") == "req":
+            self._check_request(header)
+        return header
+
+    def _check_request(self, header: protocol.Message) -> None:
+        assert self.region_pages is not None
+        r, p, n = header.get("r"), header.get("p"), header.get("n")
+        if (isinstance(r, int) and isinstance(p, int) and isinstance(n, int)
+                and 0 <= r < len(self.region_pages) and p >= 0 and 0 < n <= 64
+                and p + n <= self.region_pages[r]):
+            return
+        message = (f"request r={r!r} p={p!r} n={n!r} is outside the regions of the "
+                   "session this lane authenticated for")
+        metrics.refused("peer-protocol")
+        log.warning("%s: refused: %s", self.label, message)
+        with contextlib.suppress(PeerUnavailable):
+            self.send({"t": "error", "code": "bad-request", "message": message})
+        raise ProtocolError(message)
+
+    def close(self) -> None:
+        super().close()
+        with self._release_lock:
+            release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
+def _refused_peer(addr: object, e: BaseException) -> None:
+    """Count and log a refused peer connection with a reason an operator can act on."""
+    if isinstance(e, ssl.SSLError | AuthError):
+        metrics.refused("peer-auth")
+    else:
+        metrics.refused("peer-protocol")
+    if isinstance(e, ssl.SSLError):
+        reason = f"TLS handshake failed: {e.reason or e}"
+    else:
+        reason = str(e) or type(e).__name__
+    log.warning("refused peer %s: %s", addr, reason)
+
+
+def _chown_socket(path: str, owner: str, group: str) -> None:
+    """Give the API socket the configured owner/group (names or numbers)."""
+    if not owner and not group:
+        return
+    try:
+        uid = -1 if not owner else int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
+        gid = -1 if not group else int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError as e:
+        raise ConfigError(f"api.socket_owner / api.socket_group: no such user or group {e}"
+                          ) from None
+    os.chown(path, uid, gid)
 
 
 def iter_sessions(daemon: Daemon) -> Iterator[SessionBase]:

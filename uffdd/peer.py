@@ -16,10 +16,12 @@ import hashlib
 import hmac
 import os
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Final
 
-from uffdd import protocol
+from uffdd import protocol, tls
+from uffdd.config import PeerConfig
 from uffdd.errors import AuthError, PeerUnavailable, ProtocolError
 
 LANES: Final = ("demand", "bulk")
@@ -227,12 +229,55 @@ class UnknownSession(AuthError):
     """The peer asked for a session this daemon does not (yet) export."""
 
 
-def connect(address: str, timeout: float) -> socket.socket:
-    """Open a TCP connection to ``host:port`` with TCP_NODELAY (requests are tiny)."""
+def connect(address: str, timeout: float, config: PeerConfig | None = None) -> socket.socket:
+    """Open a TCP connection to ``host:port`` with TCP_NODELAY (requests are tiny).
+
+    With ``config`` (the daemon's ``[peer]``), the connection is mutual TLS when the
+    config enables it, and a plaintext one is refused unless the config allows
+    plaintext to that host (docs/security.md). ``timeout`` also bounds the TLS handshake.
+    """
     host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    secure = config is not None and tls.tls_enabled(config)
+    if config is not None and not secure and not tls.plaintext_allowed_to(config, host):
+        raise AuthError(f"refusing a plaintext peer link to {address}: configure mutual TLS "
+                        "(peer.ca, peer.cert, peer.key) or set peer.tls = false")
     try:
-        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
     except OSError as e:
         raise PeerUnavailable(f"cannot connect to peer {address}: {e}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    if not secure:
+        return sock
+    assert config is not None
+    try:
+        return tls.wrap_client(sock, config, host)
+    except OSError as e:  # handshake failed or timed out: the link, not the session, is bad
+        sock.close()
+        raise PeerUnavailable(f"TLS handshake with peer {address} failed: {e}") from None
+
+
+def accept_lane(sock: socket.socket, config: PeerConfig, lookup: TokenLookup,
+                make: Callable[[socket.socket], FrameSocket] = FrameSocket,
+                ) -> tuple[FrameSocket, str, str]:
+    """Blocking server side of a new connection: TLS (if configured), then the handshake.
+
+    Returns the lane's FrameSocket, session and lane name. A refusal raises (the
+    caller closes ``sock``): ``ssl.SSLError`` for a missing or untrusted certificate,
+    ``AuthError`` for a certificate name that is not pinned or a wrong token. Either
+    way nothing of any session has been sent.
+    """
+    if tls.tls_enabled(config):  # a failed TLS handshake closes sock and raises ssl.SSLError
+        sock = tls.server_context(config).wrap_socket(sock, server_side=True)
+    fs = make(sock)
+    try:
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                tls.check_peer_names(sock, config.peer_names)
+            except AuthError as e:  # the TLS channel is up, so say why before closing
+                _refuse(fs, "unauthorized", str(e))
+        session, lane = server_handshake(fs, lookup)
+    except BaseException:
+        fs.close()
+        raise
+    return fs, session, lane

@@ -254,14 +254,17 @@ class ImportSession(SessionBase):
         opened: list[socket.socket] = []
         try:
             t0 = time.monotonic()
-            demand = peer.FrameSocket(peer.connect(self.peer_address, timeout))
+            # Mutual TLS (or the allowed plaintext) comes from [peer]: see uffdd.tls.
+            demand = peer.FrameSocket(peer.connect(self.peer_address, timeout,
+                                                   self.config.peer))
             opened.append(demand.sock)
             shapes = peer.client_handshake(demand, self.session_id, self.token, "demand")
             rtt = (time.monotonic() - t0) / 3
             self._check_shapes(shapes)
             bulks = []
             for _ in range(self.config.peer.bulk_lanes):
-                fs = peer.FrameSocket(peer.connect(self.peer_address, timeout))
+                fs = peer.FrameSocket(peer.connect(self.peer_address, timeout,
+                                                   self.config.peer))
                 opened.append(fs.sock)
                 peer.client_handshake(fs, self.session_id, self.token, "bulk")
                 self._send_have(fs)
