@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from uffdd import harness
+from uffdd import harness, testcerts
 from uffdd.client import Client, ClientError
+from uffdd.errors import UffddError
 from uffdd.pyvmm import PAGE, parse_size
 from uffdd.status import ProgressBar
 
@@ -51,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="pattern seed (default: random)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument("--tls", action="store_true",
+                   help="peer link over mutual TLS with throwaway certificates (openssl CLI)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,15 +66,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.backing == "hugetlb":
             harness.reserve_hugepages(2 * (args.memory >> 21) + 4)
-        src = harness.start_daemon(workdir, "source",
+        tls_configs = testcerts.daemon_configs(workdir / "pki") if args.tls else {}
+        src = harness.start_daemon(workdir, "source", config=tls_configs.get("source"),
                                    extra=["--enable-fault-injection"] if args.lose_pages else [])
-        dst = harness.start_daemon(workdir, "destination")
+        dst = harness.start_daemon(workdir, "destination", config=tls_configs.get("destination"))
         say(f"uffdd demo: {args.memory >> 20} MiB {args.backing} guest, VMM {vmm}, "
             f"{_width(args, vmm)} {'vCPUs' if vmm == 'kvm' else 'threads'}, seed {seed}")
         say(f"  source daemon      {src.api_socket}  peer {src.peer}")
         say(f"  destination daemon {dst.api_socket}")
         result.update(_migrate(args, vmm, seed, workdir, src, dst, say))
-    except (harness.HarnessError, ClientError, OSError) as e:
+        result["tls"] = testcerts.lanes_used_tls(src.log_text())  # what happened, not asked
+    except (harness.HarnessError, ClientError, OSError, UffddError) as e:
         result["error"] = str(e)
         say(f"uffdd demo: {e}")
     finally:

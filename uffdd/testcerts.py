@@ -91,3 +91,18 @@ def make_pair(directory: Path) -> tuple[CertFiles, CertFiles]:
     ca = make_ca(directory, "uffdd-test-ca")
     return (make_cert(ca, "uffdd-source", alt_names=["127.0.0.1"]),
             make_cert(ca, "uffdd-destination", alt_names=["127.0.0.1"]))
+
+
+def daemon_configs(directory: Path) -> dict[str, str]:
+    """Config files (TOML text) for a ``source`` and a ``destination`` daemon on loopback
+    that speak mutual TLS with throwaway certificates and pin each other's name."""
+    source, destination = make_pair(directory)
+    return {
+        "source": "[peer]\n" + source.toml(["uffdd-destination"]),
+        "destination": "[peer]\n" + destination.toml(["uffdd-source"]),
+    }
+
+
+def lanes_used_tls(daemon_log: str) -> bool:
+    """Whether a source daemon's log shows lanes attached over mutual TLS."""
+    return "lane (mutual TLS)" in daemon_log
