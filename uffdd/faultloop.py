@@ -151,6 +151,7 @@ class FaultLoop:
         # outstanding is as good as lost (a black-holed network never closes a socket).
         self.stall_timeout = 0.0  # 0: off; the session sets peer.stall_timeout
         self.vmm_pid = 0  # whose pagemap tells what is present already (0: nobody's)
+        self.cancel_reason: str | None = None  # set when the session fails or is cancelled
         self._last_progress = time.monotonic()
 
     # ------------------------------------------------------------ thread-safe API
@@ -213,7 +214,27 @@ class FaultLoop:
             self._ep.close()
             os.close(self._wakefd)
             if self._demand is not None:
+                self._send_cancel()
                 self._demand.close()
+
+    def _send_cancel(self) -> None:
+        """Tell the source the session is over (best effort, bounded): it can stop too."""
+        if self.cancel_reason is None or self._demand is None:
+            return
+        sock = self._demand
+        try:
+            sock.settimeout(0.2)
+            # Whatever is left of a half-sent request goes first, to keep the framing.
+            sock.sendall(bytes(self._outbox) + protocol.pack_peer(
+                {"t": "cancel", "reason": self.cancel_reason[:200]}))
+            sock.shutdown(socket.SHUT_WR)
+            # Closing with replies still arriving would send a RST, and the source would
+            # lose the cancel with its receive queue: read until it closes (bounded).
+            give_up = time.monotonic() + 1.0
+            while time.monotonic() < give_up and sock.recv_into(self._rxview):
+                pass
+        except OSError:
+            pass
 
     def _adopt_present_pages(self) -> None:
         """Learn what a previous daemon installed, then wake every thread once.
@@ -527,6 +548,8 @@ class FaultLoop:
                 self._unrecoverable(region, p, "lost", reason)
         elif kind == "end":
             log.debug("source finished its background stream")
+        elif kind == "cancel":
+            self._fail(f"the source cancelled the session: {header.get('reason')}")
         else:
             raise ProtocolError(f"unexpected peer frame {kind!r}")
 
@@ -806,6 +829,8 @@ class FaultLoop:
         self._give_up_remaining(reason)
 
     def _fail(self, reason: str) -> None:
+        if self.cancel_reason is None:  # the session learns it later, from the Trio side
+            self.cancel_reason = reason
         if not self._finished:
             self._finished = True
             self.notify("failed", reason)

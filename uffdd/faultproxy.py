@@ -38,6 +38,7 @@ class _Link:
     client: socket.socket
     upstream: socket.socket
     closed: bool = False
+    half_closed: int = 0  # directions that saw EOF (2: both: close the link)
 
     def close(self, *, abort: bool = False) -> None:
         """Close both sides; ``abort`` sends a RST instead of a FIN."""
@@ -209,13 +210,21 @@ class FaultProxy:
                              name="faultproxy-pump").start()
 
     def _pump(self, link: _Link, src: socket.socket, dst: socket.socket) -> None:
-        """Forward one direction until either side closes (then close the link)."""
+        """Forward one direction until EOF (passed on as a half-close) or an error."""
         buf = bytearray(_CHUNK if not self.rate else min(_CHUNK, 65536))
         view = memoryview(buf)
+        other_direction_open = False
         try:
             while not link.closed:
                 n = src.recv_into(buf)
                 if n == 0:
+                    # Pass the FIN on and keep the other direction going: closing both at
+                    # once would reset a peer still sending, and it would lose the last
+                    # frames it had not read yet (a 'cancel', say).
+                    dst.shutdown(socket.SHUT_WR)
+                    with self._lock:
+                        link.half_closed += 1
+                        other_direction_open = link.half_closed < 2
                     break
                 # A stall holds the bytes here; the kernel buffers fill and TCP stops.
                 while not self._flowing.wait(0.1):
@@ -227,7 +236,7 @@ class FaultProxy:
                     time.sleep(n / self.rate)
         except OSError:
             pass
-        finally:
+        if not other_direction_open:
             link.close()
 
 

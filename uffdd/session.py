@@ -133,6 +133,13 @@ class ImportSession(SessionBase):
         self.loop.vmm_pid = self.owner_pid  # a re-import after a restart: adopt what is present
         self._by_gpa = sorted(self.regions, key=lambda r: r.gpa)
 
+    def set_state(self, state: str, reason: str | None = None) -> None:
+        if state in ("failed", "cancelled") and not self.finished:
+            # The fault thread tells the source on its way out (a 'cancel' frame), so
+            # the source VMM learns at once that its guest will not be needed.
+            self.loop.cancel_reason = reason or state
+        super().set_state(state, reason)
+
     # -- thread -> Trio
 
     def _notify_threadsafe(self, kind: str, data: object) -> None:
@@ -230,7 +237,7 @@ class ImportSession(SessionBase):
             try:
                 demand, bulks, rtt = await trio.to_thread.run_sync(self._connect_lanes)
             except AuthError as e:
-                if not isinstance(e, peer.UnknownSession):
+                if not _source_may_come_back(e):
                     self.set_state("failed", f"source refused the session: {e}")
                     return
                 log.info("session=%s source has no such export yet: %s", self.session_id, e)
@@ -337,7 +344,7 @@ class ImportSession(SessionBase):
                 self.bytes_bulk += length
                 self.metrics.received("bulk", length)
                 self.loop.bulk_put((header, buf, pool.put))
-            elif kind in ("zero", "lost", "end"):
+            elif kind in ("zero", "lost", "end", "cancel"):
                 self.loop.bulk_put((header, None, None))
             else:
                 raise ProtocolError(f"unexpected frame on a bulk lane: {kind!r}")
@@ -486,6 +493,7 @@ class ExportSession(SessionBase):
         self.export_state = ExportState(self.regions, self.config.peer.chunk_bytes,
                                         integrity=self.config.peer.integrity)
         self._nursery: trio.Nursery | None = None
+        self._token = trio.lowlevel.current_trio_token()
 
     def lose_gpa(self, gpa: int) -> None:
         """Fault injection: the page holding ``gpa`` becomes unreadable for the peer."""
@@ -519,7 +527,15 @@ class ExportSession(SessionBase):
             return
         if self.state == "connecting":
             self.set_state("running")
+        _watch_for_cancel(fs, self._cancelled_by_peer_threadsafe)
         self._nursery.start_soon(self._serve_lane, lane, fs)
+
+    def _cancelled_by_peer_threadsafe(self, reason: str) -> None:
+        try:
+            self._token.run_sync_soon(
+                self.set_state, "cancelled", f"the destination cancelled the session: {reason}")
+        except trio.RunFinishedError:
+            pass
 
     async def _serve_lane(self, lane: str, fs: peer.FrameSocket) -> None:
         serve = exporter.serve_demand if lane == "demand" else exporter.serve_bulk
@@ -587,6 +603,30 @@ class ExportSession(SessionBase):
             "peer": "", "link": "up" if self.lanes else "down", "reconnects": 0,
             "strategy": "", "policy": "", "reason": self.reason,
         }
+
+
+def _watch_for_cancel(fs: peer.FrameSocket, on_cancel: Callable[[str], None]) -> None:
+    """Make a lane's reader notice the destination's ``cancel`` frame wherever it reads.
+
+    The exporter reads headers in several places (requests, 'have', 'done'); hooking the
+    socket's header reader covers them all without teaching each one about 'cancel'.
+    """
+    inner = fs.recv_header
+
+    def recv_header(*args: float) -> protocol.Message:
+        header = inner(*args)
+        if header.get("t") == "cancel":
+            on_cancel(str(header.get("reason", "")))
+            raise PeerUnavailable("the destination cancelled the session")
+        return header
+
+    fs.recv_header = recv_header  # type: ignore[method-assign,assignment]
+
+
+def _source_may_come_back(e: AuthError) -> bool:
+    """An unknown session is not final: a restarted source daemon waits for its VMM."""
+    # peer.client_handshake reports every refusal as "peer refused: CODE: message".
+    return isinstance(e, peer.UnknownSession) or "peer refused: unknown-session:" in str(e)
 
 
 def _take_buffer(pool: queue.Queue[bytearray], fs: peer.FrameSocket) -> bytearray:
