@@ -111,7 +111,7 @@ class ContinueThenPopulate(Strategy):
             return ctx.verdict(POPULATE, exit.gpa, "page was installed before: populate it")
         if outcome == "poisoned":
             return ctx.verdict(INJECT, exit.gpa, "page is unrecoverable (poisoned)")
-        return ctx.verdict(CRASH, exit.gpa, "page is unrecoverable")
+        return ctx.verdict(CRASH, exit.gpa, _LOST)
 
 
 class NoUffdWait(Strategy):
@@ -145,7 +145,10 @@ class NoUffdWait(Strategy):
             return ctx.verdict(RESUME, exit.gpa)
         if outcome == "poisoned":
             return ctx.verdict(INJECT, exit.gpa, "page is unrecoverable (poisoned)")
-        return ctx.verdict(CRASH, exit.gpa, "page is unrecoverable")
+        return ctx.verdict(CRASH, exit.gpa, _LOST)
+
+
+_LOST: Final = "page is unrecoverable (source unreachable, lost or corrupt; policy crash)"
 
 
 def _populate_failed(errno_value: int) -> str:

@@ -631,6 +631,12 @@ static void crash(unsigned vcpu, uint64_t gpa, const char *reason)
 	json_str(stdout, reason);
 	printf("}\n");
 	fflush(stdout);
+	funlockfile(stdout);
+	if (opt.linger) { /* a hung VMM acts on nothing: the daemon must kill it */
+		double until = now() + opt.timeout;
+		while (now() < until)
+			usleep(100000);
+	}
 	_exit(2);
 }
 

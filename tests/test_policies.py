@@ -1,0 +1,136 @@
+"""Failure policies with real daemons, real userfaultfd and the native VMM stand-in.
+
+``crash``: the source daemon is killed for good mid-migration; the destination VMM gets
+``failed`` and, if it lingers, the destination daemon kills it after ``kill_grace``.
+``poison``: pages the source cannot serve (fault injection, or the source killed) are
+poisoned with UFFDIO_POISON; the thread touching one gets SIGBUS at exactly that page
+(or, on the exit path, inject-memory-error), every other page arrives byte-exact and
+the session completes with poisoned pages.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Pair
+from tests.strategy_pkg import vmsim
+from uffdd import harness
+
+BUS_ADRERR = 2  # a poisoned page on kernels without CONFIG_MEMORY_FAILURE (these machines)
+BUS_MCEERR_AR = 4  # the same on kernels with memory-failure support
+INJECTED = -1  # vmsim's mark for an inject-memory-error verdict on the exit path
+DEADLINE = "2"
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[tuple[harness.DaemonProcess, harness.DaemonProcess]]:
+    """A source daemon the test may kill, and a destination with a short kill grace."""
+    src = harness.start_daemon(tmp_path, "source")
+    try:
+        dst = harness.start_daemon(tmp_path, "destination",
+                                   config="[session]\nkill_grace = 1.0\n")
+    except BaseException:
+        src.kill()
+        raise
+    try:
+        yield src, dst
+    finally:
+        src.kill()
+        assert dst.stop() == 0
+        assert "Traceback" not in dst.log_text(), dst.log_text()[-6000:]
+
+
+def _kill_source_mid_migration(src: harness.DaemonProcess, dst: harness.DaemonProcess,
+                               m: vmsim.Migration) -> float:
+    status = vmsim.wait_running(dst, m.session, m.dest)
+    src.kill(signal.SIGKILL)
+    assert int(status["pages_installed"]) < int(status["pages_total"]), status
+    return time.monotonic()
+
+
+def _check_memory_errors(result: dict[str, object], exits: bool) -> list[int]:
+    """Every memory error the VMM saw is exactly at the page it touched; returns the pages."""
+    errors = result["memory_errors"]
+    assert isinstance(errors, list)
+    for e in errors:
+        assert e["si_gpa"] == e["gpa"], f"memory error at the wrong address: {e}"
+        allowed = {BUS_ADRERR, BUS_MCEERR_AR} | ({INJECTED} if exits else set())
+        assert e["code"] in allowed, f"unexpected si_code: {e}"
+    return sorted(int(e["gpa"]) // vmsim.PAGE for e in errors)
+
+
+@pytest.mark.parametrize(("exits", "linger"), [(False, True), (True, True), (False, False)],
+                         ids=["blocking-lingering", "exits-lingering", "blocking"])
+def test_crash_policy_source_killed(daemons: tuple[harness.DaemonProcess,
+                                                   harness.DaemonProcess],
+                                    tmp_path: Path, exits: bool, linger: bool) -> None:
+    src, dst = daemons
+    m = vmsim.start(tmp_path, src, dst, backing="anon", memory="256M", dest_args=[
+        "--policy", "crash", "--deadline", DEADLINE,
+        *(["--exits"] if exits else []), *(["--linger"] if linger else [])])
+    try:
+        killed_at = _kill_source_mid_migration(src, dst, m)
+        rc, lines = vmsim.dest_lines(m.dest)
+        ended_after = time.monotonic() - killed_at
+    finally:
+        m.kill_all()
+    context = f"{lines}\n{m.dest.stderr()}\n{dst.log_text()[-3000:]}"
+    failed = [x for x in lines if x.get("event") == "failed"]
+    crashed = [x for x in lines if x.get("crash")]
+    assert failed or crashed, f"the VMM never learnt of the failure: {context}"
+    if linger:
+        assert rc == -signal.SIGKILL, f"the lingering VMM was not killed (rc {rc}): {context}"
+        assert "killing it" in dst.log_text()
+    else:
+        assert rc in (1, 2), context
+    reason = str((failed or crashed)[0]["reason"])
+    assert "unreachable" in reason or "lost" in reason or "unrecoverable" in reason, reason
+    print(f"VMM ended {ended_after:.2f}s after the source was killed "
+          f"(deadline {DEADLINE}s + grace 1s)")
+
+
+@pytest.mark.parametrize("exits", [False, True], ids=["blocking", "exits"])
+def test_poison_policy_lost_pages(pair: Pair, exits: bool) -> None:
+    """The source cannot read 5 pages: exactly those are poisoned, the rest is exact."""
+    lost = vmsim.pattern_pages(64 << 20, 5, seed=3)
+    m = vmsim.start(pair.workdir, pair.src, pair.dst, seed=3, lose=lost, dest_args=[
+        "--policy", "poison", "--deadline", "10", *(["--exits"] if exits else [])])
+    result = m.dest_result()
+    source = m.source_result()
+    context = json.dumps(result)
+    assert result["exit_status"] == 0, context
+    assert result["verified"] is True and result["mismatches"] == 0, context
+    assert result["outcome"] == "completed-with-poisoned-pages", context
+    assert result["daemon_pages_poisoned"] == len(lost), context
+    assert result["poisoned_pages"] == len(lost), context
+    assert _check_memory_errors(result, exits) == lost, context
+    assert source["event"] == "completed", source
+    assert "unrecoverable page" in pair.dst.log_text()
+
+
+@pytest.mark.parametrize("exits", [False, True], ids=["blocking", "exits"])
+def test_poison_policy_source_killed(daemons: tuple[harness.DaemonProcess,
+                                                    harness.DaemonProcess],
+                                     tmp_path: Path, exits: bool) -> None:
+    """The source dies for good: every page still missing is poisoned, the rest exact."""
+    src, dst = daemons
+    m = vmsim.start(tmp_path, src, dst, backing="anon", memory="256M", dest_args=[
+        "--policy", "poison", "--deadline", DEADLINE, *(["--exits"] if exits else [])])
+    try:
+        _kill_source_mid_migration(src, dst, m)
+        result = m.dest_result()
+    finally:
+        m.kill_all()
+    context = json.dumps(result)[:4000]
+    assert result["exit_status"] == 0, context
+    assert result["verified"] is True and result["mismatches"] == 0, context
+    assert result["outcome"] == "completed-with-poisoned-pages", context
+    poisoned = int(result["daemon_pages_poisoned"])  # type: ignore[call-overload]
+    assert poisoned > 0 and result["poisoned_pages"] == poisoned, context
+    _check_memory_errors(result, exits)
