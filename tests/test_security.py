@@ -15,6 +15,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -396,3 +397,13 @@ def test_api_socket_owner_group_and_mode(daemons: Daemons, shared_dir: Path) -> 
     daemons.started.append(d)
     st = os.stat(d.api_socket)
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (65534, 65534, 0o660)
+
+
+def test_demo_over_tls_reports_tls_and_verified() -> None:
+    require(testcerts.openssl_available(), "the openssl command is not installed")
+    done = subprocess.run([sys.executable, "-m", "uffdd", "demo", "--tls", "--json",
+                           "--memory", "32M", "--vmm", "python"],
+                          capture_output=True, text=True, timeout=300)
+    result = json.loads(done.stdout)
+    assert result["tls"] is True and result["verified"] is True, result
+    assert done.returncode == 0, done.stderr
