@@ -10,9 +10,11 @@ Python stand-in (``--vmm`` chooses).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import select
 import sys
 import tempfile
 import time
@@ -57,13 +59,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the demo; returns the exit status (0 only if verified and not crashed)."""
     seed = args.seed if args.seed is not None else random.randrange(1, 1 << 30)
-    vmm = _choose_vmm(args)
     say = _Say(quiet=args.json)
+    result: dict[str, object] = {"verified": False, "backing": args.backing}
+    try:
+        vmm = _choose_vmm(args)
+    except harness.HarnessError as e:
+        result["error"] = str(e)
+        vmm = ""
+    result["vmm"] = vmm
     workdir = Path(tempfile.mkdtemp(prefix="uffdd-demo-"))
-    result: dict[str, object] = {"verified": False, "vmm": vmm, "backing": args.backing}
     src = dst = None
     try:
+        if "error" in result:
+            raise harness.HarnessError(str(result["error"]))
         if args.backing == "hugetlb":
             harness.reserve_hugepages(2 * (args.memory >> 21) + 4)
         tls_configs = testcerts.daemon_configs(workdir / "pki") if args.tls else {}
@@ -71,10 +81,12 @@ def run(args: argparse.Namespace) -> int:
                                    extra=["--enable-fault-injection"] if args.lose_pages else [])
         dst = harness.start_daemon(workdir, "destination", config=tls_configs.get("destination"))
         say(f"uffdd demo: {args.memory >> 20} MiB {args.backing} guest, VMM {vmm}, "
-            f"{_width(args, vmm)} {'vCPUs' if vmm == 'kvm' else 'threads'}, seed {seed}")
+            f"{_width(args, vmm)} {'vCPUs' if vmm == 'kvm' else 'threads'}, seed {seed}"
+            f"{', vCPU exits' if args.exits else ''}, policy {args.policy}"
+            f"{f', {args.lose_pages} pages lost' if args.lose_pages else ''}")
         say(f"  source daemon      {src.api_socket}  peer {src.peer}")
         say(f"  destination daemon {dst.api_socket}")
-        result.update(_migrate(args, vmm, seed, workdir, src, dst, say))
+        result.update(_migrate(args, vmm, seed, workdir, src, dst))
         result["tls"] = testcerts.lanes_used_tls(src.log_text())  # what happened, not asked
     except (harness.HarnessError, ClientError, OSError, UffddError) as e:
         result["error"] = str(e)
@@ -95,8 +107,22 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _choose_vmm(args: argparse.Namespace) -> str:
+    """The KVM test VMM when it can run, else the native stand-in, else the Python one.
+
+    Lost pages and the vCPU-exit path need a VMM that survives SIGBUS and acts on
+    verdicts, and whose verification skips poisoned pages: the native stand-in.
+    """
+    needs_vmsim = args.exits or args.lose_pages or args.policy == "poison"
     if args.vmm != "auto":
+        if args.vmm == "python" and needs_vmsim:
+            raise harness.HarnessError("--exits, --lose-pages and --policy poison need the "
+                                       "native VMM (make -C native)")
         return str(args.vmm)
+    if needs_vmsim:
+        if harness.native_tool("uffdd-vmsim") is None:
+            raise harness.HarnessError("--exits, --lose-pages and --policy poison need "
+                                       "native/build/uffdd-vmsim (make -C native)")
+        return "vmsim"
     if harness.kvm_usable() and harness.native_tool("uffdd-testvm"):
         return "kvm"
     if harness.native_tool("uffdd-vmsim"):
@@ -111,68 +137,101 @@ def _width(args: argparse.Namespace, vmm: str) -> int:
 
 
 def _migrate(args: argparse.Namespace, vmm: str, seed: int, workdir: Path,
-             src: harness.DaemonProcess, dst: harness.DaemonProcess, say: _Say
-             ) -> dict[str, object]:
+             src: harness.DaemonProcess, dst: harness.DaemonProcess) -> dict[str, object]:
     session = f"demo-{seed}"
     token = os.urandom(16).hex()
-    ready = workdir / "source.ready"
     common = ["--session", session, "--token", token, "--memory", str(args.memory),
               "--backing", args.backing, "--seed", str(seed)]
-    source = harness.start_vmm(_vmm_cmd(vmm, "source", args, common + [
-        "--socket", src.api_socket, "--ready-file", str(ready)]), "source", workdir, ready)
-    source.wait_ready()
+    source, expect = _start_source(vmm, args, common, src, workdir)
     lost = _lose_pages(args, src, session, seed)
     t0 = time.monotonic()
-    dest_args = common + ["--socket", dst.api_socket, "--peer", src.peer, "--mode", args.mode,
-                          "--order", args.order, "--policy", args.policy]
-    dest = harness.start_vmm(_vmm_cmd(vmm, "dest", args, dest_args), "dest", workdir)
-    status = _follow(dst, session, dest, quiet=args.json)
-    dest_result = dest.result()
-    seconds = time.monotonic() - t0
-    source_result = source.result(timeout=60)
+    dest_args = [*common, "--socket", dst.api_socket, "--peer", src.peer, "--order", args.order]
+    dest = harness.start_vmm(_dest_cmd(vmm, args, dest_args, expect), "dest", workdir)
+    try:
+        status = _follow(dst, session, dest, quiet=args.json)
+        dest_result = dest.result()
+        seconds = time.monotonic() - t0
+        source_result = _source_result(source, ended_badly=dest_result.get("exit_status") != 0)
+    finally:
+        for p in (dest.proc, source.proc):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
     status = _final_status(dst, session) or status
-    return _combine(args, dest_result, source_result, status, seconds, lost)
+    return _combine(args, vmm, dest_result, source_result, status, seconds, lost)
 
 
-def _vmm_cmd(vmm: str, role: str, args: argparse.Namespace, common: list[str]) -> list[str]:
-    extra: list[str] = []
-    if role == "dest":
-        extra += ["--threads", str(args.threads)]
-        if args.exits:
-            extra.append("--exits")
-        if args.strategy:
-            extra += ["--strategy", args.strategy]
-        extra += ["--deadline", str(args.deadline)]
-    if vmm == "python":
-        if args.exits or args.strategy:
-            raise harness.HarnessError("--exits needs a native VMM (make -C native)")
-        return harness.python_vmm(role, *common, *_python_only(extra, role))
+def _tool(vmm: str) -> str:
     tool = harness.native_tool("uffdd-testvm" if vmm == "kvm" else "uffdd-vmsim")
     if tool is None:
         raise harness.HarnessError(f"the {vmm} VMM is not built: run make -C native")
+    return str(tool)
+
+
+def _start_source(vmm: str, args: argparse.Namespace, common: list[str],
+                  src: harness.DaemonProcess, workdir: Path) -> tuple[harness.VmmProcess, str]:
+    """Start the source VMM and wait until it has exported; returns it and the RAM hash
+    the KVM destination must reproduce ("" for the other VMMs, which check the pattern)."""
     if vmm == "kvm":
-        vcpus = str(args.vcpus or min(8, args.threads))
-        common = [a for a in common if a not in ("--ready-file",)]
-        extra = [x for x in extra if x != str(args.threads)]
-        extra = [e for e in extra if e != "--threads"] + ["--vcpus", vcpus]
-    return [str(tool), role, *common, *extra]
+        source = harness.start_vmm([_tool(vmm), "source", *common, "--socket", src.api_socket,
+                                    "--vcpus", str(_width(args, vmm))], "source", workdir)
+        exported = _first_json_line(source)
+        return source, str(exported.get("hash", ""))
+    ready = workdir / "source.ready"
+    cmd_args = [*common, "--socket", src.api_socket, "--ready-file", str(ready)]
+    if vmm == "python":
+        cmd = harness.python_vmm("source", *cmd_args)
+    else:
+        cmd = [_tool(vmm), "source", *cmd_args, "--threads", "2"]
+    source = harness.start_vmm(cmd, "source", workdir, ready)
+    source.wait_ready()
+    return source, ""
 
 
-def _python_only(extra: list[str], role: str) -> list[str]:
-    out: list[str] = []
-    it = iter(extra)
-    for item in it:
-        if item == "--deadline":
-            next(it)
-            continue
-        out.append(item)
-    del role
-    return out
+def _first_json_line(vmm: harness.VmmProcess, timeout: float = 120.0) -> dict[str, object]:
+    """The KVM source prints an 'exported' line once its export is in place."""
+    stream = vmm.proc.stdout
+    assert stream is not None
+    ready, _, _ = select.select([stream], [], [], timeout)
+    line = stream.readline() if ready else ""
+    if not line.startswith("{"):
+        raise harness.HarnessError(f"the {vmm.role} VMM did not export:\n{line}{vmm.stderr()}")
+    parsed: dict[str, object] = json.loads(line)
+    return parsed
+
+
+def _dest_cmd(vmm: str, args: argparse.Namespace, dest_args: list[str], expect: str
+              ) -> list[str]:
+    """The destination VMM's command line (each VMM has its own flags)."""
+    policy = ["--policy", args.policy]
+    strategy = ["--strategy", args.strategy] if args.strategy else []
+    if vmm == "python":
+        return harness.python_vmm("dest", *dest_args, "--mode", args.mode,
+                                  "--threads", str(args.threads), *policy)
+    extra = [*strategy, *policy, "--deadline", str(args.deadline), "--mode", args.mode]
+    if args.exits:
+        extra.append("--exits")
+    if vmm == "kvm":
+        return [_tool(vmm), "dest", *dest_args, "--vcpus", str(_width(args, vmm)),
+                "--expect-hash", expect, *extra]
+    return [_tool(vmm), "dest", *dest_args, "--threads", str(args.threads), *extra]
+
+
+def _source_result(source: harness.VmmProcess, *, ended_badly: bool) -> dict[str, object]:
+    """The source VMM's result; after a failed destination it may never hear the end."""
+    try:
+        return source.result(timeout=15 if ended_badly else 120)
+    except harness.HarnessError as e:
+        return {"event": "unknown", "error": str(e)}
 
 
 def _lose_pages(args: argparse.Namespace, src: harness.DaemonProcess, session: str,
                 seed: int) -> list[int]:
-    """Tell the source daemon (started with fault injection) to fail N pages."""
+    """Tell the source daemon (started with fault injection) to fail N pages.
+
+    The pages hold data (the pattern's zero pages are left out) and every destination
+    VMM touches every page, so each lost page is one the guest needs.
+    """
     if not args.lose_pages:
         return []
     rng = random.Random(seed)
@@ -201,7 +260,7 @@ def _follow(dst: harness.DaemonProcess, session: str, dest: harness.VmmProcess, 
                     sessions = []
                 if sessions:
                     status = sessions[0]
-                    bar.update(int(status["pages_installed"]), int(status["pages_total"]))
+                    bar.update(_int(status["pages_installed"]), _int(status["pages_total"]))
                 time.sleep(0.1)
     return status
 
@@ -215,27 +274,48 @@ def _final_status(dst: harness.DaemonProcess, session: str) -> dict[str, object]
     return sessions[0] if sessions else None
 
 
-def _combine(args: argparse.Namespace, dest: dict[str, object], source: dict[str, object],
-             status: dict[str, object], seconds: float, lost: list[int]) -> dict[str, object]:
-    verified = bool(dest.get("verified")) and dest.get("exit_status") == 0
-    if "hash" in source and dest.get("hash") not in (None, source["hash"]) and not lost:
-        verified = False
+def _outcome(dest: dict[str, object], status: dict[str, object]) -> tuple[str, str | None]:
+    """'completed', 'completed-with-poisoned-pages' or 'crashed' (with the reason)."""
+    crashed = (dest.get("event") == "failed" or bool(dest.get("crash"))
+               or status.get("state") in ("failed", "cancelled")
+               or dest.get("outcome") in ("failed", "crashed"))
+    if crashed:
+        reason = dest.get("reason") or status.get("reason") or dest.get("error")
+        return "crashed", str(reason) if reason else None
     outcome = dest.get("outcome") or status.get("reason") or status.get("state")
-    if dest.get("event") == "failed" or status.get("state") == "failed":
-        outcome = "crashed"
-        verified = bool(dest.get("verified", False)) and not dest.get("mismatches")
-    result: dict[str, object] = {
+    return str(outcome), None
+
+
+def _combine(args: argparse.Namespace, vmm: str, dest: dict[str, object],
+             source: dict[str, object], status: dict[str, object], seconds: float,
+             lost: list[int]) -> dict[str, object]:
+    outcome, reason = _outcome(dest, status)
+    mismatches = dest.get("mismatches", dest.get("guest_mismatches"))
+    # The native VMMs check every byte of every page they could read; lost pages are
+    # the only ones allowed to be missing, and only under the poison policy.
+    verified = (bool(dest.get("verified")) and dest.get("exit_status") == 0
+                and not mismatches and outcome != "crashed")
+    if not lost and "hash" in source and dest.get("hash") not in (None, source["hash"]):
+        verified = False
+    poisoned = status.get("pages_poisoned", dest.get("daemon_pages_poisoned", 0))
+    return {
         "verified": verified,
         "outcome": outcome,
-        "reason": status.get("reason") if outcome == "crashed" else None,
+        "reason": reason,
+        "vmm": vmm,
+        "exits": args.exits,
+        "strategy": status.get("strategy") or args.strategy,
+        "policy": args.policy,
         "memory_bytes": args.memory,
-        "threads": args.threads,
+        "threads": _width(args, vmm),
         "pages_total": status.get("pages_total", dest.get("pages")),
         "pages_demand": status.get("pages_demand"),
         "pages_background": status.get("pages_background"),
         "pages_zero": status.get("pages_zero"),
-        "pages_poisoned": status.get("pages_poisoned", 0),
+        "pages_poisoned": poisoned,
         "pages_lost_injected": len(lost),
+        "vmm_memory_errors": dest.get("poisoned_pages", dest.get("unreadable_pages")),
+        "vcpu_exits": dest.get("exits"),
         "bytes_received": status.get("bytes_received"),
         "seconds": round(seconds, 3),
         "fault_latency_p50_us": status.get("demand_latency_p50_us"),
@@ -243,12 +323,14 @@ def _combine(args: argparse.Namespace, dest: dict[str, object], source: dict[str
         "touch_latency_p50_us": dest.get("fault_latency_p50_us"),
         "touch_latency_p99_us": dest.get("fault_latency_p99_us"),
         "faults": status.get("faults"),
-        "mismatches": dest.get("mismatches"),
-        "tls": False,
+        "mismatches": mismatches,
         "dest": dest,
         "source": source,
     }
-    return result
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else 0
 
 
 class _Say:
@@ -264,27 +346,28 @@ def _summary(r: dict[str, object], say: _Say) -> None:
     if "error" in r:
         say(f"FAILED: {r['error']}")
         return
-    mib = int(r.get("memory_bytes") or 0) >> 20
-    secs = float(r.get("seconds") or 0)
+    mib = _int(r.get("memory_bytes")) >> 20
+    seconds = r.get("seconds")
+    secs = float(seconds) if isinstance(seconds, (int, float)) else 0.0
     say("")
-    say(f"  outcome            {r.get('outcome')}")
+    reason = f" ({r['reason']})" if r.get("reason") else ""
+    say(f"  outcome            {r.get('outcome')}{reason}")
     say(f"  pages              {r.get('pages_total')} total: {r.get('pages_demand')} on demand, "
         f"{r.get('pages_background')} in the background, {r.get('pages_zero')} zero pages")
-    say(f"  poisoned pages     {r.get('pages_poisoned')}")
+    say(f"  poisoned pages     {r.get('pages_poisoned')} "
+        f"(lost on purpose: {r.get('pages_lost_injected')})")
     say(f"  bytes received     {r.get('bytes_received')}")
     say(f"  time               {secs:.2f} s ({mib / secs if secs else 0:.0f} MiB/s)")
     say(f"  fault latency      p50 {r.get('fault_latency_p50_us')} us, "
         f"p99 {r.get('fault_latency_p99_us')} us (fault seen -> page installed)")
-    say(f"  verified           {'yes: every byte matched' if r.get('verified') else 'NO'}")
+    good = "yes: every byte matched" + (" (poisoned pages left out)" if r.get("pages_poisoned")
+                                        else "")
+    say(f"  verified           {good if r.get('verified') else 'NO'}")
 
 
 def _rmtree(path: Path) -> None:
     for child in sorted(path.rglob("*"), reverse=True):
-        try:
+        with contextlib.suppress(OSError):
             child.rmdir() if child.is_dir() else child.unlink()
-        except OSError:
-            pass
-    try:
+    with contextlib.suppress(OSError):
         path.rmdir()
-    except OSError:
-        pass

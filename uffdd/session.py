@@ -438,6 +438,7 @@ class _Context:
         self._s = session
         self.session = session.session_id
         self.policy = session.policy
+        self.reason = ""
 
     def page_state(self, gpa: int) -> str:
         region, page = self._s.region_of_gpa(gpa)
@@ -451,6 +452,7 @@ class _Context:
 
         def callback(outcome: str, reason: str) -> None:  # runs in the fault thread
             result.append(outcome)
+            self.reason = reason
             try:
                 token.run_sync_soon(done.set)
             except trio.RunFinishedError:

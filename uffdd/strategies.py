@@ -59,6 +59,7 @@ class ResolveContext(Protocol):
 
     session: str
     policy: str  # "crash" | "poison"
+    reason: str  # why the last make_present() ended as it did ("" when installed)
 
     def page_state(self, gpa: int) -> str:
         """'absent', 'requested', 'installed', 'poisoned' or 'discarded'."""
@@ -111,7 +112,7 @@ class ContinueThenPopulate(Strategy):
             return ctx.verdict(POPULATE, exit.gpa, "page was installed before: populate it")
         if outcome == "poisoned":
             return ctx.verdict(INJECT, exit.gpa, "page is unrecoverable (poisoned)")
-        return ctx.verdict(CRASH, exit.gpa, _LOST)
+        return ctx.verdict(CRASH, exit.gpa, ctx.reason or _LOST)
 
 
 class NoUffdWait(Strategy):
@@ -145,7 +146,7 @@ class NoUffdWait(Strategy):
             return ctx.verdict(RESUME, exit.gpa)
         if outcome == "poisoned":
             return ctx.verdict(INJECT, exit.gpa, "page is unrecoverable (poisoned)")
-        return ctx.verdict(CRASH, exit.gpa, _LOST)
+        return ctx.verdict(CRASH, exit.gpa, ctx.reason or _LOST)
 
 
 _LOST: Final = "page is unrecoverable (source unreachable, lost or corrupt; policy crash)"
