@@ -230,3 +230,25 @@ def test_broken_strategy_refused_at_import(pair: Pair) -> None:
     m.kill_all()
     assert rc == 1
     assert "import" in str(lines[-1]["error"]) and "cannot be created" in str(lines[-1]["error"])
+
+
+@pytest.mark.parametrize("policy", ["poison", "crash"])
+def test_populate_failed_goes_to_policy(pair: Pair, policy: str) -> None:
+    """The VMM's MADV_POPULATE_WRITE fails for real (read-only mapping); it reports
+    populate-failed and the failure policy answers."""
+    m = vmsim.start(pair.workdir, pair.src, pair.dst, backing="anon", memory="256M", dest_args=[
+        "--exits", "--strategy", "continue-then-populate", "--policy", policy,
+        "--reexit-page", str(PAGE_OF_INTEREST), "--populate-fails"])
+    rc, lines = vmsim.dest_lines(m.dest)
+    m.kill_all()
+    result = lines[-1]
+    if policy == "crash":
+        assert rc == 2 and result["crash"] is True, (rc, lines)
+        assert "populate failed" in str(result["reason"]), result
+        return
+    assert rc == 0, (rc, lines)
+    reexit = result["reexit"]
+    assert isinstance(reexit, dict)
+    assert reexit["verdict"] == "populate" and reexit["populate_ok"] is False, reexit
+    assert reexit["populate_errno"] != 0 and reexit["verdict2"] == "inject-memory-error", reexit
+    assert "unrecoverable page" in pair.dst.log_text()

@@ -111,6 +111,7 @@ static struct {
 	bool linger;        /* test aid: ignore a failed event, so the daemon must kill us */
 	int64_t reexit_page; /* test aid: report an exit for this page after installing it */
 	bool pageout;       /* ... and MADV_PAGEOUT it first (swap) */
+	bool populate_fails; /* ... and make it read-only, so MADV_POPULATE_WRITE fails */
 	uint64_t seed;
 	unsigned threads;
 	double deadline, timeout;
@@ -273,6 +274,10 @@ static void parse_args(int argc, char **argv)
 		}
 		if (!strcmp(a, "--pageout")) {
 			opt.pageout = true;
+			continue;
+		}
+		if (!strcmp(a, "--populate-fails")) {
+			opt.populate_fails = true;
 			continue;
 		}
 		if (i + 1 >= argc)
@@ -806,6 +811,10 @@ static void reexit(uffdd_client *c)
 			die(1, "MADV_PAGEOUT: %s", strerror(errno));
 		rx.swapped = page_swapped(p);
 	}
+	/* A real populate failure: MADV_POPULATE_WRITE on a read-only mapping fails
+	 * (EINVAL on 6.18). */
+	if (opt.populate_fails && mprotect(p, unit, PROT_READ) < 0)
+		die(1, "mprotect: %s", strerror(errno));
 	struct uffdd_error err;
 	struct uffdd_verdict v;
 	struct uffdd_exit x = { .vcpu = opt.threads, .gpa = u * unit, .size = 8,
@@ -830,6 +839,8 @@ static void reexit(uffdd_client *c)
 			rx.verdict2 = verdict_name(v.kind);
 		}
 	}
+	if (opt.populate_fails && mprotect(p, unit, PROT_READ | PROT_WRITE) < 0)
+		die(1, "mprotect: %s", strerror(errno));
 	if (v.kind == UFFDD_VERDICT_CRASH)
 		crash(x.vcpu, x.gpa, v.reason);
 	if (v.kind == UFFDD_VERDICT_INJECT_MEMORY_ERROR) {
