@@ -74,10 +74,11 @@ def pki(tmp_path: Path) -> dict[str, testcerts.CertFiles]:
     }
 
 
-def tls_pair(daemons: Daemons, pki: dict[str, testcerts.CertFiles]) -> Pair:
+def tls_pair(daemons: Daemons, pki: dict[str, testcerts.CertFiles], source_extra: str = ""
+             ) -> Pair:
     """Source and destination daemons that speak mutual TLS and pin each other's name."""
-    src = daemons.start("source", "[peer]\n" + pki["source"].toml(["uffdd-destination"]),
-                        metrics=True)
+    src = daemons.start("source", "[peer]\n" + pki["source"].toml(["uffdd-destination"])
+                        + source_extra, metrics=True)
     dst = daemons.start("destination", "[peer]\n" + pki["destination"].toml(["uffdd-source"]))
     return Pair(daemons.workdir, src, dst)
 
@@ -152,6 +153,27 @@ def raw_lane(port: int, ctx: ssl.SSLContext | None) -> peer.FrameSocket:
     return peer.FrameSocket(sock)
 
 
+def assert_slots_free(port: int, limit: int) -> None:
+    """Exactly ``limit`` connections from here are accepted now: refused peers gave
+    their limits.max_connections_per_peer slots back, and exactly once."""
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(limit + 1)]
+    answers: list[bytes | None] = []
+    try:
+        for s in held:
+            s.settimeout(0.5)
+            try:
+                answers.append(s.recv(1))  # b"": closed at once, over the limit
+            except TimeoutError:
+                answers.append(None)  # accepted: the daemon waits for a TLS hello
+            except ConnectionResetError:
+                answers.append(b"")
+    finally:
+        for s in held:
+            s.close()
+    assert answers.count(None) == limit and answers.count(b"") == 1, answers
+    time.sleep(0.3)  # the daemon notices the closes and frees the slots
+
+
 # ---------------------------------------------------------------- peer link
 
 
@@ -170,7 +192,7 @@ def test_migration_over_mutual_tls_is_byte_exact(daemons: Daemons,
 def test_bad_peer_is_refused_before_any_page(daemons: Daemons,
                                              pki: dict[str, testcerts.CertFiles],
                                              attack: str) -> None:
-    pair = tls_pair(daemons, pki)
+    pair = tls_pair(daemons, pki, "[limits]\nmax_connections_per_peer = 3\n")
     session, token = f"s-{secrets.token_hex(3)}", secrets.token_hex(16)
     source = start_source(pair, session, token)
     ca = pki["source"].ca
@@ -209,6 +231,7 @@ def test_bad_peer_is_refused_before_any_page(daemons: Daemons,
     status = session_status(pair.src, session)
     assert status["bytes_sent"] == 0 and status["pages_installed"] == 0, status
     assert "refused peer" in pair.src.log_text()
+    assert_slots_free(pair.src.peer_port, 3)
     # The source is unharmed: the real destination migrates the session byte-exact.
     dest = start_dest(pair, session, token)
     _ok(dest.result(300), source.result(60))

@@ -31,11 +31,13 @@ from uffdd.api import Connection
 from uffdd.config import Config, check_peer_security, split_host_port
 from uffdd.errors import AuthError, ConfigError, PeerUnavailable, ProtocolError, RequestError
 from uffdd.session import ExportSession, ImportSession, SessionBase
-from uffdd.threads import DATA_PATH_THREADS
 
 log = logging.getLogger("uffdd.daemon")
 
 _KEEP_FINISHED = 64  # finished sessions kept for `status` and late `subscribe`
+# Handshakes (TLS + token) of not yet authenticated peers run in threads of their own
+# limiter: a flood of them from many addresses must not take the data path's threads.
+_HANDSHAKE_THREADS = trio.CapacityLimiter(64)
 _SHUTDOWN_GRACE = 5.0
 
 
@@ -136,10 +138,8 @@ class Daemon:
             return trio.socket.from_stdlib_socket(std)
         path = self.api_path
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # no window in which the socket is world-accessible
         try:
@@ -214,18 +214,20 @@ class Daemon:
         # A second descriptor of the same socket: shutting it down wakes the handshake
         # thread when the whole handshake (not just one read) took too long.
         guard = sock.dup()
-        make = partial(_PeerLane, release=partial(self.peer_slots.release, host))
+        # The slot is given back once: by the lane when it closes, or here on refusal.
+        release = _once(partial(self.peer_slots.release, host))
+        make = partial(_PeerLane, release=release)
         try:
             with trio.move_on_after(timeout) as deadline:
                 fs, session_id, lane = await trio.to_thread.run_sync(
                     partial(peer.accept_lane, sock, self.config.peer, self._lookup_export, make),
-                    limiter=DATA_PATH_THREADS, abandon_on_cancel=True)
+                    limiter=_HANDSHAKE_THREADS, abandon_on_cancel=True)
             if deadline.cancelled_caught:
                 guard.shutdown(socket.SHUT_RDWR)
                 raise PeerUnavailable(f"no handshake within {timeout:g}s "
                                       "(limits.handshake_timeout)")
         except (ssl.SSLError, AuthError, ProtocolError, PeerUnavailable, OSError) as e:
-            self.peer_slots.release(host)  # idempotent with the lane's own release
+            release()
             _refused_peer(addr, e)
             sock.close()
             return
@@ -279,6 +281,22 @@ class Daemon:
         return f"{running} sessions ({len(self.imports)} import, {len(self.exports)} export)"
 
 
+def _once(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` wrapped to run at most once, from any thread."""
+    lock = threading.Lock()
+    done = False
+
+    def call() -> None:
+        nonlocal done
+        with lock:
+            if done:
+                return
+            done = True
+        fn()
+
+    return call
+
+
 class PeerSlots:
     """Connections per peer address (limits.max_connections_per_peer); thread-safe."""
 
@@ -312,8 +330,7 @@ class _PeerLane(peer.FrameSocket):
 
     def __init__(self, sock: socket.socket, *, release: Callable[[], None]) -> None:
         super().__init__(sock)
-        self._release: Callable[[], None] | None = release
-        self._release_lock = threading.Lock()
+        self._release = release
         self.region_pages: list[int] | None = None  # pages per region, once bound
         self.label = ""
 
@@ -346,10 +363,7 @@ class _PeerLane(peer.FrameSocket):
 
     def close(self) -> None:
         super().close()
-        with self._release_lock:
-            release, self._release = self._release, None
-        if release is not None:
-            release()
+        self._release()
 
 
 def _refused_peer(addr: object, e: BaseException) -> None:
