@@ -430,3 +430,33 @@ def test_demo_over_tls_reports_tls_and_verified() -> None:
     result = json.loads(done.stdout)
     assert result["tls"] is True and result["verified"] is True, result
     assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------- when plaintext is allowed
+
+
+def _serve_briefly(tmp_path: Path, config: str, listen: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "c.toml"
+    path.write_text(config)
+    return subprocess.run([sys.executable, "-m", "uffdd", "serve", "--config", str(path),
+                           "--api-socket", str(tmp_path / "x.sock"), "--peer-listen", listen,
+                           "--metrics-listen", ""], capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(("config", "words"), [
+    ("", ["0.0.0.0:0 is reachable from other hosts", "peer.tls = false"]),
+    ("[peer]\ntls = true\n", ["mutual TLS needs peer.ca, peer.cert, peer.key"]),
+    ('[peer]\nca = "/nonexistent/ca.pem"\ncert = "/x.pem"\nkey = "/x.key"\n',
+     ["peer.ca: cannot load /nonexistent/ca.pem"]),
+])
+def test_network_facing_daemon_refuses_to_start_without_tls(tmp_path: Path, config: str,
+                                                            words: list[str]) -> None:
+    done = _serve_briefly(tmp_path, config, "0.0.0.0:0")
+    assert done.returncode != 0, done
+    for word in words:
+        assert word in done.stderr, done.stderr
+
+
+def test_explicit_plaintext_starts_with_a_warning(daemons: Daemons) -> None:
+    d = daemons.start("d", "[peer]\ntls = false\n")
+    assert "level=warning" in d.log_text() and "PLAINTEXT (peer.tls = false)" in d.log_text()

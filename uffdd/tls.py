@@ -76,13 +76,17 @@ def tls_enabled(peer: PeerConfig) -> bool:
 
 
 def _base_context(peer: PeerConfig, purpose: ssl.Purpose) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(purpose, cafile=peer.ca)
+    try:
+        ctx = ssl.create_default_context(purpose, cafile=peer.ca)
+    except (OSError, ssl.SSLError) as e:  # (ssl.SSLError is an OSError; named for readers)
+        raise ConfigError(f"peer.ca: cannot load {peer.ca}: {e}") from None
     ctx.minimum_version = _MIN_VERSION
     ctx.verify_mode = ssl.CERT_REQUIRED  # mutual: the server requires a client certificate
     try:
         ctx.load_cert_chain(peer.cert, peer.key)
     except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"peer.cert / peer.key: cannot load {peer.cert}: {e}") from None
+        raise ConfigError(f"peer.cert / peer.key: cannot load {peer.cert} with {peer.key}: "
+                          f"{e}") from None
     ctx.sslsocket_class = LaneSSLSocket
     return ctx
 
