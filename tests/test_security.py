@@ -460,3 +460,18 @@ def test_network_facing_daemon_refuses_to_start_without_tls(tmp_path: Path, conf
 def test_explicit_plaintext_starts_with_a_warning(daemons: Daemons) -> None:
     d = daemons.start("d", "[peer]\ntls = false\n")
     assert "level=warning" in d.log_text() and "PLAINTEXT (peer.tls = false)" in d.log_text()
+
+
+def test_loopback_daemon_without_certificates_never_dials_out_in_plaintext(
+        daemons: Daemons) -> None:
+    """Implicit plaintext is for a daemon confined to loopback: it refuses to send a
+    session's traffic to another host unencrypted (and fails the session, saying why)."""
+    pair = plain_pair(daemons)
+    session, token = f"s-{secrets.token_hex(3)}", secrets.token_hex(16)
+    dest = harness.start_vmm(harness.python_vmm(
+        "dest", "--session", session, "--token", token, "--memory", "4M", "--backing",
+        "shmem", "--socket", pair.dst.api_socket, "--peer", "192.0.2.1:4460"),
+        "dest", pair.workdir)
+    result = dest.result(120)
+    assert result["event"] == "failed", result
+    assert "refusing a plaintext peer link to 192.0.2.1:4460" in pair.dst.log_text()
