@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,3 +136,23 @@ def test_poison_policy_source_killed(daemons: tuple[harness.DaemonProcess,
     poisoned = int(result["daemon_pages_poisoned"])  # type: ignore[call-overload]
     assert poisoned > 0 and result["poisoned_pages"] == poisoned, context
     _check_memory_errors(result, exits)
+
+
+@pytest.mark.parametrize("exits", [True, False], ids=["exits", "blocking"])
+@pytest.mark.parametrize("policy", ["poison", "crash"])
+def test_demo_lost_pages(exits: bool, policy: str) -> None:
+    """``uffdd demo --lose-pages N`` shows both policies, on the exit path and without."""
+    vmsim.tool()
+    args = ["--policy", policy, "--lose-pages", "3", *(["--exits"] if exits else [])]
+    proc = subprocess.run([sys.executable, "-m", "uffdd", "demo", "--memory", "64M", "--json",
+                           *args], capture_output=True, text=True, timeout=vmsim.HANG_TIMEOUT)
+    result = json.loads(proc.stdout)
+    assert result["vmm"] == "vmsim", result
+    if policy == "poison":
+        assert proc.returncode == 0, result
+        assert result["outcome"] == "completed-with-poisoned-pages", result
+        assert result["pages_poisoned"] == 3 and result["verified"] is True, result
+    else:
+        assert proc.returncode != 0, result
+        assert result["outcome"] == "crashed" and "lost" in str(result["reason"]), result
+        assert result["verified"] is False

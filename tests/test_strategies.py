@@ -252,3 +252,23 @@ def test_populate_failed_goes_to_policy(pair: Pair, policy: str) -> None:
     assert reexit["verdict"] == "populate" and reexit["populate_ok"] is False, reexit
     assert reexit["populate_errno"] != 0 and reexit["verdict2"] == "inject-memory-error", reexit
     assert "unrecoverable page" in pair.dst.log_text()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_kvm_exits_resume_path(strategy: str) -> None:
+    """The KVM test VMM's --exits mode: real vCPUs exit to the VMM and resume."""
+    require(harness.kvm_usable(), "/dev/kvm is not usable")
+    require(harness.native_tool("uffdd-testvm") is not None,
+            "native/build/uffdd-testvm is not built (make -C native)")
+    result = _demo("--vmm", "kvm", "--exits", "--strategy", strategy, "--vcpus", "2")
+    assert result["verified"] is True and result["outcome"] == "completed", result
+    assert result["vmm"] == "kvm" and result["strategy"] == strategy, result
+    assert int(result["vcpu_exits"]) > 0, result  # type: ignore[call-overload]
+
+
+def _demo(*args: str) -> dict[str, object]:
+    proc = subprocess.run([sys.executable, "-m", "uffdd", "demo", "--memory", "64M", "--json",
+                           *args], capture_output=True, text=True, timeout=vmsim.HANG_TIMEOUT)
+    result: dict[str, object] = json.loads(proc.stdout)
+    result["exit_status"] = proc.returncode
+    return result
