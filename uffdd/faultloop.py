@@ -765,15 +765,23 @@ class FaultLoop:
         if self.policy != "poison":
             self._fail(reason)
             return
-        log.error("poisoning every remaining page (%d): %s", self.pages.remaining, reason)
+        session = _session_of(self.metrics)
+        log.error("session=%s poisoning every remaining page (%d): %s", session,
+                  self.pages.remaining, reason)
+        before = self.pages.poisoned
         for region in self.regions:
             for start, count in list(self.pages.installable_runs(region.index, 0, region.pages)):
+                # One line per run, not per page: a dead source may leave millions.
+                ps = region.page_size
+                log.error("unrecoverable pages session=%s gpa=%#x..%#x (%d pages) reason=%s "
+                          "policy=poison", session, region.gpa + start * ps,
+                          region.gpa + (start + count) * ps, count, reason)
                 self._poison_run(region, start, count)
         for (r, page) in list(self._callbacks):
             for cb in self._callbacks.pop((r, page), []):
                 cb(Outcome.POISONED, reason)
         self._outstanding.clear()
-        _metric(self.metrics, "unrecoverable", "deadline", self.pages.poisoned)
+        _metric(self.metrics, "unrecoverable", "deadline", self.pages.poisoned - before)
 
     def _poison_run(self, region: ImportRegion, start: int, count: int) -> None:
         ps = region.page_size
@@ -799,8 +807,9 @@ class FaultLoop:
 
     def _unrecoverable(self, r: int, page: int, code: str, reason: str) -> None:
         region = self.regions[r]
-        log.error("unrecoverable page region=%d gpa=%#x reason=%s policy=%s",
-                  r, region.gpa + page * region.page_size, reason, self.policy)
+        log.error("unrecoverable page session=%s gpa=%#x reason=%s policy=%s",
+                  _session_of(self.metrics), region.gpa + page * region.page_size, reason,
+                  self.policy)
         _metric(self.metrics, "unrecoverable", code, 1)
         self._outstanding.pop((r, page), None)
         if self.policy == "poison":
@@ -844,6 +853,11 @@ class FaultLoop:
         if self.pages.complete and not self._finished:
             self._finished = True
             self.notify("complete", None)
+
+
+def _session_of(metrics: object) -> str:
+    """The session id for log lines (the SessionMetrics this loop reports to knows it)."""
+    return str(getattr(metrics, "session", "?"))
 
 
 def _metric(metrics: object, method: str, *args: object) -> None:
