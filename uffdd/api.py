@@ -482,7 +482,7 @@ async def handle_inject(conn: Connection, body: protocol.Message, fds: list[int]
         raise RequestError("bad-request", "inject: fault injection is disabled "
                            "(testing.fault_injection / --enable-fault-injection)")
     session = conn.daemon.exports.get(str(body["session"]))
-    if session is None:
+    if session is None or not _may_observe(conn, session):  # its VMM or the admin only
         raise RequestError("unknown-session", f"no export session {body['session']!r}")
     lose = body.get("lose", [])
     assert isinstance(lose, list)
