@@ -272,3 +272,14 @@ def _demo(*args: str) -> dict[str, object]:
     result: dict[str, object] = json.loads(proc.stdout)
     result["exit_status"] = proc.returncode
     return result
+
+
+@pytest.mark.parametrize("backing", ["shmem", "anon"])
+def test_vmm_unregisters_on_completion(pair: Pair, backing: str) -> None:
+    """After 'completed' the VMM unregisters guest RAM: a page discarded later reads as
+    zeros, served by the kernel (it would hang if the range were still registered)."""
+    m = vmsim.start(pair.workdir, pair.src, pair.dst, backing=backing,
+                    dest_args=["--exits", "--discard-after", str(PAGE_OF_INTEREST)])
+    result = m.dest_result()
+    _ok(result)
+    assert result["discard_after"] == {"page": PAGE_OF_INTEREST, "zero": True}, result

@@ -112,10 +112,11 @@ static struct {
 	int64_t reexit_page; /* test aid: report an exit for this page after installing it */
 	bool pageout;       /* ... and MADV_PAGEOUT it first (swap) */
 	bool populate_fails; /* ... and make it read-only, so MADV_POPULATE_WRITE fails */
+	int64_t discard_after; /* test aid: discard this page after completion, then read it */
 	uint64_t seed;
 	unsigned threads;
 	double deadline, timeout;
-} opt = { .threads = 1, .timeout = 600, .reexit_page = -1 };
+} opt = { .threads = 1, .timeout = 600, .reexit_page = -1, .discard_after = -1 };
 
 /* guest RAM */
 static unsigned char *ram;
@@ -330,6 +331,8 @@ static void parse_args(int argc, char **argv)
 			opt.timeout = strtod(v, NULL);
 		else if (!strcmp(a, "--ready-file"))
 			opt.ready_file = v;
+		else if (!strcmp(a, "--discard-after"))
+			opt.discard_after = (int64_t)parse_u64(v, "bad --discard-after");
 		else if (!strcmp(a, "--reexit-page"))
 			opt.reexit_page = (int64_t)parse_u64(v, "bad --reexit-page");
 		else
@@ -349,8 +352,8 @@ static void parse_args(int argc, char **argv)
 	n_pages = opt.memory / VMSIM_PAGE;
 	if (opt.threads > n_units)
 		opt.threads = (unsigned)n_units;
-	if (opt.reexit_page >= (int64_t)n_units)
-		usage("--reexit-page is outside guest RAM");
+	if (opt.reexit_page >= (int64_t)n_units || opt.discard_after >= (int64_t)n_units)
+		usage("--reexit-page / --discard-after is outside guest RAM");
 }
 
 /* ------------------------------------------------------------------------ */
@@ -982,6 +985,20 @@ static int run_dest(void)
 		free(ts[t].lat_us);
 	}
 	qsort(lat, n_lat, sizeof(*lat), cmp_double);
+	/* --discard-after: a page the guest gives back after completion (balloon) must
+	 * read as zeros, served by the kernel: it hangs if guest RAM were still
+	 * registered, since nobody reads the uffd any more. */
+	int discard_zero = -1;
+	if (end == 1 && opt.discard_after >= 0) {
+		uint64_t u = (uint64_t)opt.discard_after;
+		unsigned char *p = ram + u * unit;
+		if (madvise(p, unit, memfd >= 0 ? MADV_REMOVE : MADV_DONTNEED) < 0)
+			die(1, "discard after completion: %s", strerror(errno));
+		discard_zero = 1;
+		for (uint64_t i = 0; i < unit; i++)
+			discard_zero &= p[i] == 0;
+		poisoned[u] = 1; /* left out of the hash: it is zeros now, not the source's */
+	}
 	uint64_t hash = end == 1 ? ram_hash() : 0;
 	bool verified = end == 1 && mism == 0;
 	printf("{\"role\": \"dest\", \"verified\": %s, \"pages\": %" PRIu64
@@ -1004,6 +1021,9 @@ static int run_dest(void)
 		printf("%s{\"gpa\": %" PRIu64 ", \"si_gpa\": %" PRIu64 ", \"code\": %d}",
 		       i ? ", " : "", memerrs[i].gpa, memerrs[i].si_gpa, memerrs[i].code);
 	printf("]");
+	if (discard_zero >= 0)
+		printf(", \"discard_after\": {\"page\": %" PRId64 ", \"zero\": %s}",
+		       opt.discard_after, discard_zero ? "true" : "false");
 	if (rx.done)
 		printf(", \"reexit\": {\"page\": %" PRId64 ", \"swapped\": %s, \"verdict\": \"%s\", "
 		       "\"populate_ok\": %s, \"populate_errno\": %d, \"verdict2\": \"%s\", "
