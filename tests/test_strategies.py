@@ -18,10 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.conftest import Pair, require
 from tests.strategy_pkg import vmsim
 from uffdd import harness
+from uffdd.strategies import NoUffdWait, VcpuExit, Verdict
 
 STRATEGIES = ["continue-then-populate", "no-uffd-wait"]
 PAGE_OF_INTEREST = 7  # holds pattern data (page % 11 != 5)
@@ -283,3 +285,59 @@ def test_vmm_unregisters_on_completion(pair: Pair, backing: str) -> None:
     result = m.dest_result()
     _ok(result)
     assert result["discard_after"] == {"page": PAGE_OF_INTEREST, "zero": True}, result
+
+
+def test_strategy_that_raises_crashes_the_vcpu_not_the_daemon(pair: Pair) -> None:
+    m = vmsim.start(pair.workdir, pair.src, pair.dst,
+                    dest_args=["--exits", "--strategy", "tests.strategy_pkg.custom:Raising"])
+    rc, lines = vmsim.dest_lines(m.dest)
+    m.kill_all()
+    assert rc == 2 and lines[-1]["crash"] is True, (rc, lines)
+    assert "a bug in a third-party strategy" in str(lines[-1]["reason"]), lines
+    # the daemon keeps serving: a normal migration afterwards
+    _ok(vmsim.start(pair.workdir, pair.src, pair.dst, dest_args=["--exits"]).dest_result())
+
+
+class _FakeContext:
+    """A ResolveContext whose pages are 'present' (installed before) or 'installed'."""
+
+    session = "unit"
+    policy = "crash"
+    reason = ""
+
+    def __init__(self, outcome: str) -> None:
+        self.outcome = outcome
+        self.failed: list[int] = []
+
+    def page_state(self, gpa: int) -> str:
+        return "installed"
+
+    async def make_present(self, gpa: int) -> str:
+        return self.outcome
+
+    async def fail_page(self, gpa: int, reason: str) -> Verdict:
+        self.failed.append(gpa)
+        return self.verdict("crash", gpa, reason)
+
+    def verdict(self, kind: str, gpa: int, reason: str | None = None) -> Verdict:
+        page = gpa & ~4095
+        return Verdict(kind, page, 0x7F0000000000 + page, 4096, reason)
+
+
+def test_no_uffd_wait_resumes_once_on_a_present_page() -> None:
+    """An install that raced the exit gets resume; the same vCPU on the same page again
+    goes to the policy; another vCPU or page starts afresh."""
+    strategy = NoUffdWait()
+    ctx = _FakeContext("present")
+
+    def resolve(vcpu: int, gpa: int) -> str:
+        exit = VcpuExit(vcpu=vcpu, gpa=gpa, size=8, access="read")
+        return trio.run(strategy.resolve, exit, ctx).kind
+
+    assert resolve(0, 0x5008) == "resume"
+    assert resolve(1, 0x5000) == "resume"
+    assert resolve(0, 0x5010) == "crash"
+    assert ctx.failed == [0x5010]
+    assert resolve(0, 0x5000) == "resume"
+    assert resolve(0, 0x9000) == "resume"
+    assert resolve(0, 0x5000) == "resume"

@@ -42,3 +42,12 @@ class Nameless(ContinueThenPopulate):
     """Broken: no name to show in status and logs."""
 
     name = ""
+
+
+class Raising(Strategy):
+    """Buggy: raises on every exit. The vCPU must still get an answer (crash)."""
+
+    name = "raising"
+
+    async def resolve(self, exit: VcpuExit, ctx: ResolveContext) -> Verdict:
+        raise RuntimeError("a bug in a third-party strategy")
