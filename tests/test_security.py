@@ -334,7 +334,9 @@ print(json.dumps(out))
 
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
-    """A directory another uid can reach (pytest's tmp_path is private to root)."""
+    """A directory another uid can reach (pytest's tmp_path is private to root).
+
+    Request it before ``daemons``, so the daemons' logs are checked before it goes."""
     require(os.geteuid() == 0, "needs root to run a client under another uid")
     path = Path(tempfile.mkdtemp(prefix="uffdd-sec-"))
     path.chmod(0o755)
@@ -358,7 +360,7 @@ def _as_nobody(socket_path: str, session: str) -> dict[str, dict[str, object]]:
                  {"closed": v}) for op, v in raw.items()}
 
 
-def test_vmm_from_a_disallowed_uid_is_refused(daemons: Daemons, shared_dir: Path) -> None:
+def test_vmm_from_a_disallowed_uid_is_refused(shared_dir: Path, daemons: Daemons) -> None:
     d = harness.start_daemon(shared_dir, "d", config='[api]\nsocket_mode = "0666"\n',
                              metrics=True)
     daemons.started.append(d)
@@ -375,8 +377,8 @@ def test_vmm_from_a_disallowed_uid_is_refused(daemons: Daemons, shared_dir: Path
     assert "refused VMM connection" in d.log_text() and "uid=65534" in d.log_text()
 
 
-def test_allowed_vmm_sees_and_touches_only_its_own_sessions(daemons: Daemons,
-                                                           shared_dir: Path) -> None:
+def test_allowed_vmm_sees_and_touches_only_its_own_sessions(shared_dir: Path,
+                                                           daemons: Daemons) -> None:
     """uid 65534 may use the daemon, but root's VMM's session is invisible to it."""
     src = harness.start_daemon(shared_dir, "source",
                                config='[api]\nsocket_mode = "0666"\nallowed_uids = [0, 65534]\n')
@@ -418,7 +420,7 @@ def test_second_vmm_cannot_resolve_or_cancel(daemons: Daemons) -> None:
     _ok(dest.result(300), source.result(60))
 
 
-def test_api_socket_owner_group_and_mode(daemons: Daemons, shared_dir: Path) -> None:
+def test_api_socket_owner_group_and_mode(shared_dir: Path, daemons: Daemons) -> None:
     d = harness.start_daemon(shared_dir, "d", config='[api]\nsocket_mode = "0660"\n'
                              'socket_owner = "65534"\nsocket_group = "65534"\n')
     daemons.started.append(d)
