@@ -481,3 +481,24 @@ def test_loopback_daemon_without_certificates_never_dials_out_in_plaintext(
     result = dest.result(120)
     assert result["event"] == "failed", result
     assert "refusing a plaintext peer link to 192.0.2.1:4460" in pair.dst.log_text()
+
+
+def test_destination_with_an_untrusted_certificate_fails_clearly(
+        daemons: Daemons, pki: dict[str, testcerts.CertFiles]) -> None:
+    """The source's verdict on our certificate ends the import with the reason, instead
+    of a link that keeps being retried until the page deadline."""
+    src = daemons.start("source", "[peer]\n" + pki["source"].toml())
+    # It trusts the source's CA, but its own certificate comes from another one.
+    mixed = testcerts.CertFiles(pki["source"].ca, pki["other-ca"].cert, pki["other-ca"].key)
+    dst = daemons.start("destination", "[peer]\n" + mixed.toml())
+    pair = Pair(daemons.workdir, src, dst)
+    session, token = f"s-{secrets.token_hex(3)}", secrets.token_hex(16)
+    source = start_source(pair, session, token)
+    t0 = time.monotonic()
+    result = start_dest(pair, session, token).result(120)
+    assert result["event"] == "failed", result
+    assert time.monotonic() - t0 < 20, "the session kept retrying"
+    assert "refused our certificate" in dst.log_text(), dst.log_text()[-3000:]
+    assert session_status(src, session)["bytes_sent"] == 0
+    source.proc.kill()
+    source.proc.wait(10)

@@ -39,6 +39,15 @@ log = logging.getLogger("uffdd.tls")
 _MIN_VERSION: Final = ssl.TLSVersion.TLSv1_3
 
 
+#: TLS alerts that mean "your certificate is not accepted" (OpenSSL reason names).
+_CERTIFICATE_ALERTS: Final = frozenset({
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED", "TLSV1_ALERT_UNKNOWN_CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "TLSV1_ALERT_ACCESS_DENIED",
+})
+
+
 class LaneSSLSocket(ssl.SSLSocket):
     """An SSL socket that the lane threads can use like a plain socket."""
 
@@ -49,6 +58,13 @@ class LaneSSLSocket(ssl.SSLSocket):
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             # The fault thread polls the fd and loops until BlockingIOError.
             raise BlockingIOError("TLS record not complete yet") from None
+        except ssl.SSLError as e:
+            # In TLS 1.3 the server judges our certificate after our side of the
+            # handshake is done: its verdict arrives as an alert on the first read.
+            # Retrying cannot fix that, so it is an AuthError, not a dropped link.
+            if e.reason in _CERTIFICATE_ALERTS:
+                raise AuthError(f"the peer refused our certificate ({e.reason})") from None
+            raise
 
     def send(self, data: ReadableBuffer, flags: int = 0) -> int:
         try:
