@@ -74,12 +74,15 @@ def pki(tmp_path: Path) -> dict[str, testcerts.CertFiles]:
     }
 
 
-def tls_pair(daemons: Daemons, pki: dict[str, testcerts.CertFiles], source_extra: str = ""
-             ) -> Pair:
-    """Source and destination daemons that speak mutual TLS and pin each other's name."""
+def tls_pair(daemons: Daemons, pki: dict[str, testcerts.CertFiles], source_extra: str = "",
+             dest_extra: str = "") -> Pair:
+    """Source and destination daemons that speak mutual TLS and pin each other's name.
+
+    ``dest_extra`` goes into the destination's [peer] table; ``source_extra`` after it."""
     src = daemons.start("source", "[peer]\n" + pki["source"].toml(["uffdd-destination"])
                         + source_extra, metrics=True)
-    dst = daemons.start("destination", "[peer]\n" + pki["destination"].toml(["uffdd-source"]))
+    dst = daemons.start("destination", "[peer]\n" + pki["destination"].toml(["uffdd-source"])
+                        + dest_extra)
     return Pair(daemons.workdir, src, dst)
 
 
@@ -177,10 +180,14 @@ def assert_slots_free(port: int, limit: int) -> None:
 # ---------------------------------------------------------------- peer link
 
 
+@pytest.mark.parametrize(("backing", "mode", "lanes"), [
+    ("shmem", "missing", 1), ("anon", "missing", 2), ("shmem", "minor", 1)])
 def test_migration_over_mutual_tls_is_byte_exact(daemons: Daemons,
-                                                 pki: dict[str, testcerts.CertFiles]) -> None:
-    pair = tls_pair(daemons, pki)
-    result, source = pair.migrate(memory="64M", dest=["--threads", "4", "--order", "rand"])
+                                                 pki: dict[str, testcerts.CertFiles],
+                                                 backing: str, mode: str, lanes: int) -> None:
+    pair = tls_pair(daemons, pki, dest_extra=f"bulk_lanes = {lanes}\n")
+    result, source = pair.migrate(memory="64M", backing=backing, dest=[
+        "--mode", mode, "--threads", "4", "--order", "rand"])
     _ok(result, source)
     log = pair.src.log_text()
     assert "peer link: mutual TLS" in log, log[-3000:]
