@@ -132,6 +132,7 @@ class ImportSession(SessionBase):
         self.loop.stall_timeout = self.config.peer.stall_timeout
         self.loop.vmm_pid = self.owner_pid  # a re-import after a restart: adopt what is present
         self._by_gpa = sorted(self.regions, key=lambda r: r.gpa)
+        self.loop.spin_s = self.config.peer.spin_us / 1e6
 
     def set_state(self, state: str, reason: str | None = None) -> None:
         if state in ("failed", "cancelled") and not self.finished:
@@ -336,11 +337,12 @@ class ImportSession(SessionBase):
             header = fs.recv_header()
             kind = header.get("t")
             if kind == "data":
-                length = protocol.peer_int(header, "len")
-                if length > chunk:
-                    raise ProtocolError(f"bulk data frame of {length} bytes exceeds {chunk}")
                 buf = _take_buffer(pool, fs)
-                fs.recv_into(memoryview(buf)[:length])
+                try:  # pages land in place, holes zeroed, CRC checked (see FaultLoop)
+                    length = self.loop.receive_bulk_data(fs, header, buf)
+                except BaseException:
+                    pool.put(buf)
+                    raise
                 self.bytes_bulk += length
                 self.metrics.received("bulk", length)
                 self.loop.bulk_put((header, buf, pool.put))
@@ -493,7 +495,9 @@ class ExportSession(SessionBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.export_state = ExportState(self.regions, self.config.peer.chunk_bytes,
-                                        integrity=self.config.peer.integrity)
+                                        integrity=self.config.peer.integrity,
+                                        background=self.config.peer.background,
+                                        spin_s=self.config.peer.spin_us / 1e6)
         self._nursery: trio.Nursery | None = None
         self._token = trio.lowlevel.current_trio_token()
 
