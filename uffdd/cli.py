@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     from uffdd import chaos as chaos_mod
     chaos_mod.add_arguments(chaos)
 
+    bench = sub.add_parser("bench", help="measure the data path against the C yardstick",
+                           description="Run the benchmark scenarios against real daemons on "
+                           "loopback (docs/performance.md); ratios are uffdd / reference.")
+    from uffdd import bench as bench_mod
+    bench_mod.add_arguments(bench)
+
     status = sub.add_parser("status", help="show the sessions of a running daemon")
     status.add_argument("--api-socket", metavar="PATH", default=config_mod.ApiConfig().socket)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -77,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chaos":
         from uffdd import chaos
         return chaos.run(args)
+    if args.command == "bench":
+        from uffdd import bench
+        return bench.run(args)
     if args.command == "status":
         return _status(args)
     _parser().print_help()

@@ -1,0 +1,696 @@
+"""``uffdd bench``: the data path measured against this machine's limits and the peers.
+
+Every scenario runs real daemons (``uffdd serve`` child processes) on loopback with the
+native VMM stand-in (``native/build/uffdd-vmsim``) and, when ``--refbench DIR`` names the
+C yardstick's sources, runs the matching reference program in the same invocation and
+reports uffdd / reference. The machine is noisy (2 vCPUs, 25-40 µs to wake an idle one),
+so ratios from one invocation mean more than absolute figures; ``--repeat`` takes medians.
+
+Each scenario starts a fresh pair of daemons, so the CPU time and peak RSS read from
+/proc at its end belong to that scenario alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import mmap
+import os
+import random
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from uffdd import harness
+from uffdd._linux import uffd
+from uffdd._linux.mem import buffer_address
+from uffdd.client import Client, ClientError, GuestRegion
+
+SCENARIOS: Final = ("demand-latency", "demand-latency-under-load", "fault-throughput", "bulk",
+                    "migration", "cost", "kvm")
+PAGE: Final = 4096
+_CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+# Peer figures measured on this machine class (issue 8); QEMU is not run by the bench.
+QEMU_POSTCOPY_2G_RANDOM_S: Final = {"preempt": 1.9, "no_preempt": 2.8}
+QEMU_DEMAND_UNDER_LOAD_US: Final = (700.0, 1200.0)
+Result = dict[str, object]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Guest sizes and widths of one bench run."""
+
+    demand: int
+    threads: tuple[int, ...]
+    throughput: int
+    bulk: int
+    migration: int
+    cost: tuple[int, ...]
+    kvm: int
+
+
+FULL: Final = Sizes(256 << 20, (1, 4, 16, 64), 256 << 20, 1 << 30, 2 << 30,
+                    (1 << 30, 4 << 30), 512 << 20)
+QUICK: Final = Sizes(8 << 20, (1, 4), 8 << 20, 16 << 20, 16 << 20, (8 << 20, 16 << 20),
+                     32 << 20)
+
+
+class BenchError(RuntimeError):
+    """A scenario could not run (a tool is missing, a migration failed)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes (seconds, for smoke tests; figures mean little)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--refbench", metavar="DIR",
+                   help="sources of the C yardstick (built in a scratch dir, run beside each "
+                        "scenario; ratios are uffdd / reference)")
+    p.add_argument("--scenario", action="append", choices=SCENARIOS, metavar="NAME",
+                   help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="runs per measurement; medians are reported (default 1)")
+    p.add_argument("--spin-us", type=int, default=None, metavar="US",
+                   help="daemons' [peer] spin_us (default: the built-in default)")
+    p.add_argument("--chunk-bytes", type=int, default=None, metavar="N",
+                   help="daemons' [peer] chunk_bytes (default: the built-in default)")
+    p.add_argument("--output", metavar="PATH", help="also write the JSON object to PATH")
+
+
+def run(args: argparse.Namespace) -> int:
+    bench = Bench(args)
+    try:
+        report = bench.run_all()
+    finally:
+        bench.close()
+    text = json.dumps(report, indent=1)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    if args.json:
+        print(text, flush=True)
+    else:
+        print(render_table(report), flush=True)
+    return 0 if all("error" not in s for s in report["scenarios"].values()) else 1  # type: ignore[attr-defined]
+
+
+# ====================================================================== processes
+
+
+@dataclass
+class ProcStats:
+    """CPU seconds and peak RSS of a process, from /proc."""
+
+    cpu_s: float
+    peak_rss_bytes: int
+
+    @classmethod
+    def read(cls, pid: int) -> ProcStats:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # fields[0] is state (stat field 3): utime and stime are stat fields 14 and 15.
+        cpu = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+        hwm = 0
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
+        return cls(cpu, hwm)
+
+
+@dataclass
+class Pair:
+    """A source and a destination daemon started for one measurement."""
+
+    src: harness.DaemonProcess
+    dst: harness.DaemonProcess
+    base: dict[str, ProcStats] = field(default_factory=dict)
+
+    def snapshot(self) -> None:
+        self.base = {"source": ProcStats.read(self.src.proc.pid),
+                     "destination": ProcStats.read(self.dst.proc.pid)}
+
+    def usage(self) -> dict[str, dict[str, float]]:
+        """CPU seconds since :meth:`snapshot` and peak RSS (MiB) of each daemon."""
+        out: dict[str, dict[str, float]] = {}
+        for name, d in (("source", self.src), ("destination", self.dst)):
+            now = ProcStats.read(d.proc.pid)
+            out[name] = {"cpu_s": round(now.cpu_s - self.base[name].cpu_s, 3),
+                         "peak_rss_mib": round(now.peak_rss_bytes / (1 << 20), 1)}
+        return out
+
+    def stop(self) -> None:
+        for d in (self.src, self.dst):
+            d.stop()
+
+
+class RefBench:
+    """The C yardstick, built from ``--refbench`` sources in a scratch directory."""
+
+    def __init__(self, sources: Path, scratch: Path) -> None:
+        self.dir = scratch / "refbench"
+        shutil.copytree(sources, self.dir, ignore=shutil.ignore_patterns("results"))
+        build = subprocess.run(["make", "-C", str(self.dir), "uffd_remote", "kvm_fault"],
+                               capture_output=True, text=True)
+        if build.returncode != 0:
+            raise BenchError(f"refbench did not build:\n{build.stderr[-2000:]}")
+
+    def remote(self, *args: str) -> Result:
+        """Run ``uffd_remote`` once (one timed iteration); return its key=value figures."""
+        cmd = [str(self.dir / "uffd_remote"), "-i", "1", *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        for line in out.stdout.splitlines():
+            if line.startswith("uffd_remote "):
+                return _key_values(line)
+        raise BenchError(f"{' '.join(cmd)} printed no result (exit {out.returncode}): "
+                         f"{out.stderr[-500:]}")
+
+
+def _key_values(line: str) -> Result:
+    out: Result = {}
+    for item in line.split()[1:]:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = float(value) if re.fullmatch(r"-?[0-9.]+", value) else value
+        except ValueError:
+            out[key] = value
+    return out
+
+
+# ====================================================================== the bench
+
+
+class Bench:
+    """Runs the scenarios; every daemon and scratch file it made goes away in close()."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sizes = QUICK if args.quick else FULL
+        self.repeat = max(1, int(args.repeat))
+        self.workdir = Path(tempfile.mkdtemp(prefix="uffdd-bench-"))
+        self.quiet = bool(args.json)
+        self.vmsim = harness.native_tool("uffdd-vmsim")
+        self.ref: RefBench | None = None
+        self.ref_error: str | None = None
+        if args.refbench:
+            try:
+                self.ref = RefBench(Path(args.refbench), self.workdir)
+            except (BenchError, OSError) as e:
+                self.ref_error = str(e)
+        self._ref_cache: dict[tuple[str, ...], Result] = {}
+        self._n = 0
+
+    def close(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def run_all(self) -> Result:
+        chosen = self.args.scenario or list(SCENARIOS)
+        started = time.monotonic()
+        scenarios: dict[str, Result] = {}
+        runners: dict[str, Callable[[], Result]] = {
+            "demand-latency": self.demand_latency,
+            "demand-latency-under-load": self.demand_under_load,
+            "fault-throughput": self.fault_throughput,
+            "bulk": self.bulk,
+            "migration": self.migration,
+            "cost": self.cost,
+            "kvm": self.kvm,
+        }
+        for name in SCENARIOS:
+            if name not in chosen:
+                continue
+            self.say(f"uffdd bench: {name} ...")
+            t0 = time.monotonic()
+            try:
+                scenarios[name] = runners[name]()
+            except (BenchError, harness.HarnessError, ClientError, OSError) as e:
+                scenarios[name] = {"error": str(e)}
+            scenarios[name]["wall_seconds"] = round(time.monotonic() - t0, 1)
+        return {
+            "uffdd_bench": 1,
+            "quick": bool(self.args.quick),
+            "repeat": self.repeat,
+            "machine": machine_info(),
+            "refbench": None if self.ref is None else "built",
+            "refbench_error": self.ref_error,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "wall_seconds": round(time.monotonic() - started, 1),
+            "scenarios": scenarios,
+        }
+
+    # -------------------------------------------------------------- building blocks
+
+    def pair(self, *, background: bool) -> Pair:
+        self._n += 1
+        # listen is overridden on the command line too; a loopback value here keeps the
+        # file valid on its own.
+        config = (f"[peer]\nlisten = \"127.0.0.1:0\"\n"
+                  f"background = {'true' if background else 'false'}\n")
+        if self.args.chunk_bytes is not None:
+            config += f"chunk_bytes = {int(self.args.chunk_bytes)}\n"
+        if self.args.spin_us is not None:
+            config += f"spin_us = {int(self.args.spin_us)}\n"
+        name = f"b{self._n}"
+        src = harness.start_daemon(self.workdir, f"{name}-source", config=config)
+        try:
+            dst = harness.start_daemon(self.workdir, f"{name}-destination", config=config,
+                                       metrics=True)
+        except BaseException:
+            src.stop()
+            raise
+        return Pair(src, dst)
+
+    def vmsim_migration(self, p: Pair, *, memory: int, threads: int, order: str) -> Result:
+        """One migration with the native stand-in; returns its figures (or raises)."""
+        if self.vmsim is None:
+            raise BenchError("native/build/uffdd-vmsim is not built: run make -C native")
+        session = f"bench-{secrets.token_hex(4)}"
+        token = secrets.token_hex(16)
+        seed = str(random.randrange(1, 1 << 30))
+        ready = self.workdir / f"{session}.ready"
+        common = ["--session", session, "--token", token, "--memory", str(memory),
+                  "--backing", "anon", "--seed", seed]
+        source = harness.start_vmm([str(self.vmsim), "source", *common, "--socket",
+                                    p.src.api_socket, "--ready-file", str(ready),
+                                    "--threads", "2"], "source", self.workdir, ready)
+        source.wait_ready()
+        p.snapshot()
+        dest = harness.start_vmm([str(self.vmsim), "dest", *common, "--socket", p.dst.api_socket,
+                                  "--peer", p.src.peer, "--mode", "missing", "--threads",
+                                  str(threads), "--order", order], "dest", self.workdir)
+        d = dest.result(600)
+        s = source.result(60)
+        status = _session_status(p.dst, session)
+        if not d.get("verified") or d.get("hash") != s.get("hash"):
+            raise BenchError(f"migration not verified: dest={d} source={s}")
+        blocked = _scrape(p.dst, "uffdd_vcpu_blocked_seconds_total")
+        return {"dest": d, "status": status, "usage": p.usage(), "blocked_s": blocked}
+
+    def reference(self, *args: str) -> Result | None:
+        """uffd_remote with ``args`` (cached per invocation), or None without --refbench."""
+        if self.ref is None:
+            return None
+        key = tuple(args)
+        if key not in self._ref_cache:
+            runs = [self.ref.remote(*args) for _ in range(self.repeat)]
+            self._ref_cache[key] = _median_dict(runs)
+        return self._ref_cache[key]
+
+    def repeated(self, fn: Callable[[], Result]) -> Result:
+        runs = [fn() for _ in range(self.repeat)]
+        out = _median_dict(runs)
+        if self.repeat > 1:
+            out["runs"] = runs
+        return out
+
+    # -------------------------------------------------------------- scenarios
+
+    def _demand_run(self, *, background: bool, memory: int, threads: int) -> Result:
+        p = self.pair(background=background)
+        try:
+            r = self.vmsim_migration(p, memory=memory, threads=threads, order="rand")
+        finally:
+            p.stop()
+        d, st, usage = r["dest"], r["status"], r["usage"]
+        assert isinstance(d, dict) and isinstance(st, dict) and isinstance(usage, dict)
+        faults = int(st.get("faults") or 0)
+        cpu = sum(float(u["cpu_s"]) for u in usage.values())
+        return {
+            "touch_p50_us": d["fault_latency_p50_us"], "touch_p90_us": d["fault_latency_p90_us"],
+            "touch_p99_us": d["fault_latency_p99_us"],
+            "faults_per_second": d["faults_per_second"],
+            "daemon_p50_us": st.get("demand_latency_p50_us"),
+            "daemon_p99_us": st.get("demand_latency_p99_us"),
+            "faults": faults, "pages_demand": st.get("pages_demand"),
+            "pages_background": st.get("pages_background"),
+            "seconds": d["seconds"],
+            "cpu_us_per_fault": round(cpu / faults * 1e6, 1) if faults else None,
+            "source_cpu_s": usage["source"]["cpu_s"],
+            "destination_cpu_s": usage["destination"]["cpu_s"],
+        }
+
+    def demand_latency(self) -> Result:
+        mem = self.sizes.demand
+        u = self.repeated(lambda: self._demand_run(background=False, memory=mem, threads=1))
+        ref = self.reference("-s", str(mem >> 20), "-t", "1", "-o", "rand")
+        out: Result = {"memory_mib": mem >> 20, "threads": 1, "background": False, "uffdd": u,
+                       "reference": ref, "idle": self.idle_cpu()}
+        if ref:
+            out["ratio"] = {k: _ratio(u[f"touch_{k}_us"], ref[f"{k}_us"])
+                            for k in ("p50", "p90", "p99")}
+        return out
+
+    def demand_under_load(self) -> Result:
+        mem = self.sizes.demand
+        u = self.repeated(lambda: self._demand_run(background=True, memory=mem, threads=1))
+        ref = self.reference("-s", str(mem >> 20), "-t", "1", "-o", "rand")
+        out: Result = {"memory_mib": mem >> 20, "threads": 1, "background": True, "uffdd": u,
+                       "reference_unloaded": ref,
+                       "note": "touch_* counts every touch (most pages arrive by the background "
+                               "stream first); daemon_* is per demand fault, from the fault read "
+                               "to the page installed",
+                       "qemu_preempt_us": list(QEMU_DEMAND_UNDER_LOAD_US)}
+        if ref:
+            out["ratio"] = {"p50": _ratio(u["daemon_p50_us"], ref["p50_us"]),
+                            "p99": _ratio(u["daemon_p99_us"], ref["p99_us"])}
+        return out
+
+    def fault_throughput(self) -> Result:
+        mem = self.sizes.throughput
+        rows: Result = {}
+        for t in self.sizes.threads:
+            u = self.repeated(lambda t=t: self._demand_run(background=False, memory=mem, threads=t))  # type: ignore[misc]
+            ref = self.reference("-s", str(mem >> 20), "-t", str(t), "-o", "rand")
+            row: Result = {"uffdd": u, "reference": ref}
+            if ref:
+                row["ratio"] = _ratio(u["faults_per_second"], float(ref["kpages_s"]) * 1000)  # type: ignore[arg-type]
+            rows[str(t)] = row
+        return {"memory_mib": mem >> 20, "background": False, "order": "rand", "threads": rows}
+
+    def bulk(self) -> Result:
+        mem = self.sizes.bulk
+        u = self.repeated(lambda: self._bulk_run(mem))
+        ref = self.reference("-s", str(mem >> 20), "-P", "2048")
+        out: Result = {"memory_mib": mem >> 20, "uffdd": u, "reference": ref}
+        if ref:
+            out["ratio"] = _ratio(u["gb_per_s"], ref["GBps"])
+        return out
+
+    def _bulk_run(self, memory: int) -> Result:
+        p = self.pair(background=True)
+        try:
+            return self._bulk_import(p, memory)
+        finally:
+            p.stop()
+
+    def _bulk_import(self, p: Pair, memory: int) -> Result:
+        """The bench itself is the destination VMM here: it imports and touches nothing."""
+        if self.vmsim is None:
+            raise BenchError("native/build/uffdd-vmsim is not built: run make -C native")
+        session, token, seed = f"bulk-{secrets.token_hex(4)}", secrets.token_hex(16), 7
+        ready = self.workdir / f"{session}.ready"
+        source = harness.start_vmm([str(self.vmsim), "source", "--session", session, "--token",
+                                    token, "--memory", str(memory), "--backing", "anon",
+                                    "--seed", str(seed), "--socket", p.src.api_socket,
+                                    "--ready-file", str(ready), "--threads", "2"],
+                                   "source", self.workdir, ready)
+        source.wait_ready()
+        p.snapshot()
+        ram = mmap.mmap(-1, memory, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        addr = buffer_address(ram)
+        ufd = uffd.new_uffd(uffd.FEATURE_EVENT_REMOVE | uffd.FEATURE_THREAD_ID)
+        try:
+            uffd.register(ufd, addr, memory, uffd.REGISTER_MODE_MISSING)
+            with Client(p.dst.api_socket, timeout=600) as client:
+                t0 = time.monotonic()
+                client.import_session(session, bytes.fromhex(token), peer=p.src.peer,
+                                      regions=[GuestRegion(gpa=0, addr=addr, size=memory,
+                                                           uffd=ufd)])
+                event = client.wait_finished(session, timeout=600)
+                seconds = time.monotonic() - t0
+            uffd.unregister(ufd, addr, memory)
+        finally:
+            os.close(ufd)
+        s = source.result(60)
+        if event.get("event") != "completed":
+            raise BenchError(f"bulk session did not complete: {event}")
+        bad = _check_pattern(ram, seed, memory)
+        ram.close()
+        if bad:
+            raise BenchError(f"bulk transfer: {bad} sampled pages do not match the source")
+        del s
+        return {"seconds": round(seconds, 3), "gb_per_s": round(memory / seconds / 1e9, 3),
+                "usage": p.usage()}
+
+    def migration(self) -> Result:
+        mem = self.sizes.migration
+        u = self.repeated(lambda: self._migration_run(mem, threads=2))
+        return {"memory_mib": mem >> 20, "threads": 2, "order": "rand", "background": True,
+                "uffdd": u, "qemu_seconds": QEMU_POSTCOPY_2G_RANDOM_S,
+                "ratio_to_qemu_preempt": _ratio(u["seconds"], QEMU_POSTCOPY_2G_RANDOM_S["preempt"])}
+
+    def _migration_run(self, memory: int, *, threads: int) -> Result:
+        p = self.pair(background=True)
+        try:
+            r = self.vmsim_migration(p, memory=memory, threads=threads, order="rand")
+        finally:
+            p.stop()
+        d, st, usage = r["dest"], r["status"], r["usage"]
+        assert isinstance(d, dict) and isinstance(st, dict) and isinstance(usage, dict)
+        return {"seconds": d["seconds"], "blocked_seconds_total": r["blocked_s"],
+                "daemon_p50_us": st.get("demand_latency_p50_us"),
+                "daemon_p99_us": st.get("demand_latency_p99_us"),
+                "touch_p99_us": d["fault_latency_p99_us"],
+                "faults": st.get("faults"), "pages_demand": st.get("pages_demand"),
+                "usage": usage}
+
+    def cost(self) -> Result:
+        rows: Result = {}
+        for mem in self.sizes.cost:
+            u = self.repeated(lambda mem=mem: self._migration_run(mem, threads=2))  # type: ignore[misc]
+            gib = mem / (1 << 30)
+            usage = u["usage"]
+            assert isinstance(usage, dict)
+            row: Result = {"seconds": u["seconds"]}
+            for name in ("source", "destination"):
+                row[name] = {"cpu_s_per_gib": round(float(usage[name]["cpu_s"]) / gib, 3),
+                             "peak_rss_mib": usage[name]["peak_rss_mib"]}
+            row["rss_target_mib"] = round(64 + (mem // PAGE) / (1 << 20), 1)
+            rows[f"{mem >> 20}M"] = row
+        return {"threads": 2, "order": "rand", "sizes": rows, "idle": self.idle_cpu()}
+
+    def idle_cpu(self) -> Result:
+        """CPU use of an idle pair of daemons over a few seconds (it must be ~0)."""
+        p = self.pair(background=True)
+        try:
+            time.sleep(0.5)
+            p.snapshot()
+            window = 1.0 if self.args.quick else 3.0
+            time.sleep(window)
+            usage = p.usage()
+        finally:
+            p.stop()
+        return {"window_s": window,
+                "cpu_percent": {k: round(float(v["cpu_s"]) / window * 100, 2)
+                                for k, v in usage.items()}}
+
+    def kvm(self) -> Result:
+        """The migration with the KVM test VMM (absolute figures: the emulator dominates)."""
+        if not harness.kvm_usable() or harness.native_tool("uffdd-testvm") is None:
+            return {"skipped": "needs /dev/kvm and native/build/uffdd-testvm"}
+        mem = self.sizes.kvm
+        out = subprocess.run([sys.executable, "-m", "uffdd", "demo", "--vmm", "kvm", "--memory",
+                              str(mem), "--vcpus", "2", "--threads", "2", "--order", "rand",
+                              "--backing", "shmem", "--json"],
+                             capture_output=True, text=True, timeout=900)
+        try:
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise BenchError(f"kvm demo printed no result: {out.stderr[-1000:]}") from None
+        if not r.get("verified"):
+            raise BenchError(f"kvm migration not verified: {r.get('error') or r.get('reason')}")
+        dest = r.get("dest") or {}
+        return {"memory_mib": mem >> 20, "vcpus": 2, "order": "rand", "uffdd": {
+            "seconds": r.get("seconds"), "daemon_p50_us": r.get("fault_latency_p50_us"),
+            "daemon_p99_us": r.get("fault_latency_p99_us"), "faults": r.get("faults"),
+            "vcpu_seconds": dest.get("vcpu_seconds")}}
+
+
+# ====================================================================== helpers
+
+
+def _session_status(d: harness.DaemonProcess, session: str) -> Result:
+    try:
+        with Client(d.api_socket, timeout=10) as c:
+            sessions = c.status(session)
+    except ClientError:
+        return {}
+    return sessions[0] if sessions else {}
+
+
+def _scrape(d: harness.DaemonProcess, metric: str) -> float | None:
+    """One unlabelled counter from a daemon's /metrics (None when not exported)."""
+    if not d.metrics_port:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(metric + " "):
+            return round(float(line.split()[1]), 3)
+    return None
+
+
+def _splitmix64(x: int) -> int:
+    m = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def _check_pattern(ram: mmap.mmap, seed: int, memory: int, samples: int = 256) -> int:
+    """Compare sampled pages with vmsim's pattern (native/vmsim/pattern.h); count mismatches."""
+    rng = random.Random(seed)
+    bad = 0
+    for page in rng.sample(range(memory // PAGE), min(samples, memory // PAGE)):
+        data = ram[page * PAGE : (page + 1) * PAGE]
+        if page % 11 == 5:
+            want = bytes(PAGE)
+        else:
+            want = b"".join(_splitmix64(seed ^ (page * 512 + j)).to_bytes(8, "little")
+                            for j in range(PAGE // 8))
+        bad += data != want
+    return bad
+
+
+def _ratio(mine: object, ref: object) -> float | None:
+    if not isinstance(mine, int | float) or not isinstance(ref, int | float) or not ref:
+        return None
+    return round(float(mine) / float(ref), 2)
+
+
+def _median_dict(runs: list[Result]) -> Result:
+    """Median of every numeric field over runs (nested dicts too); other fields from run 0."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    out: Result = {}
+    for key, first in runs[0].items():
+        values = [r.get(key) for r in runs]
+        numbers = [float(v) for v in values
+                   if isinstance(v, int | float) and not isinstance(v, bool)]
+        dicts = [v for v in values if isinstance(v, dict)]
+        if len(numbers) == len(values):
+            out[key] = round(statistics.median(numbers), 3)
+        elif len(dicts) == len(values):
+            out[key] = _median_dict(dicts)
+        else:
+            out[key] = first
+    return out
+
+
+def machine_info() -> Result:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kib = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {"cpus": os.cpu_count(), "cpu_model": model, "memory_gib": round(mem_kib / (1 << 20), 1),
+            "kernel": os.uname().release, "python": sys.version.split()[0],
+            "kvm": harness.kvm_usable()}
+
+
+# ====================================================================== table
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def render_table(report: Result) -> str:
+    """The report as a table a person reads: scenario, figure, uffdd, reference, ratio."""
+    rows: list[tuple[str, str, object, object, object]] = []
+    sc = report["scenarios"]
+    assert isinstance(sc, dict)
+    for name, s in sc.items():
+        if "error" in s or "skipped" in s:
+            rows.append((name, "error" if "error" in s else "skipped",
+                         str(s.get("error") or s.get("skipped"))[:60], None, None))
+            continue
+        rows.extend(_scenario_rows(name, s))
+    head = ("scenario", "figure", "uffdd", "reference", "ratio")
+    cells = [head] + [(a, b, _fmt(c), _fmt(d), _fmt(e)) for a, b, c, d, e in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"(ratio = uffdd / reference; wall time {report.get('wall_seconds')} s)")
+    return "\n".join(lines)
+
+
+def _scenario_rows(name: str, s: Result) -> list[tuple[str, str, object, object, object]]:
+    u = s.get("uffdd") or {}
+    ref = s.get("reference") or s.get("reference_unloaded") or {}
+    ratio = s.get("ratio") or {}
+    assert isinstance(u, dict) and isinstance(ref, dict)
+    rows: list[tuple[str, str, object, object, object]] = []
+    if name == "demand-latency":
+        assert isinstance(ratio, dict)
+        for k in ("p50", "p90", "p99"):
+            rows.append((name, f"{k} µs", u.get(f"touch_{k}_us"), ref.get(f"{k}_us"), ratio.get(k)))
+        rows.append((name, "CPU µs/fault", u.get("cpu_us_per_fault"), None, None))
+        idle = s.get("idle") or {}
+        assert isinstance(idle, dict)
+        rows.append((name, "idle CPU % (src/dst)", _pair_text(idle.get("cpu_percent")), None, None))
+    elif name == "demand-latency-under-load":
+        assert isinstance(ratio, dict)
+        for k in ("p50", "p99"):
+            rows.append((name, f"{k} µs (daemon)", u.get(f"daemon_{k}_us"), ref.get(f"{k}_us"),
+                         ratio.get(k)))
+        rows.append((name, "touch p99 µs", u.get("touch_p99_us"), None, None))
+    elif name == "fault-throughput":
+        threads = s.get("threads") or {}
+        assert isinstance(threads, dict)
+        for t, row in threads.items():
+            ru, rr = row.get("uffdd") or {}, row.get("reference") or {}
+            rows.append((name, f"faults/s T={t}", ru.get("faults_per_second"),
+                         None if not rr else float(rr["kpages_s"]) * 1000, row.get("ratio")))
+    elif name == "bulk":
+        rows.append((name, "GB/s", u.get("gb_per_s"), ref.get("GBps"), s.get("ratio")))
+    elif name == "migration":
+        rows.append((name, "seconds (QEMU preempt 1.9)", u.get("seconds"), 1.9,
+                     s.get("ratio_to_qemu_preempt")))
+        rows.append((name, "vCPU blocked s (sum)", u.get("blocked_seconds_total"), None, None))
+        rows.append((name, "p50 / p99 µs (daemon)",
+                     _slash(u.get("daemon_p50_us"), u.get("daemon_p99_us")), None, None))
+    elif name == "cost":
+        sizes = s.get("sizes") or {}
+        assert isinstance(sizes, dict)
+        for size, row in sizes.items():
+            for side in ("source", "destination"):
+                rows.append((name, f"{size} {side} CPU s/GiB", row[side]["cpu_s_per_gib"],
+                             None, None))
+                rows.append((name, f"{size} {side} peak RSS MiB", row[side]["peak_rss_mib"],
+                             row["rss_target_mib"], None))
+    elif name == "kvm":
+        rows.append((name, "seconds", u.get("seconds"), None, None))
+        rows.append((name, "p50 / p99 µs (daemon)",
+                     _slash(u.get("daemon_p50_us"), u.get("daemon_p99_us")), None, None))
+    return rows
+
+
+def _slash(a: object, b: object) -> str:
+    return f"{_fmt(a)} / {_fmt(b)}"
+
+
+def _pair_text(v: object) -> str:
+    if not isinstance(v, dict):
+        return "-"
+    return " / ".join(_fmt(x) for x in v.values())
+
+
+__all__ = ["SCENARIOS", "Bench", "ProcStats", "add_arguments", "render_table", "run"]
