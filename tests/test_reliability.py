@@ -10,13 +10,19 @@ generous timeout (no timing thresholds).
 
 from __future__ import annotations
 
+import array
+import os
+import re
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from uffdd import chaos
+from uffdd import chaos, harness
 
 RATE = 2 << 20  # bytes/s per proxied connection: 16 MiB takes a few seconds
 
@@ -125,3 +131,106 @@ def test_vmm_death_releases_everything(rig: chaos.Rig) -> None:
     _byte_exact(warm)
     ok, detail = chaos.vmm_death(rig, "16M")
     assert ok, detail
+
+
+class _Manager:
+    """A stand-in for systemd's notification socket that keeps what goes to the fd store."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.path = path
+        self.store: dict[str, list[int]] = {}
+        self.removed: list[str] = []
+
+    def drain(self) -> None:
+        """Read every datagram so far, keeping FDSTORE=1 fds by FDNAME as systemd does."""
+        while True:
+            fds = array.array("i")
+            try:
+                data, anc, _flags, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+            except TimeoutError:
+                return
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % 4])
+            fields = dict(f.split("=", 1) for f in data.decode().split("\n") if "=" in f)
+            name = fields.get("FDNAME", "")
+            if fields.get("FDSTORE") == "1":
+                self.store.setdefault(name, []).extend(fds)
+            elif fields.get("FDSTOREREMOVE") == "1":
+                self.removed.append(name)
+                for fd in self.store.pop(name, []):
+                    os.close(fd)
+
+
+def _daemon_under_manager(workdir: Path, manager: _Manager, stored: list[tuple[str, int]],
+                          log_name: str) -> harness.DaemonProcess:
+    """Start the destination daemon as systemd would: $NOTIFY_SOCKET, and the fd store's
+    fds from 3 on with $LISTEN_FDS/$LISTEN_FDNAMES/$LISTEN_PID."""
+    config = workdir / "destination.toml"
+    config.write_text(chaos.DAEMON_CONFIG)
+    api = str(workdir / "destination.sock")
+    log_path = workdir / log_name
+    serve = [sys.executable, "-m", "uffdd", "serve", "--api-socket", api,
+             "--peer-listen", "127.0.0.1:0", "--metrics-listen", "", "--config", str(config)]
+    # A tiny launcher moves the fds to 3.. and sets LISTEN_PID to its own pid (exec keeps it).
+    # Copies go above 100 first, so that moving them down never overwrites one not yet
+    # moved; dup2 onto the same number would keep close-on-exec, hence the explicit set.
+    launcher = ("import fcntl, os, sys\n"
+                "fds = [int(x) for x in sys.argv[1].split(',') if x]\n"
+                "moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]\n"
+                "for i, fd in enumerate(moved):\n"
+                "    os.dup2(fd, 3 + i)\n"
+                "    os.set_inheritable(3 + i, True)\n"
+                "if fds:\n"
+                "    os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),"
+                " LISTEN_FDNAMES=sys.argv[2])\n"
+                "os.execv(sys.argv[3], sys.argv[3:])\n")
+    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path)}
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-c", launcher, ",".join(str(fd) for _, fd in stored),
+           ":".join(name for name, _ in stored), *serve]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                pass_fds=[fd for _, fd in stored], start_new_session=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        match = re.search(r"ready api=(\S+) peer_port=(\d+)", log_path.read_text())
+        if match:
+            return harness.DaemonProcess("destination", proc, api, int(match.group(2)), 0,
+                                         log_path)
+        assert proc.poll() is None, log_path.read_text()
+        time.sleep(0.05)
+    raise AssertionError("the daemon did not start:\n" + log_path.read_text())
+
+
+def test_fd_store_keeps_session_fds_across_a_restart(rig: chaos.Rig, tmp_path: Path) -> None:
+    """Under systemd: the import's fds go to the fd store, come back to the restarted
+    daemon (which logs them and keeps them until the VMM re-imports), and leave the store
+    when the session ends."""
+    manager = _Manager(tmp_path / "notify")
+    rig.dst.stop()
+    rig.dst = _daemon_under_manager(tmp_path, manager, [], "destination-1.log")
+    m = rig.start_migration(memory="16M", mode="minor")
+    assert rig.wait_installed(m.session, m.pages // 4)
+    manager.drain()
+    name = "uffdd-import-" + m.session
+    assert len(manager.store.get(name, [])) == 2, manager.store  # the uffd and the memfd
+    rig.dst.kill()
+    rig.logs.append(rig.dst.log_path)
+    stored = [(name, fd) for fd in manager.store[name]]
+    rig.dst = _daemon_under_manager(tmp_path, manager, stored, "destination-2.log")
+    _byte_exact(m)
+    log = rig.dst.log_text()
+    assert f"session={m.session} the fd store gave back 2 fds" in log, log
+    assert "closing the 2 fds the fd store gave back" in log, log
+    deadline = time.monotonic() + 10
+    while name not in manager.removed and time.monotonic() < deadline:
+        manager.drain()
+    assert name in manager.removed, "the session's fds were never removed from the store"
+    for fds in manager.store.values():
+        for fd in fds:
+            os.close(fd)

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from uffdd import metrics, protocol, strategies
-from uffdd._linux import scm, uffd
+from uffdd._linux import scm, sdnotify, uffd
 from uffdd._linux.mem import Mapping, is_hugetlb_fd
 from uffdd.errors import KernelError, ProtocolError, RequestError, UffddError
 from uffdd.exporter import ExportRegion, open_memfd_region
 from uffdd.faultloop import ImportRegion
-from uffdd.session import ExportSession, ImportSession, SessionBase
+from uffdd.session import ExportSession, ImportSession, SessionBase, fdstore_name
 
 if TYPE_CHECKING:
     from uffdd.daemon import Daemon
@@ -287,6 +287,7 @@ async def handle_import(conn: Connection, body: protocol.Message, fds: list[int]
     if not _host_port(peer_address):
         raise RequestError("bad-request", "import: field 'peer' must be HOST:PORT")
     daemon.check_new_session("import", session_id)
+    _drop_stored_fds(daemon, session_id)
     regions = _import_regions(specs, fds)
     try:
         session = ImportSession(
@@ -300,6 +301,17 @@ async def handle_import(conn: Connection, body: protocol.Message, fds: list[int]
         raise
     await daemon.start_session(session, conn)
     return {"session": session_id, "pages": session.pages.total}
+
+
+def _drop_stored_fds(daemon: Daemon, session_id: str) -> None:
+    """The VMM handed its fds over again: the fd store's copies have done their job."""
+    stored = daemon.stored_fds.pop(session_id, None)
+    if not stored:
+        return
+    log.info("session=%s imported again: closing the %d fds the fd store gave back",
+             session_id, len(stored))
+    sdnotify.remove_fds(fdstore_name(session_id))
+    scm.close_all(stored)
 
 
 def _import_regions(specs: list[protocol.RegionSpec], fds: list[int]) -> list[ImportRegion]:

@@ -178,14 +178,44 @@ def daemon_fds(daemon: harness.DaemonProcess) -> int:
     return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
 
 
-def wait_fds(daemon: harness.DaemonProcess, at_most: int, timeout: float = 15.0) -> int:
-    """Wait until the daemon holds at most ``at_most`` fds; returns the last count."""
+def held(daemon: harness.DaemonProcess) -> dict[str, str]:
+    """The daemon's fds (number -> what it is, with sockets named as tcp/unix)."""
+    out: dict[str, str] = {}
+    base = f"/proc/{daemon.proc.pid}"
+    for fd in os.listdir(f"{base}/fd"):
+        try:
+            out[fd] = os.readlink(f"{base}/fd/{fd}")
+        except OSError:
+            continue
+    tcp = Path(f"{base}/net/tcp").read_text()
+    for fd, what in out.items():
+        if what.startswith("socket:["):
+            inode = what[8:-1]
+            out[fd] = f"tcp {what}" if f" {inode} " in tcp else f"unix {what}"
+    return out
+
+
+def memfd_mappings(daemon: harness.DaemonProcess) -> int:
+    """Mappings of memory fds (guest RAM) in the daemon's address space."""
+    maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()
+    return sum(1 for line in maps.splitlines() if "/memfd:" in line)
+
+
+def wait_released(daemon: harness.DaemonProcess, before: dict[str, str], maps_before: int,
+                  timeout: float = 15.0) -> str:
+    """Wait until the daemon holds no fd or mapping it did not hold before; "" when it
+    does not, else what it still holds."""
     deadline = time.monotonic() + timeout
     while True:
-        n = daemon_fds(daemon)
-        if n <= at_most or time.monotonic() > deadline:
-            return n
+        now = held(daemon)
+        extra = sorted(what for fd, what in now.items() if before.get(fd) != what)
+        maps = memfd_mappings(daemon)
+        if (not extra and maps <= maps_before) or time.monotonic() > deadline:
+            break
         time.sleep(0.1)
+    if not extra and maps <= maps_before:
+        return ""
+    return f"still holds {extra} and {maps - maps_before} more memfd mappings"
 
 
 def apply_fault(rig: Rig, kind: str, m: Migration, stall_seconds: float = 2.5) -> None:
@@ -270,13 +300,14 @@ def one_run(rig: Rig, run: int, rng: random.Random, memory: str) -> RunResult:
 
 
 def vmm_death(rig: Rig, memory: str) -> tuple[bool, str]:
-    """Kill a destination VMM mid-migration: both sessions end and release their fds.
+    """Kill a destination VMM mid-migration: both sessions end and release everything.
 
     The destination daemon cancels the import (its VMM's connection closed) and tells
     the source with a 'cancel' frame; the source daemon cancels the export and the
-    source VMM gets a 'failed' event and exits by itself.
+    source VMM gets a 'failed' event and exits by itself. Neither daemon may keep an
+    fd or a guest-RAM mapping it did not hold before.
     """
-    before_dst, before_src = daemon_fds(rig.dst), daemon_fds(rig.src)
+    before = {d.name: (held(d), memfd_mappings(d)) for d in (rig.dst, rig.src)}
     m = rig.start_migration(memory=memory)
     rig.wait_installed(m.session, m.pages // 5)
     m.dest.proc.kill()
@@ -285,16 +316,14 @@ def vmm_death(rig: Rig, memory: str) -> tuple[bool, str]:
         source = m.source.result(60)
     except harness.HarnessError as e:
         source = {"event": "hung", "reason": str(e)[:200]}
-    dst_fds, src_fds = wait_fds(rig.dst, before_dst), wait_fds(rig.src, before_src)
+    leaks = {d.name: wait_released(d, *before[d.name]) for d in (rig.dst, rig.src)}
     dst_st = rig.status("destination", m.session) or {}
     src_st = rig.status("source", m.session) or {}
-    ok = (dst_fds <= before_dst and src_fds <= before_src
-          and dst_st.get("state") in ("cancelled", "failed")
-          and src_st.get("state") == "cancelled"
-          and source.get("event") == "failed")
-    return ok, (f"fds dest {before_dst}->{dst_fds} source {before_src}->{src_fds}, "
-                f"dest session {dst_st.get('state')}, source session {src_st.get('state')}: "
-                f"{src_st.get('reason')}")
+    ok = (not any(leaks.values()) and dst_st.get("state") in ("cancelled", "failed")
+          and src_st.get("state") == "cancelled" and source.get("event") == "failed")
+    leaked = "; ".join(f"{k} {v}" for k, v in leaks.items() if v) or "nothing leaked"
+    return ok, (f"{leaked}; dest session {dst_st.get('state')}, source session "
+                f"{src_st.get('state')}: {src_st.get('reason')}")
 
 
 def run_chaos(runs: int, *, memory: str = "16M", rate: int = 3 << 20, seed: int = 1,

@@ -26,11 +26,11 @@ import trio
 
 from uffdd import __version__, metrics, peer, protocol, tls
 from uffdd._linux import sdnotify
-from uffdd._linux.listenfds import listen_fds
+from uffdd._linux.listenfds import listening_socket, take_fds
 from uffdd.api import Connection
 from uffdd.config import Config, check_peer_security, split_host_port
 from uffdd.errors import AuthError, ConfigError, PeerUnavailable, ProtocolError, RequestError
-from uffdd.session import ExportSession, ImportSession, SessionBase
+from uffdd.session import ExportSession, ImportSession, SessionBase, stored_sessions
 
 log = logging.getLogger("uffdd.daemon")
 
@@ -54,6 +54,7 @@ class Daemon:
         self.peer_port = 0
         self.metrics_port = 0
         self.connections = 0
+        self.stored_fds: dict[str, list[int]] = {}  # session id -> fds from the fd store
         self.peer_slots = PeerSlots(config.limits.max_connections_per_peer)
 
     @property
@@ -130,7 +131,9 @@ class Daemon:
         sdnotify.notify("STOPPING=1")
 
     async def _api_socket(self) -> trio.socket.SocketType:
-        activated = listen_fds().get("vmm")
+        handed = take_fds()  # the API socket, and session fds from the fd store
+        self.stored_fds = stored_sessions(handed)
+        activated = [listening_socket("vmm", fd) for fd in handed.get("vmm", [])]
         if activated:
             log.info("using the socket-activated VMM API socket")
             std = activated[0]

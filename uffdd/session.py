@@ -25,6 +25,7 @@ from typing import Final
 import trio
 
 from uffdd import exporter, pagestate, peer, protocol, strategies
+from uffdd._linux import sdnotify
 from uffdd._linux.mem import pidfd_kill
 from uffdd.config import Config
 from uffdd.errors import AuthError, PeerUnavailable, ProtocolError, UffddError
@@ -39,6 +40,7 @@ log = logging.getLogger("uffdd.session")
 EventSink = Callable[[protocol.Message], Awaitable[None]]
 _BULK_BUFFERS: Final = 8
 FINAL_STATES: Final = ("completed", "failed", "cancelled")
+FDSTORE_PREFIX: Final = "uffdd-import-"
 
 
 @dataclass
@@ -162,6 +164,10 @@ class ImportSession(SessionBase):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the session until it completes, fails or is cancelled; release everything."""
         try:
+            # Under systemd the service manager keeps copies of the VMM's fds, so a
+            # restarted daemon has them back even before the VMM reconnects.
+            self._fdstored = bool(self.fds) and sdnotify.store_fds(
+                fdstore_name(self.session_id), self.fds)
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
                 nursery.start_soon(self._fault_thread)
@@ -189,6 +195,8 @@ class ImportSession(SessionBase):
         await run_thread(self.loop.run, self.loop.stop_threadsafe)
 
     async def _finish(self) -> None:
+        if getattr(self, "_fdstored", False):
+            sdnotify.remove_fds(fdstore_name(self.session_id))
         for fs in self._bulk_socks:
             fs.close()
         self._report_progress()
@@ -633,6 +641,31 @@ def _source_may_come_back(e: AuthError) -> bool:
     """An unknown session is not final: a restarted source daemon waits for its VMM."""
     # peer.client_handshake reports every refusal as "peer refused: CODE: message".
     return isinstance(e, peer.UnknownSession) or "peer refused: unknown-session:" in str(e)
+
+
+def fdstore_name(session_id: str) -> str:
+    """FDNAME= of an import session's fds in the fd store (FDNAME may not hold ':')."""
+    return FDSTORE_PREFIX + session_id.replace(":", "=")  # '=' is never in a session id
+
+
+def stored_sessions(handed: dict[str, list[int]]) -> dict[str, list[int]]:
+    """The import sessions' fds the fd store gave back at start, by session id.
+
+    They are kept (and logged) until each session's VMM imports it again; fds under a
+    name that is neither ``vmm`` (the API socket) nor a session's are closed.
+    """
+    stored: dict[str, list[int]] = {}
+    for name, fds in handed.items():
+        if name.startswith(FDSTORE_PREFIX):
+            session_id = name[len(FDSTORE_PREFIX) :].replace("=", ":")
+            stored[session_id] = fds
+            log.warning("session=%s the fd store gave back %d fds of an import session: "
+                        "kept until its VMM imports it again", session_id, len(fds))
+        elif name != "vmm":
+            log.warning("closing %d fds named %r passed by the service manager", len(fds), name)
+            for fd in fds:
+                os.close(fd)
+    return stored
 
 
 def _take_buffer(pool: queue.Queue[bytearray], fs: peer.FrameSocket) -> bytearray:
