@@ -44,10 +44,12 @@ class PeerConfig:
     # measure the demand path alone (the destination then completes only once every
     # page was faulted); honoured by the export side.
     background: bool = True
-    # Busy-poll this long (µs) for the next fault or reply while faults are arriving,
-    # before sleeping: waking an idle CPU costs 25-40 µs here. 0 never spins; an idle
-    # session never spins.
-    spin_us: int = 50
+    # Busy-poll this long (µs) for a demand reply (destination) or the next request
+    # (source) before sleeping: waking an idle CPU costs 25-40 µs on some machines.
+    # 0 never spins; an idle session never spins. Off by default: on 2 shared vCPUs the
+    # spinner takes the CPU the faulting vCPU needs (measured: p50 168 µs at 0, 207-245
+    # at 50, 551 at 200; docs/performance.md). Try it on hosts with spare cores.
+    spin_us: int = 0
     stall_timeout: float = 10.0
     # Mutual TLS (docs/security.md). tls unset: TLS when ca/cert/key are given, else
     # plaintext only for a daemon whose listener is on loopback; false: plaintext,

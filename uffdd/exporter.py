@@ -10,20 +10,24 @@ anonymous memory; the source VMM is paused, and this process never maps it writa
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import sys
 import threading
 import zlib
+from collections.abc import Mapping as _AbcMapping
 from dataclasses import dataclass, field
 from typing import Final
 
 from uffdd._linux.mem import Mapping, buffer_address, process_read
-from uffdd.errors import PeerUnavailable, ProtocolError
+from uffdd.errors import KernelError, PeerUnavailable, ProtocolError
 from uffdd.peer import FrameSocket
 from uffdd import protocol
 
 log = logging.getLogger("uffdd.export")
+Header = _AbcMapping[str, object]
 
 
 @dataclass(eq=False)
@@ -37,6 +41,8 @@ class ExportRegion:
     mapping: Mapping | None = None  # memfd mode
     pid: int = 0  # pid mode
     addr: int = 0
+    fd: int = -1  # memfd mode without a mapping (unsealed memfd): read with pread
+    offset: int = 0
 
     @property
     def pages(self) -> int:
@@ -86,15 +92,24 @@ class PageReader:
         self.scratch_addr = buffer_address(self.scratch)
         self.zero = bytes(max(r.page_size for r in state.regions))
 
-    def view(self, region: ExportRegion, page: int, count: int) -> memoryview:
+    def view(self, region: ExportRegion, page: int, count: int, at: int = 0) -> memoryview:
+        """The pages' bytes: the mapping itself, or (pid mode) read into scratch at ``at``."""
         offset = page * region.page_size
         length = count * region.page_size
         if region.mapping is not None:
             return region.mapping.view[offset : offset + length]
-        process_read(region.pid, region.addr + offset, self.scratch_addr, length)
-        return self.scratch_view[:length]
+        target = self.scratch_view[at : at + length]
+        if region.fd >= 0:  # an unsealed memfd: pread, so a shrunk file cannot SIGBUS us
+            got = os.preadv(region.fd, [target], region.offset + offset)
+            if got != length:
+                raise KernelError("pread", errno.EIO, f"memory fd ends after {got} of "
+                                  f"{length} bytes (the VMM shrank it)")
+            return target
+        process_read(region.pid, region.addr + offset, self.scratch_addr + at, length)
+        return target
 
-    def zero_pages(self, region: ExportRegion, data: memoryview, count: int) -> list[bool]:
+    def zero_pages(self, region: ExportRegion, data: memoryview, count: int,
+                   at: int = 0) -> list[bool]:
         """Which of the ``count`` pages in ``data`` are all zeros.
 
         Comparing memoryviews runs item by item in CPython (it was 13% of the source's
@@ -102,8 +117,9 @@ class PageReader:
         """
         ps = region.page_size
         raw: bytes | bytearray = self.scratch if data.obj is self.scratch else data.tobytes()
+        base = at if raw is self.scratch else 0
         zero = self.zero if ps == len(self.zero) else self.zero[:ps]
-        return [raw.startswith(zero, i * ps) for i in range(count)]
+        return [raw.startswith(zero, base + i * ps) for i in range(count)]
 
 
 # A zero run at least this long goes as its own marker (installed with UFFDIO_ZEROPAGE,
@@ -115,10 +131,10 @@ Run = tuple[str, int, int]  # kind ("lost", "zero", "data"), first, end (indexes
 
 
 def _runs(reader: PageReader, region: ExportRegion, data: memoryview, page: int,
-          count: int) -> list[Run]:
+          count: int, at: int) -> list[Run]:
     """Split ``count`` pages into lost pages and runs of zero / non-zero pages."""
     lost = reader.state.lost
-    zeros = reader.zero_pages(region, data, count)
+    zeros = reader.zero_pages(region, data, count, at)
     runs: list[Run] = []
     i = 0
     while i < count:
@@ -137,16 +153,52 @@ def _runs(reader: PageReader, region: ExportRegion, data: memoryview, page: int,
 
 
 def send_pages(fs: FrameSocket, reader: PageReader, region: ExportRegion, page: int,
-               count: int, lane: str) -> int:
+               count: int, lane: str, *, at: int = 0, out: list[Frame] | None = None) -> int:
     """Send pages [page, page+count) as zero markers and data frames; return bytes sent.
 
     Zero pages never cross the wire. On a bulk lane, short zero runs become holes of one
     data frame; on the demand lane every run is its own frame (a request is 1-64 pages).
+    The frames go out with one sendmsg, or are appended to ``out`` for the caller to
+    send with others (pid mode: ``at`` is where in scratch these pages are read to).
     """
     state = reader.state
-    before = fs.sent
-    data = reader.view(region, page, count)
-    runs = _runs(reader, region, data, page, count)
+    frames: list[Frame] = [] if out is None else out
+    try:
+        data = reader.view(region, page, count, at)
+    except (KernelError, OSError) as e:
+        # The source VMM's memory cannot be read (it is gone, unmapped or shrank its
+        # memfd): these pages are lost, and the destination's failure policy decides.
+        log.error("cannot read region=%d pages=%d+%d: %s", region.index, page, count, e)
+        frames.append(({"t": "lost", "r": region.index, "p": page, "n": count,
+                        "reason": f"source cannot read the page: {e}"}, ()))
+    else:
+        if count == 1 and not state.lost and not state.corrupt_frames:
+            _one_page(frames, reader, region, page, data, at)  # a fault: skip the run logic
+        else:
+            runs = _runs(reader, region, data, page, count, at)
+            _frames_for(frames, state, region, page, data, runs, lane)
+    if out is not None:
+        return 0
+    sent = fs.send_frames(frames)
+    state.bytes_sent += sent
+    return sent
+
+
+def _one_page(frames: list[Frame], reader: PageReader, region: ExportRegion, page: int,
+              data: memoryview, at: int) -> None:
+    state = reader.state
+    if reader.zero_pages(region, data, 1, at)[0]:
+        frames.append(({"t": "zero", "r": region.index, "p": page, "n": 1}, ()))
+        state.pages_zero += 1
+        return
+    crc = zlib.crc32(data) if state.integrity else 0
+    frames.append(({"t": "data", "r": region.index, "p": page, "n": 1, "len": len(data),
+                    "crc": crc}, (data,)))
+
+
+def _frames_for(frames: list[Frame], state: ExportState, region: ExportRegion, page: int,
+                data: memoryview, runs: list[Run], lane: str) -> None:
+    fs = _Collector(frames)
     group: list[Run] = []
     for run in runs:
         kind, i, j = run
@@ -164,12 +216,22 @@ def send_pages(fs: FrameSocket, reader: PageReader, region: ExportRegion, page: 
             fs.send({"t": "lost", "r": region.index, "p": page + i, "n": 1,
                      "reason": "source cannot read this page (fault injection)"})
     _send_group(fs, state, region, page, data, group)
-    sent = fs.sent - before
-    state.bytes_sent += sent
-    return sent
 
 
-def _send_group(fs: FrameSocket, state: ExportState, region: ExportRegion, page: int,
+Frame = tuple[Header, tuple[memoryview | bytes, ...]]
+
+
+class _Collector:
+    """Collects frames (header, payload pieces) to send them with one sendmsg."""
+
+    def __init__(self, frames: list[Frame]) -> None:
+        self.frames = frames
+
+    def send(self, header: Header, *payload: memoryview | bytes) -> None:
+        self.frames.append((header, payload))
+
+
+def _send_group(fs: _Collector, state: ExportState, region: ExportRegion, page: int,
                 data: memoryview, group: list[Run]) -> None:
     """One data frame for adjacent runs: the data runs' bytes, the zero runs as holes."""
     while group and group[-1][0] == "zero":  # trailing zeros: a marker, not a hole
@@ -211,31 +273,66 @@ def use_short_switch_interval() -> None:
         sys.setswitchinterval(DEMAND_SWITCH_INTERVAL)
 
 
+_DEMAND_BATCH_PAGES: Final = 64  # most pages answered with one sendmsg (and scratch size)
+
+
 def serve_demand(fs: FrameSocket, state: ExportState, metrics: object) -> None:
-    """Demand lane thread body: answer requests until the link closes."""
+    """Demand lane thread body: answer requests until the link closes.
+
+    Every request already received is answered in one batch with one sendmsg: with many
+    faulting vCPUs the destination sends requests in bursts, and a syscall per page
+    capped the source at ~16k pages/s.
+    """
     use_short_switch_interval()
     max_page = max(r.page_size for r in state.regions)
-    reader = PageReader(state, max_page * 64)
+    reader = PageReader(state, max_page * _DEMAND_BATCH_PAGES)
     spin = 0.0  # no spinning until a request came: an idle lane sleeps in recv
+    carried: tuple[ExportRegion, int, int] | None = None
     while True:
-        header = fs.recv_header(spin)
+        if carried is None:
+            carried = _request(state, fs.recv_header(spin))
+        batch, carried = [carried], None
         spin = state.spin_s
-        if header.get("t") != "req":
-            raise ProtocolError(f"unexpected frame on the demand lane: {header.get('t')!r}")
-        r = protocol.peer_int(header, "r")
-        p = protocol.peer_int(header, "p")
-        n = protocol.peer_int(header, "n")
-        if r >= len(state.regions) or n == 0 or n > 64 or p + n > state.regions[r].pages:
-            raise ProtocolError(f"demand request outside the session's regions: {header}")
-        region = state.regions[r]
-        with state.lock:
-            row = state.sent[r]
+        pages = batch[0][2]
+        while fs.header_ready() and pages < _DEMAND_BATCH_PAGES:
+            req = _request(state, fs.recv_header())
+            if pages + req[2] > _DEMAND_BATCH_PAGES:  # scratch is full: next batch
+                carried = req
+                break
+            batch.append(req)
+            pages += req[2]
+        _claim(state, batch)
+        frames: list[Frame] = []
+        at = 0
+        for region, p, n in batch:
+            send_pages(fs, reader, region, p, n, "demand", at=at, out=frames)
+            at += n * region.page_size
+        nbytes = fs.send_frames(frames)
+        state.bytes_sent += nbytes
+        _metric(metrics, "sent", "demand", nbytes)
+
+
+def _request(state: ExportState, header: protocol.Message) -> tuple[ExportRegion, int, int]:
+    if header.get("t") != "req":
+        raise ProtocolError(f"unexpected frame on the demand lane: {header.get('t')!r}")
+    r = protocol.peer_int(header, "r")
+    p = protocol.peer_int(header, "p")
+    n = protocol.peer_int(header, "n")
+    if r >= len(state.regions) or n == 0 or n > 64 or p + n > state.regions[r].pages:
+        raise ProtocolError(f"demand request outside the session's regions: {header}")
+    return state.regions[r], p, n
+
+
+def _claim(state: ExportState, batch: list[tuple[ExportRegion, int, int]]) -> None:
+    """Mark requested pages sent (the bulk lanes skip them) and steer bulk after them."""
+    with state.lock:
+        for region, p, n in batch:
+            row = state.sent[region.index]
             for page in range(p, p + n):
                 row[page] = 1
-            state.hint = (r, p + n)
             state.pages_demand += n
-        nbytes = send_pages(fs, reader, region, p, n, "demand")
-        _metric(metrics, "sent", "demand", nbytes)
+        region, p, n = batch[-1]
+        state.hint = (region.index, p + n)
 
 
 def _next_run(state: ExportState, cursor: tuple[int, int], max_bytes: int
@@ -306,9 +403,26 @@ def _receive_have(fs: FrameSocket, state: ExportState) -> None:
 
 
 def open_memfd_region(index: int, spec: protocol.RegionSpec, fd: int) -> ExportRegion:
-    """Map a source memory fd read-only for one region."""
-    mapping = Mapping(fd, spec.size, spec.offset, writable=False)
-    return ExportRegion(index, spec.gpa, spec.size, spec.page_size, mapping=mapping)
+    """Prepare to read one region of a source memory fd.
+
+    Reading a mapping past the end of a file raises SIGBUS, which would kill the daemon
+    and every session in it. So the region is mapped only if the memfd can be sealed
+    against shrinking (F_SEAL_SHRINK, memfds made with MFD_ALLOW_SEALING); otherwise
+    pages are read with pread, which just returns short.
+    """
+    region = ExportRegion(index, spec.gpa, spec.size, spec.page_size, fd=fd,
+                          offset=spec.offset)
+    if _seal_shrink(fd):
+        region.mapping = Mapping(fd, spec.size, spec.offset, writable=False)
+    return region
+
+
+def _seal_shrink(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    except OSError:
+        return False
+    return True
 
 
 def _metric(metrics: object, method: str, *args: object) -> None:

@@ -45,6 +45,7 @@ _LATENCY_SAMPLES: Final = 1 << 20
 # Bulk frames may be large (fewer hand-offs between threads); they are installed this
 # much per loop turn, so a vCPU's page never waits behind more than one slice's copy.
 _BULK_SLICE: Final = 256 << 10
+_CHECK_INTERVAL: Final = 0.01
 _PAGEMAP_PAGE: Final = 4096
 _PAGEMAP_BATCH: Final = 1 << 16
 _PRESENT_TABLE: Final = bytes(1 if b & 0xC0 else 0 for b in range(256))
@@ -165,6 +166,8 @@ class FaultLoop:
         self.spin_s = 0.0  # the session sets peer.spin_us
         self._active_at = 0.0  # last fault read, demand request sent or reply received
         self._bulk_slices: Iterator[bool] | None = None  # the bulk frame being installed
+        self._demand_mask = 0  # epoll events registered for the demand socket
+        self._next_checks = 0.0  # deadlines and stalls are checked every _CHECK_INTERVAL
 
     # ------------------------------------------------------------ thread-safe API
 
@@ -217,7 +220,7 @@ class FaultLoop:
                 self._dispatch(ready)
                 self._bulk_step()
                 self._retry_deferred()
-                self._check_deadlines()
+                self._periodic_checks()
                 self._check_complete()
         except TargetGone as e:
             self._fail(f"the destination VMM is gone ({e})")
@@ -306,6 +309,13 @@ class FaultLoop:
         return self._ep.poll(_EPOLL_TIMEOUT)
 
     def _dispatch(self, ready: list[tuple[int, int]]) -> None:
+    def _periodic_checks(self) -> None:
+        """Deadlines scan every outstanding page: not on every turn of a busy loop."""
+        now = time.monotonic()
+        if now >= self._next_checks:
+            self._next_checks = now + _CHECK_INTERVAL
+            self._check_deadlines()
+
         for fd, _mask in ready:
             if fd == self._wakefd:
                 self._drain_wakefd()
@@ -507,6 +517,7 @@ class FaultLoop:
         sock.setblocking(False)
         self._ep.register(sock.fileno(), select.EPOLLIN)
         # Every outstanding demand request is asked for again on the new link.
+        self._demand_mask = select.EPOLLIN
         for region, page in self._outstanding:
             self._outbox += protocol.pack_peer({"t": "req", "r": region, "p": page, "n": 1})
 
@@ -534,7 +545,9 @@ class FaultLoop:
             return
         del self._outbox[:n]
         mask = select.EPOLLIN | (select.EPOLLOUT if self._outbox else 0)
-        self._ep.modify(self._demand.fileno(), mask)
+        if mask != self._demand_mask:  # a syscall per fault otherwise
+            self._ep.modify(self._demand.fileno(), mask)
+            self._demand_mask = mask
 
     def _demand_recv(self) -> None:
         sock = self._demand
