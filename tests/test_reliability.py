@@ -101,6 +101,16 @@ def test_destination_daemon_restart_with_blocked_threads(rig: chaos.Rig, backing
     assert "adopted" in rig.dst.log_text(), "the new daemon did not learn the present pages"
 
 
+@pytest.mark.parametrize("mode", ["missing", "minor"])
+def test_destination_daemon_restart_hugetlb(rig: chaos.Rig, hugepages: None, mode: str) -> None:
+    m = rig.start_migration(memory="32M", backing="hugetlb", mode=mode)
+    assert rig.wait_installed(m.session, m.pages // 4)
+    rig.proxy.stall(3.0)
+    time.sleep(0.5)
+    rig.restart("destination")
+    _byte_exact(m)
+
+
 def test_corrupt_payloads_are_fetched_again(rig: chaos.Rig) -> None:
     m = rig.start_migration(memory="16M")
     rig.inject(m.session, corrupt=8)

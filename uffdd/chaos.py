@@ -129,7 +129,8 @@ class Rig:
             dst_args += ["--policy", policy]
         dst = harness.start_vmm(harness.python_vmm("dest", *dst_args), "dest", self.workdir)
         from uffdd.pyvmm import parse_size
-        return Migration(session, parse_size(memory) // 4096, threads, src, dst)
+        page = (2 << 20) if backing == "hugetlb" else 4096
+        return Migration(session, parse_size(memory) // page, threads, src, dst)
 
     def inject(self, session: str, timeout: float = 20.0, **fields: Any) -> None:
         """Ask the source daemon to misbehave for ``session`` (lose pages, corrupt frames).
@@ -244,6 +245,7 @@ class RunResult:
     run: int
     faults: list[str]
     pages: int
+    faults_mid_migration: int
     pages_verified: int
     pages_lost: int
     hung_vcpus: int
@@ -257,6 +259,7 @@ class Summary:
 
     migrations: int = 0
     faults_injected: int = 0
+    faults_mid_migration: int = 0
     pages_verified: int = 0
     pages_lost: int = 0
     hung_vcpus: int = 0
@@ -291,12 +294,20 @@ def one_run(rig: Rig, run: int, rng: random.Random, memory: str) -> RunResult:
     faults = rng.sample(RECOVERABLE_FAULTS, 3)
     t0 = time.monotonic()
     m = rig.start_migration(memory=memory, mode=rng.choice(("missing", "minor")), seed=run)
+    landed = 0
     for i, kind in enumerate(faults):
         rig.wait_installed(m.session, int(m.pages * (0.15 + 0.25 * i)))
+        landed += _still_migrating(rig, m)
         apply_fault(rig, kind, m)
     verified, lost, hung, error = finish(m)
-    return RunResult(run, faults, m.pages, verified, lost, hung,
+    return RunResult(run, faults, m.pages, landed, verified, lost, hung,
                      round(time.monotonic() - t0, 2), error)
+
+
+def _still_migrating(rig: Rig, m: Migration) -> bool:
+    """True if a fault injected now lands in the middle of the migration."""
+    st = rig.status("destination", m.session)
+    return m.dest.proc.poll() is None and (st is None or st["state"] in ("connecting", "running"))
 
 
 def vmm_death(rig: Rig, memory: str) -> tuple[bool, str]:
@@ -340,9 +351,10 @@ def run_chaos(runs: int, *, memory: str = "16M", rate: int = 3 << 20, seed: int 
             try:
                 r = one_run(rig, run, rng, memory)
             except (harness.HarnessError, ClientError, OSError) as e:
-                r = RunResult(run, [], 0, 0, 0, 0, 0.0, f"run could not be set up: {e}")
+                r = RunResult(run, [], 0, 0, 0, 0, 0, 0.0, f"run could not be set up: {e}")
             _account(summary, r)
             _say(out, as_json, f"run {run:3d}: faults {','.join(r.faults):34s} "
+                 f"({r.faults_mid_migration} mid-migration) "
                  f"pages {r.pages_verified}/{r.pages} verified, lost {r.pages_lost}, "
                  f"hung vCPUs {r.hung_vcpus}, {r.seconds:.1f}s"
                  + (f"  ERROR {r.error}" if r.error else ""))
@@ -366,6 +378,7 @@ def run_chaos(runs: int, *, memory: str = "16M", rate: int = 3 << 20, seed: int 
 def _account(summary: Summary, r: RunResult) -> None:
     summary.migrations += 1 if r.faults else 0
     summary.faults_injected += len(r.faults)
+    summary.faults_mid_migration += r.faults_mid_migration
     for kind in r.faults:
         summary.faults[kind] = summary.faults.get(kind, 0) + 1
     summary.pages_verified += r.pages_verified
@@ -382,7 +395,8 @@ def _say(out: Any, as_json: bool, line: str) -> None:
 def render_summary(s: Summary) -> str:
     """The human-readable final summary."""
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(s.faults.items()))
-    return (f"migrations: {s.migrations}\nfaults injected: {s.faults_injected} ({kinds})\n"
+    return (f"migrations: {s.migrations}\nfaults injected: {s.faults_injected} ({kinds}), "
+            f"{s.faults_mid_migration} of the migrations' faults mid-migration\n"
             f"pages verified: {s.pages_verified}\npages lost: {s.pages_lost}\n"
             f"hung vCPUs: {s.hung_vcpus}\nVMM deaths cleaned up: {s.vmm_deaths_cleaned}"
             f"/{s.vmm_deaths}\nfailed runs: {s.failed_runs}\n"

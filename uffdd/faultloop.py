@@ -279,8 +279,9 @@ class FaultLoop:
     def _seed_region(self, region: ImportRegion) -> None:
         step = region.page_size // _PAGEMAP_PAGE
         with open(f"/proc/{self.vmm_pid}/pagemap", "rb", buffering=0) as f:
-            for first in range(0, region.pages, _PAGEMAP_BATCH):
-                count = min(_PAGEMAP_BATCH, region.pages - first)
+            batch = max(1, _PAGEMAP_BATCH // step)  # 512 KiB of pagemap per read
+            for first in range(0, region.pages, batch):
+                count = min(batch, region.pages - first)
                 vpage = (region.addr + first * region.page_size) // _PAGEMAP_PAGE
                 data = os.pread(f.fileno(), count * step * 8, vpage * 8)
                 # Byte 7 of each little-endian entry holds bit 63 (present) and 62 (swapped).
