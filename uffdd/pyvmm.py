@@ -66,7 +66,7 @@ class GuestRam:
 
 def fill(ram: GuestRam, seed: int, holes: list[tuple[int, int]]) -> None:
     """Write the seeded pattern (skipping page ranges in ``holes``, which stay untouched)."""
-    skip = set()
+    skip: set[int] = set()
     for first, count in holes:
         skip.update(range(first, first + count))
     for page in range(ram.size // PAGE):
