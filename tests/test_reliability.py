@@ -111,6 +111,26 @@ def test_destination_daemon_restart_hugetlb(rig: chaos.Rig, hugepages: None, mod
     _byte_exact(m)
 
 
+def test_link_gone_past_the_deadline_applies_the_policy(tmp_path: Path) -> None:
+    """The link never comes back: past the deadline the crash policy stops the VM
+    (the VMM hears 'failed' and exits) instead of leaving its threads blocked."""
+    r = chaos.Rig(tmp_path, rate=RATE,
+                  config=chaos.DAEMON_CONFIG.replace("deadline = 60.0", "deadline = 3.0"))
+    try:
+        m = r.start_migration(memory="16M", policy="crash")
+        assert r.wait_installed(m.session, m.pages // 4)
+        r.proxy.refuse(600)
+        r.proxy.reset()
+        d = m.dest.result(chaos.VMM_TIMEOUT)
+        assert d["event"] == "failed" and d["exit_status"] == 3, d
+        assert "past the session deadline" in str(d["reason"]), d
+        m.source.proc.kill()  # nobody can reach it to say so: its orchestrator stops it
+        m.source.proc.wait(10)
+    finally:
+        codes = r.close()
+    assert not r.tracebacks() and codes == (0, 0), (r.tracebacks(), codes)
+
+
 def test_corrupt_payloads_are_fetched_again(rig: chaos.Rig) -> None:
     m = rig.start_migration(memory="16M")
     rig.inject(m.session, corrupt=8)
