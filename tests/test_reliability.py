@@ -163,6 +163,14 @@ def test_vmm_death_releases_everything(rig: chaos.Rig) -> None:
     assert ok, detail
 
 
+def test_source_vmm_death_tells_the_destination(rig: chaos.Rig) -> None:
+    """A source VMM SIGKILLed mid-migration: the source cancels its export and says so
+    on the demand lane, so the destination fails at once (not at its deadline)."""
+    ok, detail = chaos.vmm_death(rig, "16M", which="source")
+    assert ok, detail
+    assert "the source cancelled the session" in detail, detail
+
+
 class _Manager:
     """A stand-in for systemd's notification socket that keeps what goes to the fd store."""
 

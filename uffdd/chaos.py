@@ -6,8 +6,9 @@ userfaultfd and the Python VMM stand-ins, through :class:`uffdd.faultproxy.Fault
 faults are injected at spread-out points of its progress, drawn from: a link cut (FIN),
 a link reset (RST), a link stall (black hole, found by the stall detector), SIGKILL of
 the source daemon, SIGKILL of the destination daemon (both restarted on the same socket
-and port, as systemd would), and corrupted payloads. Every few runs a further migration
-loses its destination VMM to SIGKILL: both sessions must end and release their fds.
+and port, as systemd would), and corrupted payloads. After every fifth run a further
+migration loses a VMM to SIGKILL (alternately the destination's and the source's): both
+sessions must end, the other VMM must hear of it, and both daemons release their fds.
 
 The destination VMM reads every page and compares it with the source's pattern, so
 "pages lost" counts pages that came back wrong or never came; a VMM that does not finish
@@ -310,31 +311,36 @@ def _still_migrating(rig: Rig, m: Migration) -> bool:
     return m.dest.proc.poll() is None and (st is None or st["state"] in ("connecting", "running"))
 
 
-def vmm_death(rig: Rig, memory: str) -> tuple[bool, str]:
-    """Kill a destination VMM mid-migration: both sessions end and release everything.
+def vmm_death(rig: Rig, memory: str, which: str = "dest") -> tuple[bool, str]:
+    """Kill one VMM mid-migration: both sessions end and release everything.
 
-    The destination daemon cancels the import (its VMM's connection closed) and tells
-    the source with a 'cancel' frame; the source daemon cancels the export and the
-    source VMM gets a 'failed' event and exits by itself. Neither daemon may keep an
-    fd or a guest-RAM mapping it did not hold before.
+    The daemon whose VMM died cancels its session (the VMM's connection closed) and
+    tells the other side with a 'cancel' frame on the demand lane; the other daemon
+    ends its session too and its VMM gets a 'failed' event (the destination VMM stops
+    the guest, with exit status 3). Neither daemon may keep an fd or a guest-RAM
+    mapping it did not hold before.
     """
     before = {d.name: (held(d), memfd_mappings(d)) for d in (rig.dst, rig.src)}
     m = rig.start_migration(memory=memory)
     rig.wait_installed(m.session, m.pages // 5)
-    m.dest.proc.kill()
-    m.dest.proc.wait(10)
+    victim, survivor = (m.dest, m.source) if which == "dest" else (m.source, m.dest)
+    victim.proc.kill()
+    victim.proc.wait(10)
     try:
-        source = m.source.result(60)
+        told = survivor.result(60)
     except harness.HarnessError as e:
-        source = {"event": "hung", "reason": str(e)[:200]}
+        told = {"event": "hung", "reason": str(e)[:200]}
     leaks = {d.name: wait_released(d, *before[d.name]) for d in (rig.dst, rig.src)}
     dst_st = rig.status("destination", m.session) or {}
     src_st = rig.status("source", m.session) or {}
+    told_st = src_st if which == "dest" else dst_st
     ok = (not any(leaks.values()) and dst_st.get("state") in ("cancelled", "failed")
-          and src_st.get("state") == "cancelled" and source.get("event") == "failed")
+          and src_st.get("state") in ("cancelled", "failed") and told.get("event") == "failed"
+          and "cancelled the session" in str(told_st.get("reason")))
     leaked = "; ".join(f"{k} {v}" for k, v in leaks.items() if v) or "nothing leaked"
     return ok, (f"{leaked}; dest session {dst_st.get('state')}, source session "
-                f"{src_st.get('state')}: {src_st.get('reason')}")
+                f"{src_st.get('state')}; {'source' if which == 'dest' else 'destination'} "
+                f"told: {told_st.get('reason')}")
 
 
 def run_chaos(runs: int, *, memory: str = "16M", rate: int = 3 << 20, seed: int = 1,
@@ -358,13 +364,13 @@ def run_chaos(runs: int, *, memory: str = "16M", rate: int = 3 << 20, seed: int 
                  f"pages {r.pages_verified}/{r.pages} verified, lost {r.pages_lost}, "
                  f"hung vCPUs {r.hung_vcpus}, {r.seconds:.1f}s"
                  + (f"  ERROR {r.error}" if r.error else ""))
-            if run % 5 == 0:
-                ok, detail = vmm_death(rig, memory)
+            if run % 5 == 0:  # alternately the destination's VMM and the source's
+                ok, detail = vmm_death(rig, memory, "dest" if run % 10 else "source")
                 summary.vmm_deaths += 1
                 summary.vmm_deaths_cleaned += ok
                 summary.faults_injected += 1
                 summary.faults["kill-vmm"] = summary.faults.get("kill-vmm", 0) + 1
-                _say(out, as_json, f"vmm death after run {run}: {'clean' if ok else 'NOT CLEAN'}"
+                _say(out, as_json, f"VMM death after run {run}: {'clean' if ok else 'NOT CLEAN'}"
                      f" ({detail})")
     finally:
         rig.close()

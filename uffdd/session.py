@@ -16,6 +16,7 @@ import os
 import queue
 import socket
 import statistics
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -557,8 +558,13 @@ class ExportSession(SessionBase):
             self.export_state.reset_sent()
         self.lanes += 1
         self.metrics.link(True)
+        body = partial(serve, fs, self.export_state, self.metrics)
         try:
-            await run_thread(partial(serve, fs, self.export_state, self.metrics), fs.close)
+            if lane == "demand":  # the lane's own thread says 'cancel' (no racing sends)
+                await run_thread(partial(self._demand_then_cancel, body, fs),
+                                 partial(_stop_reading, fs))
+            else:
+                await run_thread(body, fs.close)
         except (PeerUnavailable, ProtocolError, OSError, UffddError) as e:
             if not self.export_state.done.is_set():
                 log.warning("session=%s %s lane ended: %s", self.session_id, lane,
@@ -570,6 +576,23 @@ class ExportSession(SessionBase):
                 self.metrics.link(False)
         if self.export_state.done.is_set():
             self.set_state("completed", "completed")
+
+    def _demand_then_cancel(self, body: Callable[[], None], fs: peer.FrameSocket) -> None:
+        """Serve the demand lane; if the export was cancelled, tell the destination.
+
+        Runs in the lane's thread, after ``_stop_reading`` ended its wait for requests,
+        so the 'cancel' frame never interleaves with a reply. The destination fails
+        its import at once instead of reconnecting until its deadline.
+        """
+        try:
+            body()
+        finally:
+            if self.state in ("cancelled", "failed"):
+                try:
+                    fs.sock.settimeout(1.0)
+                    fs.send({"t": "cancel", "reason": (self.reason or self.state)[:200]})
+                except (OSError, PeerUnavailable):
+                    pass
 
     async def _progress_loop(self) -> None:
         while True:
@@ -635,6 +658,21 @@ def _watch_for_cancel(fs: peer.FrameSocket, on_cancel: Callable[[str], None]) ->
         return header
 
     fs.recv_header = recv_header  # type: ignore[method-assign,assignment]
+
+
+def _stop_reading(fs: peer.FrameSocket) -> None:
+    """End a lane thread's wait for frames but leave its sending side open.
+
+    The base socket's shutdown: an SSL socket's own would drop its TLS state. A thread
+    stuck in a send to a peer that no longer reads is ended by closing, a second later.
+    """
+    try:
+        socket.socket.shutdown(fs.sock, socket.SHUT_RD)
+    except OSError:
+        pass
+    timer = threading.Timer(1.0, fs.close)
+    timer.daemon = True
+    timer.start()
 
 
 def _source_may_come_back(e: AuthError) -> bool:
