@@ -309,7 +309,6 @@ class FaultLoop:
                     break
         return self._ep.poll(_EPOLL_TIMEOUT)
 
-    def _dispatch(self, ready: list[tuple[int, int]]) -> None:
     def _periodic_checks(self) -> None:
         """Deadlines scan every outstanding page: not on every turn of a busy loop."""
         now = time.monotonic()
@@ -317,6 +316,7 @@ class FaultLoop:
             self._next_checks = now + _CHECK_INTERVAL
             self._check_deadlines()
 
+    def _dispatch(self, ready: list[tuple[int, int]]) -> None:
         for fd, _mask in ready:
             if fd == self._wakefd:
                 self._drain_wakefd()
