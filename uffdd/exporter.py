@@ -21,10 +21,10 @@ from collections.abc import Mapping as _AbcMapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from uffdd import protocol
 from uffdd._linux.mem import Mapping, buffer_address, process_read
 from uffdd.errors import KernelError, PeerUnavailable, ProtocolError
 from uffdd.peer import FrameSocket
-from uffdd import protocol
 
 log = logging.getLogger("uffdd.export")
 Header = _AbcMapping[str, object]
@@ -62,7 +62,8 @@ class ExportState:
     integrity: bool = True
     background: bool = True  # [peer] background: stream unrequested pages at all
     spin_s: float = 0.0  # [peer] spin_us: the demand lane busy-polls this long after a request
-    lost: set[tuple[int, int]] = field(default_factory=set)  # fault injection: pages we "cannot read"
+    # fault injection: pages we "cannot read"
+    lost: set[tuple[int, int]] = field(default_factory=set)
     corrupt_frames: int = 0  # fault injection: data frames still to send with a bad CRC
     lock: threading.Lock = field(default_factory=threading.Lock)
     sent: list[bytearray] = field(default_factory=list)
@@ -438,5 +439,5 @@ def link_error(e: BaseException) -> str:
     return repr(e)
 
 
-__all__ = ["ExportRegion", "ExportState", "open_memfd_region", "serve_bulk", "serve_demand",
-           "link_error", "os"]
+__all__ = ["ExportRegion", "ExportState", "link_error", "open_memfd_region", "os", "serve_bulk",
+           "serve_demand"]

@@ -659,7 +659,7 @@ class FaultLoop:
         GIL), and the result left in ``header["crc_ok"]``; ``header["len"]`` becomes the
         run's length. Returns the payload bytes received.
         """
-        region, page, count = self._run_of(header, expanded=False)
+        region, _page, count = self._run_of(header, expanded=False)
         ps = self.regions[region].page_size
         total = count * ps
         if total > len(buf):

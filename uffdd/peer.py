@@ -12,6 +12,7 @@ constant time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -50,10 +51,8 @@ class FrameSocket:
     def close(self) -> None:
         """Shut the connection down (wakes a thread blocked in recv) and close it."""
         self.closed = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
     # -- sending
@@ -201,7 +200,8 @@ class FrameSocket:
             length -= step
 
 
-def _mac(token: bytes, label: bytes, snonce: bytes, cnonce: bytes, session: str, lane: str) -> bytes:
+def _mac(token: bytes, label: bytes, snonce: bytes, cnonce: bytes, session: str,
+         lane: str) -> bytes:
     msg = label + snonce + cnonce + session.encode() + b"\0" + lane.encode()
     return hmac.new(token, msg, hashlib.sha256).digest()
 
@@ -243,7 +243,8 @@ def _region_shapes(raw: object) -> list[RegionShape]:
         raise ProtocolError("welcome: 'regions' must be a list")
     shapes: list[RegionShape] = []
     for item in raw:
-        if not (isinstance(item, list) and len(item) == 3 and all(isinstance(v, int) for v in item)):
+        if not (isinstance(item, list) and len(item) == 3
+                and all(isinstance(v, int) for v in item)):
             raise ProtocolError("welcome: each region must be [gpa, size, page_size]")
         shapes.append((item[0], item[1], item[2]))
     return shapes
