@@ -322,8 +322,9 @@ class FaultLoop:
                 self._drain_wakefd()
             elif self._demand is not None and fd == self._demand.fileno():
                 self._demand_io(_mask)
-            else:
+            elif fd in self._by_uffd:
                 self._read_uffd(fd)
+            # else: a demand socket closed earlier in this batch; its event is stale.
         self._flush_outbox()
 
     def _drain_wakefd(self) -> None:
@@ -517,8 +518,8 @@ class FaultLoop:
         self._last_progress = time.monotonic()
         sock.setblocking(False)
         self._ep.register(sock.fileno(), select.EPOLLIN)
-        # Every outstanding demand request is asked for again on the new link.
         self._demand_mask = select.EPOLLIN
+        # Every outstanding demand request is asked for again on the new link.
         for region, page in self._outstanding:
             self._outbox += protocol.pack_peer({"t": "req", "r": region, "p": page, "n": 1})
 
@@ -724,25 +725,33 @@ class FaultLoop:
 
     def _install_run(self, region: ImportRegion, start: int, count: int, src: int, lane: str) -> None:
         ps = region.page_size
+        method = "continue" if region.alias is not None else "copy"
+        filled = False  # MINOR mode: the alias is written once, retries only CONTINUE
         while count:
             dst = region.addr + start * ps
-            length = count * ps
             try:
-                self._copy(region, start, dst, src, length)
-                self._installed(region, start, count, lane, "continue" if region.alias else "copy")
+                if region.alias is not None and not filled:
+                    ctypes.memmove(region.alias.address + start * ps, src, count * ps)
+                    filled = True
+                self._map(region, dst, src, count * ps)
+                self._installed(region, start, count, lane, method)
                 return
             except AlreadyPresent as e:
                 done = e.done // ps
-                self._installed(region, start, done, lane, "copy")
+                self._installed(region, start, done, lane, method)
                 # The page is present already (a previous daemon installed it): success.
                 self._installed(region, start + done, 1, lane, "present")
                 skip = done + 1
             except Retry as e:
                 done = e.done // ps
-                self._installed(region, start, done, lane, "copy")
-                rest = ctypes.string_at(src + done * ps, (count - done) * ps)
-                self._deferred.append((region.index, start + done, count - done, rest, lane))
-                return
+                self._installed(region, start, done, lane, method)
+                if not done:  # the address space is changing: read the pending event first
+                    rest = ctypes.string_at(src, count * ps)
+                    self._deferred.append((region.index, start, count, rest, lane))
+                    return
+                # A partial copy also says EAGAIN (with the bytes done): go on from there;
+                # the page that stopped it answers EEXIST on the next call.
+                skip = done
             except RangeGone:
                 log.warning("region %d no longer registered; dropping pages", region.index)
                 for p in range(start, start + count):
@@ -750,9 +759,8 @@ class FaultLoop:
                 return
             start, count, src = start + skip, count - skip, src + skip * ps
 
-    def _copy(self, region: ImportRegion, page: int, dst: int, src: int, length: int) -> None:
+    def _map(self, region: ImportRegion, dst: int, src: int, length: int) -> None:
         if region.alias is not None:
-            ctypes.memmove(region.alias.address + page * region.page_size, src, length)
             uffd.continue_(region.uffd, dst, length)
         else:
             uffd.copy(region.uffd, dst, src, length)

@@ -209,7 +209,8 @@ def _mac(token: bytes, label: bytes, snonce: bytes, cnonce: bytes, session: str,
 def _expect(header: protocol.Message, kind: str) -> protocol.Message:
     if header.get("t") == "error":
         code = header.get("code")
-        raise AuthError(f"peer refused: {code}: {header.get('message')}")
+        error = UnknownSession if code == "unknown-session" else AuthError
+        raise error(f"peer refused: {code}: {header.get('message')}")
     if header.get("t") != kind:
         raise ProtocolError(f"expected peer frame {kind!r}, got {header.get('t')!r}")
     return header

@@ -133,9 +133,9 @@ class ImportSession(SessionBase):
             deadline=self.deadline, policy=self.policy, integrity=self.config.peer.integrity,
         )
         self.loop.stall_timeout = self.config.peer.stall_timeout
+        self.loop.spin_s = self.config.peer.spin_us / 1e6
         self.loop.vmm_pid = self.owner_pid  # a re-import after a restart: adopt what is present
         self._by_gpa = sorted(self.regions, key=lambda r: r.gpa)
-        self.loop.spin_s = self.config.peer.spin_us / 1e6
 
     def set_state(self, state: str, reason: str | None = None) -> None:
         if state in ("failed", "cancelled") and not self.finished:
@@ -177,6 +177,11 @@ class ImportSession(SessionBase):
                 task_status.started()
                 await self._until_end()
                 nursery.cancel_scope.cancel()
+        except Exception as e:
+            # Failed before _finish runs, so the VMM's event says why and the crash
+            # policy's kill of a lingering VMM applies.
+            self.set_state("failed", f"internal error: {e!r}")
+            raise
         finally:
             with trio.move_on_after(5, shield=True):
                 await self._finish()
@@ -531,6 +536,9 @@ class ExportSession(SessionBase):
                 task_status.started()
                 await self._done.wait()
                 nursery.cancel_scope.cancel()
+        except Exception as e:
+            self.set_state("failed", f"internal error: {e!r}")
+            raise
         finally:
             with trio.move_on_after(5, shield=True):
                 await self._finish()
