@@ -271,7 +271,8 @@ def test_resolve_frames_verdicts_and_queued_events(probe: Path, daemon: FakeDaem
     body2 = msgpack.packb({"id": 1, "ok": True, "verdict": "populate", "addr": 0x7F0000001000,
                            "gpa": 0x1000, "size": 4096, "reason": None})
     assert daemon.conn is not None
-    daemon.conn.sendall(struct.pack(">I", len(body1)) + body1 + struct.pack(">I", len(body2)) + body2)
+    both = struct.pack(">I", len(body1)) + body1 + struct.pack(">I", len(body2)) + body2
+    daemon.conn.sendall(both)
     frame, _ = daemon.recv()
     assert frame == {"op": "resolve", "id": 2, "session": "vm42-mig7", "vcpu": 0,
                      "addr": 0x7F0000002000, "size": 1, "access": "exec", "flags": 5}

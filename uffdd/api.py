@@ -9,6 +9,7 @@ frame) closes the connection, and never anything beyond it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -180,10 +181,8 @@ class Connection:
             reply = protocol.error_reply(req_id, "internal", str(e))
         finally:
             scm.close_all([fd for fd in fds if fd >= 0])
-        try:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await self.send(reply)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
 
     def event_sink(self) -> Callable[[protocol.Message], Awaitable[None]]:
         return self.send
@@ -231,7 +230,9 @@ def _check_memfd(fd: int, spec: protocol.RegionSpec, where: str) -> bool:
     return hugetlb
 
 
-async def handle_export(conn: Connection, body: protocol.Message, fds: list[int]) -> protocol.Message:
+async def handle_export(
+    conn: Connection, body: protocol.Message, fds: list[int]
+) -> protocol.Message:
     daemon = conn.daemon
     session_id = str(body["session"])
     token = protocol.token_bytes(body["token"])
@@ -269,7 +270,9 @@ async def handle_export(conn: Connection, body: protocol.Message, fds: list[int]
     return {"session": session_id, "pages": sum(r.pages for r in regions)}
 
 
-async def handle_import(conn: Connection, body: protocol.Message, fds: list[int]) -> protocol.Message:
+async def handle_import(
+    conn: Connection, body: protocol.Message, fds: list[int]
+) -> protocol.Message:
     daemon = conn.daemon
     session_id = str(body["session"])
     token = protocol.token_bytes(body["token"])
@@ -365,7 +368,9 @@ def _may_observe(conn: Connection, session: SessionBase) -> bool:
     return session.owner_pid == conn.cred.pid or conn.cred.uid in (0, os.geteuid())
 
 
-async def handle_status(conn: Connection, body: protocol.Message, fds: list[int]) -> protocol.Message:
+async def handle_status(
+    conn: Connection, body: protocol.Message, fds: list[int]
+) -> protocol.Message:
     session_id = body.get("session")
     sessions = [s for s in conn.daemon.all_sessions() if _may_observe(conn, s)]
     if isinstance(session_id, str):
@@ -391,7 +396,9 @@ def _own_session(conn: Connection, session_id: str, role: str | None = None) -> 
     raise RequestError("unauthorized", f"session {session_id!r} belongs to another VMM")
 
 
-async def handle_subscribe(conn: Connection, body: protocol.Message, fds: list[int]) -> protocol.Message:
+async def handle_subscribe(
+    conn: Connection, body: protocol.Message, fds: list[int]
+) -> protocol.Message:
     session_id = str(body["session"])
     found = [s for s in conn.daemon.all_sessions() if s.session_id == session_id]
     if not found:
@@ -415,19 +422,21 @@ async def _replay_final(session: SessionBase, sink: Callable[[protocol.Message],
         event = {"event": "completed", "session": session.session_id, "outcome": session.reason}
     else:
         event = {"event": "failed", "session": session.session_id, "reason": session.reason}
-    try:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await sink(event)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
 
 
-async def handle_cancel(conn: Connection, body: protocol.Message, fds: list[int]) -> protocol.Message:
+async def handle_cancel(
+    conn: Connection, body: protocol.Message, fds: list[int]
+) -> protocol.Message:
     session = _own_session(conn, str(body["session"]))
     session.cancel()
     return {}
 
 
-async def handle_resolve(conn: Connection, body: protocol.Message, fds: list[int]) -> protocol.Message:
+async def handle_resolve(
+    conn: Connection, body: protocol.Message, fds: list[int]
+) -> protocol.Message:
     try:
         session = _own_session(conn, str(body["session"]), "import")
     except RequestError as e:
@@ -477,14 +486,16 @@ def _exit_gpa(session: ImportSession, body: protocol.Message) -> int:
             session.region_of_gpa(gpa)
             return gpa
         if isinstance(addr, int):
-            region, page = session.region_of_addr(addr)
+            region, _page = session.region_of_addr(addr)
             return region.gpa + (addr - region.addr)
     except UffddError as e:
         raise RequestError("bad-region", str(e)) from None
     raise RequestError("bad-request", f"{body.get('op')}: give 'gpa' or 'addr'")
 
 
-async def handle_inject(conn: Connection, body: protocol.Message, fds: list[int]) -> protocol.Message:
+async def handle_inject(
+    conn: Connection, body: protocol.Message, fds: list[int]
+) -> protocol.Message:
     """Fault injection on an export session (only with ``testing.fault_injection``).
 
     ``lose``: 4 KiB guest page numbers (gpa // 4096) the source will report it cannot

@@ -138,7 +138,8 @@ def _status(args: argparse.Namespace) -> int:
     except ClientError as e:
         print(f"uffdd status: {e}", file=sys.stderr)
         return 1
-    print(status.render_status_json(sessions) if args.json else status.render_status_table(sessions))
+    render = status.render_status_json if args.json else status.render_status_table
+    print(render(sessions))
     return 0
 
 

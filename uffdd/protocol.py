@@ -8,6 +8,7 @@ values, and every refusal names the field that is wrong.
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 from collections.abc import Mapping
@@ -28,7 +29,7 @@ Message = dict[str, object]
 
 def pack(body: Mapping[str, object]) -> bytes:
     """Encode one frame (length prefix + msgpack map)."""
-    data = msgpack.packb(body, use_bin_type=True)
+    data: bytes = msgpack.packb(body, use_bin_type=True)
     return LENGTH.pack(len(data)) + data
 
 
@@ -263,7 +264,7 @@ def _check_overlaps(specs: list[RegionSpec]) -> None:
             for i, s in enumerate(specs)
             if key == "gpa" or s.addr
         )
-        for (_a0, a1, i), (b0, _b1, j) in zip(spans, spans[1:], strict=False):
+        for (_a0, a1, i), (b0, _b1, j) in itertools.pairwise(spans):
             if b0 < a1:
                 raise RequestError("bad-region", f"regions[{i}] and regions[{j}] overlap ({key})")
 
@@ -278,7 +279,7 @@ def error_reply(req_id: object, code: str, message: str) -> Message:
 
 def pack_peer(header: Mapping[str, object]) -> bytes:
     """Encode a peer frame header (payload, if any, is sent right after it)."""
-    data = msgpack.packb(header, use_bin_type=True)
+    data: bytes = msgpack.packb(header, use_bin_type=True)
     return LENGTH.pack(len(data)) + data
 
 

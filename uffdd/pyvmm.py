@@ -283,9 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--order", choices=("seq", "rand"), default="rand")
     p.add_argument("--peer", default="")
     p.add_argument("--policy", choices=("crash", "poison"), default=None)
-    p.add_argument("--holes", help="page ranges the source never writes (the destination expects zeros), e.g. 10+5,100+1")
+    p.add_argument("--holes", help="page ranges the source never writes (the destination "
+                   "expects zeros), e.g. 10+5,100+1")
     p.add_argument("--discard", help="dest: page ranges discarded before touching")
-    p.add_argument("--split", type=int, default=1, help="describe RAM as N regions (gpa holes between)")
+    p.add_argument("--split", type=int, default=1,
+                   help="describe RAM as N regions (gpa holes between)")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--ready-file")
     p.add_argument("--resilient", action="store_true",

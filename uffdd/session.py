@@ -11,6 +11,7 @@ every fd and mapping it held is released.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -147,10 +148,8 @@ class ImportSession(SessionBase):
     # -- thread -> Trio
 
     def _notify_threadsafe(self, kind: str, data: object) -> None:
-        try:
+        with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self._on_notify, kind, data)
-        except trio.RunFinishedError:
-            pass
 
     def _on_notify(self, kind: str, data: object) -> None:
         if kind == "complete":
@@ -217,10 +216,8 @@ class ImportSession(SessionBase):
             if region.alias is not None:
                 region.alias.close()
         for fd in self.fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self.fds.clear()
         self.metrics.link(False)
         self.metrics.close()
@@ -307,7 +304,8 @@ class ImportSession(SessionBase):
     def _send_have(self, fs: peer.FrameSocket) -> None:
         for region in self.regions:
             if self.pages.done:
-                fs.send({"t": "have", "r": region.index, "bits": self.pages.have_bitmap(region.index)})
+                bits = self.pages.have_bitmap(region.index)
+                fs.send({"t": "have", "r": region.index, "bits": bits})
         chunk = max(self.config.peer.chunk_bytes, max(r.page_size for r in self.regions))
         fs.send({"t": "start", "chunk": chunk})
 
@@ -469,10 +467,8 @@ class _Context:
         def callback(outcome: str, reason: str) -> None:  # runs in the fault thread
             result.append(outcome)
             self.reason = reason
-            try:
+            with contextlib.suppress(trio.RunFinishedError):
                 token.run_sync_soon(done.set)
-            except trio.RunFinishedError:
-                pass
 
         self._s.loop.request_page_threadsafe(region.index, page, callback)
         with trio.move_on_after(self._s.deadline + 5):
@@ -554,11 +550,9 @@ class ExportSession(SessionBase):
         self._nursery.start_soon(self._serve_lane, lane, fs)
 
     def _cancelled_by_peer_threadsafe(self, reason: str) -> None:
-        try:
+        with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(
                 self.set_state, "cancelled", f"the destination cancelled the session: {reason}")
-        except trio.RunFinishedError:
-            pass
 
     async def _serve_lane(self, lane: str, fs: peer.FrameSocket) -> None:
         serve = exporter.serve_demand if lane == "demand" else exporter.serve_bulk
@@ -632,10 +626,8 @@ class ExportSession(SessionBase):
         for region in self.regions:
             region.close()
         for fd in self.fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self.fds.clear()
         self.metrics.close()
 
@@ -674,10 +666,8 @@ def _stop_reading(fs: peer.FrameSocket) -> None:
     The base socket's shutdown: an SSL socket's own would drop its TLS state. A thread
     stuck in a send to a peer that no longer reads is ended by closing, a second later.
     """
-    try:
+    with contextlib.suppress(OSError):
         socket.socket.shutdown(fs.sock, socket.SHUT_RD)
-    except OSError:
-        pass
     timer = threading.Timer(1.0, fs.close)
     timer.daemon = True
     timer.start()

@@ -6,6 +6,7 @@ registered with a userfaultfd, so touching them can never fault on a uffd.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import mmap
@@ -77,10 +78,8 @@ class Mapping:
             self.map.close()
         except BufferError:
             gc.collect()
-            try:
+            with contextlib.suppress(BufferError):
                 self.map.close()
-            except BufferError:
-                pass
 
 
 def process_read(pid: int, remote: int, local: int, length: int) -> None:

@@ -8,6 +8,7 @@ fd it received when anything is wrong.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
 import struct
@@ -69,7 +70,5 @@ def send_with_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:
 def close_all(fds: list[int]) -> None:
     """Close every fd in ``fds``, ignoring ones already closed."""
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass

@@ -69,7 +69,11 @@ _NR_WRITEPROTECT, _NR_CONTINUE, _NR_POISON, _NR_API = 0x06, 0x07, 0x08, 0x3F
 class UffdioApi(ctypes.Structure):
     """``struct uffdio_api { __u64 api; __u64 features; __u64 ioctls; };``"""
 
-    _fields_ = (("api", ctypes.c_uint64), ("features", ctypes.c_uint64), ("ioctls", ctypes.c_uint64))
+    _fields_ = (
+        ("api", ctypes.c_uint64),
+        ("features", ctypes.c_uint64),
+        ("ioctls", ctypes.c_uint64),
+    )
 
 
 class UffdioRange(ctypes.Structure):
