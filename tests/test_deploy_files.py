@@ -7,6 +7,8 @@ and skipped with a reason elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -291,7 +293,14 @@ EXPECTED_CONFIG = {
         "allowed_uids": [0],
         "allowed_gids": [],
     },
-    "peer": {"listen": "0.0.0.0:4460", "connect_timeout": 5.0, "bulk_lanes": 1},
+    "peer": {
+        "listen": "0.0.0.0:4460",
+        "connect_timeout": 5.0,
+        "bulk_lanes": 1,
+        "ca": "/etc/uffdd/tls/ca.pem",
+        "cert": "/etc/uffdd/tls/uffdd.pem",
+        "key": "/etc/uffdd/tls/uffdd.key",
+    },
     "metrics": {"listen": "127.0.0.1:9464"},
     "session": {"strategy": "continue-then-populate", "policy": "crash", "deadline": 30.0},
     "limits": {
@@ -310,8 +319,13 @@ def test_default_config_file() -> None:
 
 
 def test_default_config_loads_with_the_daemon_loader() -> None:
-    config = pytest.importorskip("uffdd.config")
-    assert config.load(str(CONFIG)) == config.Config()
+    from uffdd import config
+
+    # The shipped file is the defaults plus the TLS files a production host needs.
+    tls = {k: EXPECTED_CONFIG["peer"][k] for k in ("ca", "cert", "key")}
+    expected = dataclasses.replace(
+        config.Config(), peer=dataclasses.replace(config.PeerConfig(), **tls))
+    assert config.load(str(CONFIG)) == expected
 
 
 def configmap_toml(text: str) -> str:
