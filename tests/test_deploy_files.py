@@ -8,7 +8,6 @@ and skipped with a reason elsewhere.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import re
