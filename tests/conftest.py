@@ -27,6 +27,16 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def assert_byte_exact(result: dict[str, object], source: dict[str, object]) -> None:
+    """A destination VMM's result: every page checked, session completed, hashes equal."""
+    assert result["verified"] is True, result
+    assert result["mismatches"] == 0, result
+    assert result["event"] == "completed", result
+    assert source["event"] == "completed", source
+    if result.get("hash") is not None:
+        assert result["hash"] == source["hash"]
+
+
 class Pair:
     """A source and a destination daemon, and helpers to migrate between them."""
 

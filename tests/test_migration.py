@@ -9,16 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Pair
-
-
-def _ok(result: dict[str, object], source: dict[str, object]) -> None:
-    assert result["verified"] is True, result
-    assert result["mismatches"] == 0, result
-    assert result["event"] == "completed", result
-    assert source["event"] == "completed", source
-    if result.get("hash") is not None:
-        assert result["hash"] == source["hash"]
+from tests.conftest import Pair, assert_byte_exact
 
 
 @pytest.mark.parametrize("threads", [1, 8])
@@ -29,7 +20,7 @@ def _ok(result: dict[str, object], source: dict[str, object]) -> None:
 def test_byte_exact(pair: Pair, backing: str, mode: str, threads: int) -> None:
     result, source = pair.migrate(
         backing=backing, dest=["--mode", mode, "--threads", str(threads), "--order", "rand"])
-    _ok(result, source)
+    assert_byte_exact(result, source)
     assert result["pages"] == 16384
 
 
@@ -38,7 +29,7 @@ def test_byte_exact(pair: Pair, backing: str, mode: str, threads: int) -> None:
 def test_byte_exact_hugetlb(pair: Pair, hugepages: None, mode: str, threads: int) -> None:
     result, source = pair.migrate(
         backing="hugetlb", dest=["--mode", mode, "--threads", str(threads), "--order", "rand"])
-    _ok(result, source)
+    assert_byte_exact(result, source)
 
 
 @pytest.mark.parametrize("backing", ["anon", "shmem"])
@@ -48,7 +39,7 @@ def test_several_regions_with_holes(pair: Pair, backing: str) -> None:
     result, source = pair.migrate(
         backing=backing, source=["--split", "4", "--holes", holes],
         dest=["--split", "4", "--holes", holes, "--threads", "4"])
-    _ok(result, source)
+    assert_byte_exact(result, source)
 
 
 @pytest.mark.parametrize("backing", ["anon", "shmem"])
@@ -56,7 +47,7 @@ def test_discarded_range_reads_zero(pair: Pair, backing: str) -> None:
     """A range the VMM discards (MADV_DONTNEED / MADV_REMOVE) comes back as zeros."""
     result, source = pair.migrate(
         memory="256M", backing=backing, dest=["--discard", "100+64,30000+1", "--threads", "4"])
-    _ok(result, source)
+    assert_byte_exact(result, source)
     log = pair.dst.log_text()
     assert "discard region=0" in log, "the daemon never saw the REMOVE event"
 
@@ -65,4 +56,4 @@ def test_three_sessions_at_once(pair: Pair) -> None:
     started = [pair.start_migration(backing=b, dest=["--threads", "2"])
                for b in ("anon", "shmem", "shmem")]
     for src, dst in started:
-        _ok(dst.result(300), src.result(60))
+        assert_byte_exact(dst.result(300), src.result(60))

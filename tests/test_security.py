@@ -25,7 +25,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from tests.conftest import Pair, _check_logs, require
+from tests.conftest import Pair, _check_logs, assert_byte_exact, require
 from uffdd import harness, peer, testcerts, tls
 from uffdd.client import Client, ClientError
 from uffdd.errors import AuthError, PeerUnavailable, ProtocolError
@@ -90,15 +90,6 @@ def plain_pair(daemons: Daemons, source_config: str = "", dest_config: str = "")
     src = daemons.start("source", source_config, metrics=True)
     dst = daemons.start("destination", dest_config)
     return Pair(daemons.workdir, src, dst)
-
-
-def _ok(result: dict[str, object], source: dict[str, object]) -> None:
-    assert result["verified"] is True, result
-    assert result["mismatches"] == 0, result
-    assert result["event"] == "completed", result
-    assert source["event"] == "completed", source
-    if result.get("hash") is not None:
-        assert result["hash"] == source["hash"]
 
 
 def refused_count(d: harness.DaemonProcess, reason: str) -> float:
@@ -188,7 +179,7 @@ def test_migration_over_mutual_tls_is_byte_exact(daemons: Daemons,
     pair = tls_pair(daemons, pki, dest_extra=f"bulk_lanes = {lanes}\n")
     result, source = pair.migrate(memory="64M", backing=backing, dest=[
         "--mode", mode, "--threads", "4", "--order", "rand"])
-    _ok(result, source)
+    assert_byte_exact(result, source)
     log = pair.src.log_text()
     assert "peer link: mutual TLS" in log, log[-3000:]
     assert "demand lane (mutual TLS)" in log and "bulk lane (mutual TLS)" in log, log[-3000:]
@@ -241,7 +232,7 @@ def test_bad_peer_is_refused_before_any_page(daemons: Daemons,
     assert_slots_free(pair.src.peer_port, 3)
     # The source is unharmed: the real destination migrates the session byte-exact.
     dest = start_dest(pair, session, token)
-    _ok(dest.result(300), source.result(60))
+    assert_byte_exact(dest.result(300), source.result(60))
 
 
 def test_destination_refuses_a_source_from_another_ca(
@@ -292,7 +283,7 @@ def test_peer_of_session_a_cannot_read_b_or_outside_a(daemons: Daemons) -> None:
     # Both sessions carry on: each migrates byte-exact.
     for session, token, vmm, extra in ((a, token_a, src_a, []), (b, token_b, src_b,
                                                                 ["--split", "2"])):
-        _ok(start_dest(pair, session, token, extra=extra).result(300), vmm.result(60))
+        assert_byte_exact(start_dest(pair, session, token, extra=extra).result(300), vmm.result(60))
 
 
 # ---------------------------------------------------------------- VMM API
@@ -400,7 +391,7 @@ def test_allowed_vmm_sees_and_touches_only_its_own_sessions(shared_dir: Path,
     assert result["subscribe"].get("error") == "unauthorized", result
     assert result["cancel"].get("error") == "unauthorized", result
     assert session_status(src, session)["state"] != "cancelled"
-    _ok(start_dest(pair, session, token).result(300), vmm.result(60))
+    assert_byte_exact(start_dest(pair, session, token).result(300), vmm.result(60))
 
 
 def test_second_vmm_cannot_resolve_or_cancel(daemons: Daemons) -> None:
@@ -424,7 +415,7 @@ def test_second_vmm_cannot_resolve_or_cancel(daemons: Daemons) -> None:
             assert e.value.code == "unauthorized", e.value
         other.subscribe(session)  # root is the admin: it may watch, not act
     source = start_source(pair, session, token)
-    _ok(dest.result(300), source.result(60))
+    assert_byte_exact(dest.result(300), source.result(60))
 
 
 def test_api_socket_owner_group_and_mode(shared_dir: Path, daemons: Daemons) -> None:

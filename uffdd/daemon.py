@@ -90,7 +90,7 @@ class Daemon:
     async def _run_session(self, session: SessionBase, *,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            await session.run(task_status=task_status)  # type: ignore[attr-defined]
+            await session.run(task_status=task_status)
         except Exception as e:  # a bug in one session must not take the daemon down
             log.exception("session=%s role=%s failed with an internal error", session.session_id,
                           session.role)

@@ -93,6 +93,36 @@ class SessionBase:
                 self.subscribers.remove(sink)
 
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the session until it completes, fails or is cancelled; release everything."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel_scope = nursery.cancel_scope
+                self._start(nursery)
+                task_status.started()
+                await self._until_end()
+                nursery.cancel_scope.cancel()
+        except Exception as e:
+            # Failed before _finish runs, so the VMM's event says why and the crash
+            # policy's kill of a lingering VMM applies.
+            self.set_state("failed", f"internal error: {e!r}")
+            raise
+        finally:
+            with trio.move_on_after(5, shield=True):
+                await self._finish()
+
+    def _start(self, nursery: trio.Nursery) -> None:
+        """Start the role's tasks in the session's nursery."""
+        raise NotImplementedError
+
+    async def _until_end(self) -> None:
+        """Return when the session has reached a final state."""
+        raise NotImplementedError
+
+    async def _finish(self) -> None:
+        """Tell the VMM how it ended and release every fd and mapping."""
+        raise NotImplementedError
+
     def cancel(self, reason: str = "cancelled by the VMM") -> None:
         self.set_state("cancelled", reason)
 
@@ -161,29 +191,14 @@ class ImportSession(SessionBase):
 
     # -- lifetime
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the session until it completes, fails or is cancelled; release everything."""
-        try:
-            # Under systemd the service manager keeps copies of the VMM's fds, so a
-            # restarted daemon has them back even before the VMM reconnects.
-            self._fdstored = bool(self.fds) and sdnotify.store_fds(
-                fdstore_name(self.session_id), self.fds)
-            async with trio.open_nursery() as nursery:
-                self._cancel_scope = nursery.cancel_scope
-                nursery.start_soon(self._fault_thread)
-                nursery.start_soon(self._link_supervisor)
-                nursery.start_soon(self._progress_loop)
-                task_status.started()
-                await self._until_end()
-                nursery.cancel_scope.cancel()
-        except Exception as e:
-            # Failed before _finish runs, so the VMM's event says why and the crash
-            # policy's kill of a lingering VMM applies.
-            self.set_state("failed", f"internal error: {e!r}")
-            raise
-        finally:
-            with trio.move_on_after(5, shield=True):
-                await self._finish()
+    def _start(self, nursery: trio.Nursery) -> None:
+        # Under systemd the service manager keeps copies of the VMM's fds, so a
+        # restarted daemon has them back even before the VMM reconnects.
+        self._fdstored = bool(self.fds) and sdnotify.store_fds(
+            fdstore_name(self.session_id), self.fds)
+        nursery.start_soon(self._fault_thread)
+        nursery.start_soon(self._link_supervisor)
+        nursery.start_soon(self._progress_loop)
 
     async def _until_end(self) -> None:
         async with trio.open_nursery() as n:
@@ -523,21 +538,12 @@ class ExportSession(SessionBase):
     def shapes(self) -> list[peer.RegionShape]:
         return [(r.gpa, r.size, r.page_size) for r in self.regions]
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._cancel_scope = nursery.cancel_scope
-                nursery.start_soon(self._progress_loop)
-                task_status.started()
-                await self._done.wait()
-                nursery.cancel_scope.cancel()
-        except Exception as e:
-            self.set_state("failed", f"internal error: {e!r}")
-            raise
-        finally:
-            with trio.move_on_after(5, shield=True):
-                await self._finish()
+    def _start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        nursery.start_soon(self._progress_loop)
+
+    async def _until_end(self) -> None:
+        await self._done.wait()
 
     def attach_lane(self, lane: str, fs: peer.FrameSocket) -> None:
         """A destination lane authenticated for this session: serve it."""
