@@ -445,8 +445,11 @@ class FaultLoop:
             self._waiters.setdefault(key, []).append((ev.thread_id, now))
         elif state == pagestate.DISCARDED:
             self._fill_discarded(region, page, ev.minor)
-        else:  # installed or poisoned: the install already woke it, or it raced; wake again
+            # Every fault is observed once in the latency histogram, these ones too.
+            _metric(self.metrics, "resolved", "demand", time.monotonic() - now)
+        else:  # installed or poisoned: the install raced this fault's message; wake again
             self._wake(region, page)
+            _metric(self.metrics, "resolved", "background", time.monotonic() - now)
 
     def _request(self, region: int, page: int, now: float) -> None:
         self.pages.set(region, page, pagestate.REQUESTED)
