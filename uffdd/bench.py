@@ -246,7 +246,7 @@ class Bench:
             "machine": machine_info(),
             "refbench": None if self.ref is None else "built",
             "refbench_error": self.ref_error,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "wall_seconds": round(time.monotonic() - started, 1),
             "scenarios": scenarios,
         }
