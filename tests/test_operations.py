@@ -156,8 +156,8 @@ def test_sd_notify_ready_status_watchdog(tmp_path: Path) -> None:
         notify.close()
     ready = [m for m in messages if "READY=1" in m]
     assert ready, messages
-    assert messages.index(ready[0]) < [i for i, m in enumerate(messages)
-                                      if "WATCHDOG=1" in m][0]
+    assert messages.index(ready[0]) < next(i for i, m in enumerate(messages)
+                                      if "WATCHDOG=1" in m)
     assert any(re.search(r"STATUS=\d+ sessions", m) for m in messages), messages
 
 
