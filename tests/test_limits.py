@@ -23,7 +23,8 @@ import msgpack
 import pytest
 
 from tests.conftest import Pair
-from tests.test_security import Daemons, _ok, refused_count, session_status
+from tests.conftest import assert_byte_exact
+from tests.test_security import Daemons, refused_count, session_status
 from uffdd import harness, peer, protocol
 from uffdd.client import Client, ClientError, MemoryRegion
 
@@ -59,7 +60,7 @@ def healthy(pair: Pair) -> tuple[harness.VmmProcess, harness.VmmProcess, str]:
 
 def finish(started: tuple[harness.VmmProcess, harness.VmmProcess, str]) -> None:
     src, dst, _session = started
-    _ok(dst.result(300), src.result(60))
+    assert_byte_exact(dst.result(300), src.result(60))
 
 
 def wait_count(d: harness.DaemonProcess, reason: str, above: float) -> float:
