@@ -22,8 +22,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from tests.conftest import Pair
-from tests.conftest import assert_byte_exact
+from tests.conftest import Pair, assert_byte_exact
 from tests.test_security import Daemons, refused_count, session_status
 from uffdd import harness, peer, protocol
 from uffdd.client import Client, ClientError, MemoryRegion
