@@ -195,10 +195,8 @@ class FaultLoop:
         self._kick()
 
     def _kick(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             os.eventfd_write(self._wakefd, 1)
-        except OSError:
-            pass
 
     # ------------------------------------------------------------ main loop
 
@@ -328,10 +326,8 @@ class FaultLoop:
         self._flush_outbox()
 
     def _drain_wakefd(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wakefd)
-        except BlockingIOError:
-            pass
         while True:
             try:
                 cmd = self._control.get_nowait()
@@ -504,10 +500,8 @@ class FaultLoop:
 
     def _set_demand(self, sock: socket.socket | None) -> None:
         if self._demand is not None:
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 self._ep.unregister(self._demand.fileno())
-            except (OSError, ValueError):
-                pass
             self._demand.close()
         self._demand = sock
         self._rx_start = self._rx_end = 0
@@ -598,7 +592,8 @@ class FaultLoop:
                 if avail < 4 + hlen:
                     break
                 start = self._rx_start + 4
-                self._pending_header = protocol.unpack_peer_header(self._rxview[start : start + hlen])
+                self._pending_header = protocol.unpack_peer_header(
+                    self._rxview[start : start + hlen])
                 self._rx_start = start + hlen
                 avail -= 4 + hlen
             header = self._pending_header
@@ -726,7 +721,8 @@ class FaultLoop:
         for start, n in list(self.pages.installable_runs(r, page, count)):
             self._install_run(region, start, n, src + (start - page) * ps, lane)
 
-    def _install_run(self, region: ImportRegion, start: int, count: int, src: int, lane: str) -> None:
+    def _install_run(self, region: ImportRegion, start: int, count: int, src: int,
+                     lane: str) -> None:
         ps = region.page_size
         method = "continue" if region.alias is not None else "copy"
         filled = False  # MINOR mode: the alias is written once, retries only CONTINUE
@@ -796,7 +792,8 @@ class FaultLoop:
         else:
             uffd.zeropage(region.uffd, region.addr + page * ps, count * ps)
 
-    def _installed(self, region: ImportRegion, start: int, count: int, lane: str, method: str) -> None:
+    def _installed(self, region: ImportRegion, start: int, count: int, lane: str,
+                   method: str) -> None:
         if count <= 0:
             return
         now = time.monotonic()
