@@ -1,4 +1,4 @@
-"""libuffdd (native/) speaks docs/protocol.md section 1 exactly.
+"""libuffdd (native/) speaks README, wire protocol §1 exactly.
 
 Builds native/ with make, then runs ``uffdd-codec-probe`` against a fake daemon
 written here: every request frame the C library sends is decoded with Python's

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="measure the data path against the C yardstick",
                            description="Run the benchmark scenarios against real daemons on "
-                           "loopback (docs/performance.md); ratios are uffdd / reference.")
+                           "loopback (README, Performance); ratios are uffdd / reference.")
     from uffdd import bench as bench_mod
     bench_mod.add_arguments(bench)
 

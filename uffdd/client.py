@@ -9,7 +9,7 @@ Blocking and thread-compatible (one ``Client`` per thread). Example, destination
                          regions=[GuestRegion(gpa=0, addr=ram_addr, size=ram_size, uffd=ufd)])
         event = c.wait_finished("vm42-mig7")   # {"event": "completed", ...} or "failed"
 
-The wire format is documented in docs/protocol.md (and the README's integration guide).
+The wire format is documented in README, wire protocol (and the README's integration guide).
 Errors the daemon reports are raised as :class:`ClientError` with its ``code``.
 
 With ``resilient=True`` a lost daemon connection (the daemon was restarted) is not an
@@ -36,7 +36,7 @@ log = logging.getLogger("uffdd.client")
 _RESENT_OPS = ("export", "import")
 
 class ClientError(UffddError):
-    """The daemon refused a request (``code`` as in docs/protocol.md) or the link broke."""
+    """The daemon refused a request (``code`` as in README, wire protocol) or the link broke."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")

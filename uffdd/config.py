@@ -51,10 +51,10 @@ class PeerConfig:
     # (source) before sleeping: waking an idle CPU costs 25-40 µs on some machines.
     # 0 never spins; an idle session never spins. Off by default: on 2 shared vCPUs the
     # spinner takes the CPU the faulting vCPU needs (measured: p50 168 µs at 0, 207-245
-    # at 50, 551 at 200; docs/performance.md). Try it on hosts with spare cores.
+    # at 50, 551 at 200; README, Performance). Try it on hosts with spare cores.
     spin_us: int = 0
     stall_timeout: float = 10.0
-    # Mutual TLS (docs/security.md). tls unset: TLS when ca/cert/key are given, else
+    # Mutual TLS (README, Security). tls unset: TLS when ca/cert/key are given, else
     # plaintext only for a daemon whose listener is on loopback; false: plaintext,
     # explicitly (warned at start); true: TLS, and ca/cert/key are required.
     tls: bool | None = None

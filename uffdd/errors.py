@@ -14,7 +14,7 @@ class ConfigError(UffddError):
 class RequestError(UffddError):
     """Raised while handling a VMM API request that must be refused.
 
-    ``code`` is one of the error codes of the VMM API (docs/protocol.md), and the
+    ``code`` is one of the error codes of the VMM API (README, wire protocol), and the
     message says what is wrong in words a VMM developer can act on.
     """
 

@@ -5,7 +5,7 @@ the page path there), so this module is written for blocking sockets: ``FrameSoc
 reads a peer frame header into a small buffer and lets the caller receive the payload
 straight into its own buffer, so page data is never copied through Python objects.
 
-Handshake (docs/protocol.md section 2): hello(nonce) -> auth(session, lane, nonce, mac)
+Handshake (README, wire protocol §2): hello(nonce) -> auth(session, lane, nonce, mac)
 -> welcome(mac, regions). The token never crosses the wire; MACs are compared in
 constant time.
 """
@@ -298,7 +298,7 @@ def connect(address: str, timeout: float, config: PeerConfig | None = None) -> s
 
     With ``config`` (the daemon's ``[peer]``), the connection is mutual TLS when the
     config enables it, and a plaintext one is refused unless the config allows
-    plaintext to that host (docs/security.md). ``timeout`` also bounds the TLS handshake.
+    plaintext to that host (README, Security). ``timeout`` also bounds the TLS handshake.
     """
     host, _, port = address.rpartition(":")
     host = host.strip("[]")

@@ -1,4 +1,4 @@
-"""Wire encoding of both protocols (docs/protocol.md), in one place.
+"""Wire encoding of both protocols (README, wire protocol), in one place.
 
 VMM API frames: ``u32 big-endian length`` + msgpack map. Peer frames: ``u32 big-endian
 header length`` + msgpack header map + ``header["len"]`` raw payload bytes. Requests are

@@ -407,7 +407,7 @@ class ImportSession(SessionBase):
                 "pages_zero": c.pages_zero, "pages_poisoned": self.pages.poisoned}
 
     def status(self) -> protocol.Message:
-        """The session's entry of the ``status`` reply (docs/protocol.md)."""
+        """The session's entry of the ``status`` reply (README, wire protocol)."""
         c = self.loop.counters
         p50, p99 = latency_percentiles(list(c.latencies_us))
         return {

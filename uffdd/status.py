@@ -1,6 +1,6 @@
 """Human output for ``uffdd status`` and migration progress on a terminal.
 
-The input is the ``sessions`` list of a ``status`` reply (docs/protocol.md); missing
+The input is the ``sessions`` list of a ``status`` reply (README, wire protocol); missing
 or null fields render as ``-`` so an older daemon's reply still prints.
 """
 

@@ -1,5 +1,5 @@
 /*
- * libuffdd — C client of the uffdd VMM API (see docs/protocol.md, section 1).
+ * libuffdd — C client of the uffdd VMM API (see README, wire protocol, section 1).
  *
  * A VMM uses this library to hand guest memory to the local uffdd daemon:
  *
@@ -49,7 +49,7 @@ extern "C" {
 /*
  * Error codes. Values below UFFDD_ERR_DAEMON_BASE are detected by the library;
  * the others are the daemon's error codes (the `error` string of an error reply,
- * docs/protocol.md "Error reply"), mapped one to one.
+ * README, wire protocol "Error reply"), mapped one to one.
  */
 enum uffdd_error_code {
 	UFFDD_OK = 0,
@@ -143,7 +143,7 @@ enum uffdd_mode {
  *              optional for UFFDD_MODE_MISSING.
  *   mode       import only.
  * Several regions may share a uffd and/or memfd: every distinct fd number is
- * sent once and referenced by its index (docs/protocol.md "File descriptors").
+ * sent once and referenced by its index (README, wire protocol "File descriptors").
  */
 struct uffdd_region {
 	uint64_t gpa;

@@ -1,5 +1,5 @@
 /*
- * libuffdd: the VMM API client (docs/protocol.md, section 1).
+ * libuffdd: the VMM API client (README, wire protocol, section 1).
  *
  * One connection, one request in flight at a time (the client is used by one
  * thread). Frames are a big-endian u32 length and a msgpack map. Events that

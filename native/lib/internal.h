@@ -6,7 +6,7 @@
 
 #define UFFDD_API __attribute__((visibility("default")))
 
-/* Most fds one request frame may carry (docs/protocol.md: limits.max_fds_per_request). */
+/* Most fds one request frame may carry (README, wire protocol: limits.max_fds_per_request). */
 #define UFFDD_MAX_FDS 64
 /* Largest frame body the client accepts from the daemon. */
 #define UFFDD_MAX_FRAME (16u << 20)
