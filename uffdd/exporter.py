@@ -23,7 +23,7 @@ from typing import Final
 
 from uffdd import protocol
 from uffdd._linux.mem import Mapping, buffer_address, process_read
-from uffdd.errors import KernelError, PeerUnavailable, ProtocolError
+from uffdd.errors import KernelError, PeerUnavailable, ProtocolError, TargetGone
 from uffdd.peer import FrameSocket
 
 log = logging.getLogger("uffdd.export")
@@ -168,10 +168,16 @@ def send_pages(fs: FrameSocket, reader: PageReader, region: ExportRegion, page: 
         data = reader.view(region, page, count, at)
     except (KernelError, OSError) as e:
         # The source VMM's memory cannot be read (it is gone, unmapped or shrank its
-        # memfd): these pages are lost, and the destination's failure policy decides.
-        log.error("cannot read region=%d pages=%d+%d: %s", region.index, page, count, e)
-        frames.append(({"t": "lost", "r": region.index, "p": page, "n": count,
-                        "reason": f"source cannot read the page: {e}"}, ()))
+        # memfd): those pages are lost, and the destination's failure policy decides.
+        if count > 1 and not isinstance(e, TargetGone):
+            # Part of the run may still be readable: find exactly which pages are not.
+            ps = region.page_size
+            for i in range(count):
+                send_pages(fs, reader, region, page + i, 1, lane, at=at + i * ps, out=frames)
+        else:
+            log.error("cannot read region=%d pages=%d+%d: %s", region.index, page, count, e)
+            frames.append(({"t": "lost", "r": region.index, "p": page, "n": count,
+                            "reason": f"source cannot read the page: {e}"}, ()))
     else:
         if count == 1 and not state.lost and not state.corrupt_frames:
             _one_page(frames, reader, region, page, data, at)  # a fault: skip the run logic
