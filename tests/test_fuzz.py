@@ -35,6 +35,7 @@ from tests.conftest import Pair
 from uffdd import exporter, peer, protocol
 from uffdd.errors import PeerUnavailable, ProtocolError, RequestError
 from uffdd.faultloop import FaultLoop, ImportRegion
+from uffdd.metrics import SessionMetrics
 from uffdd.pagestate import PageMap
 
 BOUNDED = settings(max_examples=300, deadline=None, derandomize=True,
@@ -215,11 +216,15 @@ class _Recorder:
         loop._unrecoverable = lambda r, p, code, why: self.calls.append(("lost", r, p, 1))  # type: ignore[method-assign]
 
 
+_LOOPS = itertools.count()
+
+
 def _loop() -> FaultLoop:
     regions = [ImportRegion(0, 0, 1 << 30, 64 * 4096, 4096, -1, "missing"),
                ImportRegion(1, 1 << 32, 1 << 31, 16 * 4096, 4096, -1, "missing")]
     pages = PageMap([r.pages for r in regions])
-    return FaultLoop(regions, pages, notify=lambda kind, data: None, metrics=None,
+    return FaultLoop(regions, pages, notify=lambda kind, data: None,
+                     metrics=SessionMetrics(f"fuzz-{next(_LOOPS)}", "import"),
                      deadline=30.0, policy="crash", integrity=True)
 
 
@@ -265,7 +270,7 @@ def _serve(target: Callable[..., None], frames: bytes) -> tuple[BaseException | 
 
     def body() -> None:
         try:
-            target(peer.FrameSocket(a), state, None)
+            target(peer.FrameSocket(a), state, SessionMetrics(f"fuzz-{next(_LOOPS)}", "export"))
         except BaseException as e:  # the property is about which types end the lane
             error.append(e)
         finally:  # as the daemon does when a lane ends: the other side sees EOF

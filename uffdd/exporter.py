@@ -24,6 +24,7 @@ from typing import Final
 from uffdd import protocol
 from uffdd._linux.mem import Mapping, buffer_address, process_read
 from uffdd.errors import KernelError, PeerUnavailable, ProtocolError, TargetGone
+from uffdd.metrics import SessionMetrics
 from uffdd.peer import FrameSocket
 
 log = logging.getLogger("uffdd.export")
@@ -283,7 +284,7 @@ def use_short_switch_interval() -> None:
 _DEMAND_BATCH_PAGES: Final = 64  # most pages answered with one sendmsg (and scratch size)
 
 
-def serve_demand(fs: FrameSocket, state: ExportState, metrics: object) -> None:
+def serve_demand(fs: FrameSocket, state: ExportState, metrics: SessionMetrics) -> None:
     """Demand lane thread body: answer requests until the link closes.
 
     Every request already received is answered in one batch with one sendmsg: with many
@@ -316,7 +317,7 @@ def serve_demand(fs: FrameSocket, state: ExportState, metrics: object) -> None:
             at += n * region.page_size
         nbytes = fs.send_frames(frames)
         state.bytes_sent += nbytes
-        _metric(metrics, "sent", "demand", nbytes)
+        metrics.sent("demand", nbytes)
 
 
 def _request(state: ExportState, header: protocol.Message) -> tuple[ExportRegion, int, int]:
@@ -367,7 +368,7 @@ def _next_run(state: ExportState, cursor: tuple[int, int], max_bytes: int
     return None
 
 
-def serve_bulk(fs: FrameSocket, state: ExportState, metrics: object) -> None:
+def serve_bulk(fs: FrameSocket, state: ExportState, metrics: SessionMetrics) -> None:
     """Bulk lane thread body: read what the destination has, stream the rest, await 'done'."""
     _receive_have(fs, state)
     reader = PageReader(state, max(state.chunk_bytes, max(r.page_size for r in state.regions)))
@@ -378,7 +379,7 @@ def serve_bulk(fs: FrameSocket, state: ExportState, metrics: object) -> None:
             break
         region, page, count = run
         nbytes = send_pages(fs, reader, region, page, count, "bulk")
-        _metric(metrics, "sent", "bulk", nbytes)
+        metrics.sent("bulk", nbytes)
         cursor = (region.index, page + count)
     fs.send({"t": "end"})
     header = fs.recv_header()
@@ -432,10 +433,6 @@ def _seal_shrink(fd: int) -> bool:
     return True
 
 
-def _metric(metrics: object, method: str, *args: object) -> None:
-    fn = getattr(metrics, method, None)
-    if fn is not None:
-        fn(*args)
 
 
 def link_error(e: BaseException) -> str:

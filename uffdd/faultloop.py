@@ -34,6 +34,7 @@ from uffdd._linux import uffd
 from uffdd._linux.mem import Mapping, buffer_address
 from uffdd.errors import AlreadyPresent, KernelError, ProtocolError, RangeGone, Retry, TargetGone
 from uffdd.exporter import use_short_switch_interval
+from uffdd.metrics import SessionMetrics
 from uffdd.pagestate import PageMap
 from uffdd.peer import FrameSocket
 
@@ -111,7 +112,7 @@ class FaultLoop:
         pages: PageMap,
         *,
         notify: Callable[[str, object], None],
-        metrics: object,
+        metrics: SessionMetrics,
         deadline: float,
         policy: str,
         integrity: bool,
@@ -426,7 +427,7 @@ class FaultLoop:
     def _fault(self, fd: int, ev: uffd.PageFault, now: float) -> None:
         region = self._region_at(fd, ev.address)
         self.counters.faults += 1
-        _metric(self.metrics, "fault", "minor" if ev.minor else "missing",
+        self.metrics.fault("minor" if ev.minor else "missing",
                 "write" if ev.write else "read")
         if region is None:
             log.warning("fault outside every region addr=%#x", ev.address)
@@ -442,10 +443,10 @@ class FaultLoop:
         elif state == pagestate.DISCARDED:
             self._fill_discarded(region, page, ev.minor)
             # Every fault is observed once in the latency histogram, these ones too.
-            _metric(self.metrics, "resolved", "demand", time.monotonic() - now)
+            self.metrics.resolved("demand", time.monotonic() - now)
         else:  # installed or poisoned: the install raced this fault's message; wake again
             self._wake(region, page)
-            _metric(self.metrics, "resolved", "background", time.monotonic() - now)
+            self.metrics.resolved("background", time.monotonic() - now)
 
     def _request(self, region: int, page: int, now: float) -> None:
         self.pages.set(region, page, pagestate.REQUESTED)
@@ -567,7 +568,7 @@ class FaultLoop:
             self._rx_end += n
             self.counters.bytes_demand += n
             self._last_progress = self._active_at = time.monotonic()
-            _metric(self.metrics, "received", "demand", n)
+            self.metrics.received("demand", n)
             self._parse_demand()
             if self._demand is not sock:
                 return
@@ -814,7 +815,7 @@ class FaultLoop:
         else:
             self.counters.pages_background += count
         if method != "present":
-            _metric(self.metrics, "installed", method, count)
+            self.metrics.installed(method, count)
 
     def _resolved_waiters(self, waiters: list[tuple[int, float]], now: float, lane: str,
                           asked: float | None) -> None:
@@ -825,8 +826,8 @@ class FaultLoop:
             else:
                 how = "demand" if i == 0 and asked is not None and asked <= seen else "inflight"
             self.counters.record_latency(waited)
-            _metric(self.metrics, "resolved", how, waited)
-            _metric(self.metrics, "blocked", tid, waited)
+            self.metrics.resolved(how, waited)
+            self.metrics.blocked(tid, waited)
 
     def _retry_deferred(self) -> None:
         if not self._deferred:
@@ -894,7 +895,7 @@ class FaultLoop:
         if self.policy != "poison":
             self._fail(reason)
             return
-        session = _session_of(self.metrics)
+        session = self.metrics.session
         log.error("session=%s poisoning every remaining page (%d): %s", session,
                   self.pages.remaining, reason)
         before = self.pages.poisoned
@@ -910,7 +911,7 @@ class FaultLoop:
             for cb in self._callbacks.pop((r, page), []):
                 cb(Outcome.POISONED, reason)
         self._outstanding.clear()
-        _metric(self.metrics, "unrecoverable", "deadline", self.pages.poisoned - before)
+        self.metrics.unrecoverable("deadline", self.pages.poisoned - before)
 
     def _poison_run(self, region: ImportRegion, start: int, count: int) -> None:
         ps = region.page_size
@@ -927,7 +928,7 @@ class FaultLoop:
             self._deferred.append((region.index, start, count, b"", "poison"))
             return
         self._mark(region, start, count, pagestate.POISONED)
-        _metric(self.metrics, "installed", "poison", count)
+        self.metrics.installed("poison", count)
 
     def _mark(self, region: ImportRegion, start: int, count: int, state: int) -> None:
         for page in range(start, start + count):
@@ -937,9 +938,9 @@ class FaultLoop:
     def _unrecoverable(self, r: int, page: int, code: str, reason: str) -> None:
         region = self.regions[r]
         log.error("unrecoverable page session=%s gpa=%#x reason=%s policy=%s",
-                  _session_of(self.metrics), region.gpa + page * region.page_size, reason,
+                  self.metrics.session, region.gpa + page * region.page_size, reason,
                   self.policy)
-        _metric(self.metrics, "unrecoverable", code, 1)
+        self.metrics.unrecoverable(code, 1)
         self._outstanding.pop((r, page), None)
         if self.policy == "poison":
             self._poison(region, page)
@@ -961,7 +962,7 @@ class FaultLoop:
             return
         self.pages.set(region.index, page, pagestate.POISONED)
         self._waiters.pop((region.index, page), None)
-        _metric(self.metrics, "installed", "poison", 1)
+        self.metrics.installed("poison", 1)
 
     def _poison_remaining(self, reason: str) -> None:
         self._give_up_remaining(reason)
@@ -1002,14 +1003,3 @@ def _holes(raw: object, count: int) -> list[tuple[int, int]]:
         holes.append((off, n))
         end = off + n
     return holes
-
-
-def _session_of(metrics: object) -> str:
-    """The session id for log lines (the SessionMetrics this loop reports to knows it)."""
-    return str(getattr(metrics, "session", "?"))
-
-
-def _metric(metrics: object, method: str, *args: object) -> None:
-    fn = getattr(metrics, method, None)
-    if fn is not None:
-        fn(*args)
