@@ -480,16 +480,6 @@ def test_migrate_minor_mode(testvm: Path, daemons: tuple[Daemon, Daemon]) -> Non
     assert out["pages"] == 256 * MIB // 4096
 
 
-def _free_hugepages() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("HugePages_Free:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 @pytest.mark.hugetlb
 @pytest.mark.parametrize("exits", [False, True])
 def test_migrate_hugetlb(testvm: Path, daemons: tuple[Daemon, Daemon], exits: bool) -> None:
@@ -497,7 +487,7 @@ def test_migrate_hugetlb(testvm: Path, daemons: tuple[Daemon, Daemon], exits: bo
     need = 2 * 64  # source and destination, 128 MiB each
     before = harness.reserve_hugepages(need + 8)
     try:
-        require(_free_hugepages() >= need,
+        require(harness.free_hugepages() >= need,
                 f"needs {need} free 2 MiB huge pages (/proc/sys/vm/nr_hugepages)")
         _migrate_hugetlb(testvm, daemons, exits)
     finally:

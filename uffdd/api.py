@@ -22,6 +22,7 @@ import trio
 from uffdd import metrics, protocol, strategies
 from uffdd._linux import scm, sdnotify, uffd
 from uffdd._linux.mem import Mapping, is_hugetlb_fd
+from uffdd.config import is_host_port
 from uffdd.errors import KernelError, ProtocolError, RequestError, UffddError
 from uffdd.exporter import ExportRegion, open_memfd_region
 from uffdd.faultloop import ImportRegion
@@ -46,10 +47,6 @@ class Connection:
         self.owned: list[SessionBase] = []
         self.closed = False
         self.in_flight = 0  # resolve requests not answered yet (limits.max_outstanding_requests)
-
-    @property
-    def limits(self) -> object:
-        return self.daemon.config.limits
 
     def allowed(self) -> bool:
         api = self.daemon.config.api
@@ -287,7 +284,7 @@ async def handle_import(
     if not 0 < deadline <= 86400:
         raise RequestError("bad-request", "import: field 'deadline' must be in (0, 86400] seconds")
     peer_address = str(body["peer"])
-    if not _host_port(peer_address):
+    if not is_host_port(peer_address):
         raise RequestError("bad-request", "import: field 'peer' must be HOST:PORT")
     daemon.check_new_session("import", session_id)
     _drop_stored_fds(daemon, session_id)
@@ -344,11 +341,6 @@ def _import_regions(specs: list[protocol.RegionSpec], fds: list[int]) -> list[Im
                 region.alias.close()
         raise
     return regions
-
-
-def _host_port(value: str) -> bool:
-    host, sep, port = value.rpartition(":")
-    return bool(sep and host and port.isdigit() and int(port) < 65536)
 
 
 def _strategy(name: str) -> strategies.Strategy:

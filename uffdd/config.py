@@ -228,7 +228,7 @@ def _check_semantics(config: Config, source: str) -> None:
     for key in ("peer.listen", "metrics.listen"):
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
-        if value and not _is_host_port(value):
+        if value and not is_host_port(value):
             raise ConfigError(f"{source}: key '{key}' must be HOST:PORT, not {value!r}")
     if config.peer.bulk_lanes < 1 or config.peer.chunk_bytes < 4096:
         raise ConfigError(f"{source}: key 'peer.bulk_lanes' must be >= 1, 'chunk_bytes' >= 4096")
@@ -267,7 +267,8 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def _is_host_port(value: str) -> bool:
+def is_host_port(value: str) -> bool:
+    """True for 'host:port' and '[v6]:port' with a port in 0..65535."""
     host, sep, port = value.rpartition(":")
     return bool(sep) and bool(host) and port.isdigit() and 0 <= int(port) < 65536
 

@@ -18,8 +18,7 @@ import signal
 import socket
 import ssl
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 
 import trio
@@ -271,15 +270,12 @@ class Daemon:
     async def _watchdog(self) -> None:
         """WATCHDOG=1 from the event loop itself, so a stalled loop gets restarted."""
         interval = sdnotify.watchdog_interval()
-        last = time.monotonic()
         while True:
             await trio.sleep(interval / 2 if interval else 5.0)
             if interval:
-                sdnotify.notify("WATCHDOG=1", f"STATUS={self._status_line(last)}")
-            last = time.monotonic()
+                sdnotify.notify("WATCHDOG=1", f"STATUS={self._status_line()}")
 
-    def _status_line(self, since: float) -> str:
-        del since
+    def _status_line(self) -> str:
         running = len(self.imports) + len(self.exports)
         return f"{running} sessions ({len(self.imports)} import, {len(self.exports)} export)"
 
@@ -393,10 +389,6 @@ def _chown_socket(path: str, owner: str, group: str) -> None:
         raise ConfigError(f"api.socket_owner / api.socket_group: no such user or group {e}"
                           ) from None
     os.chown(path, uid, gid)
-
-
-def iter_sessions(daemon: Daemon) -> Iterator[SessionBase]:
-    yield from daemon.all_sessions()
 
 
 async def run_daemon(config: Config) -> None:

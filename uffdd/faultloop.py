@@ -186,10 +186,6 @@ class FaultLoop:
         self._control.put(("page", region, page, callback))
         self._kick()
 
-    def poison_remaining_threadsafe(self, reason: str) -> None:
-        self._control.put(("poison-remaining", reason))
-        self._kick()
-
     def bulk_put(self, item: tuple[object, ...]) -> None:
         """Called by bulk receiver threads with a received frame."""
         self.bulk.put(item)
@@ -392,8 +388,6 @@ class FaultLoop:
             region, page, callback = cmd[1], cmd[2], cmd[3]
             assert isinstance(region, int) and isinstance(page, int) and callable(callback)
             self._page_for_exit(region, page, callback)
-        elif kind == "poison-remaining":
-            self._poison_remaining(str(cmd[1]))
 
     # ------------------------------------------------------------ faults
 
@@ -963,9 +957,6 @@ class FaultLoop:
         self.pages.set(region.index, page, pagestate.POISONED)
         self._waiters.pop((region.index, page), None)
         self.metrics.installed("poison", 1)
-
-    def _poison_remaining(self, reason: str) -> None:
-        self._give_up_remaining(reason)
 
     def _fail(self, reason: str) -> None:
         if self.cancel_reason is None:  # the session learns it later, from the Trio side

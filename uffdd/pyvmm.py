@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 
 from uffdd._linux import uffd
-from uffdd._linux.mem import MFD_HUGETLB, buffer_address
+from uffdd._linux.mem import MFD_HUGETLB, buffer_address, madvise
 from uffdd.client import Client, GuestRegion, MemoryRegion
 
 PAGE = 4096
@@ -246,11 +246,9 @@ def _dest_regions(ram: GuestRam, ufd: int, args: argparse.Namespace) -> list[Gue
 def _discard(ram: GuestRam, spec: str | None) -> set[int]:
     """Discard page ranges the way a VMM does (balloon): they must come back as zeros."""
     pages: set[int] = set()
-    libc = ctypes.CDLL(None, use_errno=True)
     for first, count in _holes(spec):
         advice = MADV_DONTNEED if ram.fd is None else MADV_REMOVE
-        if libc.madvise(ctypes.c_void_p(ram.address + first * PAGE), count * PAGE, advice):
-            raise OSError(ctypes.get_errno(), "madvise discard failed")
+        madvise(ram.address + first * PAGE, count * PAGE, advice)  # releases the GIL
         pages.update(range(first, first + count))
     return pages
 

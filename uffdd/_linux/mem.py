@@ -121,11 +121,6 @@ def pidfd_kill(pid: int, sig: int = signal.SIGKILL) -> bool:
         os.close(pidfd)
 
 
-def fd_size(fd: int) -> int:
-    """Size of a memory fd in bytes."""
-    return os.fstat(fd).st_size
-
-
 def is_hugetlb_fd(fd: int) -> bool:
     """True if ``fd`` is a hugetlbfs file (memfd_create with MFD_HUGETLB)."""
     try:
