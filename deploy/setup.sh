@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
-DEBS=(build-essential pkg-config libmsgpack-dev python3 python3-venv python3-dev
+DEBS=(build-essential pkg-config libmsgpack-dev python3 python3-venv python3-dev zlib1g-dev
       openssl prometheus systemd iproute2 util-linux)
 
 want="${1:-}"

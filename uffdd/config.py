@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from uffdd import _fastpath
 from uffdd.errors import ConfigError
 
 
@@ -53,6 +54,10 @@ class PeerConfig:
     # spinner takes the CPU the faulting vCPU needs (measured: p50 168 µs at 0, 207-245
     # at 50, 551 at 200; README, Performance). Try it on hosts with spare cores.
     spin_us: int = 0
+    # The demand path's loops in C (native/fastpath, uffdd/_fastpath.py): "auto" uses
+    # them when libuffdd_fastpath is built, "on" refuses to start without it, "off"
+    # runs the Python loops. Plaintext lanes only: TLS lanes always use Python.
+    fastpath: str = "auto"
     stall_timeout: float = 10.0
     # Mutual TLS (README, Security). tls unset: TLS when ca/cert/key are given, else
     # plaintext only for a daemon whose listener is on loopback; false: plaintext,
@@ -232,6 +237,10 @@ def _check_semantics(config: Config, source: str) -> None:
             raise ConfigError(f"{source}: key '{key}' must be HOST:PORT, not {value!r}")
     if config.peer.bulk_lanes < 1 or config.peer.chunk_bytes < 4096:
         raise ConfigError(f"{source}: key 'peer.bulk_lanes' must be >= 1, 'chunk_bytes' >= 4096")
+    try:
+        _fastpath.load(config.peer.fastpath)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: key 'peer.fastpath': {e}") from None
     if config.log.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{source}: key 'log.level' must be debug, info, warning or error")
     if config.limits.max_connections_per_peer < 1:

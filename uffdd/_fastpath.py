@@ -1,0 +1,101 @@
+"""Finds and loads libuffdd_fastpath, the daemon's hot loops in C (native/fastpath/).
+
+Why C: profiles of the demand path showed ~170 µs of Python per fault across the two
+daemons, six times the C yardstick's whole round trip (README, Performance). The
+loops in the library do only the common case (a fault, a request, a reply, an install)
+and hand everything else back to the Python code, which stays the one place for the
+rules. ctypes releases the GIL for the whole call, so the loop never waits for (or
+blocks) the daemon's other threads.
+
+``[peer] fastpath``: ``auto`` uses the library when it is found, ``on`` refuses to
+start without it, ``off`` runs the pure-Python loops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+from typing import Final
+
+from uffdd.errors import ConfigError
+
+log = logging.getLogger("uffdd.fastpath")
+
+#: Must match FP_ABI_VERSION in native/fastpath/frame.h.
+ABI_VERSION: Final = 1
+LIBRARY: Final = "libuffdd_fastpath.so"
+#: Set to a path to load that file (tests, odd installs).
+ENV_PATH: Final = "UFFDD_FASTPATH_LIB"
+MODES: Final = ("auto", "on", "off")
+
+
+
+class _Loaded:
+    """The one load attempt of this process: the library (or None) and where/why."""
+
+    tried = False
+    lib: ctypes.CDLL | None = None
+    where = ""
+
+
+def candidates() -> list[str]:
+    """Where the library is looked for, in order."""
+    explicit = os.environ.get(ENV_PATH)
+    if explicit:
+        return [explicit]
+    checkout = Path(__file__).resolve().parent.parent / "native" / "build" / LIBRARY
+    # A source checkout (make -C native), then the dynamic loader's search path
+    # (make -C native install puts it in PREFIX/lib).
+    return [str(checkout), LIBRARY]
+
+
+def _try_load() -> tuple[ctypes.CDLL | None, str]:
+    problems: list[str] = []
+    for path in candidates():
+        if "/" in path and not os.path.exists(path):
+            problems.append(f"{path}: not built")
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError as e:
+            problems.append(f"{path}: {e}")
+            continue
+        abi = lib.uffdd_fp_abi()
+        if abi != ABI_VERSION:
+            problems.append(f"{path}: ABI {abi}, this uffdd needs {ABI_VERSION} (rebuild native/)")
+            continue
+        return lib, path
+    return None, "; ".join(problems)
+
+
+def load(mode: str) -> ctypes.CDLL | None:
+    """The library for ``mode`` (see module doc), or None for the pure-Python loops.
+
+    Loaded once per process; the outcome is logged once. ``on`` without a usable
+    library raises ConfigError naming every place looked at.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"peer.fastpath must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "off":
+        return None
+    if not _Loaded.tried:
+        _Loaded.tried = True
+        _Loaded.lib, _Loaded.where = _try_load()
+        if _Loaded.lib is not None:
+            log.info("fast path: C loops from %s", _Loaded.where)
+        else:
+            log.info("fast path: not available (%s); using the Python loops", _Loaded.where)
+    if _Loaded.lib is None and mode == "on":
+        raise ConfigError(f"peer.fastpath = \"on\" but the library cannot be loaded: "
+                          f"{_Loaded.where}")
+    return _Loaded.lib
+
+
+def describe(mode: str) -> str:
+    """``c`` or ``python``: which loops sessions will use (status, logs, bench)."""
+    try:
+        return "c" if load(mode) is not None else "python"
+    except ConfigError:
+        return "unavailable"
