@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from uffdd import harness
+from uffdd import _fastpath, harness
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -40,8 +40,10 @@ def assert_byte_exact(result: dict[str, object], source: dict[str, object]) -> N
 class Pair:
     """A source and a destination daemon, and helpers to migrate between them."""
 
-    def __init__(self, workdir: Path, src: harness.DaemonProcess, dst: harness.DaemonProcess):
+    def __init__(self, workdir: Path, src: harness.DaemonProcess, dst: harness.DaemonProcess,
+                 loop: str = "c"):
         self.workdir = workdir
+        self.loop = loop  # "c" or "python": which data-path loops the daemons run
         self.src = src
         self.dst = dst
         self._n = 0
@@ -90,12 +92,24 @@ def workdir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    """Two daemons on loopback; after the test, both must stop cleanly with no traceback."""
-    src = harness.start_daemon(tmp_path, "source", extra=["--enable-fault-injection"])
-    dst = harness.start_daemon(tmp_path, "destination", metrics=True)
+def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pair]:
+    """Two daemons on loopback; after the test, both must stop cleanly with no traceback.
+
+    Parametrize it indirectly with "c" (the default: libuffdd_fastpath's loops, which
+    must be built) or "python" (``[peer] fastpath = "off"``) to pick the data path.
+    """
+    loop = getattr(request, "param", "c")
+    config = None
+    if loop == "c":
+        require(_fastpath.load("auto") is not None,
+                "libuffdd_fastpath is not built (make -C native)")
+    else:
+        config = '[peer]\nfastpath = "off"\n'
+    src = harness.start_daemon(tmp_path, "source", extra=["--enable-fault-injection"],
+                               config=config)
+    dst = harness.start_daemon(tmp_path, "destination", metrics=True, config=config)
     try:
-        yield Pair(tmp_path, src, dst)
+        yield Pair(tmp_path, src, dst, loop)
     finally:
         codes = (src.stop(), dst.stop())
     _check_logs(src, dst)

@@ -154,6 +154,39 @@ def test_fault_path_counts() -> None:
     s.close()
 
 
+def test_bulk_counts_match_one_by_one() -> None:
+    """faults()/resolved_many() (the C loop's totals) expose what fault()/resolved() would."""
+    s = new_session()
+    samples = [0.000005, 0.00001, 0.00003, 0.0009, 0.001, 0.3, 7.0]
+    bounds = [*metrics.LATENCY_BUCKETS, float("inf")]
+    buckets = [0] * len(bounds)
+    for x in samples:
+        buckets[next(i for i, b in enumerate(bounds) if x <= b)] += 1
+
+    def histogram() -> dict[str, float]:
+        return {le: value("uffdd_fault_resolution_seconds_bucket", resolved_by="background",
+                          le=le) or 0.0
+                for le in ("1e-05", "0.001", "0.5", "+Inf")} | {
+            "sum": value("uffdd_fault_resolution_seconds_sum", resolved_by="background") or 0,
+            "count": value("uffdd_fault_resolution_seconds_count",
+                           resolved_by="background") or 0}
+
+    before = histogram()
+    for x in samples:
+        s.resolved("background", x)
+    one_by_one = {k: v - before[k] for k, v in histogram().items()}
+    s.resolved_many("background", buckets, sum(samples))
+    in_bulk = {k: v - before[k] - one_by_one[k] for k, v in histogram().items()}
+    assert in_bulk == pytest.approx(one_by_one)
+    assert one_by_one["1e-05"] == 2 and one_by_one["0.001"] == 5 and one_by_one["count"] == 7
+    with pytest.raises(ValueError):
+        s.resolved_many("background", buckets[:-1], 0.0)
+    faults = value("uffdd_faults_total", mode="missing", access="write") or 0
+    s.faults("missing", "write", 5)
+    assert value("uffdd_faults_total", mode="missing", access="write") == faults + 5
+    s.close()
+
+
 def test_faults_seen_sums_every_mode() -> None:
     s = new_session()
     before = metrics.faults_seen()

@@ -12,16 +12,20 @@ import pytest
 from tests.conftest import Pair, assert_byte_exact
 
 
+@pytest.mark.parametrize("pair", ["c", "python"], indirect=True)
 @pytest.mark.parametrize("threads", [1, 8])
 @pytest.mark.parametrize(
     ("backing", "mode"),
     [("anon", "missing"), ("shmem", "missing"), ("shmem", "minor")],
 )
 def test_byte_exact(pair: Pair, backing: str, mode: str, threads: int) -> None:
+    """Both data paths: the C loops (libuffdd_fastpath) and the Python fallback."""
     result, source = pair.migrate(
         backing=backing, dest=["--mode", mode, "--threads", str(threads), "--order", "rand"])
     assert_byte_exact(result, source)
     assert result["pages"] == 16384
+    used_c = "fault loop: C" in pair.dst.log_text()
+    assert used_c == (pair.loop == "c"), f"expected the {pair.loop} fault loop"
 
 
 @pytest.mark.parametrize("threads", [1, 8])

@@ -123,7 +123,9 @@ def test_link_gone_past_the_deadline_applies_the_policy(tmp_path: Path) -> None:
         r.proxy.reset()
         d = m.dest.result(chaos.VMM_TIMEOUT)
         assert d["event"] == "failed" and d["exit_status"] == 3, d
-        assert "past the session deadline" in str(d["reason"]), d
+        # Either the link's deadline or that of a page asked for just before the reset
+        # (through the throttled proxy, replies lag) fires first: both are the deadline.
+        assert "session deadline" in str(d["reason"]), d
         m.source.proc.kill()  # nobody can reach it to say so: its orchestrator stops it
         m.source.proc.wait(10)
     finally:

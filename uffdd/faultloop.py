@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
-from uffdd import pagestate, protocol
+from uffdd import fastimport, pagestate, protocol
 from uffdd._linux import uffd
 from uffdd._linux.mem import Mapping, buffer_address
 from uffdd.errors import AlreadyPresent, KernelError, ProtocolError, RangeGone, Retry, TargetGone
@@ -142,7 +142,6 @@ class FaultLoop:
         self._rxaddr = buffer_address(self._rx)
         self._rx_start = 0
         self._rx_end = 0
-        self._pending_header: protocol.Message | None = None
         self._outbox = bytearray()
         self._outstanding: dict[tuple[int, int], float] = {}
         self._waiters: dict[tuple[int, int], list[tuple[int, float]]] = {}
@@ -169,6 +168,15 @@ class FaultLoop:
         self._bulk_slices: Iterator[bool] | None = None  # the bulk frame being installed
         self._demand_mask = 0  # epoll events registered for the demand socket
         self._next_checks = 0.0  # deadlines and stalls are checked every _CHECK_INTERVAL
+        # The C loop (libuffdd_fastpath) for the common case, when the session gives it
+        # the library (plaintext lanes only); None runs the Python loop below.
+        self.fastpath: ctypes.CDLL | None = None
+        self._fast: fastimport.CImport | None = None
+
+    @property
+    def kind(self) -> str:
+        """Which loop handles faults: ``c`` (libuffdd_fastpath) or ``python``."""
+        return "c" if self.fastpath is not None else "python"
 
     # ------------------------------------------------------------ thread-safe API
 
@@ -208,11 +216,16 @@ class FaultLoop:
         try:
             self._adopt_present_pages()
             self._check_complete()
+            if self.fastpath is not None:
+                self._start_fast(self.fastpath)
             while not self._stopping:
-                # Bulk work waiting: only peek at faults and demand replies, so that a
-                # vCPU's page never queues behind more than one bulk chunk.
-                ready = self._ep.poll(0) if self._bulk_backlog else self._wait()
-                self._dispatch(ready)
+                if self._fast is not None:
+                    self._fast_turn(self._fast)
+                else:
+                    # Bulk work waiting: only peek at faults and demand replies, so that
+                    # a vCPU's page never queues behind more than one bulk chunk.
+                    ready = self._ep.poll(0) if self._bulk_backlog else self._wait()
+                    self._dispatch(ready)
                 self._bulk_step()
                 self._retry_deferred()
                 self._periodic_checks()
@@ -224,11 +237,126 @@ class FaultLoop:
         except ProtocolError as e:
             self._fail(f"protocol error on the demand lane: {e}")
         finally:
-            self._ep.close()
-            os.close(self._wakefd)
             if self._demand is not None:
                 self._send_cancel()
                 self._demand.close()
+            if self._fast is not None:
+                self._fold(self._fast)
+                self._fast.close()
+            self._ep.close()
+            os.close(self._wakefd)
+
+    # ------------------------------------------------------------ the C loop
+
+    def _start_fast(self, lib: ctypes.CDLL) -> None:
+        fast = fastimport.CImport(lib, self._ep.fileno(), self._wakefd, len(self.regions))
+        for r in self.regions:
+            fast.region(r.index, r.addr, r.size, r.page_size, r.uffd,
+                        r.alias.address if r.alias is not None else 0, r.hugetlb,
+                        buffer_address(self.pages.states[r.index]))
+        fast.io.rx = self._rxaddr
+        fast.io.rx_cap = len(self._rx)
+        fast.io.integrity = int(self.integrity)
+        fast.io.spin_s = self.spin_s
+        self._fast = fast
+        log.info("session=%s fault loop: C (libuffdd_fastpath)", self.metrics.session)
+
+    def _fast_turn(self, fast: fastimport.CImport) -> None:
+        """One call of the C loop, then whatever it handed back."""
+        io = fast.io
+        io.rx_start, io.rx_end = self._rx_start, self._rx_end
+        io.want_installed = 1 if self._callbacks else 0
+        io.remaining = self.pages.remaining
+        if self._bulk_backlog:
+            timeout = 0.0
+        else:
+            timeout = _CHECK_INTERVAL if fast.outstanding() else _EPOLL_TIMEOUT
+        why = fast.run(timeout)
+        self._rx_start, self._rx_end = io.rx_start, io.rx_end
+        self._fold(fast)
+        if why == fastimport.WAKE:
+            self._drain_wakefd()
+        elif why == fastimport.UFFD:
+            self._events(io.msg_fd, uffd.decode(bytes(io.msgs), io.nmsgs))
+        elif why == fastimport.FRAME:
+            self._frames_from_c()
+        elif why == fastimport.DEMAND:
+            self._demand_from_c(io.demand_mask, io.demand_errno)
+            io.demand_errno = 0
+        elif why == fastimport.INSTALLED:
+            self._installed_callbacks(io.y_region, io.y_page, io.y_count)
+
+    def _frames_from_c(self) -> None:
+        """The frame at the head of rx is one the C loop leaves to Python."""
+        before = self._rx_start
+        self._parse_demand()
+        if self._rx_start == before and self._rx_end - self._rx_start == len(self._rx):
+            raise ProtocolError("demand lane frame larger than the receive buffer")
+
+    def _demand_from_c(self, mask: int, err: int) -> None:
+        if err:
+            self._demand_lost(os.strerror(err))
+        elif mask & (select.EPOLLERR | select.EPOLLHUP) and not mask & select.EPOLLIN:
+            self._demand_lost("demand lane closed")
+        else:
+            self._demand_lost("source closed the demand lane")
+
+    def _installed_callbacks(self, r: int, first: int, count: int) -> None:
+        for page in range(first, first + count):
+            if self.pages.get(r, page) == pagestate.INSTALLED:
+                for cb in self._callbacks.pop((r, page), []):
+                    cb(Outcome.INSTALLED, "")
+
+    def _fold(self, fast: fastimport.CImport) -> None:
+        """Move what the C loop counted into the page totals, counters and metrics."""
+        io = fast.io
+        dirty = io.dirty
+        if not dirty:
+            return
+        io.dirty = 0
+        c = self.counters
+        if dirty & fastimport.DIRTY_PAGES:
+            self.pages.installed += io.installed_delta
+            self.pages.done += io.installed_delta
+            c.pages_demand += io.demand_pages
+            c.pages_zero += io.zero_pages
+            for method, n in (("copy", io.copy_pages), ("continue", io.continue_pages),
+                              ("zeropage", io.zero_pages)):
+                if n:
+                    self.metrics.installed(method, n)
+            io.installed_delta = io.demand_pages = 0
+            io.copy_pages = io.continue_pages = io.zero_pages = 0
+        if dirty & fastimport.DIRTY_FAULTS:
+            for i, (mode, access) in enumerate(fastimport.FAULT_KINDS):
+                n = io.faults[i]
+                if n:
+                    c.faults += n
+                    self.metrics.faults(mode, access, n)
+                    io.faults[i] = 0
+        if dirty & fastimport.DIRTY_LATENCY:
+            self._fold_latency(io)
+        if dirty & fastimport.DIRTY_LANE:
+            if io.bytes_demand:
+                c.bytes_demand += io.bytes_demand
+                self.metrics.received("demand", io.bytes_demand)
+                io.bytes_demand = 0
+            self._last_progress = max(self._last_progress, io.last_progress)
+            self._active_at = max(self._active_at, io.active_at)
+
+    def _fold_latency(self, io: fastimport.ImportIo) -> None:
+        for h, how in enumerate(fastimport.HOW):
+            counts = list(io.hist[h])
+            if any(counts):
+                self.metrics.resolved_many(how, counts, io.hist_sum[h])
+        ctypes.memset(ctypes.addressof(io.hist), 0, ctypes.sizeof(io.hist))
+        ctypes.memset(ctypes.addressof(io.hist_sum), 0, ctypes.sizeof(io.hist_sum))
+        for i in range(io.ntids):
+            self.metrics.blocked(io.tids[i], io.tid_seconds[i])
+        io.ntids = 0
+        room = _LATENCY_SAMPLES - len(self.counters.latencies_us)
+        if room > 0:
+            self.counters.latencies_us.extend(io.samples_us[: min(room, io.nsamples)])
+        io.nsamples = 0
 
     def _send_cancel(self) -> None:
         """Tell the source the session is over (best effort, bounded): it can stop too."""
@@ -238,7 +366,8 @@ class FaultLoop:
         try:
             sock.settimeout(0.2)
             # Whatever is left of a half-sent request goes first, to keep the framing.
-            sock.sendall(bytes(self._outbox) + protocol.pack_peer(
+            unsent = self._fast.outbox() if self._fast is not None else bytes(self._outbox)
+            sock.sendall(unsent + protocol.pack_peer(
                 {"t": "cancel", "reason": self.cancel_reason[:200]}))
             sock.shutdown(socket.SHUT_WR)
             # Closing with replies still arriving would send a RST, and the source would
@@ -396,19 +525,23 @@ class FaultLoop:
             events = uffd.read_events(fd, self._msgbuf)
             if not events:
                 return
-            now = time.monotonic()
-            self._active_at = now
-            # Discards first: a fault read in the same batch must see them applied.
-            for ev in events:
-                if isinstance(ev, uffd.Remove):
-                    self._discard(fd, ev)
-                elif isinstance(ev, uffd.Remap):
-                    self._remap(fd, ev)
-            for ev in events:
-                if isinstance(ev, uffd.PageFault):
-                    self._fault(fd, ev, now)
+            self._events(fd, events)
             if len(events) < _MSG_BATCH:
                 return
+
+    def _events(self, fd: int, events: list[uffd.Event]) -> None:
+        """A batch of uffd messages: discards and remaps first, then the faults."""
+        now = time.monotonic()
+        self._active_at = now
+        # Discards first: a fault read in the same batch must see them applied.
+        for ev in events:
+            if isinstance(ev, uffd.Remove):
+                self._discard(fd, ev)
+            elif isinstance(ev, uffd.Remap):
+                self._remap(fd, ev)
+        for ev in events:
+            if isinstance(ev, uffd.PageFault):
+                self._fault(fd, ev, now)
 
     def _region_at(self, fd: int, address: int) -> ImportRegion | None:
         starts = self._starts[fd]
@@ -429,7 +562,9 @@ class FaultLoop:
         page = (ev.address - region.addr) // region.page_size
         state = self.pages.get(region.index, page)
         key = (region.index, page)
-        if state == pagestate.ABSENT:
+        if state <= pagestate.REQUESTED and self._fast is not None:
+            self._fast.fault(region.index, page, ev.thread_id, now)
+        elif state == pagestate.ABSENT:
             self._waiters.setdefault(key, []).append((ev.thread_id, now))
             self._request(region.index, page, now)
         elif state == pagestate.REQUESTED:
@@ -443,6 +578,9 @@ class FaultLoop:
             self.metrics.resolved("background", time.monotonic() - now)
 
     def _request(self, region: int, page: int, now: float) -> None:
+        if self._fast is not None:
+            self._fast.request(region, page, now)
+            return
         self.pages.set(region, page, pagestate.REQUESTED)
         self._outstanding[(region, page)] = now
         if self._demand is not None:
@@ -466,6 +604,8 @@ class FaultLoop:
             for page in range(first, last):
                 self.pages.set(region.index, page, pagestate.DISCARDED)
                 self._outstanding.pop((region.index, page), None)
+            if self._fast is not None:
+                self._fast.forget(region.index, first, last - first)
             log.info("discard region=%d pages=%d..%d unmapped=%s", region.index, first, last,
                      ev.unmapped)
 
@@ -473,6 +613,8 @@ class FaultLoop:
         for region in self._by_uffd[fd]:
             if region.addr == ev.old and region.size == ev.length:
                 region.addr = ev.new
+                if self._fast is not None:
+                    self._fast.region_moved(region.index, ev.new)
                 self._by_uffd[fd].sort(key=lambda r: r.addr)
                 self._starts[fd] = [r.addr for r in self._by_uffd[fd]]
                 return
@@ -500,8 +642,9 @@ class FaultLoop:
             self._demand.close()
         self._demand = sock
         self._rx_start = self._rx_end = 0
-        self._pending_header = None
         self._outbox.clear()
+        if sock is None and self._fast is not None:
+            self._fast.set_demand(-1)
         if sock is None:
             if self._link_down_since is None:
                 self._link_down_since = time.monotonic()
@@ -511,6 +654,9 @@ class FaultLoop:
         sock.setblocking(False)
         self._ep.register(sock.fileno(), select.EPOLLIN)
         self._demand_mask = select.EPOLLIN
+        if self._fast is not None:  # the C loop asks for its outstanding pages again
+            self._fast.set_demand(sock.fileno())
+            return
         # Every outstanding demand request is asked for again on the new link.
         for region, page in self._outstanding:
             self._outbox += protocol.pack_peer({"t": "req", "r": region, "p": page, "n": 1})
@@ -528,6 +674,8 @@ class FaultLoop:
         self.notify("link-lost", why)
 
     def _flush_outbox(self) -> None:
+        if self._fast is not None:  # the C loop sends its outbox when it is called next
+            return
         if not self._outbox or self._demand is None:
             return
         try:
@@ -576,28 +724,27 @@ class FaultLoop:
             raise ProtocolError("demand lane frame larger than the receive buffer")
 
     def _parse_demand(self) -> None:
+        """Handle every complete frame in rx; a partial one stays, from its first byte
+        (the C loop, when it runs, starts at a frame boundary)."""
         while True:
             avail = self._rx_end - self._rx_start
-            if self._pending_header is None:
-                if avail < 4:
-                    break
-                (hlen,) = protocol.LENGTH.unpack_from(self._rx, self._rx_start)
-                if not 0 < hlen <= protocol.MAX_PEER_HEADER:
-                    raise ProtocolError(f"demand frame header of {hlen} bytes")
-                if avail < 4 + hlen:
-                    break
-                start = self._rx_start + 4
-                self._pending_header = protocol.unpack_peer_header(
-                    self._rxview[start : start + hlen])
-                self._rx_start = start + hlen
-                avail -= 4 + hlen
-            header = self._pending_header
-            length = protocol.peer_int(header, "len") if header.get("t") == "data" else 0
-            if avail < length:
+            if avail < 4:
                 break
-            self._pending_header = None
-            src = self._rx_start
-            self._rx_start += length
+            (hlen,) = protocol.LENGTH.unpack_from(self._rx, self._rx_start)
+            if not 0 < hlen <= protocol.MAX_PEER_HEADER:
+                raise ProtocolError(f"demand frame header of {hlen} bytes")
+            if avail < 4 + hlen:
+                break
+            start = self._rx_start + 4
+            header = protocol.unpack_peer_header(self._rxview[start : start + hlen])
+            length = protocol.peer_int(header, "len") if header.get("t") == "data" else 0
+            if 4 + hlen + length > len(self._rx):
+                raise ProtocolError(f"demand frame of {4 + hlen + length} bytes is larger "
+                                    f"than the receive buffer")
+            if avail < 4 + hlen + length:
+                break
+            src = start + hlen
+            self._rx_start = src + length
             self._frame(header, self._rxaddr + src, self._rxview[src : src + length], "demand")
         if self._rx_start == self._rx_end:
             self._rx_start = self._rx_end = 0
@@ -690,7 +837,12 @@ class FaultLoop:
             if tries > 3:
                 self._unrecoverable(region, p, "corrupt", "integrity check failed 3 times")
             else:
-                self._request(region, p, self._outstanding.get(key, time.monotonic()))
+                self._request(region, p, self._asked(region, p) or time.monotonic())
+
+    def _asked(self, region: int, page: int) -> float | None:
+        if self._fast is not None:
+            return self._fast.asked(region, page)
+        return self._outstanding.get((region, page))
 
     def _bulk_item(self, item: tuple[object, ...]) -> None:
         self._last_progress = time.monotonic()
@@ -791,8 +943,18 @@ class FaultLoop:
                    method: str) -> None:
         if count <= 0:
             return
-        now = time.monotonic()
         r = region.index
+        if self._fast is not None:
+            self._fast.installed(r, start, count, lane == "demand")
+            self._fold(self._fast)
+            if self._callbacks:
+                self._installed_callbacks(r, start, count)
+            if lane != "demand":
+                self.counters.pages_background += count
+            if method != "present":
+                self.metrics.installed(method, count)
+            return
+        now = time.monotonic()
         for page in range(start, start + count):
             self.pages.set(r, page, pagestate.INSTALLED)
             key = (r, page)
@@ -860,11 +1022,15 @@ class FaultLoop:
 
     def _check_stall(self, now: float) -> None:
         """No byte on any lane for ``stall_timeout`` while pages are owed: drop the link."""
-        if (self.stall_timeout > 0 and self._demand is not None and self._outstanding
+        if (self.stall_timeout > 0 and self._demand is not None and self._owed()
                 and now - self._last_progress > self.stall_timeout):
             self._last_progress = now
             self._demand_lost(f"link stalled: no data for {self.stall_timeout:.1f}s "
-                              f"with {len(self._outstanding)} pages outstanding")
+                              f"with {self._owed()} pages outstanding")
+
+    def _owed(self) -> int:
+        """How many pages are asked for and not yet installed."""
+        return self._fast.outstanding() if self._fast is not None else len(self._outstanding)
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
@@ -875,14 +1041,18 @@ class FaultLoop:
             # now, not one deadline per fault.
             self._give_up_remaining("source unreachable past the session deadline")
             return
-        if not self._outstanding:
-            return
-        if now - min(self._outstanding.values()) <= self.deadline:
-            return
-        for (r, page), asked in list(self._outstanding.items()):
-            if now - asked > self.deadline:
-                self._unrecoverable(r, page, "deadline",
-                                    "source did not answer within the session deadline")
+        for r, page in self._expired(now - self.deadline):
+            self._unrecoverable(r, page, "deadline",
+                                "source did not answer within the session deadline")
+
+    def _expired(self, before: float) -> list[tuple[int, int]]:
+        """Outstanding pages asked for before ``before``."""
+        if self._fast is not None:
+            oldest, pages = self._fast.expired(before)
+            return pages if oldest is not None and oldest < before else []
+        if not self._outstanding or min(self._outstanding.values()) >= before:
+            return []
+        return [key for key, asked in self._outstanding.items() if asked < before]
 
     def _give_up_remaining(self, reason: str) -> None:
         """Apply the failure policy to every page not yet installed, in whole runs."""
@@ -905,6 +1075,8 @@ class FaultLoop:
             for cb in self._callbacks.pop((r, page), []):
                 cb(Outcome.POISONED, reason)
         self._outstanding.clear()
+        if self._fast is not None:
+            self._fast.forget(0, 0, 0)
         self.metrics.unrecoverable("deadline", self.pages.poisoned - before)
 
     def _poison_run(self, region: ImportRegion, start: int, count: int) -> None:
@@ -928,6 +1100,8 @@ class FaultLoop:
         for page in range(start, start + count):
             self.pages.set(region.index, page, state)
             self._waiters.pop((region.index, page), None)
+        if self._fast is not None:
+            self._fast.forget(region.index, start, count)
 
     def _unrecoverable(self, r: int, page: int, code: str, reason: str) -> None:
         region = self.regions[r]
@@ -936,6 +1110,8 @@ class FaultLoop:
                   self.policy)
         self.metrics.unrecoverable(code, 1)
         self._outstanding.pop((r, page), None)
+        if self._fast is not None:
+            self._fast.forget(r, page, 1)
         if self.policy == "poison":
             self._poison(region, page)
             callbacks = self._callbacks.pop((r, page), [])
@@ -956,6 +1132,8 @@ class FaultLoop:
             return
         self.pages.set(region.index, page, pagestate.POISONED)
         self._waiters.pop((region.index, page), None)
+        if self._fast is not None:
+            self._fast.forget(region.index, page, 1)
         self.metrics.installed("poison", 1)
 
     def _fail(self, reason: str) -> None:

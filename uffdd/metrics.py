@@ -307,6 +307,38 @@ class SessionMetrics:
             return
         child.observe(seconds)
 
+    def faults(self, mode: str, access: str, count: int) -> None:
+        """Count ``count`` faults of one kind at once (the C fault loop's totals)."""
+        child = _FAULT_CHILDREN.get((mode, "read" if access == "exec" else access))
+        if child is None:
+            _check("mode", mode, FAULT_MODES)
+            _check("access", access, ACCESSES)
+            return
+        child.inc(count)
+        LAST_FAULT.set(time.time())
+
+    def resolved_many(self, resolved_by: str, buckets: list[int], seconds: float) -> None:
+        """Add observations counted elsewhere: ``buckets[i]`` of them fell in bucket i.
+
+        ``buckets`` has one count per LATENCY_BUCKETS boundary plus +Inf, each counted
+        where ``observe`` would (the first boundary >= the value); ``seconds`` is their
+        sum. The C fault loop counts this way; observing a million faults one by one
+        from Python would cost more than resolving them. prometheus-client has no bulk
+        observe, so this adds to the child's bucket and sum values directly (its
+        internals since 0.4; tests/test_metrics_unit.py checks the exposition).
+        """
+        child = _RESOLUTION_CHILDREN.get(resolved_by)
+        if child is None:
+            _check("resolved_by", resolved_by, RESOLVED_BY)
+            return
+        values = child._buckets
+        if len(buckets) != len(values):
+            raise ValueError(f"{len(buckets)} bucket counts for {len(values)} buckets")
+        for value, count in zip(values, buckets, strict=True):
+            if count:
+                value.inc(count)
+        child._sum.inc(seconds)
+
     def blocked(self, thread: int, seconds: float) -> None:
         """Add time vCPU thread ``thread`` (tid or vCPU id) spent blocked on a fault."""
         VCPU_BLOCKED.inc(seconds)

@@ -26,7 +26,7 @@ from typing import Final
 
 import trio
 
-from uffdd import exporter, pagestate, peer, protocol, strategies
+from uffdd import _fastpath, exporter, pagestate, peer, protocol, strategies, tls
 from uffdd._linux import sdnotify
 from uffdd._linux.mem import pidfd_kill
 from uffdd.config import Config
@@ -165,6 +165,9 @@ class ImportSession(SessionBase):
         )
         self.loop.stall_timeout = self.config.peer.stall_timeout
         self.loop.spin_s = self.config.peer.spin_us / 1e6
+        # The C loop reads the demand socket itself: plaintext lanes only.
+        if not tls.tls_enabled(self.config.peer):
+            self.loop.fastpath = _fastpath.load(self.config.peer.fastpath)
         self.loop.vmm_pid = self.owner_pid  # a re-import after a restart: adopt what is present
         self._by_gpa = sorted(self.regions, key=lambda r: r.gpa)
 
@@ -417,6 +420,7 @@ class ImportSession(SessionBase):
             "demand_latency_p50_us": p50, "demand_latency_p99_us": p99,
             "peer": self.peer_address, "link": self.link, "reconnects": self.reconnects,
             "strategy": self.strategy.name, "policy": self.policy, "reason": self.reason,
+            "loop": self.loop.kind,
         }
 
     # -- vCPU exits

@@ -1,0 +1,854 @@
+/* The destination's fault loop in C: the common case of uffdd/faultloop.py.
+ *
+ * One call of fp_imp_run() waits in the session's epoll set (the same one the Python
+ * loop uses) and handles, without the GIL:
+ *   - page faults on ABSENT or REQUESTED pages: a "req" frame, and the waiter noted;
+ *   - "data" and "zero" frames on the demand lane: installed (COPY, or alias write +
+ *     CONTINUE in MINOR mode; ZEROPAGE), waiters' latencies accounted;
+ * and returns to Python (FP_Y_*) for everything else, leaving the input where Python's
+ * own code finds it: the eventfd, uffd batches with any non-fault event (discards are
+ * applied in order that way), faults on pages in any other state, frames of any other
+ * shape, a failed ioctl (the pages done are marked; Python redoes the rest with its
+ * errno policy), a closed demand lane. Python stays the one place for those rules.
+ *
+ * The outstanding-request table (page -> asked time and waiting threads) lives here
+ * for both loops' sake: Python's slow paths call fp_imp_request/installed/forget.
+ * Page states are the bytes of the session's PageMap, written in place; the count of
+ * pages that became INSTALLED is handed back in io.installed_delta for Python's totals.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <linux/userfaultfd.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include "frame.h"
+
+#define API __attribute__((visibility("default")))
+
+enum { ST_ABSENT = 0, ST_REQUESTED = 1, ST_INSTALLED = 2 }; /* uffdd/pagestate.py */
+
+enum { /* io.dirty bits */
+	FP_D_PAGES = 1,   /* installed_delta, *_pages counters */
+	FP_D_FAULTS = 2,  /* faults[] */
+	FP_D_LATENCY = 4, /* hist, hist_sum, tids, samples */
+	FP_D_LANE = 8,    /* bytes_demand, last_progress, active_at */
+};
+
+enum {
+	FP_Y_TIMEOUT = 0,
+	FP_Y_WAKE = 1,      /* the eventfd is readable: Python drains it */
+	FP_Y_UFFD = 2,      /* io.msgs[0..nmsgs) from io.msg_fd need Python */
+	FP_Y_FRAME = 3,     /* the frame at rx_start needs Python */
+	FP_Y_DEMAND = 4,    /* demand socket: io.demand_mask, EOF or error (Python decides) */
+	FP_Y_INSTALLED = 5, /* pages io.y_region/y_page/y_count installed; Python has callbacks */
+	FP_Y_FOLD = 6,      /* accumulators are full: fold them and call again */
+};
+
+#define N_BUCKETS 18 /* metrics.LATENCY_BUCKETS + Inf */
+#define N_HOW 3      /* demand, inflight, background */
+#define N_TIDS 256
+#define N_SAMPLES 4096
+#define FP_MSG_BATCH 64
+
+struct fp_imp_io {
+	/* rx buffer: Python's bytearray; [rx_start, rx_end) holds unparsed bytes */
+	uint8_t *rx;
+	uint64_t rx_cap, rx_start, rx_end;
+	/* yields */
+	int32_t msg_fd, nmsgs;
+	uint8_t msgs[FP_MSG_BATCH * 32];
+	uint32_t demand_mask;
+	int32_t demand_errno;
+	uint64_t y_region, y_page, y_count;
+	int32_t want_installed; /* Python sets 1 while it holds page callbacks */
+	uint64_t remaining;     /* pages not done yet (Python sets it): 0 left -> FP_Y_FOLD */
+	int32_t integrity;
+	double spin_s;
+	/* accumulators, folded (and zeroed) by Python; `dirty` says which groups moved */
+	uint32_t dirty;
+	uint64_t installed_delta;
+	uint64_t faults[4]; /* missing-read, missing-write, minor-read, minor-write */
+	uint64_t copy_pages, continue_pages, zero_pages;
+	uint64_t demand_pages, bytes_demand;
+	uint64_t hist[N_HOW][N_BUCKETS];
+	double hist_sum[N_HOW];
+	uint32_t ntids;
+	int32_t tids[N_TIDS];
+	double tid_seconds[N_TIDS];
+	uint32_t nsamples;
+	float samples_us[N_SAMPLES];
+	double last_progress; /* monotonic time of the last byte on the demand lane */
+	double active_at;
+};
+
+struct region {
+	uint64_t addr, size, page_size, pages, alias;
+	int32_t uffd, hugetlb;
+	uint8_t *states;
+};
+
+struct waiter {
+	int32_t tid;
+	int32_t next; /* index in the waiter pool, -1 ends */
+	double seen;
+};
+
+struct entry { /* one outstanding page; r == UINT32_MAX: empty slot */
+	uint32_t r;
+	uint32_t tomb;
+	uint64_t p;
+	double asked;
+	int32_t head; /* first waiter */
+	int32_t pad;
+};
+
+struct fp_imp {
+	struct fp_imp_io io;
+	int epfd, wakefd, demand_fd;
+	uint32_t demand_events;
+	int nregions;
+	struct region *regions;
+	struct entry *table;
+	uint64_t table_cap, table_used, table_live; /* used counts tombstones too */
+	struct waiter *pool;
+	int32_t pool_cap, pool_free;
+	uint8_t *out;
+	uint64_t out_len, out_cap;
+	double bounds[N_BUCKETS - 1];
+};
+
+static double now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ------------------------------------------------------------------ table */
+
+static uint64_t hash_rp(uint32_t r, uint64_t p)
+{
+	uint64_t x = p * 0x9E3779B97F4A7C15ull ^ (uint64_t)r * 0xC2B2AE3D27D4EB4Full;
+	return x ^ (x >> 29);
+}
+
+static struct entry *find(struct fp_imp *s, uint32_t r, uint64_t p)
+{
+	uint64_t mask = s->table_cap - 1;
+	for (uint64_t i = hash_rp(r, p) & mask;; i = (i + 1) & mask) {
+		struct entry *e = &s->table[i];
+		if (e->r == UINT32_MAX && !e->tomb)
+			return NULL;
+		if (e->r == r && e->p == p)
+			return e;
+	}
+}
+
+static int grow_table(struct fp_imp *s);
+
+static struct entry *insert(struct fp_imp *s, uint32_t r, uint64_t p)
+{
+	if ((s->table_used + 1) * 2 > s->table_cap && grow_table(s) < 0)
+		return NULL;
+	uint64_t mask = s->table_cap - 1;
+	struct entry *grave = NULL;
+	for (uint64_t i = hash_rp(r, p) & mask;; i = (i + 1) & mask) {
+		struct entry *e = &s->table[i];
+		if (e->r == r && e->p == p)
+			return e;
+		if (e->r == UINT32_MAX) {
+			if (e->tomb) {
+				if (!grave)
+					grave = e;
+				continue;
+			}
+			if (grave) {
+				e = grave;
+			} else {
+				s->table_used++;
+			}
+			e->r = r;
+			e->p = p;
+			e->tomb = 0;
+			e->asked = 0;
+			e->head = -1;
+			s->table_live++;
+			return e;
+		}
+	}
+}
+
+static void put_waiters(struct fp_imp *s, int32_t head)
+{
+	while (head >= 0) {
+		int32_t next = s->pool[head].next;
+		s->pool[head].next = s->pool_free;
+		s->pool_free = head;
+		head = next;
+	}
+}
+
+static void remove_entry(struct fp_imp *s, struct entry *e)
+{
+	put_waiters(s, e->head);
+	e->r = UINT32_MAX;
+	e->tomb = 1;
+	e->head = -1;
+	s->table_live--;
+}
+
+static int grow_table(struct fp_imp *s)
+{
+	uint64_t cap = s->table_cap;
+	if (s->table_live * 4 > cap) /* mostly live: double; mostly tombstones: rehash */
+		cap *= 2;
+	struct entry *old = s->table;
+	uint64_t old_cap = s->table_cap;
+	struct entry *t = malloc(cap * sizeof(*t));
+	if (!t)
+		return -1;
+	for (uint64_t i = 0; i < cap; i++) {
+		t[i].r = UINT32_MAX;
+		t[i].tomb = 0;
+		t[i].head = -1;
+	}
+	s->table = t;
+	s->table_cap = cap;
+	s->table_used = s->table_live = 0;
+	for (uint64_t i = 0; i < old_cap; i++) {
+		if (old[i].r == UINT32_MAX)
+			continue;
+		struct entry *e = insert(s, old[i].r, old[i].p);
+		e->asked = old[i].asked;
+		e->head = old[i].head;
+	}
+	free(old);
+	return 0;
+}
+
+static void add_waiter(struct fp_imp *s, struct entry *e, int32_t tid, double seen)
+{
+	if (s->pool_free < 0) {
+		int32_t cap = s->pool_cap ? s->pool_cap * 2 : 1024;
+		struct waiter *pool = realloc(s->pool, (size_t)cap * sizeof(*pool));
+		if (!pool)
+			return; /* the thread is still woken by the install; only its sample is lost */
+		for (int32_t i = s->pool_cap; i < cap; i++)
+			pool[i].next = i + 1 < cap ? i + 1 : -1;
+		s->pool = pool;
+		s->pool_free = s->pool_cap;
+		s->pool_cap = cap;
+	}
+	int32_t w = s->pool_free;
+	s->pool_free = s->pool[w].next;
+	s->pool[w].tid = tid;
+	s->pool[w].seen = seen;
+	s->pool[w].next = -1;
+	/* append: the first waiter is the one whose fault sent the request */
+	int32_t *link = &e->head;
+	while (*link >= 0)
+		link = &s->pool[*link].next;
+	*link = w;
+}
+
+/* ------------------------------------------------------------------ accounting */
+
+static int account(struct fp_imp *s, int how, int32_t tid, double waited)
+{
+	struct fp_imp_io *io = &s->io;
+	int b = 0;
+	io->dirty |= FP_D_LATENCY;
+	while (b < N_BUCKETS - 1 && waited > s->bounds[b])
+		b++;
+	io->hist[how][b]++;
+	io->hist_sum[how] += waited;
+	if (io->nsamples < N_SAMPLES)
+		io->samples_us[io->nsamples++] = (float)(waited * 1e6);
+	uint32_t i = 0;
+	while (i < io->ntids && io->tids[i] != tid)
+		i++;
+	if (i == io->ntids) {
+		if (io->ntids == N_TIDS)
+			return -1;
+		io->tids[io->ntids++] = tid;
+		io->tid_seconds[i] = 0;
+	}
+	io->tid_seconds[i] += waited;
+	return io->nsamples == N_SAMPLES ? -1 : 0;
+}
+
+/* Pages [p, p+n) of region r are installed: states, table, waiters' latencies.
+ * Returns -1 when an accumulator filled up (the caller yields FP_Y_FOLD soon). */
+static int mark_installed(struct fp_imp *s, uint32_t r, uint64_t p, uint64_t n, int demand,
+			  double now)
+{
+	struct region *rg = &s->regions[r];
+	int full = 0;
+	s->io.dirty |= FP_D_PAGES;
+	for (uint64_t q = p; q < p + n; q++) {
+		if (rg->states[q] < ST_INSTALLED) {
+			rg->states[q] = ST_INSTALLED;
+			s->io.installed_delta++;
+		}
+		if (!s->table_live)
+			continue;
+		struct entry *e = find(s, r, q);
+		if (!e)
+			continue;
+		int first = 1;
+		for (int32_t w = e->head; w >= 0; w = s->pool[w].next) {
+			int how = !demand ? 2 : (first && e->asked <= s->pool[w].seen) ? 0 : 1;
+			if (account(s, how, s->pool[w].tid, now - s->pool[w].seen) < 0)
+				full = 1;
+			first = 0;
+		}
+		remove_entry(s, e);
+	}
+	if (demand)
+		s->io.demand_pages += n;
+	if (s->io.installed_delta >= s->io.remaining)
+		full = 1; /* the session may be complete: Python checks at once */
+	return full ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------ outbox */
+
+static int queue_request(struct fp_imp *s, uint32_t r, uint64_t p)
+{
+	if (s->demand_fd < 0)
+		return 0;
+	if (s->out_len + FP_MAX_FRAME_HEAD > s->out_cap) {
+		uint64_t cap = s->out_cap ? s->out_cap * 2 : 65536;
+		uint8_t *out = realloc(s->out, cap);
+		if (!out)
+			return -1;
+		s->out = out;
+		s->out_cap = cap;
+	}
+	s->out_len += fp_put_frame_head(s->out + s->out_len, FP_REQ, r, p, 1, 0, 0);
+	return 0;
+}
+
+static void set_demand_events(struct fp_imp *s, uint32_t events)
+{
+	if (s->demand_fd < 0 || events == s->demand_events)
+		return;
+	struct epoll_event ev = {.events = events, .data.fd = s->demand_fd};
+	if (epoll_ctl(s->epfd, EPOLL_CTL_MOD, s->demand_fd, &ev) == 0)
+		s->demand_events = events;
+}
+
+/* 0, or -errno of a failed send (Python then drops the link). */
+static int flush(struct fp_imp *s)
+{
+	if (s->demand_fd < 0 || !s->out_len)
+		return 0;
+	ssize_t n = send(s->demand_fd, s->out, s->out_len, MSG_DONTWAIT | MSG_NOSIGNAL);
+	if (n < 0) {
+		if (errno != EAGAIN && errno != EWOULDBLOCK)
+			return -errno;
+		n = 0;
+	}
+	memmove(s->out, s->out + n, s->out_len - (uint64_t)n);
+	s->out_len -= (uint64_t)n;
+	set_demand_events(s, EPOLLIN | (s->out_len ? EPOLLOUT : 0));
+	return 0;
+}
+
+/* ------------------------------------------------------------------ installs */
+
+static int install_run(struct fp_imp *s, struct region *rg, uint64_t page, uint64_t count,
+		       const uint8_t *src, uint64_t *done)
+{
+	uint64_t ps = rg->page_size;
+	uint64_t dst = rg->addr + page * ps;
+	*done = 0;
+	if (rg->alias) {
+		memcpy((void *)(uintptr_t)(rg->alias + page * ps), src, count * ps);
+		struct uffdio_continue c = {.range = {.start = dst, .len = count * ps}};
+		if (ioctl(rg->uffd, UFFDIO_CONTINUE, &c) < 0) {
+			*done = c.mapped > 0 ? (uint64_t)c.mapped / ps : 0;
+			return -1;
+		}
+		s->io.continue_pages += count;
+	} else {
+		struct uffdio_copy c = {.dst = dst, .src = (uint64_t)(uintptr_t)src,
+					.len = count * ps};
+		if (ioctl(rg->uffd, UFFDIO_COPY, &c) < 0) {
+			*done = c.copy > 0 ? (uint64_t)c.copy / ps : 0;
+			return -1;
+		}
+		s->io.copy_pages += count;
+	}
+	*done = count;
+	return 0;
+}
+
+static int zero_run(struct fp_imp *s, struct region *rg, uint64_t page, uint64_t count,
+		    uint64_t *done)
+{
+	uint64_t ps = rg->page_size;
+	uint64_t dst = rg->addr + page * ps;
+	*done = 0;
+	if (rg->alias) {
+		memset((void *)(uintptr_t)(rg->alias + page * ps), 0, count * ps);
+		struct uffdio_continue c = {.range = {.start = dst, .len = count * ps}};
+		if (ioctl(rg->uffd, UFFDIO_CONTINUE, &c) < 0) {
+			*done = c.mapped > 0 ? (uint64_t)c.mapped / ps : 0;
+			return -1;
+		}
+	} else {
+		struct uffdio_zeropage z = {.range = {.start = dst, .len = count * ps}};
+		if (ioctl(rg->uffd, UFFDIO_ZEROPAGE, &z) < 0) {
+			*done = z.zeropage > 0 ? (uint64_t)z.zeropage / ps : 0;
+			return -1;
+		}
+	}
+	s->io.zero_pages += count;
+	*done = count;
+	return 0;
+}
+
+/* Install a whole demand frame's run. 1: done; 0: Python must handle the frame (the
+ * pages installed so far are marked, so Python's redo skips them); -1: fold needed. */
+static int install_frame(struct fp_imp *s, const struct fp_header *h, const uint8_t *payload,
+			 int *fold)
+{
+	struct region *rg = &s->regions[h->r];
+	if (h->kind == FP_ZERO && rg->hugetlb)
+		return 0; /* no UFFDIO_ZEROPAGE for hugetlb: Python copies a zero page */
+	double now = now_s();
+	uint64_t end = h->p + h->n, q = h->p;
+	while (q < end) {
+		if (rg->states[q] >= ST_INSTALLED) { /* installed, poisoned or discarded: skip */
+			q++;
+			continue;
+		}
+		uint64_t run = q;
+		while (run < end && rg->states[run] < ST_INSTALLED)
+			run++;
+		uint64_t done;
+		int rc = h->kind == FP_DATA
+				 ? install_run(s, rg, q, run - q,
+					       payload + (q - h->p) * rg->page_size, &done)
+				 : zero_run(s, rg, q, run - q, &done);
+		if (done && mark_installed(s, (uint32_t)h->r, q, done, 1, now) < 0)
+			*fold = 1;
+		if (rc < 0)
+			return 0;
+		if (s->io.want_installed) { /* Python has page callbacks: it checks the frame */
+			s->io.y_region = h->r;
+			s->io.y_page = h->p;
+			s->io.y_count = h->n;
+			*fold = 2;
+		}
+		q = run;
+	}
+	return 1;
+}
+
+/* Parse and install complete frames in rx. 0 when rx is exhausted (or holds a partial
+ * frame); otherwise the yield to return. */
+static int parse_rx(struct fp_imp *s)
+{
+	struct fp_imp_io *io = &s->io;
+	while (io->rx_end - io->rx_start >= 4) {
+		const uint8_t *head = io->rx + io->rx_start;
+		uint64_t avail = io->rx_end - io->rx_start;
+		uint32_t hlen = fp_be32(head);
+		if (hlen == 0 || hlen > FP_MAX_HEADER)
+			return FP_Y_FRAME; /* Python names the error */
+		if (avail < 4 + (uint64_t)hlen)
+			break;
+		struct fp_header h;
+		enum fp_kind kind = fp_parse_header(head + 4, hlen, &h);
+		if (kind != FP_DATA && kind != FP_ZERO)
+			return FP_Y_FRAME;
+		if (h.r >= (uint64_t)s->nregions)
+			return FP_Y_FRAME;
+		struct region *rg = &s->regions[h.r];
+		if (h.p >= rg->pages || h.n > rg->pages - h.p)
+			return FP_Y_FRAME;
+		uint64_t len = kind == FP_DATA ? h.len : 0;
+		if (kind == FP_DATA && len != h.n * rg->page_size)
+			return FP_Y_FRAME;
+		if (4 + (uint64_t)hlen + len > io->rx_cap)
+			return FP_Y_FRAME; /* larger than the buffer: Python refuses it */
+		if (avail < 4 + hlen + len)
+			break;
+		const uint8_t *payload = head + 4 + hlen;
+		if (kind == FP_DATA && io->integrity &&
+		    crc32(0, payload, (uInt)len) != (uLong)h.crc)
+			return FP_Y_FRAME; /* Python refetches */
+		int fold = 0;
+		if (!install_frame(s, &h, payload, &fold))
+			return FP_Y_FRAME;
+		io->rx_start += 4 + hlen + len;
+		if (fold == 2)
+			return FP_Y_INSTALLED;
+		if (fold)
+			return FP_Y_FOLD;
+	}
+	if (io->rx_start == io->rx_end)
+		io->rx_start = io->rx_end = 0;
+	return 0;
+}
+
+static int demand_readable(struct fp_imp *s, uint32_t mask)
+{
+	struct fp_imp_io *io = &s->io;
+	if ((mask & (EPOLLERR | EPOLLHUP)) && !(mask & EPOLLIN)) {
+		io->demand_mask = mask;
+		return FP_Y_DEMAND;
+	}
+	for (;;) {
+		if (io->rx_end == io->rx_cap) {
+			uint64_t left = io->rx_end - io->rx_start;
+			if (!io->rx_start)
+				return FP_Y_FRAME; /* a frame larger than the buffer */
+			memmove(io->rx, io->rx + io->rx_start, left);
+			io->rx_start = 0;
+			io->rx_end = left;
+		}
+		ssize_t n = recv(s->demand_fd, io->rx + io->rx_end, io->rx_cap - io->rx_end,
+				 MSG_DONTWAIT);
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EWOULDBLOCK)
+				return 0;
+			if (errno == EINTR)
+				continue;
+			io->demand_errno = errno;
+			io->demand_mask = mask;
+			return FP_Y_DEMAND;
+		}
+		if (n == 0) {
+			io->demand_mask = mask;
+			return FP_Y_DEMAND;
+		}
+		io->rx_end += (uint64_t)n;
+		io->bytes_demand += (uint64_t)n;
+		io->dirty |= FP_D_LANE;
+		io->last_progress = io->active_at = now_s();
+		int y = parse_rx(s);
+		if (y)
+			return y;
+	}
+}
+
+/* ------------------------------------------------------------------ faults */
+
+static struct region *region_of(struct fp_imp *s, int uffd, uint64_t address, uint32_t *index)
+{
+	for (int i = 0; i < s->nregions; i++) {
+		struct region *rg = &s->regions[i];
+		if (rg->uffd == uffd && address >= rg->addr && address < rg->addr + rg->size) {
+			*index = (uint32_t)i;
+			return rg;
+		}
+	}
+	return NULL;
+}
+
+/* Handle a batch of uffd messages if they are all plain faults on pages that are absent
+ * or requested; otherwise hand the rest of the batch to Python. */
+static int faults(struct fp_imp *s, int fd, const struct uffd_msg *msgs, int count)
+{
+	struct fp_imp_io *io = &s->io;
+	double now = now_s();
+	io->active_at = now;
+	io->dirty |= FP_D_LANE;
+	for (int i = 0; i < count; i++) {
+		if (msgs[i].event != UFFD_EVENT_PAGEFAULT)
+			goto python; /* discards etc. first, in order: all of it to Python */
+	}
+	for (int i = 0; i < count; i++) {
+		const struct uffd_msg *m = &msgs[i];
+		uint32_t r;
+		struct region *rg = region_of(s, fd, m->arg.pagefault.address, &r);
+		if (!rg)
+			goto rest;
+		uint64_t page = (m->arg.pagefault.address - rg->addr) / rg->page_size;
+		uint8_t st = rg->states[page];
+		if (st > ST_REQUESTED)
+			goto rest;
+		struct entry *e = insert(s, r, page);
+		if (!e)
+			goto rest;
+		if (st == ST_ABSENT) {
+			rg->states[page] = ST_REQUESTED;
+			e->asked = now;
+			if (queue_request(s, r, page) < 0)
+				goto rest;
+		}
+		add_waiter(s, e, (int32_t)m->arg.pagefault.feat.ptid, now);
+		uint64_t flags = m->arg.pagefault.flags;
+		io->dirty |= FP_D_FAULTS;
+		io->faults[((flags & UFFD_PAGEFAULT_FLAG_MINOR) ? 2 : 0) +
+			   ((flags & UFFD_PAGEFAULT_FLAG_WRITE) ? 1 : 0)]++;
+		continue;
+rest:
+		msgs += i;
+		count -= i;
+		goto python;
+	}
+	return 0;
+python:
+	io->msg_fd = fd;
+	io->nmsgs = count;
+	memcpy(io->msgs, msgs, (size_t)count * sizeof(*msgs));
+	return FP_Y_UFFD;
+}
+
+static int uffd_readable(struct fp_imp *s, int fd)
+{
+	struct uffd_msg msgs[FP_MSG_BATCH];
+	for (;;) {
+		ssize_t n = read(fd, msgs, sizeof(msgs));
+		if (n < 0)
+			return 0; /* EAGAIN (another reader) or an error Python sees on its read */
+		int count = (int)(n / (ssize_t)sizeof(msgs[0]));
+		int y = faults(s, fd, msgs, count);
+		if (y)
+			return y;
+		if (count < FP_MSG_BATCH)
+			return 0;
+	}
+}
+
+static int is_uffd(struct fp_imp *s, int fd)
+{
+	for (int i = 0; i < s->nregions; i++)
+		if (s->regions[i].uffd == fd)
+			return 1;
+	return 0;
+}
+
+/* ------------------------------------------------------------------ the loop */
+
+API int fp_imp_run(struct fp_imp *s, double timeout_s)
+{
+	struct fp_imp_io *io = &s->io;
+	double start = now_s();
+	double deadline = start + timeout_s;
+	struct epoll_event events[16];
+	int y = parse_rx(s); /* a frame Python left complete in rx */
+	if (y)
+		return y;
+	for (;;) {
+		int err = flush(s);
+		if (err < 0) {
+			io->demand_errno = -err;
+			io->demand_mask = EPOLLERR;
+			return FP_Y_DEMAND;
+		}
+		double now = now_s();
+		int wait_ms = 0;
+		if (now < deadline) {
+			/* spin only while a vCPU waits for a reply (the table is not empty) */
+			int spinning = io->spin_s > 0 && s->table_live && now < io->active_at + io->spin_s;
+			wait_ms = spinning ? 0 : (int)((deadline - now) * 1000) + 1;
+		}
+		int n = epoll_wait(s->epfd, events, 16, wait_ms);
+		if (n < 0 && errno != EINTR)
+			return FP_Y_TIMEOUT;
+		for (int i = 0; i < n; i++) {
+			int fd = events[i].data.fd;
+			if (fd == s->wakefd) {
+				y = FP_Y_WAKE;
+			} else if (fd == s->demand_fd) {
+				y = demand_readable(s, events[i].events);
+			} else if (is_uffd(s, fd)) {
+				y = uffd_readable(s, fd);
+			} else {
+				y = 0; /* stale: a demand socket Python replaced */
+			}
+			if (y) {
+				flush(s); /* a request queued before the yield goes out now */
+				return y;
+			}
+		}
+		if (n <= 0 && now_s() >= deadline)
+			return FP_Y_TIMEOUT;
+	}
+}
+
+/* ------------------------------------------------------------------ Python's API */
+
+API struct fp_imp *fp_imp_new(int epfd, int wakefd, int nregions, const double *bounds)
+{
+	struct fp_imp *s = calloc(1, sizeof(*s));
+	if (!s)
+		return NULL;
+	s->epfd = epfd;
+	s->wakefd = wakefd;
+	s->demand_fd = -1;
+	s->nregions = nregions;
+	s->regions = calloc((size_t)nregions, sizeof(*s->regions));
+	s->table_cap = 1024;
+	s->table = malloc(s->table_cap * sizeof(*s->table));
+	s->pool_free = -1;
+	if (!s->regions || !s->table) {
+		free(s->regions);
+		free(s->table);
+		free(s);
+		return NULL;
+	}
+	for (uint64_t i = 0; i < s->table_cap; i++) {
+		s->table[i].r = UINT32_MAX;
+		s->table[i].tomb = 0;
+		s->table[i].head = -1;
+	}
+	memcpy(s->bounds, bounds, sizeof(s->bounds));
+	return s;
+}
+
+API void fp_imp_free(struct fp_imp *s)
+{
+	if (!s)
+		return;
+	free(s->regions);
+	free(s->table);
+	free(s->pool);
+	free(s->out);
+	free(s);
+}
+
+/* Python checks its mirror of struct fp_imp_io against this (uffdd/fastimport.py). */
+API uint64_t fp_imp_io_size(void)
+{
+	return sizeof(struct fp_imp_io);
+}
+
+API struct fp_imp_io *fp_imp_io(struct fp_imp *s)
+{
+	return &s->io;
+}
+
+API void fp_imp_region(struct fp_imp *s, int i, uint64_t addr, uint64_t size,
+		       uint64_t page_size, int uffd, uint64_t alias, int hugetlb, uint8_t *states)
+{
+	struct region *rg = &s->regions[i];
+	rg->addr = addr;
+	rg->size = size;
+	rg->page_size = page_size;
+	rg->pages = size / page_size;
+	rg->uffd = uffd;
+	rg->alias = alias;
+	rg->hugetlb = hugetlb;
+	rg->states = states;
+}
+
+API void fp_imp_region_moved(struct fp_imp *s, int i, uint64_t addr)
+{
+	s->regions[i].addr = addr;
+}
+
+/* A new demand lane (fd registered for EPOLLIN by Python), or -1: the outbox is
+ * dropped and every outstanding page is asked for again on the new lane. */
+API int fp_imp_set_demand(struct fp_imp *s, int fd)
+{
+	s->demand_fd = fd;
+	s->demand_events = EPOLLIN;
+	s->out_len = 0;
+	if (fd < 0)
+		return 0;
+	for (uint64_t i = 0; i < s->table_cap; i++)
+		if (s->table[i].r != UINT32_MAX &&
+		    queue_request(s, s->table[i].r, s->table[i].p) < 0)
+			return -1;
+	return 0;
+}
+
+/* Python asks for a page (a vCPU exit, a refetch): mark it requested, note when. */
+API int fp_imp_request(struct fp_imp *s, uint32_t r, uint64_t p, double asked)
+{
+	struct entry *e = insert(s, r, p);
+	if (!e)
+		return -1;
+	s->regions[r].states[p] = ST_REQUESTED;
+	e->asked = asked;
+	return queue_request(s, r, p);
+}
+
+/* Python read a fault on an absent or requested page (a batch it handled). */
+API int fp_imp_fault(struct fp_imp *s, uint32_t r, uint64_t p, int32_t tid, double seen)
+{
+	struct entry *e = insert(s, r, p);
+	if (!e)
+		return -1;
+	if (s->regions[r].states[p] == ST_ABSENT) {
+		s->regions[r].states[p] = ST_REQUESTED;
+		e->asked = seen;
+		if (queue_request(s, r, p) < 0)
+			return -1;
+	}
+	add_waiter(s, e, tid, seen);
+	return 0;
+}
+
+/* Python installed pages (bulk, or a slow path): like a demand install here. */
+API int fp_imp_installed(struct fp_imp *s, uint32_t r, uint64_t p, uint64_t n, int demand)
+{
+	return mark_installed(s, r, p, n, demand, now_s());
+}
+
+/* Forget outstanding pages [p, p+n) (discarded, poisoned, given up); n == 0: all. */
+API void fp_imp_forget(struct fp_imp *s, uint32_t r, uint64_t p, uint64_t n)
+{
+	for (uint64_t i = 0; i < s->table_cap && s->table_live; i++) {
+		struct entry *e = &s->table[i];
+		if (e->r == UINT32_MAX)
+			continue;
+		if (n == 0 || (e->r == r && e->p >= p && e->p < p + n))
+			remove_entry(s, e);
+	}
+}
+
+API uint64_t fp_imp_outstanding(struct fp_imp *s)
+{
+	return s->table_live;
+}
+
+/* When page (r, p) was asked for, or -1 if it is not outstanding. */
+API double fp_imp_asked(struct fp_imp *s, uint32_t r, uint64_t p)
+{
+	struct entry *e = s->table_live ? find(s, r, p) : NULL;
+	return e ? e->asked : -1.0;
+}
+
+/* Up to `cap` outstanding pages asked for before `before` (oldest first is not
+ * promised); with out == NULL, only the oldest asked time is returned in *oldest. */
+API int fp_imp_expired(struct fp_imp *s, double before, uint32_t *out_r, uint64_t *out_p,
+		       int cap, double *oldest)
+{
+	int n = 0;
+	*oldest = -1.0;
+	for (uint64_t i = 0; i < s->table_cap; i++) {
+		struct entry *e = &s->table[i];
+		if (e->r == UINT32_MAX)
+			continue;
+		if (*oldest < 0 || e->asked < *oldest)
+			*oldest = e->asked;
+		if (out_r && e->asked < before && n < cap) {
+			out_r[n] = e->r;
+			out_p[n] = e->p;
+			n++;
+		}
+	}
+	return n;
+}
+
+/* The outbox's unsent bytes (a cancel goes after them, to keep the framing). */
+API uint64_t fp_imp_outbox(struct fp_imp *s, uint8_t *buf, uint64_t cap)
+{
+	uint64_t n = s->out_len < cap ? s->out_len : cap;
+	memcpy(buf, s->out, n);
+	return n;
+}
