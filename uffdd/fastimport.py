@@ -100,6 +100,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fp_imp_request": (i32, [vp, u32, u64, dbl]),
         "fp_imp_fault": (i32, [vp, u32, u64, i32, dbl]),
         "fp_imp_installed": (i32, [vp, u32, u64, u64, i32]),
+        "fp_imp_install": (u64, [vp, u32, u64, u64, vp, i32, ctypes.POINTER(i32),
+                                 ctypes.POINTER(u64)]),
         "fp_imp_forget": (None, [vp, u32, u64, u64]),
         "fp_imp_outstanding": (u64, [vp]),
         "fp_imp_asked": (dbl, [vp, u32, u64]),
@@ -132,6 +134,8 @@ class CImport:
         self.io: ImportIo = lib.fp_imp_io(self._h).contents
         self._expired_r = (ctypes.c_uint32 * 1024)()
         self._expired_p = (ctypes.c_uint64 * 1024)()
+        self._err = ctypes.c_int()
+        self._done = ctypes.c_uint64()
 
     def close(self) -> None:
         if self._h:
@@ -160,6 +164,13 @@ class CImport:
 
     def installed(self, region: int, page: int, count: int, demand: bool) -> None:
         self._lib.fp_imp_installed(self._h, region, page, count, int(demand))
+
+    def install(self, region: int, page: int, count: int, src: int, demand: bool
+                ) -> tuple[int, int, int]:
+        """Install data for every installable page of the run: (stopped at, errno, pages)."""
+        stopped = self._lib.fp_imp_install(self._h, region, page, count, src, int(demand),
+                                           ctypes.byref(self._err), ctypes.byref(self._done))
+        return int(stopped), self._err.value, int(self._done.value)
 
     def forget(self, region: int, page: int, count: int) -> None:
         """Drop outstanding pages [page, page+count) of ``region``; count 0: every page."""

@@ -865,6 +865,17 @@ class FaultLoop:
     def _install_data(self, r: int, page: int, count: int, src: int, lane: str) -> None:
         region = self.regions[r]
         ps = region.page_size
+        if self._fast is not None:  # C installs what it can; a failed run comes back here
+            stopped, err, done = self._fast.install(r, page, count, src, lane == "demand")
+            self._fold(self._fast)
+            if lane != "demand":
+                self.counters.pages_background += done
+            if self._callbacks and done:
+                self._installed_callbacks(r, page, stopped - page)
+            if not err:
+                return
+            src += (stopped - page) * ps
+            page, count = stopped, page + count - stopped
         for start, n in list(self.pages.installable_runs(r, page, count)):
             self._install_run(region, start, n, src + (start - page) * ps, lane)
 

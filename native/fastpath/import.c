@@ -799,6 +799,42 @@ API int fp_imp_installed(struct fp_imp *s, uint32_t r, uint64_t p, uint64_t n, i
 	return mark_installed(s, r, p, n, demand, now_s());
 }
 
+/* Install data for pages [p, p+n) of region r from `src` (the run's first page): every
+ * page still absent or requested, in contiguous runs, one ioctl each. Returns the page
+ * where it stopped: p + n when all went in, else the first page of the run that failed
+ * (its pages done so far are installed and marked), errno in *err, for Python's rules.
+ * *installed: how many pages this call installed. */
+API uint64_t fp_imp_install(struct fp_imp *s, uint32_t r, uint64_t p, uint64_t n,
+			    const uint8_t *src, int demand, int *err, uint64_t *installed)
+{
+	struct region *rg = &s->regions[r];
+	uint64_t end = p + n, q = p;
+	double now = now_s();
+	*err = 0;
+	*installed = 0;
+	while (q < end) {
+		if (rg->states[q] >= ST_INSTALLED) {
+			q++;
+			continue;
+		}
+		uint64_t run = q;
+		while (run < end && rg->states[run] < ST_INSTALLED)
+			run++;
+		uint64_t done;
+		int rc = install_run(s, rg, q, run - q, src + (q - p) * rg->page_size, &done);
+		if (done) {
+			mark_installed(s, r, q, done, demand, now);
+			*installed += done;
+		}
+		if (rc < 0) {
+			*err = errno;
+			return q + done;
+		}
+		q = run;
+	}
+	return end;
+}
+
 /* Forget outstanding pages [p, p+n) (discarded, poisoned, given up); n == 0: all. */
 API void fp_imp_forget(struct fp_imp *s, uint32_t r, uint64_t p, uint64_t n)
 {
