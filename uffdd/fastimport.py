@@ -100,7 +100,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fp_imp_request": (i32, [vp, u32, u64, dbl]),
         "fp_imp_fault": (i32, [vp, u32, u64, i32, dbl]),
         "fp_imp_installed": (i32, [vp, u32, u64, u64, i32]),
-        "fp_imp_install": (u64, [vp, u32, u64, u64, vp, i32, ctypes.POINTER(i32),
+        "fp_imp_install": (u64, [vp, u32, u64, u64, vp, i32, u64, ctypes.POINTER(i32),
                                  ctypes.POINTER(u64)]),
         "fp_imp_forget": (None, [vp, u32, u64, u64]),
         "fp_imp_outstanding": (u64, [vp]),
@@ -165,11 +165,14 @@ class CImport:
     def installed(self, region: int, page: int, count: int, demand: bool) -> None:
         self._lib.fp_imp_installed(self._h, region, page, count, int(demand))
 
-    def install(self, region: int, page: int, count: int, src: int, demand: bool
-                ) -> tuple[int, int, int]:
-        """Install data for every installable page of the run: (stopped at, errno, pages)."""
+    def install(self, region: int, page: int, count: int, src: int, demand: bool,
+                slice_pages: int = 0) -> tuple[int, int, int]:
+        """Install data for every installable page of the run: (stopped at, errno, pages).
+
+        With ``slice_pages``, it may stop early (errno 0) when a fault is waiting."""
         stopped = self._lib.fp_imp_install(self._h, region, page, count, src, int(demand),
-                                           ctypes.byref(self._err), ctypes.byref(self._done))
+                                           slice_pages, ctypes.byref(self._err),
+                                           ctypes.byref(self._done))
         return int(stopped), self._err.value, int(self._done.value)
 
     def forget(self, region: int, page: int, count: int) -> None:

@@ -497,6 +497,14 @@ class FaultLoop:
             ps = self.regions[r].page_size
             step = max(1, _BULK_SLICE // ps)
             addr = buffer_address(buf)
+            if self._fast is not None:  # C slices, and stops only when a fault waits
+                pos, end = page, page + count
+                while pos < end:
+                    pos = self._install_data(r, pos, end - pos, addr + (pos - page) * ps,
+                                             "bulk", step)
+                    if pos < end:
+                        yield False
+                return
             for off in range(0, count, step):
                 self._install_data(r, page + off, min(step, count - off), addr + off * ps, "bulk")
                 if off + step < count:
@@ -862,22 +870,28 @@ class FaultLoop:
 
     # ------------------------------------------------------------ installs
 
-    def _install_data(self, r: int, page: int, count: int, src: int, lane: str) -> None:
+    def _install_data(self, r: int, page: int, count: int, src: int, lane: str,
+                      slice_pages: int = 0) -> int:
+        """Install the run's installable pages; returns where it stopped (the run's end,
+        or earlier, with ``slice_pages``, when the C loop saw a fault waiting)."""
         region = self.regions[r]
         ps = region.page_size
+        end = page + count
         if self._fast is not None:  # C installs what it can; a failed run comes back here
-            stopped, err, done = self._fast.install(r, page, count, src, lane == "demand")
+            stopped, err, done = self._fast.install(r, page, count, src, lane == "demand",
+                                                    slice_pages)
             self._fold(self._fast)
             if lane != "demand":
                 self.counters.pages_background += done
             if self._callbacks and done:
                 self._installed_callbacks(r, page, stopped - page)
             if not err:
-                return
+                return stopped
             src += (stopped - page) * ps
-            page, count = stopped, page + count - stopped
+            page, count = stopped, end - stopped
         for start, n in list(self.pages.installable_runs(r, page, count)):
             self._install_run(region, start, n, src + (start - page) * ps, lane)
+        return end
 
     def _install_run(self, region: ImportRegion, start: int, count: int, src: int,
                      lane: str) -> None:

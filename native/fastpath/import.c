@@ -799,13 +799,28 @@ API int fp_imp_installed(struct fp_imp *s, uint32_t r, uint64_t p, uint64_t n, i
 	return mark_installed(s, r, p, n, demand, now_s());
 }
 
+/* Is a fault or a demand-lane event ready (anything but the eventfd)? */
+static int demand_waiting(struct fp_imp *s)
+{
+	struct epoll_event events[8];
+	int n = epoll_wait(s->epfd, events, 8, 0);
+	for (int i = 0; i < n; i++)
+		if (events[i].data.fd != s->wakefd)
+			return 1;
+	return 0;
+}
+
 /* Install data for pages [p, p+n) of region r from `src` (the run's first page): every
  * page still absent or requested, in contiguous runs, one ioctl each. Returns the page
  * where it stopped: p + n when all went in, else the first page of the run that failed
  * (its pages done so far are installed and marked), errno in *err, for Python's rules.
- * *installed: how many pages this call installed. */
+ * *installed: how many pages this call installed. With `slice` > 0 (bulk), installs
+ * go at most `slice` pages at a time, and before each piece but the first the call
+ * returns early (err 0) if a fault or demand reply is waiting: a vCPU never waits
+ * behind more than one slice of bulk copying. */
 API uint64_t fp_imp_install(struct fp_imp *s, uint32_t r, uint64_t p, uint64_t n,
-			    const uint8_t *src, int demand, int *err, uint64_t *installed)
+			    const uint8_t *src, int demand, uint64_t slice, int *err,
+			    uint64_t *installed)
 {
 	struct region *rg = &s->regions[r];
 	uint64_t end = p + n, q = p;
@@ -818,8 +833,11 @@ API uint64_t fp_imp_install(struct fp_imp *s, uint32_t r, uint64_t p, uint64_t n
 			continue;
 		}
 		uint64_t run = q;
-		while (run < end && rg->states[run] < ST_INSTALLED)
+		uint64_t limit = slice && end - q > slice ? q + slice : end;
+		while (run < limit && rg->states[run] < ST_INSTALLED)
 			run++;
+		if (slice && q > p && demand_waiting(s))
+			return q; /* a vCPU's fault or a demand reply first; Python calls again */
 		uint64_t done;
 		int rc = install_run(s, rg, q, run - q, src + (q - p) * rg->page_size, &done);
 		if (done) {
