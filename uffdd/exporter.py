@@ -10,18 +10,21 @@ anonymous memory; the source VMM is paused, and this process never maps it writa
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
 import os
+import socket
 import sys
 import threading
 import zlib
+from collections.abc import Callable, Iterable
 from collections.abc import Mapping as _AbcMapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from uffdd import protocol
+from uffdd import _fastpath, protocol
 from uffdd._linux.mem import Mapping, buffer_address, process_read
 from uffdd.errors import KernelError, PeerUnavailable, ProtocolError, TargetGone
 from uffdd.metrics import SessionMetrics
@@ -65,23 +68,122 @@ class ExportState:
     spin_s: float = 0.0  # [peer] spin_us: the demand lane busy-polls this long after a request
     # fault injection: pages we "cannot read"
     lost: set[tuple[int, int]] = field(default_factory=set)
-    corrupt_frames: int = 0  # fault injection: data frames still to send with a bad CRC
     lock: threading.Lock = field(default_factory=threading.Lock)
     sent: list[bytearray] = field(default_factory=list)
-    hint: tuple[int, int] | None = None
     pages_sent: int = 0
     pages_zero: int = 0
     pages_demand: int = 0
+    pages_demand_c: int = 0  # of pages_demand, answered by the demand lane's C loop
     bytes_sent: int = 0
     done: threading.Event = field(default_factory=threading.Event)
+    # shared with the demand lane's C loop: the bulk lanes' hint, "fault injection active"
+    control: DemandControl = field(default_factory=lambda: DemandControl(), init=False,
+                                   repr=False)
+    _corrupt: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.sent = [bytearray(r.pages) for r in self.regions]
+        self.lost = _LostPages(self.lost, self._injection_changed)
+        self._injection_changed()
 
     def reset_sent(self) -> None:
         """Forget what was sent (a new link: the destination tells us what it has)."""
         with self.lock:
             self.sent = [bytearray(r.pages) for r in self.regions]
+
+    @property
+    def corrupt_frames(self) -> int:
+        """Fault injection: data frames still to send with a bad CRC."""
+        return self._corrupt
+
+    @corrupt_frames.setter
+    def corrupt_frames(self, value: int) -> None:
+        self._corrupt = value
+        self._injection_changed()
+
+    @property
+    def hint(self) -> tuple[int, int] | None:
+        """Where bulk continues (region, page): just after the latest demand request."""
+        return self.control.hint()
+
+    @hint.setter
+    def hint(self, value: tuple[int, int] | None) -> None:
+        self.control.set_hint(value)
+
+    @property
+    def injecting(self) -> bool:
+        """Fault injection is active: the demand lane runs the Python code, which has it."""
+        return bool(self.lost) or self._corrupt > 0
+
+    def _injection_changed(self) -> None:
+        # The demand lane's C loop reads this word before every batch, so a page lost
+        # (or a frame corrupted) by 'inject' mid-session is never answered by C.
+        self.control.set_python_only(self.injecting)
+
+
+class DemandControl:
+    """Words shared with the demand lane's C loop (native/fastpath/export.c, FPX_CTL_*).
+
+    Word 0 is the bulk lanes' hint, written by whichever demand loop runs (one aligned
+    64-bit word: never torn): bit 63 set, region << 40, page. Word 1 is non-zero while
+    fault injection is active (the C loop hands every batch to Python then). Both are
+    read and written without ``ExportState.lock``: a hint the C loop writes just as a
+    bulk lane takes the previous one is lost, and bulk keeps its own cursor until the
+    next request -- steering, not correctness.
+    """
+
+    _VALID: Final = 1 << 63
+    _SHIFT: Final = 40
+    _PAGE_MASK: Final = (1 << 40) - 1
+    _REGION_MASK: Final = (1 << 23) - 1
+
+    def __init__(self) -> None:
+        self.words = (ctypes.c_uint64 * 2)()
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self.words)
+
+    def hint(self) -> tuple[int, int] | None:
+        word = int(self.words[0])
+        if not word & self._VALID:
+            return None
+        return (word >> self._SHIFT) & self._REGION_MASK, word & self._PAGE_MASK
+
+    def set_hint(self, value: tuple[int, int] | None) -> None:
+        if value is None:
+            self.words[0] = 0
+            return
+        region, page = value
+        self.words[0] = (self._VALID | (region & self._REGION_MASK) << self._SHIFT
+                         | page & self._PAGE_MASK)
+
+    def set_python_only(self, on: bool) -> None:
+        self.words[1] = 1 if on else 0
+
+
+class _LostPages(set[tuple[int, int]]):
+    """``ExportState.lost``: every change tells the demand lane's C loop (see above)."""
+
+    def __init__(self, pages: set[tuple[int, int]], changed: Callable[[], None]) -> None:
+        super().__init__(pages)
+        self._changed = changed
+
+    def add(self, element: tuple[int, int], /) -> None:
+        super().add(element)
+        self._changed()
+
+    def update(self, *others: Iterable[tuple[int, int]]) -> None:
+        super().update(*others)
+        self._changed()
+
+    def discard(self, element: object, /) -> None:
+        super().discard(element)
+        self._changed()
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
 
 
 class PageReader:
@@ -284,40 +386,283 @@ def use_short_switch_interval() -> None:
 _DEMAND_BATCH_PAGES: Final = 64  # most pages answered with one sendmsg (and scratch size)
 
 
-def serve_demand(fs: FrameSocket, state: ExportState, metrics: SessionMetrics) -> None:
+def serve_demand(fs: FrameSocket, state: ExportState, metrics: SessionMetrics, *,
+                 fastpath: str = "auto") -> None:
     """Demand lane thread body: answer requests until the link closes.
 
     Every request already received is answered in one batch with one sendmsg: with many
     faulting vCPUs the destination sends requests in bursts, and a syscall per page
     capped the source at ~16k pages/s.
+
+    With ``fastpath`` (``[peer] fastpath``) giving the C library, on a plaintext link,
+    the common case runs in C (``_CDemandLane``): it returns here for everything else
+    (a frame that is not a request it can answer, a page it cannot read, fault
+    injection), and this loop answers that batch in Python, with every rule it has.
     """
     use_short_switch_interval()
     max_page = max(r.page_size for r in state.regions)
     reader = PageReader(state, max_page * _DEMAND_BATCH_PAGES)
+    lane = _CDemandLane.open(fastpath, fs, state, reader)
+    label = getattr(fs, "label", "") or "demand lane"
+    if lane is not None:
+        log.info("%s: answered by the C fast path", label)
     spin = 0.0  # no spinning until a request came: an idle lane sleeps in recv
     carried: tuple[ExportRegion, int, int] | None = None
-    while True:
-        if carried is None:
-            carried = _request(state, fs.recv_header(spin))
-        batch, carried = [carried], None
-        spin = state.spin_s
-        pages = batch[0][2]
-        while fs.header_ready() and pages < _DEMAND_BATCH_PAGES:
-            req = _request(state, fs.recv_header())
-            if pages + req[2] > _DEMAND_BATCH_PAGES:  # scratch is full: next batch
-                carried = req
-                break
-            batch.append(req)
-            pages += req[2]
-        _claim(state, batch)
-        frames: list[Frame] = []
-        at = 0
-        for region, p, n in batch:
-            send_pages(fs, reader, region, p, n, "demand", at=at, out=frames)
-            at += n * region.page_size
-        nbytes = fs.send_frames(frames)
-        state.bytes_sent += nbytes
-        metrics.sent("demand", nbytes)
+    python_requests = 0
+    try:
+        while True:
+            if lane is not None and carried is None and not state.injecting:
+                if not lane.serve(metrics):
+                    continue  # the C loop's regular return: call it again
+                spin = state.spin_s  # it answered requests: spin as it would have
+            carried, answered = _answer_batch(fs, state, reader, metrics, spin, carried)
+            python_requests += answered
+            spin = state.spin_s
+    finally:
+        if lane is not None:
+            lane.close()
+            log.info("%s ended: %d requests answered by the C fast path, %d by Python",
+                     label, lane.requests, python_requests)
+
+
+def _answer_batch(fs: FrameSocket, state: ExportState, reader: PageReader,
+                  metrics: SessionMetrics, spin: float,
+                  carried: tuple[ExportRegion, int, int] | None
+                  ) -> tuple[tuple[ExportRegion, int, int] | None, int]:
+    """Receive and answer one batch of requests (the Python demand loop's body).
+
+    Returns the request that did not fit (the next batch starts with it) and how many
+    requests were answered."""
+    if carried is None:
+        carried = _request(state, fs.recv_header(spin))
+    batch, carried = [carried], None
+    pages = batch[0][2]
+    while fs.header_ready() and pages < _DEMAND_BATCH_PAGES:
+        req = _request(state, fs.recv_header())
+        if pages + req[2] > _DEMAND_BATCH_PAGES:  # scratch is full: next batch
+            carried = req
+            break
+        batch.append(req)
+        pages += req[2]
+    _claim(state, batch)
+    frames: list[Frame] = []
+    at = 0
+    for region, p, n in batch:
+        send_pages(fs, reader, region, p, n, "demand", at=at, out=frames)
+        at += n * region.page_size
+    nbytes = fs.send_frames(frames)
+    state.bytes_sent += nbytes
+    metrics.sent("demand", nbytes)
+    return carried, len(batch)
+
+
+# -- the demand lane's C loop (native/fastpath/export.c)
+
+_C_RETURN_MS: Final = 50  # the C loop comes back at least this often (counters, stopping)
+# export.c's return codes
+_C_TIMEOUT: Final = 0
+_C_HANDBACK: Final = 1
+_C_EOF: Final = 2
+_C_RECV_ERROR: Final = 3
+_C_SEND_ERROR: Final = 4
+# export.c's ways of reading a region
+_C_MAP: Final = 0
+_C_PREAD: Final = 1
+_C_PID: Final = 2
+
+
+class _CRegion(ctypes.Structure):
+    """struct fpx_region."""
+
+    _fields_ = (("pages", ctypes.c_uint64), ("page_size", ctypes.c_uint64),
+                ("base", ctypes.c_uint64), ("offset", ctypes.c_uint64),
+                ("sent", ctypes.c_void_p), ("mode", ctypes.c_int32), ("fd", ctypes.c_int32),
+                ("pid", ctypes.c_int32), ("pad", ctypes.c_int32))
+
+
+class _CLane(ctypes.Structure):
+    """struct fpx_lane."""
+
+    _fields_ = (("regions", ctypes.c_void_p), ("nregions", ctypes.c_uint64),
+                ("buf", ctypes.c_void_p), ("cap", ctypes.c_uint64),
+                ("start", ctypes.c_uint64), ("end", ctypes.c_uint64),
+                ("scratch", ctypes.c_void_p), ("scratch_len", ctypes.c_uint64),
+                ("ctl", ctypes.c_void_p), ("max_header", ctypes.c_uint64),
+                ("spin_ns", ctypes.c_int64), ("fd", ctypes.c_int32),
+                ("return_ms", ctypes.c_int32), ("integrity", ctypes.c_int32),
+                ("pad", ctypes.c_int32),
+                ("bytes_sent", ctypes.c_uint64), ("bytes_received", ctypes.c_uint64),
+                ("pages_demand", ctypes.c_uint64), ("pages_zero", ctypes.c_uint64),
+                ("requests", ctypes.c_uint64), ("batches", ctypes.c_uint64),
+                ("error", ctypes.c_int32), ("pad2", ctypes.c_int32))
+
+
+class _PyBuffer(ctypes.Structure):
+    """Py_buffer: how to get the address of a read-only mapping (ctypes cannot)."""
+
+    _fields_ = (("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p),
+                ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
+                ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
+                ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
+                ("internal", ctypes.c_void_p))
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
+_get_buffer.restype = ctypes.c_int
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = (ctypes.POINTER(_PyBuffer),)
+_release_buffer.restype = None
+
+
+def _demand_function(lib: ctypes.CDLL) -> Callable[[object], int] | None:
+    """The library's demand loop, if it has one built for these structs."""
+    try:
+        fn = lib.uffdd_fp_export_demand
+        layout = lib.uffdd_fp_export_layout
+    except AttributeError:
+        return None
+    layout.argtypes = ()
+    layout.restype = ctypes.c_uint64
+    if layout() != ctypes.sizeof(_CLane) << 32 | ctypes.sizeof(_CRegion):
+        log.warning("fast path: the library's demand loop has another struct layout "
+                    "(rebuild native/); the demand lane runs in Python")
+        return None
+    fn.argtypes = (ctypes.POINTER(_CLane),)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class _CDemandLane:
+    """One demand lane's C loop: the struct it runs on, and everything it points into,
+    pinned (buffer exports) for as long as the lane lives.
+
+    The receive buffer is the FrameSocket's own: bytes it already holds are the C
+    loop's first input, and what the C loop hands back is simply still in it for
+    ``recv_header``. The socket is a dup() closed by ``close``: another thread's
+    ``fs.close()`` shuts the connection down (waking the C loop's poll), and the
+    descriptor number the C loop uses cannot be reused while it runs.
+    """
+
+    def __init__(self, fn: Callable[[object], int], fs: FrameSocket, state: ExportState,
+                 reader: PageReader) -> None:
+        self.fn = fn
+        self.fs = fs
+        self.state = state
+        self.requests = 0
+        self._pins: list[object] = []
+        self._views: list[_PyBuffer] = []
+        self._rows: list[bytearray] | None = None
+        self.c_regions = (_CRegion * len(state.regions))()
+        self.lane = lane = _CLane()
+        self.fd = os.dup(fs.sock.fileno())
+        try:
+            for i, region in enumerate(state.regions):
+                self._describe(self.c_regions[i], region)
+            # FrameSocket's receive buffer (peer.py): read and written in place, never resized
+            buf = fs._buf
+            lane.buf = self._pin(buf)
+            lane.cap = len(buf)
+            lane.scratch = self._pin(reader.scratch)
+            lane.scratch_len = len(reader.scratch)
+            lane.regions = ctypes.addressof(self.c_regions)
+            lane.nregions = len(state.regions)
+            lane.ctl = state.control.address
+            lane.max_header = min(fs.max_header, protocol.MAX_PEER_HEADER)
+            lane.fd = self.fd
+            lane.return_ms = _C_RETURN_MS
+            lane.integrity = 1 if state.integrity else 0
+            self._bind_rows()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def open(cls, mode: str, fs: FrameSocket, state: ExportState,
+             reader: PageReader) -> _CDemandLane | None:
+        """The C loop for this lane, or None where the Python loop must run: no library
+        (or ``fastpath = "off"``), or a TLS link (the C loop speaks plain TCP)."""
+        lib = _fastpath.load(mode)
+        if lib is None or type(fs.sock) is not socket.socket:
+            return None
+        fn = _demand_function(lib)
+        if fn is None:
+            return None
+        return cls(fn, fs, state, reader)
+
+    def _pin(self, buf: bytearray) -> int:
+        """The address of ``buf``, which cannot be resized (or freed) until ``close``."""
+        pin = ctypes.c_char.from_buffer(buf)
+        self._pins.append(pin)
+        return ctypes.addressof(pin)
+
+    def _describe(self, c: _CRegion, region: ExportRegion) -> None:
+        c.pages = region.pages
+        c.page_size = region.page_size
+        if region.mapping is not None:  # PageReader.view's order of preference
+            view = _PyBuffer()
+            _get_buffer(region.mapping.map, ctypes.byref(view), 0)  # PyBUF_SIMPLE: read-only
+            self._views.append(view)  # an export: the mapping cannot go while it is held
+            c.mode, c.base = _C_MAP, view.buf
+        elif region.fd >= 0:
+            c.mode, c.fd, c.offset = _C_PREAD, region.fd, region.offset
+        else:
+            c.mode, c.pid, c.base = _C_PID, region.pid, region.addr
+
+    def _bind_rows(self) -> None:
+        """Point the C loop at the current ``state.sent`` rows (a new bulk link replaces
+        them: until the next return the C loop marks the old ones, so a page may go
+        twice, which the destination drops)."""
+        rows = self.state.sent
+        for c, row in zip(self.c_regions, rows, strict=True):
+            c.sent = self._pin(row)
+        self._rows = rows
+
+    def serve(self, metrics: SessionMetrics) -> bool:
+        """Run the C loop until it returns; True if Python must handle what comes next.
+
+        Folds the call's counters into the session's. A closed link raises
+        PeerUnavailable, as the Python loop's recv and send do."""
+        fs, lane, state = self.fs, self.lane, self.state
+        if fs.closed:
+            raise PeerUnavailable("peer link receive failed: the lane was closed")
+        if state.sent is not self._rows:
+            self._bind_rows()
+        lane.start, lane.end = fs._start, fs._end
+        lane.spin_ns = int(state.spin_s * 1e9)
+        lane.bytes_sent = lane.bytes_received = lane.pages_demand = lane.pages_zero = 0
+        lane.requests = lane.batches = 0
+        rc = self.fn(ctypes.byref(lane))  # ctypes releases the GIL for the call
+        fs._start, fs._end = lane.start, lane.end
+        fs.received += lane.bytes_received
+        if lane.bytes_sent:
+            fs.sent += lane.bytes_sent
+            state.bytes_sent += lane.bytes_sent
+            state.pages_zero += lane.pages_zero
+            with state.lock:
+                state.pages_demand += lane.pages_demand
+            state.pages_demand_c += lane.pages_demand
+            self.requests += lane.requests
+            metrics.sent("demand", lane.bytes_sent)
+        if rc in (_C_TIMEOUT, _C_HANDBACK):
+            return rc == _C_HANDBACK
+        if rc == _C_EOF:
+            raise PeerUnavailable("peer closed the link")
+        what = "receive" if rc == _C_RECV_ERROR else "send"
+        raise PeerUnavailable(f"peer link {what} failed: "
+                              f"{OSError(lane.error, os.strerror(lane.error))}")
+
+    def close(self) -> None:
+        """Release the descriptor and every pinned buffer (the lane's thread, after the
+        last call)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for view in self._views:
+            _release_buffer(ctypes.byref(view))
+        self._views.clear()
+        self._pins.clear()
 
 
 def _request(state: ExportState, header: protocol.Message) -> tuple[ExportRegion, int, int]:

@@ -571,6 +571,9 @@ class ExportSession(SessionBase):
         self.lanes += 1
         self.metrics.link(True)
         body = partial(serve, fs, self.export_state, self.metrics)
+        if lane == "demand":  # its common case in C when built ([peer] fastpath)
+            body = partial(exporter.serve_demand, fs, self.export_state, self.metrics,
+                           fastpath=self.config.peer.fastpath)
         try:
             if lane == "demand":  # the lane's own thread says 'cancel' (no racing sends)
                 await run_thread(partial(self._demand_then_cancel, body, fs),
