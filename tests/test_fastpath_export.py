@@ -291,8 +291,8 @@ def req(p: int, n: int = 1, r: int = 0) -> bytes:
     return protocol.pack_peer({"t": "req", "r": r, "p": p, "n": n})
 
 
-def _both(backing: str, stream: bytes, *, integrity: bool = True, seed: int = 1
-          ) -> tuple[Lane, Lane]:
+def _both(backing: str, stream: bytes, *, integrity: bool = True, seed: int = 1,
+          spin_s: float = 0.0) -> tuple[Lane, Lane]:
     """The stream through the Python lane and through the C lane (all of it buffered
     before the lane starts, so both see the same bytes in one read)."""
     guest = Guest(backing, _content(seed))
@@ -300,6 +300,7 @@ def _both(backing: str, stream: bytes, *, integrity: bool = True, seed: int = 1
     try:
         for mode in ("off", "on"):
             lane = Lane(guest, mode, integrity=integrity)
+            lane.state.spin_s = spin_s
             lane.send(stream)
             lane.start().finish()
             lanes.append(lane)
@@ -326,6 +327,13 @@ def test_same_replies_and_counters(lib: ctypes.CDLL, backing: str, integrity: bo
     assert py.state.pages_demand_c == 0
     assert c.state.hint == (0, 132)  # the last request's end steers bulk
     assert c.state.sent[0].count(1) == len({p for a, n in REQUESTS for p in range(a, a + n)})
+
+
+def test_spinning_lane_same_replies(lib: ctypes.CDLL) -> None:
+    """[peer] spin_us > 0: the C loop busy-polls between requests, same replies."""
+    py, c = _both("sealed", b"".join(req(p, n) for p, n in REQUESTS), spin_s=0.002)
+    assert c.received == py.received and c.counters() == py.counters()
+    assert c.state.pages_demand_c == c.state.pages_demand
 
 
 @pytest.mark.parametrize("backing", ["sealed", "pread", "pid"])
@@ -611,6 +619,29 @@ def test_hint_steers_bulk_after_the_c_loop(lib: ctypes.CDLL) -> None:
         lane.finish()
     finally:
         guest.close()
+
+
+def test_new_bulk_link_rows_are_marked(lib: ctypes.CDLL) -> None:
+    """A new bulk link replaces ``state.sent`` (reset_sent): the C loop marks the new rows
+    from its next return on (before that a page may go twice, which is harmless)."""
+    guest = Guest("sealed", _content(10))
+    lane = Lane(guest, "on").start()
+    try:
+        lane.send(req(20))
+        lane.read_pages(1)
+        lane.state.reset_sent()
+        new_row = lane.state.sent[0]
+        for _ in range(1000):  # bounded: each round trip gives the lane a chance to return
+            lane.send(req(30))
+            lane.read_pages(1)
+            if new_row[30]:
+                break
+            threading.Event().wait(0.01)
+        assert new_row[30] == 1 and new_row[20] == 0
+        lane.finish()
+    finally:
+        guest.close()
+    assert lane.state.pages_demand == lane.state.pages_demand_c
 
 
 # ---------------------------------------------------------------- live daemons

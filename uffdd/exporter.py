@@ -554,6 +554,7 @@ class _CDemandLane:
         self._pins: list[object] = []
         self._views: list[_PyBuffer] = []
         self._rows: list[bytearray] | None = None
+        self._row_pins: list[ctypes.c_char] = []
         self.c_regions = (_CRegion * len(state.regions))()
         self.lane = lane = _CLane()
         self.fd = os.dup(fs.sock.fileno())
@@ -615,8 +616,10 @@ class _CDemandLane:
         them: until the next return the C loop marks the old ones, so a page may go
         twice, which the destination drops)."""
         rows = self.state.sent
-        for c, row in zip(self.c_regions, rows, strict=True):
-            c.sent = self._pin(row)
+        pins = [ctypes.c_char.from_buffer(row) for row in rows]
+        for c, pin in zip(self.c_regions, pins, strict=True):
+            c.sent = ctypes.addressof(pin)
+        self._row_pins = pins  # the old rows' pins go (the C loop is not running)
         self._rows = rows
 
     def serve(self, metrics: SessionMetrics) -> bool:
@@ -663,6 +666,7 @@ class _CDemandLane:
             _release_buffer(ctypes.byref(view))
         self._views.clear()
         self._pins.clear()
+        self._row_pins.clear()
 
 
 def _request(state: ExportState, header: protocol.Message) -> tuple[ExportRegion, int, int]:
