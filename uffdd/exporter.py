@@ -6,6 +6,11 @@ jumping to just after the most recent demand request (fault locality). Zero page
 as markers; every data payload carries a CRC32. Guest memory is read either through a
 read-only mapping of the VMM's memory fd, or with process_vm_readv from the VMM's pid for
 anonymous memory; the source VMM is paused, and this process never maps it writable.
+
+On a plaintext link the demand lane's common case runs in C (native/fastpath/export.c,
+``serve_demand``), which writes the same frames and hands everything unusual back to
+the Python code here; it took the source from ~70 to ~28 µs of CPU per fault, nearly
+all of the rest being the kernel's (bench demand-latency).
 """
 
 from __future__ import annotations
@@ -87,9 +92,16 @@ class ExportState:
         self._injection_changed()
 
     def reset_sent(self) -> None:
-        """Forget what was sent (a new link: the destination tells us what it has)."""
+        """Forget what was sent (a new link: the destination tells us what it has).
+
+        The rows are cleared in place: the demand lane's C loop writes into these very
+        bytearrays, so a page it answers from now on is marked where the new bulk lanes
+        look (with new rows it marked the old ones until its next return, and bulk sent
+        those pages again; a bulk lane still sending when the destination completes
+        never reads its 'done')."""
         with self.lock:
-            self.sent = [bytearray(r.pages) for r in self.regions]
+            for row in self.sent:
+                row[:] = bytes(len(row))
 
     @property
     def corrupt_frames(self) -> int:
