@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import mmap
 import os
@@ -88,6 +89,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-warm", dest="warm", action="store_false",
                    help="do not touch and free twice the guest's size in the destination VMM "
                         "before each run (the reference warms the same way: see README)")
+    p.add_argument("--bulk-lanes", type=int, default=None, metavar="N",
+                   help="daemons' [peer] bulk_lanes (default: the built-in default)")
+    p.add_argument("--integrity", choices=("true", "false"), default=None,
+                   help="daemons' [peer] integrity, the CRC32 of every payload "
+                        "(default: the built-in default)")
+    p.add_argument("--bulk-mib", type=int, default=None, metavar="MIB",
+                   help="guest size of the bulk scenario (default: 1024; larger for profiling)")
     p.add_argument("--output", metavar="PATH", help="also write the JSON object to PATH")
 
 
@@ -217,6 +225,8 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.sizes = QUICK if args.quick else FULL
+        if getattr(args, "bulk_mib", None):
+            self.sizes = dataclasses.replace(self.sizes, bulk=int(args.bulk_mib) << 20)
         self.repeat = max(1, int(args.repeat))
         self.workdir = Path(tempfile.mkdtemp(prefix="uffdd-bench-"))
         self.quiet = bool(args.json)
@@ -285,6 +295,10 @@ class Bench:
             config += f"chunk_bytes = {int(self.args.chunk_bytes)}\n"
         if self.args.spin_us is not None:
             config += f"spin_us = {int(self.args.spin_us)}\n"
+        if self.args.bulk_lanes is not None:
+            config += f"bulk_lanes = {int(self.args.bulk_lanes)}\n"
+        if self.args.integrity is not None:
+            config += f"integrity = {self.args.integrity}\n"
         name = f"b{self._n}"
         src = harness.start_daemon(self.workdir, f"{name}-source", config=config)
         try:
