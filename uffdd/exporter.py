@@ -29,7 +29,7 @@ from collections.abc import Mapping as _AbcMapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from uffdd import _fastpath, protocol
+from uffdd import _fastpath, peer, protocol
 from uffdd._linux.mem import Mapping, buffer_address, process_read
 from uffdd.errors import KernelError, PeerUnavailable, ProtocolError, TargetGone
 from uffdd.metrics import SessionMetrics
@@ -201,12 +201,33 @@ class _LostPages(set[tuple[int, int]]):
 class PageReader:
     """Reads pages of a region for sending, without copies where the memory is mapped."""
 
-    def __init__(self, state: ExportState, max_bytes: int) -> None:
+    def __init__(self, state: ExportState, max_bytes: int,
+                 native: peer.PayloadNative | None = None) -> None:
         self.state = state
         self.scratch = bytearray(max_bytes)
         self.scratch_view = memoryview(self.scratch)
         self.scratch_addr = buffer_address(self.scratch)
         self.zero = bytes(max(r.page_size for r in state.regions))
+        self.native = native  # C zero scan and CRC (bulk lanes, libuffdd_fastpath)
+        self._zmap = bytearray(max(1, max_bytes // min(r.page_size for r in state.regions)))
+        self._zmap_addr = buffer_address(self._zmap)
+
+    def address(self, region: ExportRegion, page: int, at: int = 0) -> int:
+        """Where ``view(region, page, count, at)``'s bytes are (0: not known, read-only)."""
+        if region.mapping is not None:
+            return region.mapping.address and region.mapping.address + page * region.page_size
+        return self.scratch_addr + at
+
+    def zero_map(self, region: ExportRegion, data: memoryview, count: int, at: int,
+                 addr: int) -> bytes | bytearray:
+        """Byte i is 1 if page i of the ``count`` pages in ``data`` (at ``addr``, if
+        known) is all zeros. With the C library, one call for the whole chunk; the
+        bytes are then valid until the next call."""
+        if self.native is not None and addr:
+            self.native.zero_map(addr, count * region.page_size, region.page_size,
+                                 self._zmap_addr)
+            return self._zmap
+        return bytes(self.zero_pages(region, data, count, at))
 
     def view(self, region: ExportRegion, page: int, count: int, at: int = 0) -> memoryview:
         """The pages' bytes: the mapping itself, or (pid mode) read into scratch at ``at``."""
@@ -250,18 +271,26 @@ def _runs(reader: PageReader, region: ExportRegion, data: memoryview, page: int,
           count: int, at: int) -> list[Run]:
     """Split ``count`` pages into lost pages and runs of zero / non-zero pages."""
     lost = reader.state.lost
-    zeros = reader.zero_pages(region, data, count, at)
+    zmap = reader.zero_map(region, data, count, at, reader.address(region, page, at))
     runs: list[Run] = []
+    if not lost:  # a run ends where the map changes: one find per run, not a step per page
+        i = 0
+        while i < count:
+            zero = zmap[i]
+            j = zmap.find(0 if zero else 1, i + 1, count)
+            j = count if j < 0 else j
+            runs.append(("zero" if zero else "data", i, j))
+            i = j
+        return runs
     i = 0
     while i < count:
-        if lost and (region.index, page + i) in lost:
+        if (region.index, page + i) in lost:
             runs.append(("lost", i, i + 1))
             i += 1
             continue
-        zero = zeros[i]
+        zero = zmap[i]
         j = i + 1
-        while j < count and not (lost and (region.index, page + j) in lost) and \
-                zeros[j] == zero:
+        while j < count and (region.index, page + j) not in lost and zmap[j] == zero:
             j += 1
         runs.append(("zero" if zero else "data", i, j))
         i = j
@@ -298,7 +327,8 @@ def send_pages(fs: FrameSocket, reader: PageReader, region: ExportRegion, page: 
             _one_page(frames, reader, region, page, data, at)  # a fault: skip the run logic
         else:
             runs = _runs(reader, region, data, page, count, at)
-            _frames_for(frames, state, region, page, data, runs, lane)
+            crc = _Crc(reader.native, reader.address(region, page, at))
+            _frames_for(frames, state, region, page, data, runs, lane, crc)
     if out is not None:
         return 0
     sent = fs.send_frames(frames)
@@ -318,8 +348,22 @@ def _one_page(frames: list[Frame], reader: PageReader, region: ExportRegion, pag
                     "crc": crc}, (data,)))
 
 
+class _Crc:
+    """CRC-32 of slices of one chunk: in C where its address is known, else zlib."""
+
+    def __init__(self, native: peer.PayloadNative | None, addr: int) -> None:
+        self.fn = native.crc32 if native is not None and addr else None  # (crc, addr, len)
+        self.addr = addr
+
+    def __call__(self, data: memoryview, offset: int, length: int, crc: int) -> int:
+        if self.fn is not None:
+            return self.fn(crc, self.addr + offset, length)
+        return zlib.crc32(data[offset : offset + length], crc)
+
+
 def _frames_for(frames: list[Frame], state: ExportState, region: ExportRegion, page: int,
-                data: memoryview, runs: list[Run], lane: str) -> None:
+                data: memoryview, runs: list[Run], lane: str, crc: _Crc | None = None) -> None:
+    crc = crc or _Crc(None, 0)
     fs = _Collector(frames)
     group: list[Run] = []
     for run in runs:
@@ -327,17 +371,17 @@ def _frames_for(frames: list[Frame], state: ExportState, region: ExportRegion, p
         if lane == "bulk" and (kind == "data" or (kind == "zero" and j - i < ZERO_RUN_ALONE)):
             group.append(run)
             continue
-        _send_group(fs, state, region, page, data, group)
+        _send_group(fs, state, region, page, data, group, crc)
         group = []
         if kind == "data":
-            _send_group(fs, state, region, page, data, [run])
+            _send_group(fs, state, region, page, data, [run], crc)
         elif kind == "zero":
             fs.send({"t": "zero", "r": region.index, "p": page + i, "n": j - i})
             state.pages_zero += j - i
         else:
             fs.send({"t": "lost", "r": region.index, "p": page + i, "n": 1,
                      "reason": "source cannot read this page (fault injection)"})
-    _send_group(fs, state, region, page, data, group)
+    _send_group(fs, state, region, page, data, group, crc)
 
 
 Frame = tuple[Header, tuple[memoryview | bytes, ...]]
@@ -354,7 +398,7 @@ class _Collector:
 
 
 def _send_group(fs: _Collector, state: ExportState, region: ExportRegion, page: int,
-                data: memoryview, group: list[Run]) -> None:
+                data: memoryview, group: list[Run], crc32: _Crc) -> None:
     """One data frame for adjacent runs: the data runs' bytes, the zero runs as holes."""
     while group and group[-1][0] == "zero":  # trailing zeros: a marker, not a hole
         _, i, j = group.pop()
@@ -368,8 +412,9 @@ def _send_group(fs: _Collector, state: ExportState, region: ExportRegion, page: 
     holes = [[i - first, j - i] for kind, i, j in group if kind == "zero"]
     crc = 0
     if state.integrity:
-        for part in parts:
-            crc = zlib.crc32(part, crc)
+        for kind, i, j in group:
+            if kind == "data":
+                crc = crc32(data, i * ps, (j - i) * ps, crc)
     if state.corrupt_frames > 0:
         state.corrupt_frames -= 1
         crc = (crc ^ 0x5A5A5A5A) if state.integrity else 0
@@ -729,10 +774,16 @@ def _next_run(state: ExportState, cursor: tuple[int, int], max_bytes: int
     return None
 
 
-def serve_bulk(fs: FrameSocket, state: ExportState, metrics: SessionMetrics) -> None:
-    """Bulk lane thread body: read what the destination has, stream the rest, await 'done'."""
+def serve_bulk(fs: FrameSocket, state: ExportState, metrics: SessionMetrics, *,
+               fastpath: str = "off") -> None:
+    """Bulk lane thread body: read what the destination has, stream the rest, await 'done'.
+
+    With the C library (``fastpath``, ``[peer] fastpath``) a chunk's zero scan and CRC
+    are one C call each instead of a Python step per page and zlib's slower CRC.
+    """
     _receive_have(fs, state)
-    reader = PageReader(state, max(state.chunk_bytes, max(r.page_size for r in state.regions)))
+    reader = PageReader(state, max(state.chunk_bytes, max(r.page_size for r in state.regions)),
+                        peer.PayloadNative.load(fastpath))
     cursor = (0, 0)
     while state.background:
         run = _next_run(state, cursor, state.chunk_bytes)

@@ -12,6 +12,7 @@ every fd and mapping it held is released.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import queue
@@ -28,11 +29,11 @@ import trio
 
 from uffdd import _fastpath, exporter, pagestate, peer, protocol, strategies, tls
 from uffdd._linux import sdnotify
-from uffdd._linux.mem import pidfd_kill
+from uffdd._linux.mem import buffer_address, pidfd_kill
 from uffdd.config import Config
 from uffdd.errors import AuthError, PeerUnavailable, ProtocolError, UffddError
 from uffdd.exporter import ExportRegion, ExportState
-from uffdd.faultloop import FaultLoop, ImportRegion, Outcome
+from uffdd.faultloop import FaultLoop, ImportRegion, Outcome, _holes
 from uffdd.metrics import SessionMetrics
 from uffdd.pagestate import PageMap
 from uffdd.threads import run_thread
@@ -351,17 +352,19 @@ class ImportSession(SessionBase):
 
     async def _bulk_lane(self, fs: peer.FrameSocket, scope: trio.CancelScope) -> None:
         chunk = max(self.config.peer.chunk_bytes, max(r.page_size for r in self.regions))
-        pool: queue.Queue[bytearray] = queue.Queue()
+        pool: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(_BULK_BUFFERS):
             pool.put(bytearray(chunk))
+        native = peer.PayloadNative.load(self.config.peer.fastpath)
         try:
-            await run_thread(partial(self._receive_bulk, fs, pool, chunk), fs.close)
+            await run_thread(partial(self._receive_bulk, fs, pool, native), fs.close)
         except (PeerUnavailable, ProtocolError, OSError) as e:
             if not self._completed.is_set():
                 log.warning("session=%s bulk lane ended: %s", self.session_id, e)
                 self._link_lost.set()
 
-    def _receive_bulk(self, fs: peer.FrameSocket, pool: queue.Queue[bytearray], chunk: int) -> None:
+    def _receive_bulk(self, fs: peer.FrameSocket, pool: queue.SimpleQueue[bytearray],
+                      native: peer.PayloadNative | None) -> None:
         """Bulk receiver thread: frames go to the fault thread; data into pooled buffers."""
         while True:
             header = fs.recv_header()
@@ -369,7 +372,10 @@ class ImportSession(SessionBase):
             if kind == "data":
                 buf = _take_buffer(pool, fs)
                 try:  # pages land in place, holes zeroed, CRC checked (see FaultLoop)
-                    length = self.loop.receive_bulk_data(fs, header, buf)
+                    if native is None:
+                        length = self.loop.receive_bulk_data(fs, header, buf)
+                    else:
+                        length = self._receive_run(fs, header, buf, native)
                 except BaseException:
                     pool.put(buf)
                     raise
@@ -380,6 +386,40 @@ class ImportSession(SessionBase):
                 self.loop.bulk_put((header, None, None))
             else:
                 raise ProtocolError(f"unexpected frame on a bulk lane: {kind!r}")
+
+    def _receive_run(self, fs: peer.FrameSocket, header: protocol.Message, buf: bytearray,
+                     native: peer.PayloadNative) -> int:
+        """FaultLoop.receive_bulk_data with the CRC and the holes' zeroing in C.
+
+        The same checks and the same result (the run expanded in ``buf``, holes zeroed,
+        ``header["crc_ok"]`` and ``header["len"]`` set for the fault thread); the CRC of
+        each piece is taken while it is still in the cache, right after it arrived.
+        """
+        region, _page, count = self.loop._run_of(header, expanded=False)
+        ps = self.regions[region].page_size
+        total = count * ps
+        if total > len(buf):
+            raise ProtocolError(f"bulk data frame of {total} bytes exceeds {len(buf)}")
+        holes = _holes(header.get("zr"), count)
+        length = protocol.peer_int(header, "len")
+        if length != total - sum(n for _, n in holes) * ps:
+            raise ProtocolError("data frame length does not match its pages and holes")
+        view = memoryview(buf)
+        addr = buffer_address(buf)
+        integrity = self.loop.integrity
+        crc, pos = 0, 0
+        for off, n in [*holes, (count, 0)]:
+            if off > pos:
+                fs.recv_into(view[pos * ps : off * ps])
+                if integrity:
+                    crc = native.crc32(crc, addr + pos * ps, (off - pos) * ps)
+            if n:
+                ctypes.memset(addr + off * ps, 0, n * ps)
+            pos = off + n
+        header.pop("zr", None)  # expanded: the fault thread sees a plain run
+        header["len"] = total
+        header["crc_ok"] = not integrity or crc == header.get("crc")
+        return length
 
     async def _send_done(self) -> None:
         for fs in self._bulk_socks:
@@ -568,6 +608,7 @@ class ExportSession(SessionBase):
         serve = exporter.serve_demand if lane == "demand" else exporter.serve_bulk
         if lane == "bulk":
             self.export_state.reset_sent()
+            serve = partial(exporter.serve_bulk, fastpath=self.config.peer.fastpath)
         self.lanes += 1
         self.metrics.link(True)
         body = partial(serve, fs, self.export_state, self.metrics)
@@ -717,12 +758,16 @@ def stored_sessions(handed: dict[str, list[int]]) -> dict[str, list[int]]:
     return stored
 
 
-def _take_buffer(pool: queue.Queue[bytearray], fs: peer.FrameSocket) -> bytearray:
+def _take_buffer(pool: queue.SimpleQueue[bytearray], fs: peer.FrameSocket) -> bytearray:
     """A free receive buffer; gives up when the lane is closed (the session is ending).
 
     The fault thread returns buffers after installing from them; once it has stopped,
     none come back, so waiting without looking at the lane would never end.
     """
+    try:
+        return pool.get_nowait()  # the common case: no timed wait to set up
+    except queue.Empty:
+        pass
     while True:
         try:
             return pool.get(timeout=0.1)
