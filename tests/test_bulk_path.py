@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import random
+import threading
 import zlib
 
 import pytest
@@ -193,3 +194,73 @@ def test_a_buffer_the_c_code_reads_is_not_copied() -> None:
     reader = exporter.PageReader(state, len(source))
     view = reader.view(region, 2, 4, at=4096)
     assert ctypes.string_at(reader.address(region, 2, at=4096), 4 * 4096) == bytes(view)
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_crc32_nonzero_skips_exactly_the_mapped_zero_pages(native: peer.PayloadNative,
+                                                           page_size: int) -> None:
+    rng = random.Random(3)
+    pages = 5 if page_size > 4096 else 40
+    data = bytearray(rng.randbytes(pages * page_size))
+    zmap = bytearray(rng.random() < 0.4 for _ in range(pages))
+    for first, end in ((0, pages), (1, pages - 1), (2, 2), (pages - 1, pages)):
+        expected = 0
+        for i in range(first, end):
+            if not zmap[i]:
+                expected = zlib.crc32(data[i * page_size : (i + 1) * page_size], expected)
+        got = native.crc32_nonzero(0, buffer_address(data), page_size, buffer_address(zmap),
+                                   first, end)
+        assert got == expected, (first, end)
+
+
+def _fill_holes(native: peer.PayloadNative, buf: bytearray, page_size: int, count: int,
+                holes: list[tuple[int, int]], with_crc: bool) -> int:
+    import array
+    flat = array.array("I", [v for hole in holes for v in hole])
+    return native.fill_holes(buffer_address(buf), page_size, count,
+                             flat.buffer_info()[0] if holes else 0, len(holes), with_crc, 0)
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("holes", [[], [(0, 1)], [(1, 2), (4, 1)], [(3, 2)]])
+def test_fill_holes_zeroes_holes_and_checksums_the_rest(native: peer.PayloadNative,
+                                                       page_size: int,
+                                                       holes: list[tuple[int, int]]) -> None:
+    count = 5
+    buf = bytearray(b"\xa5" * (count * page_size))
+    pieces, pos = [], 0
+    for off, n in [*holes, (count, 0)]:
+        pieces.append(bytes(buf[pos * page_size : off * page_size]))
+        pos = off + n
+    crc = _fill_holes(native, buf, page_size, count, holes, True)
+    assert crc == zlib.crc32(b"".join(pieces))
+    for off, n in holes:
+        assert buf[off * page_size : (off + n) * page_size] == bytes(n * page_size)
+    hole_pages = {off + k for off, n in holes for k in range(n)}
+    for i in set(range(count)) - hole_pages:
+        assert buf[i * page_size : (i + 1) * page_size] == b"\xa5" * page_size
+    assert _fill_holes(native, bytearray(count * page_size), page_size, count, holes,
+                       False) == 0
+
+
+def test_recv_parts_scatters_buffered_and_new_bytes() -> None:
+    import socket
+    a, b = socket.socketpair()
+    try:
+        sender, receiver = peer.FrameSocket(a), peer.FrameSocket(b)
+        payload = os.urandom(300_000)
+        # a frame header first: the receiver's header read buffers part of the payload
+        writer = threading.Thread(target=sender.send, args=({"t": "data", "n": 1}, payload))
+        writer.start()
+        assert receiver.recv_header() == {"t": "data", "n": 1}
+        target = bytearray(400_000)
+        view = memoryview(target)
+        cuts = [(0, 10), (20, 70_000), (70_000, 70_000), (100_000, 330_010)]
+        receiver.recv_parts([view[x:y] for x, y in cuts])
+        writer.join()
+        got = b"".join(target[x:y] for x, y in cuts)
+        assert got == payload
+        assert target[10:20] == bytes(10) and target[70_000:100_000] == bytes(30_000)
+    finally:
+        a.close()
+        b.close()

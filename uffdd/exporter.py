@@ -327,7 +327,7 @@ def send_pages(fs: FrameSocket, reader: PageReader, region: ExportRegion, page: 
             _one_page(frames, reader, region, page, data, at)  # a fault: skip the run logic
         else:
             runs = _runs(reader, region, data, page, count, at)
-            crc = _Crc(reader.native, reader.address(region, page, at))
+            crc = _Crc(reader.native, reader.address(region, page, at), reader.zmap_addr)
             _frames_for(frames, state, region, page, data, runs, lane, crc)
     if out is not None:
         return 0
@@ -349,16 +349,26 @@ def _one_page(frames: list[Frame], reader: PageReader, region: ExportRegion, pag
 
 
 class _Crc:
-    """CRC-32 of slices of one chunk: in C where its address is known, else zlib."""
+    """CRC-32 of one chunk's frames: in C where its address is known, else zlib."""
 
-    def __init__(self, native: peer.PayloadNative | None, addr: int) -> None:
-        self.fn = native.crc32 if native is not None and addr else None  # (crc, addr, len)
+    def __init__(self, native: peer.PayloadNative | None, addr: int, zmap_addr: int = 0) -> None:
+        self.native = native if addr else None
         self.addr = addr
+        self.zmap_addr = zmap_addr  # the C zero map of this chunk (0: none)
 
-    def __call__(self, data: memoryview, offset: int, length: int, crc: int) -> int:
-        if self.fn is not None:
-            return self.fn(crc, self.addr + offset, length)
-        return zlib.crc32(data[offset : offset + length], crc)
+    def group(self, data: memoryview, group: list[Run], ps: int) -> int:
+        """The CRC of a data frame's payload: the group's data runs, in order."""
+        first, end = group[0][1], group[-1][2]
+        if self.native is not None and self.zmap_addr:  # holes are the map's zero pages
+            return self.native.crc32_nonzero(0, self.addr, ps, self.zmap_addr, first, end)
+        crc = 0
+        for kind, i, j in group:
+            if kind == "data":
+                if self.native is not None:
+                    crc = self.native.crc32(crc, self.addr + i * ps, (j - i) * ps)
+                else:
+                    crc = zlib.crc32(data[i * ps : j * ps], crc)
+        return crc
 
 
 def _frames_for(frames: list[Frame], state: ExportState, region: ExportRegion, page: int,
@@ -410,11 +420,7 @@ def _send_group(fs: _Collector, state: ExportState, region: ExportRegion, page: 
     first, end = group[0][1], group[-1][2]
     parts = [data[i * ps : j * ps] for kind, i, j in group if kind == "data"]
     holes = [[i - first, j - i] for kind, i, j in group if kind == "zero"]
-    crc = 0
-    if state.integrity:
-        for kind, i, j in group:
-            if kind == "data":
-                crc = crc32(data, i * ps, (j - i) * ps, crc)
+    crc = crc32.group(data, group, ps) if state.integrity else 0
     if state.corrupt_frames > 0:
         state.corrupt_frames -= 1
         crc = (crc ^ 0x5A5A5A5A) if state.integrity else 0

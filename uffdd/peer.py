@@ -40,8 +40,9 @@ class PayloadNative:
 
     ``crc32(crc, address, length)`` is zlib.crc32's value (same polynomial and
     chaining) at ~5x its speed; ``zero_map(address, length, page_size, out_address)``
-    writes one byte per page, 1 for an all-zero page, and returns the zero pages.
-    Both take raw addresses: the caller keeps the buffers alive (ctypes releases the
+    writes one byte per page, 1 for an all-zero page, and returns the zero pages; the
+    other two do a frame with holes ("zr") in one call on either side. All take raw
+    addresses: the caller keeps the buffers alive (ctypes releases the
     GIL for the call, so other threads run meanwhile).
     """
 
@@ -52,8 +53,22 @@ class PayloadNative:
         zero = lib.uffdd_fp_zero_map
         zero.restype = ctypes.c_long
         zero.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p]
+        nonzero = lib.uffdd_fp_crc32_nonzero
+        nonzero.restype = ctypes.c_uint32
+        nonzero.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                            ctypes.c_size_t, ctypes.c_size_t]
+        holes = lib.uffdd_fp_fill_holes
+        holes.restype = ctypes.c_uint32
+        holes.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p,
+                          ctypes.c_size_t, ctypes.c_int, ctypes.c_uint32]
         self.crc32: Callable[[int, int, int], int] = crc
         self.zero_map: Callable[[int, int, int, int], int] = zero
+        #: (crc, address, page_size, zero_map_address, first, end): the CRC of the pages
+        #: in [first, end) that the zero map says are not zero
+        self.crc32_nonzero: Callable[[int, int, int, int, int, int], int] = nonzero
+        #: (address, page_size, count, holes_address, nholes, with_crc, crc): zero-fill
+        #: a run's holes (uint32 [first, pages] pairs), return the CRC of the rest
+        self.fill_holes: Callable[[int, int, int, int, int, int, int], int] = holes
 
     @classmethod
     def load(cls, mode: str) -> PayloadNative | None:
@@ -225,6 +240,38 @@ class FrameSocket:
                 raise PeerUnavailable("peer closed the link")
             pos += n
             self.received += n
+
+    def recv_parts(self, parts: list[memoryview]) -> None:
+        """Receive exactly ``sum(len(p) for p in parts)`` payload bytes, scattered into
+        ``parts`` in order: one recvmsg for a bulk frame whose pages go to places
+        between holes, instead of a receive per piece."""
+        todo = [p for p in parts if len(p)]
+        while todo and self._end > self._start:  # what the header read already buffered
+            have = min(self._end - self._start, len(todo[0]))
+            todo[0][:have] = self._view[self._start : self._start + have]
+            self._start += have
+            todo[0] = todo[0][have:]
+            if not len(todo[0]):
+                todo.pop(0)
+        if type(self.sock) is not socket.socket:  # SSL: no recvmsg
+            for part in todo:
+                self.recv_into(part)
+            return
+        first = 0
+        while first < len(todo):
+            batch = todo[first : first + _MAX_IOV]
+            try:
+                n = self.sock.recvmsg_into(batch, 0, socket.MSG_WAITALL)[0]
+            except OSError as e:
+                raise PeerUnavailable(f"peer link receive failed: {e}") from None
+            if n == 0:
+                raise PeerUnavailable("peer closed the link")
+            self.received += n
+            while first < len(todo) and n >= len(todo[first]):
+                n -= len(todo[first])
+                first += 1
+            if n:
+                todo[first] = todo[first][n:]
 
     def skip(self, length: int) -> None:
         """Receive and drop ``length`` payload bytes."""

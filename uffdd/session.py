@@ -11,8 +11,8 @@ every fd and mapping it held is released.
 
 from __future__ import annotations
 
+import array
 import contextlib
-import ctypes
 import logging
 import os
 import queue
@@ -389,11 +389,12 @@ class ImportSession(SessionBase):
 
     def _receive_run(self, fs: peer.FrameSocket, header: protocol.Message, buf: bytearray,
                      native: peer.PayloadNative) -> int:
-        """FaultLoop.receive_bulk_data with the CRC and the holes' zeroing in C.
+        """FaultLoop.receive_bulk_data with the receive, the CRC and the holes in a
+        few calls: one recvmsg scatters the pages to their places between the holes,
+        one C call zero-fills the holes and checksums the rest.
 
         The same checks and the same result (the run expanded in ``buf``, holes zeroed,
-        ``header["crc_ok"]`` and ``header["len"]`` set for the fault thread); the CRC of
-        each piece is taken while it is still in the cache, right after it arrived.
+        ``header["crc_ok"]`` and ``header["len"]`` set for the fault thread).
         """
         region, _page, count = self.loop._run_of(header, expanded=False)
         ps = self.regions[region].page_size
@@ -405,17 +406,16 @@ class ImportSession(SessionBase):
         if length != total - sum(n for _, n in holes) * ps:
             raise ProtocolError("data frame length does not match its pages and holes")
         view = memoryview(buf)
-        addr = buffer_address(buf)
-        integrity = self.loop.integrity
-        crc, pos = 0, 0
+        parts, pos = [], 0
         for off, n in [*holes, (count, 0)]:
             if off > pos:
-                fs.recv_into(view[pos * ps : off * ps])
-                if integrity:
-                    crc = native.crc32(crc, addr + pos * ps, (off - pos) * ps)
-            if n:
-                ctypes.memset(addr + off * ps, 0, n * ps)
+                parts.append(view[pos * ps : off * ps])
             pos = off + n
+        fs.recv_parts(parts)
+        integrity = self.loop.integrity
+        flat = array.array("I", [v for hole in holes for v in hole])
+        crc = native.fill_holes(buffer_address(buf), ps, count, flat.buffer_info()[0] if holes
+                                else 0, len(holes), integrity, 0)
         header.pop("zr", None)  # expanded: the fault thread sees a plain run
         header["len"] = total
         header["crc_ok"] = not integrity or crc == header.get("crc")
