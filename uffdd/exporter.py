@@ -20,6 +20,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import socket
 import sys
 import threading
@@ -211,6 +212,7 @@ class PageReader:
         self.native = native  # C zero scan and CRC (bulk lanes, libuffdd_fastpath)
         self._zmap = bytearray(max(1, max_bytes // min(r.page_size for r in state.regions)))
         self._zmap_addr = buffer_address(self._zmap)
+        self.zmap_addr = 0  # where the last zero_map call left a C map (0: it did not)
 
     def address(self, region: ExportRegion, page: int, at: int = 0) -> int:
         """Where ``view(region, page, count, at)``'s bytes are (0: not known, read-only)."""
@@ -226,7 +228,9 @@ class PageReader:
         if self.native is not None and addr:
             self.native.zero_map(addr, count * region.page_size, region.page_size,
                                  self._zmap_addr)
+            self.zmap_addr = self._zmap_addr
             return self._zmap
+        self.zmap_addr = 0
         return bytes(self.zero_pages(region, data, count, at))
 
     def view(self, region: ExportRegion, page: int, count: int, at: int = 0) -> memoryview:
@@ -791,19 +795,46 @@ def serve_bulk(fs: FrameSocket, state: ExportState, metrics: SessionMetrics, *,
     reader = PageReader(state, max(state.chunk_bytes, max(r.page_size for r in state.regions)),
                         peer.PayloadNative.load(fastpath))
     cursor = (0, 0)
-    while state.background:
-        run = _next_run(state, cursor, state.chunk_bytes)
-        if run is None:
-            break
-        region, page, count = run
-        nbytes = send_pages(fs, reader, region, page, count, "bulk")
-        metrics.sent("bulk", nbytes)
-        cursor = (region.index, page + count)
-    fs.send({"t": "end"})
+    try:
+        while state.background:
+            if _done_arrived(fs):  # demand faults brought every page before the stream did
+                state.done.set()
+                return
+            run = _next_run(state, cursor, state.chunk_bytes)
+            if run is None:
+                break
+            region, page, count = run
+            nbytes = send_pages(fs, reader, region, page, count, "bulk")
+            metrics.sent("bulk", nbytes)
+            cursor = (region.index, page + count)
+        fs.send({"t": "end"})
+    except PeerUnavailable:
+        # The destination completes, says 'done' and closes as soon as it has every
+        # page, possibly while we are still sending: its 'done' may be waiting for us.
+        if _done_arrived(fs):
+            state.done.set()
+            return
+        raise
     header = fs.recv_header()
     if header.get("t") != "done":
         raise ProtocolError(f"expected 'done' from the destination, got {header.get('t')!r}")
     state.done.set()
+
+
+def _done_arrived(fs: FrameSocket) -> bool:
+    """Without blocking: has the destination said 'done' (then the export is complete)?
+
+    The destination sends nothing else on a bulk lane after 'start', so any frame here
+    is 'done' or a protocol error."""
+    try:
+        if not fs.header_ready() and not select.select([fs.sock], [], [], 0)[0]:
+            return False
+        header = fs.recv_header()
+    except (PeerUnavailable, OSError, ValueError):
+        return False
+    if header.get("t") != "done":
+        raise ProtocolError(f"expected 'done' from the destination, got {header.get('t')!r}")
+    return True
 
 
 def _receive_have(fs: FrameSocket, state: ExportState) -> None:
