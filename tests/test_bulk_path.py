@@ -264,3 +264,10 @@ def test_recv_parts_scatters_buffered_and_new_bytes() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_fill_holes_stops_at_a_hole_outside_the_run(native: peer.PayloadNative) -> None:
+    buf = bytearray(b"\x01" * (4 * 4096))
+    assert _fill_holes(native, buf, 4096, 4, [(3, 2)], True) == 0  # past the end
+    assert buf == b"\x01" * (4 * 4096)
+    assert _fill_holes(native, buf, 4096, 4, [(2, 1), (1, 1)], True) == 0  # out of order

@@ -9,6 +9,8 @@
  *   uffdd_fp_crc32       the CRC-32 of zlib.crc32 (same polynomial, same chaining),
  *                        by carry-less multiplication (PCLMULQDQ) where the CPU has it
  *   uffdd_fp_zero_map    which pages of a buffer are all zeros, in one call
+ *   uffdd_fp_crc32_nonzero, uffdd_fp_fill_holes
+ *                        a data frame with holes ("zr") in one call on either side
  *
  * Both have pure-Python references in the tests (tests/test_bulk_path.py).
  */
@@ -225,18 +227,20 @@ FP_EXPORT uint32_t uffdd_fp_crc32_nonzero(uint32_t crc, const void *buf, size_t 
 /* Zero-fill the holes of a run of `count` pages in buf (holes: `nholes` pairs of
  * [first page, pages], sorted, disjoint and inside the run: the caller checked) and
  * return the CRC-32, chained from `crc`, of the pages between them (with_crc != 0;
- * else `crc` unchanged). Returns `crc` untouched and does nothing for bad holes. */
+ * else `crc` unchanged). A hole out of order or outside the run stops the work there
+ * and returns `crc` as it was passed (the caller checks holes before calling). */
 FP_EXPORT uint32_t uffdd_fp_fill_holes(void *buf, size_t page_size, size_t count,
 				       const uint32_t *holes, size_t nholes, int with_crc,
 				       uint32_t crc)
 {
 	uint8_t *p = buf;
+	const uint32_t crc0 = crc;
 	size_t pos = 0;
 	for (size_t h = 0; h <= nholes; h++) {
 		size_t off = h < nholes ? holes[2 * h] : count;
 		size_t n = h < nholes ? holes[2 * h + 1] : 0;
 		if (off < pos || off + n > count)
-			return crc;
+			return crc0;
 		if (with_crc && off > pos)
 			crc = uffdd_fp_crc32(crc, p + pos * page_size, (off - pos) * page_size);
 		if (n)
