@@ -31,7 +31,6 @@
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
-#include <zlib.h>
 
 #include "frame.h"
 
@@ -267,7 +266,7 @@ static int fpx_answer(struct fpx_lane *l, struct fpx_req *b, int nb)
 			} else {
 				const uint8_t *data = q->data + k * ps;
 				uint64_t len = (j - k) * ps;
-				uint64_t crc = l->integrity ? crc32(0L, data, (uInt)len) : 0;
+				uint64_t crc = l->integrity ? uffdd_fp_crc32(0, data, len) : 0;
 				size_t hl = fp_put_frame_head(h, FP_DATA, q->r, q->p + k, j - k, len, crc);
 				iov[ni++] = (struct iovec){h, hl};
 				iov[ni++] = (struct iovec){(void *)data, len};

@@ -24,6 +24,10 @@
 
 #define FP_MAX_HEADER (64 * 1024) /* protocol.MAX_PEER_HEADER */
 
+/* zlib.crc32's value, folded with PCLMULQDQ where the CPU has it (bulk.c): every
+ * payload CRC of the fast path goes through it. */
+uint32_t uffdd_fp_crc32(uint32_t crc, const void *buf, size_t len);
+
 enum fp_kind { FP_OTHER = 0, FP_REQ = 1, FP_DATA = 2, FP_ZERO = 3 };
 
 struct fp_header {

@@ -26,7 +26,6 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
-#include <zlib.h>
 
 #include "frame.h"
 
@@ -485,7 +484,7 @@ static int parse_rx(struct fp_imp *s)
 			break;
 		const uint8_t *payload = head + 4 + hlen;
 		if (kind == FP_DATA && io->integrity &&
-		    crc32(0, payload, (uInt)len) != (uLong)h.crc)
+		    uffdd_fp_crc32(0, payload, len) != h.crc)
 			return FP_Y_FRAME; /* Python refetches */
 		int fold = 0;
 		if (!install_frame(s, &h, payload, &fold))
