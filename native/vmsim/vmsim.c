@@ -833,9 +833,15 @@ static void reexit(uffdd_client *c)
 	touch_unit(&tm, u);
 	unsigned char *p = ram + u * unit;
 	if (opt.pageout) {
-		if (madvise(p, unit, MADV_PAGEOUT) < 0)
-			die(1, "MADV_PAGEOUT: %s", strerror(errno));
-		rx.swapped = page_swapped(p);
+		/* A page installed a moment ago may still sit in a per-CPU LRU batch,
+		 * where MADV_PAGEOUT skips it without an error: try again, briefly. */
+		for (int tries = 0; tries < 100 && !rx.swapped; tries++) {
+			if (madvise(p, unit, MADV_PAGEOUT) < 0)
+				die(1, "MADV_PAGEOUT: %s", strerror(errno));
+			rx.swapped = page_swapped(p);
+			if (!rx.swapped)
+				usleep(10000);
+		}
 	}
 	/* A real populate failure: MADV_POPULATE_WRITE on a read-only mapping fails
 	 * (EINVAL on 6.18). */
