@@ -431,8 +431,8 @@ class _RefusingLane(peer.FrameSocket):
     """Like the daemon's _PeerLane: it refuses out-of-region requests in recv_header,
     sending an 'error' frame first."""
 
-    def recv_header(self, spin_s: float = 0.0) -> protocol.Message:
-        header = super().recv_header(spin_s)
+    def recv_header(self) -> protocol.Message:
+        header = super().recv_header()
         if header.get("t") == "req" and int(header["p"]) + int(header["n"]) > PAGES:
             self.send({"t": "error", "code": "bad-request", "message": "outside"})
             raise ProtocolError("outside")

@@ -338,9 +338,8 @@ class _PeerLane(peer.FrameSocket):
         self.label = label
         self.region_pages = [size // page_size for _gpa, size, page_size in shapes]
 
-    def recv_header(self, spin_s: float = 0.0) -> protocol.Message:
-        # (spin_s only when asked: works with FrameSocket versions without busy-polling)
-        header = super().recv_header(spin_s) if spin_s else super().recv_header()
+    def recv_header(self) -> protocol.Message:
+        header = super().recv_header()
         if self.region_pages is not None and header.get("t") == "req":
             self._check_request(header)
         return header

@@ -71,7 +71,7 @@ class ExportState:
     chunk_bytes: int
     integrity: bool = True
     background: bool = True  # [peer] background: stream unrequested pages at all
-    spin_s: float = 0.0  # [peer] spin_us: the demand lane busy-polls this long after a request
+    spin_s: float = 0.0  # [peer] spin_us: the C demand lane busy-polls this long after a batch
     # fault injection: pages we "cannot read"
     lost: set[tuple[int, int]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -473,18 +473,15 @@ def serve_demand(fs: FrameSocket, state: ExportState, metrics: SessionMetrics, *
     label = getattr(fs, "label", "") or "demand lane"
     if lane is not None:
         log.info("%s: answered by the C fast path", label)
-    spin = 0.0  # no spinning until a request came: an idle lane sleeps in recv
     carried: tuple[ExportRegion, int, int] | None = None
     python_requests = 0
     try:
         while True:
-            if lane is not None and carried is None and not state.injecting:
-                if not lane.serve(metrics):
-                    continue  # the C loop's regular return: call it again
-                spin = state.spin_s  # it answered requests: spin as it would have
-            carried, answered = _answer_batch(fs, state, reader, metrics, spin, carried)
+            if (lane is not None and carried is None and not state.injecting
+                    and not lane.serve(metrics)):
+                continue  # the C loop's regular return: call it again
+            carried, answered = _answer_batch(fs, state, reader, metrics, carried)
             python_requests += answered
-            spin = state.spin_s
     finally:
         if lane is not None:
             lane.close()
@@ -493,7 +490,7 @@ def serve_demand(fs: FrameSocket, state: ExportState, metrics: SessionMetrics, *
 
 
 def _answer_batch(fs: FrameSocket, state: ExportState, reader: PageReader,
-                  metrics: SessionMetrics, spin: float,
+                  metrics: SessionMetrics,
                   carried: tuple[ExportRegion, int, int] | None
                   ) -> tuple[tuple[ExportRegion, int, int] | None, int]:
     """Receive and answer one batch of requests (the Python demand loop's body).
@@ -501,7 +498,7 @@ def _answer_batch(fs: FrameSocket, state: ExportState, reader: PageReader,
     Returns the request that did not fit (the next batch starts with it) and how many
     requests were answered."""
     if carried is None:
-        carried = _request(state, fs.recv_header(spin))
+        carried = _request(state, fs.recv_header())
     batch, carried = [carried], None
     pages = batch[0][2]
     while fs.header_ready() and pages < _DEMAND_BATCH_PAGES:

@@ -166,10 +166,11 @@ class FaultLoop:
         self.vmm_pid = 0  # whose pagemap tells what is present already (0: nobody's)
         self.cancel_reason: str | None = None  # set when the session fails or is cancelled
         self._last_progress = time.monotonic()
-        # Adaptive spinning: waking this thread from epoll_wait costs 25-40 µs on these
-        # machines, more than a whole fault round trip. While faults are arriving (or a
-        # demand reply is due) the loop busy-polls for up to ``spin_s`` before sleeping;
-        # with no demand activity it never spins, so an idle session costs no CPU.
+        # Adaptive spinning (the C loop only): waking this thread from epoll_wait costs
+        # 25-40 µs on these machines, more than a whole fault round trip. While a demand
+        # reply is due the C loop busy-polls for up to ``spin_s`` after the last fault or
+        # reply before sleeping; with nothing outstanding it never spins, so an idle
+        # session costs no CPU.
         self.spin_s = 0.0  # the session sets peer.spin_us
         self._active_at = 0.0  # last fault read, demand request sent or reply received
         self._bulk_slices: Iterator[bool] | None = None  # the bulk frame being installed
@@ -424,20 +425,8 @@ class FaultLoop:
                     page = flags.find(1, page + 1)
 
     def _wait(self) -> list[tuple[int, int]]:
-        """epoll: busy-poll while a demand reply is due, else sleep in the kernel.
-
-        Only while requests are outstanding: the vCPU that faulted is blocked then, so the
-        spin takes no CPU from it. Spinning for the *next* fault would (2 CPUs here, and
-        the vCPU thread needs one to fault), and measured slower."""
-        until = self._active_at + self.spin_s
-        if self.spin_s > 0 and self._outstanding and time.monotonic() < until:
-            poll, clock = self._ep.poll, time.monotonic
-            while True:
-                ready = poll(0)
-                if ready:
-                    return ready
-                if clock() >= until:
-                    break
+        """The Python loop sleeps in epoll: it never spins (spinning from Python, with the
+        GIL shared by the bulk threads, measured slower; the C loop spins)."""
         return self._ep.poll(_EPOLL_TIMEOUT)
 
     def _periodic_checks(self) -> None:

@@ -19,7 +19,6 @@ import hmac
 import os
 import socket
 import ssl
-import time
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -166,14 +165,12 @@ class FrameSocket:
 
     # -- receiving
 
-    def _fill(self, need: int, spin_s: float = 0.0) -> None:
-        """Make at least ``need`` bytes available in the buffer (busy-poll ``spin_s`` first)."""
+    def _fill(self, need: int) -> None:
+        """Make at least ``need`` bytes available in the buffer."""
         if self._start and self._end - self._start < need:
             left = self._end - self._start
             self._buf[:left] = self._buf[self._start : self._end]
             self._start, self._end = 0, left
-        if spin_s > 0 and self._end - self._start < need:
-            self._spin(need, spin_s)
         while self._end - self._start < need:
             try:
                 n = self.sock.recv_into(self._view[self._end :])
@@ -184,34 +181,9 @@ class FrameSocket:
             self._end += n
             self.received += n
 
-    def _spin(self, need: int, spin_s: float) -> None:
-        """Poll the socket without sleeping for up to ``spin_s``: a sleeping thread's wake-up
-        costs 25-40 µs on these machines, more than the peer needs to send the next frame.
-        Plain sockets only (an SSL socket refuses recv flags; it just blocks)."""
-        if type(self.sock) is not socket.socket:
-            return
-        recv_into, view = self.sock.recv_into, self._view
-        until = time.monotonic() + spin_s
-        while self._end - self._start < need:
-            try:
-                n = recv_into(view[self._end :], 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                if time.monotonic() >= until:
-                    return
-                continue
-            except OSError as e:
-                raise PeerUnavailable(f"peer link receive failed: {e}") from None
-            if n == 0:
-                raise PeerUnavailable("peer closed the link")
-            self._end += n
-            self.received += n
-
-    def recv_header(self, spin_s: float = 0.0) -> protocol.Message:
-        """Receive one frame header (the payload, if any, is still to be read).
-
-        ``spin_s`` > 0 busy-polls that long before blocking (the demand lane, while
-        requests are arriving)."""
-        self._fill(4, spin_s)
+    def recv_header(self) -> protocol.Message:
+        """Receive one frame header (the payload, if any, is still to be read)."""
+        self._fill(4)
         (length,) = protocol.LENGTH.unpack_from(self._buf, self._start)
         if not 0 < length <= self.max_header:
             raise ProtocolError(f"peer frame header of {length} bytes is out of bounds")

@@ -704,14 +704,14 @@ def _watch_for_cancel(fs: peer.FrameSocket, on_cancel: Callable[[str], None]) ->
     """
     inner = fs.recv_header
 
-    def recv_header(*args: float) -> protocol.Message:
-        header = inner(*args)
+    def recv_header() -> protocol.Message:
+        header = inner()
         if header.get("t") == "cancel":
             on_cancel(str(header.get("reason", "")))
             raise PeerUnavailable("the destination cancelled the session")
         return header
 
-    fs.recv_header = recv_header  # type: ignore[method-assign,assignment]
+    fs.recv_header = recv_header  # type: ignore[method-assign]
 
 
 def _stop_reading(fs: peer.FrameSocket) -> None:
