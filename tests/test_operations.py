@@ -115,6 +115,7 @@ def test_status_shows_a_migration_in_flight(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert seen is not None, "never saw the migration in flight"
         assert seen["role"] == "import" and seen["link"] == "up"
+        assert seen["loop"] == "c", "the C fault loop (make -C native) is not in use"
         assert seen["peer"] == src_d.peer
         table = subprocess.run([sys.executable, "-m", "uffdd", "status", "--api-socket",
                                 dst_d.api_socket], check=True, capture_output=True, text=True,

@@ -693,7 +693,14 @@ class ExportSession(SessionBase):
             "demand_latency_p50_us": None, "demand_latency_p99_us": None,
             "peer": "", "link": "up" if self.lanes else "down", "reconnects": 0,
             "strategy": "", "policy": "", "reason": self.reason,
+            "loop": self._demand_loop(),
         }
+
+    def _demand_loop(self) -> str:
+        """Which loop answers the demand lane: the C one on plaintext links when built."""
+        if tls.tls_enabled(self.config.peer):
+            return "python"
+        return "c" if _fastpath.load(self.config.peer.fastpath) is not None else "python"
 
 
 def _watch_for_cancel(fs: peer.FrameSocket, on_cancel: Callable[[str], None]) -> None:
