@@ -36,7 +36,7 @@ from uffdd.errors import AlreadyPresent, KernelError, ProtocolError, RangeGone, 
 from uffdd.exporter import use_short_switch_interval
 from uffdd.metrics import SessionMetrics
 from uffdd.pagestate import PageMap
-from uffdd.peer import FrameSocket
+from uffdd.peer import FrameSocket, PayloadNative
 
 log = logging.getLogger("uffdd.import")
 
@@ -797,14 +797,17 @@ class FaultLoop:
         return region, page, count
 
     def receive_bulk_data(self, fs: FrameSocket, header: protocol.Message,
-                          buf: bytearray) -> int:
+                          buf: bytearray, native: PayloadNative | None = None) -> int:
         """Bulk receiver threads: receive a data frame's payload into ``buf``.
 
         Each page lands at its place in the run and the frame's holes ("zr", zero pages
         the source left out) are zero-filled, so the fault thread installs the whole run
         with one ioctl. The CRC is checked here, off the fault thread (zlib releases the
         GIL), and the result left in ``header["crc_ok"]``; ``header["len"]`` becomes the
-        run's length. Returns the payload bytes received.
+        run's length. Returns the payload bytes received. With ``native`` (the C
+        helpers), one recvmsg scatters the pages between the holes and one C call
+        zero-fills the holes and checksums the rest; without, a receive, CRC and memset
+        per piece.
         """
         region, _page, count = self._run_of(header, expanded=False)
         ps = self.regions[region].page_size
@@ -815,17 +818,10 @@ class FaultLoop:
         length = protocol.peer_int(header, "len")
         if length != total - sum(n for _, n in holes) * ps:
             raise ProtocolError("data frame length does not match its pages and holes")
-        view = memoryview(buf)
-        crc, pos = 0, 0
-        for off, n in [*holes, (count, 0)]:
-            if off > pos:
-                piece = view[pos * ps : off * ps]
-                fs.recv_into(piece)
-                if self.integrity:
-                    crc = zlib.crc32(piece, crc)
-            if n:
-                ctypes.memset(buffer_address(buf) + off * ps, 0, n * ps)
-            pos = off + n
+        if native is not None:
+            crc = _receive_scattered(fs, buf, ps, count, holes, self.integrity, native)
+        else:
+            crc = _receive_pieces(fs, buf, ps, count, holes, self.integrity)
         header.pop("zr", None)  # expanded: the fault thread sees a plain run
         header["len"] = total
         header["crc_ok"] = not self.integrity or crc == header.get("crc")
@@ -1175,6 +1171,40 @@ class FaultLoop:
         if self.pages.complete and not self._finished:
             self._finished = True
             self.notify("complete", None)
+
+
+def _receive_pieces(fs: FrameSocket, buf: bytearray, ps: int, count: int,
+                    holes: list[tuple[int, int]], integrity: bool) -> int:
+    """The Python way: a receive, a CRC update and a memset per piece of the run."""
+    view = memoryview(buf)
+    crc, pos = 0, 0
+    for off, n in [*holes, (count, 0)]:
+        if off > pos:
+            piece = view[pos * ps : off * ps]
+            fs.recv_into(piece)
+            if integrity:
+                crc = zlib.crc32(piece, crc)
+        if n:
+            ctypes.memset(buffer_address(buf) + off * ps, 0, n * ps)
+        pos = off + n
+    return crc
+
+
+def _receive_scattered(fs: FrameSocket, buf: bytearray, ps: int, count: int,
+                       holes: list[tuple[int, int]], integrity: bool,
+                       native: PayloadNative) -> int:
+    """The C way: one recvmsg into every piece, one call for the holes and the CRC."""
+    view = memoryview(buf)
+    parts, pos = [], 0
+    for off, n in [*holes, (count, 0)]:
+        if off > pos:
+            parts.append(view[pos * ps : off * ps])
+        pos = off + n
+    fs.recv_parts(parts)
+    flat = array("I", [v for hole in holes for v in hole])
+    return int(native.fill_holes(buffer_address(buf), ps, count,
+                                 flat.buffer_info()[0] if holes else 0, len(holes),
+                                 integrity, 0))
 
 
 def _holes(raw: object, count: int) -> list[tuple[int, int]]:

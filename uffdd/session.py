@@ -11,7 +11,6 @@ every fd and mapping it held is released.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import logging
 import os
@@ -29,11 +28,11 @@ import trio
 
 from uffdd import _fastpath, exporter, pagestate, peer, protocol, strategies, tls
 from uffdd._linux import sdnotify
-from uffdd._linux.mem import buffer_address, pidfd_kill
+from uffdd._linux.mem import pidfd_kill
 from uffdd.config import Config
 from uffdd.errors import AuthError, PeerUnavailable, ProtocolError, UffddError
 from uffdd.exporter import ExportRegion, ExportState
-from uffdd.faultloop import FaultLoop, ImportRegion, Outcome, _holes
+from uffdd.faultloop import FaultLoop, ImportRegion, Outcome
 from uffdd.metrics import SessionMetrics
 from uffdd.pagestate import PageMap
 from uffdd.threads import run_thread
@@ -372,10 +371,7 @@ class ImportSession(SessionBase):
             if kind == "data":
                 buf = _take_buffer(pool, fs)
                 try:  # pages land in place, holes zeroed, CRC checked (see FaultLoop)
-                    if native is None:
-                        length = self.loop.receive_bulk_data(fs, header, buf)
-                    else:
-                        length = self._receive_run(fs, header, buf, native)
+                    length = self.loop.receive_bulk_data(fs, header, buf, native)
                 except BaseException:
                     pool.put(buf)
                     raise
@@ -386,40 +382,6 @@ class ImportSession(SessionBase):
                 self.loop.bulk_put((header, None, None))
             else:
                 raise ProtocolError(f"unexpected frame on a bulk lane: {kind!r}")
-
-    def _receive_run(self, fs: peer.FrameSocket, header: protocol.Message, buf: bytearray,
-                     native: peer.PayloadNative) -> int:
-        """FaultLoop.receive_bulk_data with the receive, the CRC and the holes in a
-        few calls: one recvmsg scatters the pages to their places between the holes,
-        one C call zero-fills the holes and checksums the rest.
-
-        The same checks and the same result (the run expanded in ``buf``, holes zeroed,
-        ``header["crc_ok"]`` and ``header["len"]`` set for the fault thread).
-        """
-        region, _page, count = self.loop._run_of(header, expanded=False)
-        ps = self.regions[region].page_size
-        total = count * ps
-        if total > len(buf):
-            raise ProtocolError(f"bulk data frame of {total} bytes exceeds {len(buf)}")
-        holes = _holes(header.get("zr"), count)
-        length = protocol.peer_int(header, "len")
-        if length != total - sum(n for _, n in holes) * ps:
-            raise ProtocolError("data frame length does not match its pages and holes")
-        view = memoryview(buf)
-        parts, pos = [], 0
-        for off, n in [*holes, (count, 0)]:
-            if off > pos:
-                parts.append(view[pos * ps : off * ps])
-            pos = off + n
-        fs.recv_parts(parts)
-        integrity = self.loop.integrity
-        flat = array.array("I", [v for hole in holes for v in hole])
-        crc = native.fill_holes(buffer_address(buf), ps, count, flat.buffer_info()[0] if holes
-                                else 0, len(holes), integrity, 0)
-        header.pop("zr", None)  # expanded: the fault thread sees a plain run
-        header["len"] = total
-        header["crc_ok"] = not integrity or crc == header.get("crc")
-        return length
 
     async def _send_done(self) -> None:
         for fs in self._bulk_socks:
