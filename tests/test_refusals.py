@@ -267,6 +267,7 @@ def _serve_with_config(tmp_path: Path, text: str | None, *, readable: bool = Tru
     ("[peer]\nbulk_lanes = 'two'\n", ["peer.bulk_lanes", "int"]),
     ("[nonsense]\n", ["nonsense"]),
     ("[session]\npolicy = 'explode'\n", ["session.policy"]),
+    ("[peer]\nfastpath = 'maybe'\n", ["peer.fastpath", "auto, on, off"]),
     ("[api\n", ["not valid TOML"]),
     (None, ["cannot read"]),
 ])
@@ -277,6 +278,22 @@ def test_bad_config_is_refused_at_start(tmp_path: Path, text: str | None,
     assert "bad.toml" in done.stderr, done.stderr
     for word in words:
         assert word in done.stderr, done.stderr
+
+
+def test_fastpath_on_without_the_library_is_refused(tmp_path: Path) -> None:
+    """[peer] fastpath = "on" and no libuffdd_fastpath: a start-up error naming where
+    it looked; "auto" starts and runs the Python loops."""
+    path = tmp_path / "fast.toml"
+    cmd = [sys.executable, "-m", "uffdd", "serve", "--config", str(path),
+           "--api-socket", str(tmp_path / "x.sock"), "--check-config"]
+    env = {**os.environ, "UFFDD_FASTPATH_LIB": str(tmp_path / "missing.so")}
+    path.write_text("[peer]\nfastpath = 'on'\n")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2, done
+    assert "peer.fastpath" in done.stderr and "missing.so" in done.stderr, done.stderr
+    path.write_text("[peer]\nfastpath = 'auto'\n")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
 
 
 def test_good_config_is_accepted(tmp_path: Path) -> None:

@@ -46,9 +46,10 @@ def candidates() -> list[str]:
     if explicit:
         return [explicit]
     checkout = Path(__file__).resolve().parent.parent / "native" / "build" / LIBRARY
-    # A source checkout (make -C native), then the dynamic loader's search path
-    # (make -C native install puts it in PREFIX/lib).
-    return [str(checkout), LIBRARY]
+    # A source checkout (make -C native); where make -C native install puts it (PREFIX
+    # /usr/local by default, and ldconfig may not have run yet); the loader's path.
+    installed = [f"{prefix}/lib/{LIBRARY}" for prefix in ("/usr/local", "/usr")]
+    return [str(checkout), *installed, LIBRARY]
 
 
 def _try_load() -> tuple[ctypes.CDLL | None, str]:
