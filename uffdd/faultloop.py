@@ -643,6 +643,7 @@ class FaultLoop:
 
     def _set_demand(self, sock: socket.socket | None) -> None:
         if self._demand is not None:
+            self._read_what_arrived(self._demand)
             with contextlib.suppress(OSError, ValueError):
                 self._ep.unregister(self._demand.fileno())
             self._demand.close()
@@ -666,6 +667,26 @@ class FaultLoop:
         # Every outstanding demand request is asked for again on the new link.
         for region, page in self._outstanding:
             self._outbox += protocol.pack_peer({"t": "req", "r": region, "p": page, "n": 1})
+
+    def _read_what_arrived(self, sock: socket.socket) -> None:
+        """Handle the frames already received on a lane about to be dropped.
+
+        The link supervisor drops the demand lane when a bulk lane ends, which can be
+        before this thread read what the source sent last: its 'cancel' (the source VMM
+        died) would be lost, and the session would wait for a source that is gone until
+        its deadline. Non-blocking, bounded by the receive buffer; errors end it quietly
+        (the lane is being dropped anyway).
+        """
+        while self._rx_end < len(self._rx):
+            try:
+                n = sock.recv_into(self._rxview[self._rx_end :], 0, socket.MSG_DONTWAIT)
+            except OSError:
+                break
+            if not n:
+                break
+            self._rx_end += n
+        with contextlib.suppress(ProtocolError):
+            self._parse_demand()
 
     def _demand_io(self, mask: int) -> None:
         if mask & (select.EPOLLERR | select.EPOLLHUP) and not mask & select.EPOLLIN:
