@@ -93,10 +93,3 @@ def load(mode: str) -> ctypes.CDLL | None:
                           f"{_Loaded.where}")
     return _Loaded.lib
 
-
-def describe(mode: str) -> str:
-    """``c`` or ``python``: which loops sessions will use (status, logs, bench)."""
-    try:
-        return "c" if load(mode) is not None else "python"
-    except ConfigError:
-        return "unavailable"
