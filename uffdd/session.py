@@ -12,6 +12,7 @@ every fd and mapping it held is released.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import queue
@@ -165,9 +166,7 @@ class ImportSession(SessionBase):
         )
         self.loop.stall_timeout = self.config.peer.stall_timeout
         self.loop.spin_s = self.config.peer.spin_us / 1e6
-        # The C loop reads the demand socket itself: plaintext lanes only.
-        if not tls.tls_enabled(self.config.peer):
-            self.loop.fastpath = _fastpath.load(self.config.peer.fastpath)
+        self.loop.fastpath = demand_fastpath(self.config)
         self.loop.vmm_pid = self.owner_pid  # a re-import after a restart: adopt what is present
         self._by_gpa = sorted(self.regions, key=lambda r: r.gpa)
 
@@ -655,14 +654,8 @@ class ExportSession(SessionBase):
             "demand_latency_p50_us": None, "demand_latency_p99_us": None,
             "peer": "", "link": "up" if self.lanes else "down", "reconnects": 0,
             "strategy": "", "policy": "", "reason": self.reason,
-            "loop": self._demand_loop(),
+            "loop": "c" if demand_fastpath(self.config) is not None else "python",
         }
-
-    def _demand_loop(self) -> str:
-        """Which loop answers the demand lane: the C one on plaintext links when built."""
-        if tls.tls_enabled(self.config.peer):
-            return "python"
-        return "c" if _fastpath.load(self.config.peer.fastpath) is not None else "python"
 
 
 def _watch_for_cancel(fs: peer.FrameSocket, on_cancel: Callable[[str], None]) -> None:
@@ -681,6 +674,16 @@ def _watch_for_cancel(fs: peer.FrameSocket, on_cancel: Callable[[str], None]) ->
         return header
 
     fs.recv_header = recv_header  # type: ignore[method-assign]
+
+
+def demand_fastpath(config: Config) -> ctypes.CDLL | None:
+    """The C library for a session's demand path, or None for the Python loops.
+
+    The C loops read and write the lane's socket themselves: plaintext links only.
+    """
+    if tls.tls_enabled(config.peer):
+        return None
+    return _fastpath.load(config.peer.fastpath)
 
 
 def _stop_reading(fs: peer.FrameSocket) -> None:
