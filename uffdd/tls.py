@@ -192,12 +192,7 @@ def wrap_server(sock: socket.socket, peer: PeerConfig) -> ssl.SSLSocket:
     the caller closes the socket either way. ``sock``'s timeout bounds the handshake.
     """
     tls_sock = server_context(peer).wrap_socket(sock, server_side=True)
-    try:
-        check_peer_names(tls_sock, peer.peer_names)
-    except AuthError:
-        tls_sock.close()
-        raise
-    return tls_sock
+    return _names_checked(tls_sock, peer.peer_names)
 
 
 def wrap_client(sock: socket.socket, peer: PeerConfig, host: str) -> ssl.SSLSocket:
@@ -212,8 +207,13 @@ def wrap_client(sock: socket.socket, peer: PeerConfig, host: str) -> ssl.SSLSock
         sock.close()
         raise AuthError(f"the source daemon's certificate was refused: {e.verify_message}"
                         ) from None
+    return _names_checked(tls_sock, peer.peer_names)
+
+
+def _names_checked(tls_sock: ssl.SSLSocket, allowed: list[str]) -> ssl.SSLSocket:
+    """``tls_sock`` if its peer carries an allowed name; else closed, and AuthError."""
     try:
-        check_peer_names(tls_sock, peer.peer_names)
+        check_peer_names(tls_sock, allowed)
     except AuthError:
         tls_sock.close()
         raise
