@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from uffdd import harness
 from uffdd._linux import uffd
@@ -355,7 +355,9 @@ class Bench:
 
     # -------------------------------------------------------------- scenarios
 
-    def _demand_run(self, *, background: bool, memory: int, threads: int) -> Result:
+    def _vmsim_run(self, *, background: bool, memory: int, threads: int
+                   ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Result]:
+        """One random-order vmsim migration on fresh daemons: (dest, status, usage, all)."""
         p = self.pair(background=background)
         try:
             r = self.vmsim_migration(p, memory=memory, threads=threads, order="rand")
@@ -363,6 +365,11 @@ class Bench:
             p.stop()
         d, st, usage = r["dest"], r["status"], r["usage"]
         assert isinstance(d, dict) and isinstance(st, dict) and isinstance(usage, dict)
+        return d, st, usage, r
+
+    def _demand_run(self, *, background: bool, memory: int, threads: int) -> Result:
+        d, st, usage, _ = self._vmsim_run(background=background, memory=memory,
+                                          threads=threads)
         faults = int(st.get("faults") or 0)
         cpu = sum(float(u["cpu_s"]) for u in usage.values())
         return {
@@ -487,13 +494,7 @@ class Bench:
                     if mem == 2 << 30 else None)}
 
     def _migration_run(self, memory: int, *, threads: int) -> Result:
-        p = self.pair(background=True)
-        try:
-            r = self.vmsim_migration(p, memory=memory, threads=threads, order="rand")
-        finally:
-            p.stop()
-        d, st, usage = r["dest"], r["status"], r["usage"]
-        assert isinstance(d, dict) and isinstance(st, dict) and isinstance(usage, dict)
+        d, st, usage, r = self._vmsim_run(background=True, memory=memory, threads=threads)
         return {"seconds": d["seconds"], "blocked_seconds_total": r["blocked_s"],
                 "daemon_p50_us": st.get("demand_latency_p50_us"),
                 "daemon_p99_us": st.get("demand_latency_p99_us"),
