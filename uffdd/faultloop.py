@@ -491,7 +491,6 @@ class FaultLoop:
             self._last_progress = time.monotonic()
             r, page, count = self._run_of(header)
             ps = self.regions[r].page_size
-            step = max(1, _BULK_SLICE // ps)
             addr = buffer_address(buf)
             if self._fast is not None:  # C slices, and stops only when a fault waits
                 pos, end = page, page + count
@@ -503,6 +502,7 @@ class FaultLoop:
                     if pos < end:
                         yield False
                 return
+            step = max(1, _BULK_SLICE // ps)
             for off in range(0, count, step):
                 self._install_data(r, page + off, min(step, count - off), addr + off * ps, "bulk")
                 if off + step < count:
