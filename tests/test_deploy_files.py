@@ -35,6 +35,7 @@ NEEDED_SYSCALLS = (
     "userfaultfd",
     "ioctl",
     "process_vm_readv",
+    "process_vm_writev",
     "pidfd_open",
     "pidfd_send_signal",
     "pidfd_getfd",

@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "frame.h"
+#include "tenant.h"
 
 #define API __attribute__((visibility("default")))
 
@@ -370,7 +371,14 @@ static int install_run(struct fp_imp *s, struct region *rg, uint64_t page, uint6
 	uint64_t dst = rg->addr + page * ps;
 	*done = 0;
 	if (rg->alias) {
-		memcpy((void *)(uintptr_t)(rg->alias + page * ps), src, count * ps);
+		/* never a plain memcpy: a shrunk memfd would SIGBUS the daemon (tenant.c) */
+		size_t wrote;
+		int err = uffdd_fp_tenant_write((void *)(uintptr_t)(rg->alias + page * ps), src,
+						count * ps, &wrote);
+		if (err) {
+			errno = err; /* nothing CONTINUE'd: Python redoes the run and fails it */
+			return -1;
+		}
 		struct uffdio_continue c = {.range = {.start = dst, .len = count * ps}};
 		if (ioctl(rg->uffd, UFFDIO_CONTINUE, &c) < 0) {
 			*done = c.mapped > 0 ? (uint64_t)c.mapped / ps : 0;
@@ -397,7 +405,13 @@ static int zero_run(struct fp_imp *s, struct region *rg, uint64_t page, uint64_t
 	uint64_t dst = rg->addr + page * ps;
 	*done = 0;
 	if (rg->alias) {
-		memset((void *)(uintptr_t)(rg->alias + page * ps), 0, count * ps);
+		size_t wrote;
+		int err = uffdd_fp_tenant_zero((void *)(uintptr_t)(rg->alias + page * ps),
+					       count * ps, &wrote);
+		if (err) {
+			errno = err;
+			return -1;
+		}
 		struct uffdio_continue c = {.range = {.start = dst, .len = count * ps}};
 		if (ioctl(rg->uffd, UFFDIO_CONTINUE, &c) < 0) {
 			*done = c.mapped > 0 ? (uint64_t)c.mapped / ps : 0;

@@ -1,13 +1,19 @@
-"""Memory helpers: memfd mappings with known addresses, process_vm_readv, pidfd signals.
+"""Memory helpers: memfd mappings with known addresses, process_vm_readv/writev, pidfd signals.
 
 The daemon maps memory fds only to *alias* mappings of its own that are never
-registered with a userfaultfd, so touching them can never fault on a uffd.
+registered with a userfaultfd, so touching them can never fault on a uffd. A store
+through an alias can still fault another way: the VMM owns the file and may shrink it
+(ftruncate), and a hugetlb file may find its pool empty. That fault is a SIGBUS, which
+would kill the daemon and every tenant's session with it, so the daemon never stores
+into an alias directly: ``tenant_write`` / ``tenant_zero`` copy with process_vm_writev
+to our own pid, which turns the fault into an error (EFAULT) for that one session.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import gc
 import mmap
 import os
@@ -38,6 +44,10 @@ _process_vm_readv.argtypes = (
 )
 _process_vm_readv.restype = ctypes.c_ssize_t
 
+_process_vm_writev = _libc.process_vm_writev
+_process_vm_writev.argtypes = _process_vm_readv.argtypes
+_process_vm_writev.restype = ctypes.c_ssize_t
+
 _madvise = _libc.madvise
 _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _madvise.restype = ctypes.c_int
@@ -59,6 +69,10 @@ class Mapping:
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         self.map = mmap.mmap(fd, length, mmap.MAP_SHARED, prot, offset=offset)
         self.length = length
+        # Not owned (the session closes it after unmapping): only to say, when a write
+        # fails, how long the file is now.
+        self.fd = fd
+        self.offset = offset
         self.view = memoryview(self.map)
         # ctypes cannot take the address of a read-only buffer; readers use ``view``.
         self.address = buffer_address(self.map) if writable else 0
@@ -80,6 +94,64 @@ class Mapping:
             gc.collect()
             with contextlib.suppress(BufferError):
                 self.map.close()
+
+
+class TenantMemoryFault(KernelError):
+    """A write into a tenant's memory fd failed (EFAULT: the file no longer backs the
+    address, e.g. the VMM shrank it; ENOMEM). ``done`` bytes were written before it."""
+
+    def __init__(self, err: int, done: int, detail: str = "") -> None:
+        super().__init__("process_vm_writev", err, f"{os.strerror(err)} after {done} bytes")
+        self.done = done
+        self.detail = detail or str(self)  # what the session's failure reason says
+
+
+_ZERO_CHUNK: Final = 64 << 10
+_ZEROS = bytearray(_ZERO_CHUNK)  # never written: the zeros tenant_zero copies from
+_ZEROS_ADDR: Final = buffer_address(_ZEROS)
+_ZERO_IOV: Final = 256  # local iovecs per call (16 MiB of zeros)
+
+
+def _write_own(local: ctypes.Array[_IoVec], nlocal: int, dst: int, length: int) -> int:
+    """process_vm_writev of ``local`` to our own ``dst``; returns bytes written (a
+    partial copy stops at the address that faulted). Raises TenantMemoryFault."""
+    remote = _IoVec(dst, length)
+    n = _process_vm_writev(os.getpid(), local, nlocal, ctypes.byref(remote), 1, 0)
+    if n < 0:
+        raise TenantMemoryFault(ctypes.get_errno(), 0)
+    return int(n)
+
+
+def tenant_write(dst: int, src: int, length: int) -> None:
+    """Copy ``length`` bytes from ``src`` to ``dst`` in one of our alias mappings of a
+    tenant's memory fd; never a SIGBUS (module doc). Raises TenantMemoryFault."""
+    done = 0
+    while done < length:
+        local = (_IoVec * 1)(_IoVec(src + done, length - done))
+        try:
+            n = _write_own(local, 1, dst + done, length - done)
+        except TenantMemoryFault as e:
+            raise TenantMemoryFault(e.errno, done) from None
+        if n == 0:
+            raise TenantMemoryFault(errno.EIO, done)
+        done += n
+
+
+def tenant_zero(dst: int, length: int) -> None:
+    """Write ``length`` zero bytes at ``dst`` (an alias address), like tenant_write."""
+    done = 0
+    while done < length:
+        part = min(length - done, _ZERO_CHUNK * _ZERO_IOV)
+        pieces = (part + _ZERO_CHUNK - 1) // _ZERO_CHUNK
+        local = (_IoVec * pieces)(*[_IoVec(_ZEROS_ADDR, min(_ZERO_CHUNK, part - i * _ZERO_CHUNK))
+                                    for i in range(pieces)])
+        try:
+            n = _write_own(local, pieces, dst + done, part)
+        except TenantMemoryFault as e:
+            raise TenantMemoryFault(e.errno, done) from None
+        if n == 0:
+            raise TenantMemoryFault(errno.EIO, done)
+        done += n  # a partial copy: the next call starts at the page that stopped it
 
 
 def process_read(pid: int, remote: int, local: int, length: int) -> None:
