@@ -24,7 +24,7 @@ from uffdd.errors import ConfigError
 log = logging.getLogger("uffdd.fastpath")
 
 #: Must match FP_ABI_VERSION in native/fastpath/frame.h.
-ABI_VERSION: Final = 1
+ABI_VERSION: Final = 2
 LIBRARY: Final = "libuffdd_fastpath.so"
 #: Set to a path to load that file (tests, odd installs).
 ENV_PATH: Final = "UFFDD_FASTPATH_LIB"

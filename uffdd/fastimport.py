@@ -20,6 +20,12 @@ FRAME: Final = 3
 DEMAND: Final = 4
 INSTALLED: Final = 5
 FOLD: Final = 6
+ERROR: Final = 7  # a call failed or came back short: io.err_op (E_*), err_errno, ...
+
+# What an ERROR is about (FP_E_* in import.c).
+E_READ_UFFD: Final = 1  # read(err_fd) failed with err_errno
+E_SHORT_UFFD: Final = 2  # read(err_fd) returned err_bytes, not whole uffd messages
+E_EPOLL_WAIT: Final = 3  # epoll_wait failed with err_errno
 
 # io.dirty bits: which accumulators moved since the last fold.
 DIRTY_PAGES: Final = 1
@@ -77,6 +83,11 @@ class ImportIo(ctypes.Structure):
         ("samples_us", ctypes.c_float * N_SAMPLES),
         ("last_progress", ctypes.c_double),
         ("active_at", ctypes.c_double),
+        ("err_op", ctypes.c_int32),
+        ("err_errno", ctypes.c_int32),
+        ("err_fd", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
+        ("err_bytes", ctypes.c_int64),
     ]
 
 

@@ -20,7 +20,7 @@
 #include <string.h>
 
 /* Must match uffdd/_fastpath.py ABI_VERSION: a stale library is refused, not misused. */
-#define FP_ABI_VERSION 1
+#define FP_ABI_VERSION 2
 
 #define FP_MAX_HEADER (64 * 1024) /* protocol.MAX_PEER_HEADER */
 

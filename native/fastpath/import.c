@@ -49,6 +49,15 @@ enum {
 	FP_Y_DEMAND = 4,    /* demand socket: io.demand_mask, EOF or error (Python decides) */
 	FP_Y_INSTALLED = 5, /* pages io.y_region/y_page/y_count installed; Python has callbacks */
 	FP_Y_FOLD = 6,      /* accumulators are full: fold them and call again */
+	FP_Y_ERROR = 7,     /* a call failed or came back short: io.err_* (Python decides) */
+};
+
+/* io.err_op: which call FP_Y_ERROR is about. Nothing is dropped here: every errno and
+ * every short read goes to Python, which applies the one policy both loops share. */
+enum {
+	FP_E_READ_UFFD = 1,  /* read(io.err_fd) failed with io.err_errno */
+	FP_E_SHORT_UFFD = 2, /* read(io.err_fd) returned io.err_bytes: not whole messages */
+	FP_E_EPOLL_WAIT = 3, /* epoll_wait failed with io.err_errno */
 };
 
 #define N_BUCKETS 18 /* metrics.LATENCY_BUCKETS + Inf */
@@ -86,6 +95,9 @@ struct fp_imp_io {
 	float samples_us[N_SAMPLES];
 	double last_progress; /* monotonic time of the last byte on the demand lane */
 	double active_at;
+	/* FP_Y_ERROR */
+	int32_t err_op, err_errno, err_fd, pad;
+	int64_t err_bytes;
 };
 
 struct region {
@@ -336,30 +348,41 @@ static int queue_request(struct fp_imp *s, uint32_t r, uint64_t p)
 	return 0;
 }
 
-static void set_demand_events(struct fp_imp *s, uint32_t events)
+/* 0, or -errno: without EPOLLOUT the rest of the outbox would never be sent, so a
+ * failure is the lane's (Python drops the link, as it does for its own modify). */
+static int set_demand_events(struct fp_imp *s, uint32_t events)
 {
 	if (s->demand_fd < 0 || events == s->demand_events)
-		return;
+		return 0;
 	struct epoll_event ev = {.events = events, .data.fd = s->demand_fd};
-	if (epoll_ctl(s->epfd, EPOLL_CTL_MOD, s->demand_fd, &ev) == 0)
-		s->demand_events = events;
+	if (epoll_ctl(s->epfd, EPOLL_CTL_MOD, s->demand_fd, &ev) < 0)
+		return -errno;
+	s->demand_events = events;
+	return 0;
 }
 
-/* 0, or -errno of a failed send (Python then drops the link). */
+/* 0, or -errno of a failed send or epoll_ctl (Python then drops the link). */
 static int flush(struct fp_imp *s)
 {
 	if (s->demand_fd < 0 || !s->out_len)
 		return 0;
 	ssize_t n = send(s->demand_fd, s->out, s->out_len, MSG_DONTWAIT | MSG_NOSIGNAL);
 	if (n < 0) {
-		if (errno != EAGAIN && errno != EWOULDBLOCK)
+		if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
 			return -errno;
 		n = 0;
 	}
 	memmove(s->out, s->out + n, s->out_len - (uint64_t)n);
 	s->out_len -= (uint64_t)n;
-	set_demand_events(s, EPOLLIN | (s->out_len ? EPOLLOUT : 0));
-	return 0;
+	return set_demand_events(s, EPOLLIN | (s->out_len ? EPOLLOUT : 0));
+}
+
+/* A failed flush becomes the demand lane's yield (Python drops the link). */
+static int flush_failed(struct fp_imp *s, int err)
+{
+	s->io.demand_errno = -err;
+	s->io.demand_mask = EPOLLERR;
+	return FP_Y_DEMAND;
 }
 
 /* ------------------------------------------------------------------ installs */
@@ -619,13 +642,27 @@ python:
 	return FP_Y_UFFD;
 }
 
+static int uffd_error(struct fp_imp *s, int op, int fd, int err, ssize_t bytes)
+{
+	s->io.err_op = op;
+	s->io.err_fd = fd;
+	s->io.err_errno = err;
+	s->io.err_bytes = bytes;
+	return FP_Y_ERROR;
+}
+
 static int uffd_readable(struct fp_imp *s, int fd)
 {
 	struct uffd_msg msgs[FP_MSG_BATCH];
 	for (;;) {
 		ssize_t n = read(fd, msgs, sizeof(msgs));
-		if (n < 0)
-			return 0; /* EAGAIN (another reader) or an error Python sees on its read */
+		if (n < 0) {
+			if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+				return 0; /* nothing (left) to read: uffd.read_events says [] too */
+			return uffd_error(s, FP_E_READ_UFFD, fd, errno, -1);
+		}
+		if (n % (ssize_t)sizeof(msgs[0])) /* the stream lost alignment: fatal in Python */
+			return uffd_error(s, FP_E_SHORT_UFFD, fd, 0, n);
 		int count = (int)(n / (ssize_t)sizeof(msgs[0]));
 		int y = faults(s, fd, msgs, count);
 		if (y)
@@ -656,11 +693,8 @@ API int fp_imp_run(struct fp_imp *s, double timeout_s)
 		return y;
 	for (;;) {
 		int err = flush(s);
-		if (err < 0) {
-			io->demand_errno = -err;
-			io->demand_mask = EPOLLERR;
-			return FP_Y_DEMAND;
-		}
+		if (err < 0)
+			return flush_failed(s, err);
 		double now = now_s();
 		int wait_ms = 0;
 		if (now < deadline) {
@@ -670,7 +704,7 @@ API int fp_imp_run(struct fp_imp *s, double timeout_s)
 		}
 		int n = epoll_wait(s->epfd, events, 16, wait_ms);
 		if (n < 0 && errno != EINTR)
-			return FP_Y_TIMEOUT;
+			return uffd_error(s, FP_E_EPOLL_WAIT, s->epfd, errno, -1);
 		for (int i = 0; i < n; i++) {
 			int fd = events[i].data.fd;
 			if (fd == s->wakefd) {
@@ -683,7 +717,9 @@ API int fp_imp_run(struct fp_imp *s, double timeout_s)
 				y = 0; /* stale: a demand socket Python replaced */
 			}
 			if (y) {
-				flush(s); /* a request queued before the yield goes out now */
+				/* a request queued before the yield goes out now; if that fails,
+				 * the next call's first flush fails the same way and reports it */
+				(void)flush(s);
 				return y;
 			}
 		}
