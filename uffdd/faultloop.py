@@ -9,7 +9,14 @@ pending event gets EAGAIN from the kernel and is retried after the event is read
 The thread waits in epoll on the session's userfaultfds, the demand-lane socket and an
 eventfd that other threads (bulk receivers, the Trio side) use to hand it work. It never
 touches guest memory: the ioctls act on the VMM's address space, and MINOR-mode data is
-written through the daemon's own alias mapping of the memory fd, which is not registered.
+written through the daemon's own alias mapping of the memory fd, which is not registered,
+and only with mem.tenant_write / tenant_zero: a VMM that shrinks its memfd turns a plain
+store there into a SIGBUS that would kill the daemon; these fail that one session.
+
+A VMM may munmap part of guest RAM mid-session. Without UFFD_FEATURE_EVENT_UNMAP the
+kernel says nothing then; an install there fails with ENOENT (RangeGone: the handover
+verified the registration, so it means "unmapped since"). Those pages become UNMAPPED,
+reported (log line per range, ``pages_unmapped``), and the rest of the session goes on.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import queue
@@ -30,8 +38,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from uffdd import fastimport, pagestate, protocol
-from uffdd._linux import uffd
-from uffdd._linux.mem import Mapping, buffer_address
+from uffdd._linux import mem, uffd
+from uffdd._linux.mem import Mapping, TenantMemoryFault, buffer_address
 from uffdd.errors import AlreadyPresent, KernelError, ProtocolError, RangeGone, Retry, TargetGone
 from uffdd.exporter import use_short_switch_interval
 from uffdd.metrics import SessionMetrics
@@ -57,6 +65,10 @@ _CHECK_INTERVAL: Final = 0.01
 _PAGEMAP_PAGE: Final = 4096
 _PAGEMAP_BATCH: Final = 1 << 16
 _PRESENT_TABLE: Final = bytes(1 if b & 0xC0 else 0 for b in range(256))
+# VmFlags of a VMA registered with a userfaultfd (missing, write-protect, minor).
+_UFFD_VMFLAGS: Final = frozenset(("um", "uw", "ui"))
+# A kernel view of what is still registered is reused this long (ENOENT storms).
+_GONE_VIEW_TTL: Final = 1.0
 
 
 @dataclass(eq=False)
@@ -180,6 +192,9 @@ class FaultLoop:
         # the library (plaintext lanes only); None runs the Python loop below.
         self.fastpath: ctypes.CDLL | None = None
         self._fast: fastimport.CImport | None = None
+        # The VMM's registered VMAs, as /proc/PID/smaps last said (see _range_gone).
+        self._registered: list[tuple[int, int]] | None = None
+        self._registered_at = 0.0
 
     @property
     def kind(self) -> str:
@@ -232,7 +247,7 @@ class FaultLoop:
                 else:
                     # Bulk work waiting: only peek at faults and demand replies, so that
                     # a vCPU's page never queues behind more than one bulk chunk.
-                    ready = self._ep.poll(0) if self._bulk_backlog else self._wait()
+                    ready = self._poll(0) if self._bulk_backlog else self._wait()
                     self._dispatch(ready)
                 self._bulk_step()
                 self._retry_deferred()
@@ -240,8 +255,12 @@ class FaultLoop:
                 self._check_complete()
         except TargetGone as e:
             self._fail(f"the destination VMM is gone ({e})")
+        except TenantMemoryFault as e:
+            self._fail(e.detail)
         except KernelError as e:
-            self._fail(f"kernel refused an install: {e}")
+            install = e.op.startswith("UFFDIO_")
+            what = "kernel refused an install" if install else "kernel call failed"
+            self._fail(self._shrunk_memfd() or f"{what}: {e}")
         except ProtocolError as e:
             self._fail(f"protocol error on the demand lane: {e}")
         finally:
@@ -293,6 +312,8 @@ class FaultLoop:
             io.demand_errno = 0
         elif why == fastimport.INSTALLED:
             self._installed_callbacks(io.y_region, io.y_page, io.y_count)
+        elif why == fastimport.ERROR:
+            _error_from_c(io)
 
     def _frames_from_c(self) -> None:
         """The frame at the head of rx is one the C loop leaves to Python."""
@@ -427,7 +448,15 @@ class FaultLoop:
     def _wait(self) -> list[tuple[int, int]]:
         """The Python loop sleeps in epoll: it never spins (spinning from Python, with the
         GIL shared by the bulk threads, measured slower; the C loop spins)."""
-        return self._ep.poll(_EPOLL_TIMEOUT)
+        return self._poll(_EPOLL_TIMEOUT)
+
+    def _poll(self, timeout: float) -> list[tuple[int, int]]:
+        """epoll_wait; a failure is a KernelError, as the C loop reports it (ERROR)."""
+        try:
+            return self._ep.poll(timeout)
+        except OSError as e:
+            err = e.errno or errno.EIO
+            raise KernelError("epoll_wait", err, os.strerror(err)) from None
 
     def _periodic_checks(self) -> None:
         """Deadlines scan every outstanding page: not on every turn of a busy loop."""
@@ -528,7 +557,13 @@ class FaultLoop:
 
     def _read_uffd(self, fd: int) -> None:
         while True:
-            events = uffd.read_events(fd, self._msgbuf)
+            try:
+                events = uffd.read_events(fd, self._msgbuf)
+            except KernelError:
+                raise
+            except OSError as e:  # the same words as the C loop's report (ERROR)
+                raise KernelError("read(uffd)", e.errno or errno.EIO,
+                                  os.strerror(e.errno or errno.EIO)) from None
             if not events:
                 return
             self._events(fd, events)
@@ -575,8 +610,10 @@ class FaultLoop:
             self._request(region.index, page, now)
         elif state == pagestate.REQUESTED:
             self._waiters.setdefault(key, []).append((ev.thread_id, now))
-        elif state == pagestate.DISCARDED:
-            self._fill_discarded(region, page, ev.minor)
+        elif state in (pagestate.DISCARDED, pagestate.UNMAPPED):
+            # UNMAPPED faulting: the VMM mapped and registered that range again (with
+            # this uffd); what it holds is the VMM's, like a discarded page's.
+            self._fill_discarded(region, page)
             # Every fault is observed once in the latency histogram, these ones too.
             self.metrics.resolved("demand", time.monotonic() - now)
         else:  # installed or poisoned: the install raced this fault's message; wake again
@@ -607,6 +644,9 @@ class FaultLoop:
                 continue
             first = (lo - region.addr) // region.page_size
             last = (hi - region.addr + region.page_size - 1) // region.page_size
+            if ev.unmapped:  # UFFD_EVENT_UNMAP: the kernel says it, no ENOENT needed
+                self._mark_unmapped(region, first, last - first)
+                continue
             for page in range(first, last):
                 self.pages.set(region.index, page, pagestate.DISCARDED)
                 self._outstanding.pop((region.index, page), None)
@@ -626,18 +666,37 @@ class FaultLoop:
                 return
         self._fail(f"VMM remapped part of a region ({ev.old:#x} -> {ev.new:#x}); not supported")
 
-    def _fill_discarded(self, region: ImportRegion, page: int, minor: bool) -> None:
-        """A discarded page faulted again: it reads as zeros (never as source data)."""
+    def _fill_discarded(self, region: ImportRegion, page: int) -> None:
+        """A discarded page is needed again (a fault, a vCPU exit, a retry): it reads as
+        the VMM left it, never as source data.
+
+        What the VMM left, the page cache says, not the caller: in MINOR mode a page the
+        guest dropped with MADV_DONTNEED keeps its data in the page cache (CONTINUE maps
+        it); one punched out (MADV_REMOVE, fallocate) has none (CONTINUE says EFAULT),
+        and only then is it zeroed. Without a memory fd it reads as zeros.
+        """
         try:
-            if minor:  # the VMM's own data is still in the page cache: map it
-                uffd.continue_(region.uffd, region.addr + page * region.page_size,
-                               region.page_size)
-            else:
+            if region.alias is None or not self._continue_cached(region, page):
                 self._zero_run(region, page, 1)
         except AlreadyPresent:
             self._wake(region, page)
         except Retry:
             self._deferred.append((region.index, page, 1, b"", "discard"))
+        except RangeGone:
+            self._range_gone(region, page, 1)
+
+    def _continue_cached(self, region: ImportRegion, page: int) -> bool:
+        """CONTINUE one page if the page cache has it; False if it has none (EFAULT)."""
+        try:
+            uffd.continue_(region.uffd, region.addr + page * region.page_size,
+                           region.page_size)
+        except (AlreadyPresent, Retry, RangeGone, TargetGone):
+            raise
+        except KernelError as e:
+            if e.errno != errno.EFAULT:
+                raise
+            return False
+        return True
 
     # ------------------------------------------------------------ demand lane
 
@@ -909,15 +968,15 @@ class FaultLoop:
         return end
 
     def _install_run(self, region: ImportRegion, start: int, count: int, src: int,
-                     lane: str) -> None:
+                     lane: str, filled: bool = False) -> None:
         ps = region.page_size
         method = "continue" if region.alias is not None else "copy"
-        filled = False  # MINOR mode: the alias is written once, retries only CONTINUE
+        # MINOR mode: the alias is written once (``filled``), retries only CONTINUE
         while count:
             dst = region.addr + start * ps
             try:
                 if region.alias is not None and not filled:
-                    ctypes.memmove(region.alias.address + start * ps, src, count * ps)
+                    self._alias_write(region, start, count, src)
                     filled = True
                 self._map(region, dst, src, count * ps)
                 self._installed(region, start, count, lane, method)
@@ -939,11 +998,17 @@ class FaultLoop:
                 # the page that stopped it answers EEXIST on the next call.
                 skip = done
             except RangeGone:
-                log.warning("region %d no longer registered; dropping pages", region.index)
-                for p in range(start, start + count):
-                    self.pages.set(region.index, p, pagestate.DISCARDED)
+                self._range_gone(region, start, count, self._redo_data(
+                    region, start, src, lane, filled))
                 return
             start, count, src = start + skip, count - skip, src + skip * ps
+
+    def _redo_data(self, region: ImportRegion, first: int, src: int, lane: str,
+                   filled: bool) -> Callable[[int, int], None]:
+        """Install pages [p, p+n) of a run that started at ``first`` with data at ``src``."""
+        ps = region.page_size
+        return lambda p, n: self._install_run(region, p, n, src + (p - first) * ps, lane,
+                                              filled)
 
     def _map(self, region: ImportRegion, dst: int, src: int, length: int) -> None:
         if region.alias is not None:
@@ -956,6 +1021,10 @@ class FaultLoop:
         for start, n in list(self.pages.installable_runs(r, page, count)):
             try:
                 self._zero_run(region, start, n)
+            except RangeGone:
+                self._range_gone(region, start, n,
+                                 lambda p, k: self._install_zero(r, p, k, lane))
+                continue
             except AlreadyPresent as e:
                 done = e.done // region.page_size
                 self._installed(region, start, done + 1, lane, "zeropage")
@@ -971,13 +1040,146 @@ class FaultLoop:
     def _zero_run(self, region: ImportRegion, page: int, count: int) -> None:
         ps = region.page_size
         if region.alias is not None:
-            ctypes.memset(region.alias.address + page * ps, 0, count * ps)
+            self._alias_write(region, page, count, 0)
             uffd.continue_(region.uffd, region.addr + page * ps, count * ps)
         elif region.hugetlb:  # UFFDIO_ZEROPAGE does not support hugetlb
             for i in range(count):
                 uffd.copy(region.uffd, region.addr + (page + i) * ps, self._zeroaddr, ps)
         else:
             uffd.zeropage(region.uffd, region.addr + page * ps, count * ps)
+
+    def _alias_write(self, region: ImportRegion, page: int, count: int, src: int) -> None:
+        """Write ``count`` pages at ``page`` of the region's alias, from ``src`` or (0)
+        zeros. Never a plain store (module doc): a fault fails the session, named."""
+        alias = region.alias
+        assert alias is not None
+        ps = region.page_size
+        try:
+            if src:
+                mem.tenant_write(alias.address + page * ps, src, count * ps)
+            else:
+                mem.tenant_zero(alias.address + page * ps, count * ps)
+        except TenantMemoryFault as e:
+            at = alias.offset + page * ps + e.done
+            hint = " (no free huge page?)" if region.hugetlb else ""
+            raise TenantMemoryFault(e.errno, e.done, self._shrunk_memfd(region) or (
+                f"cannot write the memory fd of region {region.index} at offset {at:#x}: "
+                f"{os.strerror(e.errno)}{hint}")) from None
+
+    def _shrunk_memfd(self, only: ImportRegion | None = None) -> str | None:
+        """The reason to give if the VMM shrank a MINOR region's memory fd, else None."""
+        for region in [only] if only is not None else self.regions:
+            alias = region.alias
+            if alias is None:
+                continue
+            try:
+                size = os.fstat(alias.fd).st_size
+            except OSError:
+                continue
+            need = alias.offset + region.size
+            if size < need:
+                return (f"the VMM shrank the memory fd of region {region.index} (gpa "
+                        f"{region.gpa:#x}) to {size} bytes during the migration, the region "
+                        f"needs {need}: guest RAM must not be truncated while it is imported")
+        return None
+
+    def _range_gone(self, region: ImportRegion, start: int, count: int,
+                    redo: Callable[[int, int], None] | None = None) -> None:
+        """An install over [start, start+count) said ENOENT: the VMM unmapped (some of) it.
+
+        An ioctl fails whole if any page of its range is gone, so which pages are gone
+        is asked of the kernel: the VMM's VMAs still registered (/proc/PID/smaps). Pages
+        of the region outside them become UNMAPPED; ``redo`` installs the rest of the
+        run again. A single page that says ENOENT is gone for sure, which is also the way
+        on when the kernel's view does not explain the failure: page by page.
+        """
+        if count == 1:
+            self._mark_unmapped(region, start, 1)
+            return
+        for first, n in self._unregistered_runs(region):
+            self._mark_unmapped(region, first, n)
+        if redo is None:
+            return
+        runs = list(self.pages.installable_runs(region.index, start, count))
+        if runs == [(start, count)]:  # nothing learnt: find the gone pages one by one
+            runs = [(p, 1) for p in range(start, start + count)]
+        for first, n in runs:
+            redo(first, n)
+
+    def _unregistered_runs(self, region: ImportRegion) -> list[tuple[int, int]]:
+        """Page runs of ``region`` that no registered VMA of the VMM covers any more."""
+        spans = self._registered_view()
+        if spans is None:
+            return []
+        ps, lo, hi = region.page_size, region.addr, region.addr + region.size
+        gaps: list[tuple[int, int]] = []
+        cursor = lo
+        for a, b in spans:
+            if b <= cursor:
+                continue
+            if a >= hi:
+                break
+            if a > cursor:
+                gaps.append((cursor, a))
+            cursor = max(cursor, b)
+        if cursor < hi:
+            gaps.append((cursor, hi))
+        runs = []
+        for a, b in gaps:  # a page partly outside a registered VMA cannot be installed
+            first, last = (a - lo) // ps, (b - lo + ps - 1) // ps
+            runs.append((first, last - first))
+        return runs
+
+    def _registered_view(self) -> list[tuple[int, int]] | None:
+        """The VMM's userfaultfd-registered VMAs, sorted (None: cannot tell)."""
+        now = time.monotonic()
+        if self._registered is not None and now - self._registered_at < _GONE_VIEW_TTL:
+            return self._registered
+        if not self.vmm_pid:
+            return None
+        spans: list[tuple[int, int]] = []
+        vma: tuple[int, int] | None = None
+        try:
+            with open(f"/proc/{self.vmm_pid}/smaps") as f:
+                for line in f:
+                    if line.startswith("VmFlags:"):
+                        if vma is not None and _UFFD_VMFLAGS.intersection(line.split()[1:]):
+                            spans.append(vma)
+                        vma = None
+                        continue
+                    lo, sep, hi = line.partition(" ")[0].partition("-")
+                    if sep:
+                        with contextlib.suppress(ValueError):
+                            vma = (int(lo, 16), int(hi, 16))
+        except OSError as e:
+            log.warning("session=%s cannot read the VMM's smaps (%s): unmapped pages are "
+                        "found one by one", self.metrics.session, e)
+            return None
+        self._registered, self._registered_at = sorted(spans), now
+        return self._registered
+
+    def _mark_unmapped(self, region: ImportRegion, first: int, count: int) -> None:
+        """Pages the VMM unmapped: done, never installed; reported once per range."""
+        r = region.index
+        moved = self.pages.set_undone(r, first, count, pagestate.UNMAPPED)
+        if not moved:
+            return
+        ps = region.page_size
+        log.warning("session=%s region=%d gpa=%#x..%#x (%d pages) unmapped by the VMM "
+                    "during the migration: not filled, the rest goes on", self.metrics.session,
+                    r, region.gpa + first * ps, region.gpa + (first + count) * ps, moved)
+        inside = [k for k in (*self._outstanding, *self._waiters, *self._callbacks)
+                  if k[0] == r and first <= k[1] < first + count]
+        for key in inside:
+            self._outstanding.pop(key, None)
+            self._waiters.pop(key, None)
+            for cb in self._callbacks.pop(key, []):
+                cb(Outcome.LOST, "the VMM unmapped this page")
+        if self._fast is not None:
+            self._fast.forget(r, first, count)
+        # A thread that faulted there before the munmap still waits: let it go.
+        with contextlib.suppress(KernelError):
+            uffd.wake(region.uffd, region.addr + first * ps, count * ps)
 
     def _installed(self, region: ImportRegion, start: int, count: int, lane: str,
                    method: str) -> None:
@@ -1032,7 +1234,7 @@ class FaultLoop:
         for r, page, count, data, lane in work:
             region = self.regions[r]
             if lane == "discard":
-                self._fill_discarded(region, page, False)
+                self._fill_discarded(region, page)
             elif lane == "poison":
                 self._poison_run(region, page, count)
             elif data:
@@ -1050,8 +1252,10 @@ class FaultLoop:
         elif state == pagestate.POISONED:
             callback(Outcome.POISONED, "page was poisoned earlier")
         elif state == pagestate.DISCARDED:
-            self._fill_discarded(self.regions[r], page, False)
+            self._fill_discarded(self.regions[r], page)
             callback(Outcome.INSTALLED, "")
+        elif state == pagestate.UNMAPPED:
+            callback(Outcome.LOST, "the VMM unmapped this page")
         else:
             self._callbacks.setdefault((r, page), []).append(callback)
             if state == pagestate.ABSENT:
@@ -1133,6 +1337,10 @@ class FaultLoop:
         except Retry:
             self._deferred.append((region.index, start, count, b"", "poison"))
             return
+        except RangeGone:
+            self._range_gone(region, start, count,
+                             lambda p, n: self._poison_run(region, p, n))
+            return
         self._mark(region, start, count, pagestate.POISONED)
         self.metrics.installed("poison", count)
 
@@ -1170,6 +1378,9 @@ class FaultLoop:
         except AlreadyPresent:
             self.pages.set(region.index, page, pagestate.INSTALLED)
             return
+        except RangeGone:
+            self._range_gone(region, page, 1)
+            return
         self.pages.set(region.index, page, pagestate.POISONED)
         self._waiters.pop((region.index, page), None)
         if self._fast is not None:
@@ -1192,6 +1403,20 @@ class FaultLoop:
         if self.pages.complete and not self._finished:
             self._finished = True
             self.notify("complete", None)
+
+
+def _error_from_c(io: fastimport.ImportIo) -> None:
+    """The C loop reported a failed or short call: raise what the Python loop raises for
+    the same failure (one policy: the session fails with that reason)."""
+    op, err = io.err_op, io.err_errno
+    if op == fastimport.E_SHORT_UFFD:
+        raise uffd.IncompleteMessage("read(uffd)", errno.EIO,
+                                     f"{io.err_bytes} bytes is not whole messages")
+    if op == fastimport.E_READ_UFFD:
+        raise KernelError("read(uffd)", err, os.strerror(err))
+    if op == fastimport.E_EPOLL_WAIT:
+        raise KernelError("epoll_wait", err, os.strerror(err))
+    raise KernelError("C fault loop", err, f"unknown error report {op} (a bug)")
 
 
 def _receive_pieces(fs: FrameSocket, buf: bytearray, ps: int, count: int,

@@ -2,8 +2,9 @@
 
 One byte per page of each region. A page moves ABSENT -> REQUESTED -> INSTALLED (or
 POISONED); a range the VMM discarded becomes DISCARDED and is never filled with source
-data again. The import session's fault thread is the only writer; other threads only
-read counters and snapshots, which may be a moment stale but never wrong in a way
+data again; a range the VMM unmapped becomes UNMAPPED (nothing can be installed there any
+more). The import session's fault thread is the only writer; other threads only read
+counters and snapshots, which may be a moment stale but never wrong in a way
 that matters (a stale "absent" only causes a redundant send).
 """
 
@@ -17,9 +18,13 @@ REQUESTED: Final = 1
 INSTALLED: Final = 2
 POISONED: Final = 3
 DISCARDED: Final = 4
+UNMAPPED: Final = 5
 
-STATE_NAMES: Final = ("absent", "requested", "installed", "poisoned", "discarded")
-_DONE: Final = frozenset((INSTALLED, POISONED, DISCARDED))
+STATE_NAMES: Final = ("absent", "requested", "installed", "poisoned", "discarded", "unmapped")
+_DONE: Final = frozenset((INSTALLED, POISONED, DISCARDED, UNMAPPED))
+# For each done state, a table mapping ABSENT and REQUESTED to it, the rest to itself.
+_UNDONE_TO: Final = {s: bytes(s if b in (ABSENT, REQUESTED) else b for b in range(256))
+                     for s in _DONE}
 
 
 class PageMap:
@@ -32,6 +37,7 @@ class PageMap:
         self.installed = 0
         self.poisoned = 0
         self.discarded = 0
+        self.unmapped = 0
 
     def get(self, region: int, page: int) -> int:
         return self.states[region][page]
@@ -46,6 +52,19 @@ class PageMap:
         self._count(old, -1)
         self._count(state, +1)
 
+    def set_undone(self, region: int, first: int, count: int, state: int) -> int:
+        """Move every page of [first, first+count) not done yet (absent or requested) to
+        ``state``, a done state, in one pass over the bytes; returns how many moved."""
+        assert state in _DONE
+        row = self.states[region]
+        chunk = bytes(row[first : first + count])
+        moved = chunk.count(ABSENT) + chunk.count(REQUESTED)
+        if moved:
+            # Same length: the row's buffer stays where the C loop has it.
+            row[first : first + count] = chunk.translate(_UNDONE_TO[state])
+            self._count(state, moved)
+        return moved
+
     def _count(self, state: int, delta: int) -> None:
         if state in _DONE:
             self.done += delta
@@ -55,6 +74,8 @@ class PageMap:
             self.poisoned += delta
         elif state == DISCARDED:
             self.discarded += delta
+        elif state == UNMAPPED:
+            self.unmapped += delta
 
     @property
     def complete(self) -> bool:
@@ -67,7 +88,8 @@ class PageMap:
     def installable_runs(self, region: int, first: int, count: int) -> Iterator[tuple[int, int]]:
         """Sub-runs of [first, first+count) whose pages may receive source data.
 
-        Only ABSENT and REQUESTED pages may; installed, poisoned and discarded ones never.
+        Only ABSENT and REQUESTED pages may; installed, poisoned, discarded and unmapped
+        ones never.
         """
         row = self.states[region]
         start = -1

@@ -242,6 +242,7 @@ class ImportSession(SessionBase):
     def _completed_event(self) -> protocol.Message:
         return {"event": "completed", "session": self.session_id,
                 "pages_total": self.pages.total, "pages_poisoned": self.pages.poisoned,
+                "pages_unmapped": self.pages.unmapped,
                 "outcome": self.reason or "completed"}
 
     async def _kill_lingering_vmm(self) -> None:
@@ -408,7 +409,8 @@ class ImportSession(SessionBase):
         return {"session": self.session_id, "pages_total": self.pages.total,
                 "pages_installed": self.pages.installed + self.pages.discarded,
                 "pages_demand": c.pages_demand, "pages_background": c.pages_background,
-                "pages_zero": c.pages_zero, "pages_poisoned": self.pages.poisoned}
+                "pages_zero": c.pages_zero, "pages_poisoned": self.pages.poisoned,
+                "pages_unmapped": self.pages.unmapped}
 
     def status(self) -> protocol.Message:
         """The session's entry of the ``status`` reply (README, wire protocol)."""
