@@ -15,6 +15,7 @@ all of the rest being the kernel's (bench demand-latency).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from uffdd import _fastpath, peer, protocol
-from uffdd._linux.mem import Mapping, buffer_address, process_read
+from uffdd._linux.mem import Mapping, buffer_address, is_hugetlb_fd, process_read
 from uffdd.errors import KernelError, PeerUnavailable, ProtocolError, TargetGone
 from uffdd.metrics import SessionMetrics
 from uffdd.peer import FrameSocket
@@ -81,6 +82,7 @@ class ExportState:
     pages_demand: int = 0
     pages_demand_c: int = 0  # of pages_demand, answered by the demand lane's C loop
     bytes_sent: int = 0
+    unreadable: set[int] = field(default_factory=set)  # regions whose read failure is logged
     done: threading.Event = field(default_factory=threading.Event)
     # shared with the demand lane's C loop: the bulk lanes' hint, "fault injection active"
     control: DemandControl = field(default_factory=lambda: DemandControl(), init=False,
@@ -214,6 +216,16 @@ class PageReader:
         self._zmap_addr = buffer_address(self._zmap)
         self.zmap_addr = 0  # where the last zero_map call left a C map (0: it did not)
 
+    def close(self) -> None:
+        """Let go of the scratch buffer now, not when a garbage collection runs: a lane's
+        frame (and this reader in it) can outlive the lane in a traceback cycle, and with
+        2 MiB pages the demand lane's scratch is 128 MiB (it stayed resident for good)."""
+        with contextlib.suppress(BufferError):
+            self.scratch_view.release()
+        self.scratch = bytearray()
+        self.scratch_view = memoryview(self.scratch)
+        self.scratch_addr = 0
+
     def address(self, region: ExportRegion, page: int, at: int = 0) -> int:
         """Where ``view(region, page, count, at)``'s bytes are (0: not known, read-only)."""
         if region.mapping is not None:
@@ -323,7 +335,12 @@ def send_pages(fs: FrameSocket, reader: PageReader, region: ExportRegion, page: 
             for i in range(count):
                 send_pages(fs, reader, region, page + i, 1, lane, at=at + i * ps, out=frames)
         else:
-            log.error("cannot read region=%d pages=%d+%d: %s", region.index, page, count, e)
+            # Once per region: a VMM that shrank its memfd leaves thousands of such pages.
+            first = region.index not in state.unreadable
+            state.unreadable.add(region.index)
+            log.log(logging.ERROR if first else logging.DEBUG,
+                    "cannot read region=%d pages=%d+%d: %s%s", region.index, page, count, e,
+                    " (the region's further unreadable pages are not logged)" if first else "")
             frames.append(({"t": "lost", "r": region.index, "p": page, "n": count,
                             "reason": f"source cannot read the page: {e}"}, ()))
     else:
@@ -484,9 +501,10 @@ def serve_demand(fs: FrameSocket, state: ExportState, metrics: SessionMetrics, *
             python_requests += answered
     finally:
         if lane is not None:
-            lane.close()
+            lane.close()  # unpins the scratch first
             log.info("%s ended: %d requests answered by the C fast path, %d by Python",
                      label, lane.requests, python_requests)
+        reader.close()
 
 
 def _answer_batch(fs: FrameSocket, state: ExportState, reader: PageReader,
@@ -791,6 +809,14 @@ def serve_bulk(fs: FrameSocket, state: ExportState, metrics: SessionMetrics, *,
     _receive_have(fs, state)
     reader = PageReader(state, max(state.chunk_bytes, max(r.page_size for r in state.regions)),
                         peer.PayloadNative.load(fastpath))
+    try:
+        _stream(fs, state, reader, metrics)
+    finally:
+        reader.close()
+
+
+def _stream(fs: FrameSocket, state: ExportState, reader: PageReader,
+            metrics: SessionMetrics) -> None:
     cursor = (0, 0)
     try:
         while state.background:
@@ -862,11 +888,14 @@ def open_memfd_region(index: int, spec: protocol.RegionSpec, fd: int) -> ExportR
     Reading a mapping past the end of a file raises SIGBUS, which would kill the daemon
     and every session in it. So the region is mapped only if the memfd can be sealed
     against shrinking (F_SEAL_SHRINK, memfds made with MFD_ALLOW_SEALING); otherwise
-    pages are read with pread, which just returns short.
+    pages are read with pread, which just returns short. A hugetlb memfd is never
+    mapped: reading a hole of it (never written, or punched out with fallocate, which
+    the seal allows) allocates a huge page, and with the pool empty that is a SIGBUS
+    too; pread of a hole returns zeros without allocating.
     """
     region = ExportRegion(index, spec.gpa, spec.size, spec.page_size, fd=fd,
                           offset=spec.offset)
-    if _seal_shrink(fd):
+    if not is_hugetlb_fd(fd) and _seal_shrink(fd):
         region.mapping = Mapping(fd, spec.size, spec.offset, writable=False)
     return region
 
