@@ -854,7 +854,9 @@ class FaultLoop:
         elif kind == "lost":
             reason = str(header.get("reason", "source cannot read the page"))
             for p in range(page, page + count):
-                self._unrecoverable(region, p, "lost", reason)
+                # A page no longer needed (installed, unmapped, discarded) is no loss.
+                if self.pages.get(region, p) <= pagestate.REQUESTED:
+                    self._unrecoverable(region, p, "lost", reason)
         elif kind == "end":
             log.debug("source finished its background stream")
         elif kind == "cancel":
