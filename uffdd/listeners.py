@@ -1,0 +1,102 @@
+"""What every listener of the daemon shares: binding with errors an operator can act
+on, and an accept loop that survives running out of fds.
+
+A daemon that serves many tenants runs out of fds when one of them misbehaves (or
+the host does). ``accept()`` then fails with EMFILE/ENFILE while the connection stays
+queued: retrying at once would spin, and raising would take every listener and session
+down with the root nursery. :class:`Acceptor` waits a short, growing backoff instead,
+logs the condition once when it starts and once when it ends, and counts it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+
+import trio
+
+from uffdd.errors import ConfigError
+
+log = logging.getLogger("uffdd.listeners")
+
+#: accept() errors that mean "no resources now": wait and retry, never fail.
+_STARVED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors about one connection that died in the queue: skip it.
+_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET})
+_BACKOFF_FIRST = 0.01
+_BACKOFF_MAX = 0.5
+
+
+class Acceptor:
+    """``accept()`` on one listener, retrying with backoff while fds are exhausted."""
+
+    def __init__(self, listener: trio.socket.SocketType, what: str) -> None:
+        self.listener = listener
+        self.what = what
+        self.starved_since: float | None = None
+        self.starved_times = 0  # episodes, for tests and logs
+
+    async def accept(self) -> tuple[trio.socket.SocketType, object]:
+        delay = _BACKOFF_FIRST
+        while True:
+            try:
+                sock, addr = await self.listener.accept()
+            except OSError as e:
+                if e.errno in _GONE:
+                    continue
+                if e.errno not in _STARVED:
+                    raise
+                self._starved(e)
+                await trio.sleep(delay)
+                delay = min(delay * 2, _BACKOFF_MAX)
+                continue
+            self._recovered()
+            return sock, addr
+
+    def _starved(self, e: OSError) -> None:
+        if self.starved_since is not None:
+            return  # logged once per episode, not per attempt
+        self.starved_since = trio.current_time()
+        self.starved_times += 1
+        log.error("%s: accept() failed: %s; new connections wait until fds are free "
+                  "(retrying every %gs at most)", self.what, os.strerror(e.errno or 0),
+                  _BACKOFF_MAX)
+
+    def _recovered(self) -> None:
+        if self.starved_since is None:
+            return
+        waited = trio.current_time() - self.starved_since
+        self.starved_since = None
+        log.warning("%s: accepting again after %.1fs without free fds", self.what, waited)
+
+
+def bind_error(what: str, address: str, e: OSError) -> ConfigError:
+    """A bind failure as a start-up error naming the listener, its address and the cause."""
+    cause = e.strerror or str(e)
+    hint = ""
+    if e.errno == errno.EADDRINUSE:
+        hint = ": another process (another uffdd?) listens there; stop it or choose " \
+               "another address"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        hint = ": this user may not bind there"
+    elif e.errno == errno.EADDRNOTAVAIL:
+        hint = ": no interface of this host has that address"
+    return ConfigError(f"{what} {address}: cannot listen: {cause}{hint}")
+
+
+def tcp_listener(what: str, host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket (stdlib, non-blocking) or a ConfigError saying why."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise bind_error(what, shown, e) from None
+    sock.setblocking(False)
+    return sock
