@@ -72,6 +72,7 @@ class Connection:
         self.dropped = False  # closed by us for not reading: its sessions go on
         self.in_flight = 0  # resolve requests not answered yet (limits.max_outstanding_requests)
         self._outbox_in, self._outbox_out = trio.open_memory_channel[protocol.Message](_OUTBOX)
+        self._scope: trio.CancelScope | None = None  # the connection's nursery, once serving
 
     def allowed(self) -> bool:
         api = self.daemon.config.api
@@ -99,8 +100,11 @@ class Connection:
         metrics.refused("limit")
         self.dropped = True
         self.closed = True
-        self.sock.close()  # wakes this connection's reader with ClosedResourceError
         self._outbox_in.close()
+        if self._scope is not None:
+            self._scope.cancel()  # the reader and writer end; run() closes the socket
+        else:
+            self.sock.close()
 
     async def run(self) -> None:
         """Serve requests until the VMM closes the connection."""
@@ -114,10 +118,13 @@ class Connection:
                     f"uid {self.cred.uid} / gid {self.cred.gid} may not use this daemon"))
                 return
             async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                if self.closed:  # dropped before its nursery opened
+                    return
                 nursery.start_soon(self._write_events)
                 await self._serve(nursery)
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the VMM went away (or was dropped): its sessions are dealt with below
         finally:
             self.closed = True
@@ -160,8 +167,9 @@ class Connection:
                 await self._handle(body, fds)
 
     async def _write_events(self) -> None:
-        async for event in self._outbox_out:
-            await self.send(event)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            async for event in self._outbox_out:
+                await self.send(event)
 
     def _queue_event(self, event: protocol.Message) -> None:
         try:

@@ -31,7 +31,14 @@ from uffdd._linux import scm, sdnotify
 from uffdd._linux.listenfds import listening_socket, take_fds
 from uffdd.api import Connection
 from uffdd.config import Config, check_peer_security, split_host_port
-from uffdd.errors import AuthError, ConfigError, PeerUnavailable, ProtocolError, RequestError
+from uffdd.errors import (
+    AuthError,
+    ConfigError,
+    PeerUnavailable,
+    ProtocolError,
+    RequestError,
+    UffddError,
+)
 from uffdd.listeners import Acceptor, bind_error, tcp_listener
 from uffdd.session import ExportSession, ImportSession, SessionBase, stored_sessions
 
@@ -289,7 +296,7 @@ class Daemon:
                 self.client_connections.pop(cred.pid, None)
 
     async def _serve_peer(self, listener: trio.socket.SocketType) -> None:
-        acceptor = Acceptor(listener, f"peer listener {self.config.peer.listen}")
+        acceptor = Acceptor(listener, f"peer listener port {self.peer_port}")
         with listener:
             while True:
                 sock, addr = await acceptor.accept()
@@ -312,11 +319,17 @@ class Daemon:
         timeout = self.config.limits.handshake_timeout
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # A second descriptor of the same socket: shutting it down wakes the handshake
-        # thread when the whole handshake (not just one read) took too long.
-        guard = sock.dup()
         # The slot is given back once: by the lane when it closes, or here on refusal.
         release = _once(partial(self.peer_slots.release, host))
+        # A second descriptor of the same socket: shutting it down wakes the handshake
+        # thread when the whole handshake (not just one read) took too long.
+        try:
+            guard = sock.dup()
+        except OSError as e:  # out of fds: this connection fails, not the daemon
+            release()
+            _refused_peer(addr, e)
+            sock.close()
+            return
         make = partial(_PeerLane, release=release)
         try:
             with trio.move_on_after(timeout) as deadline:
@@ -561,6 +574,17 @@ def _chown_socket(path: str, owner: str, group: str) -> None:
     os.chown(path, uid, gid)
 
 
+class DaemonFailed(UffddError):
+    """The daemon stopped on an error after it was ready (a bug: logged with its trace)."""
+
+
 async def run_daemon(config: Config) -> None:
     """Entry point for ``uffdd serve``."""
-    await Daemon(config).serve()
+    daemon = Daemon(config)
+    try:
+        await daemon.serve()
+    except Exception as e:
+        if daemon._nursery is None:
+            raise  # did not start: the cause is for the command line to print
+        log.critical("the daemon stopped on an unexpected error", exc_info=True)
+        raise DaemonFailed(f"stopped on an unexpected error after start: {e!r}") from None

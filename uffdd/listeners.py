@@ -27,6 +27,7 @@ _STARVED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET})
 _BACKOFF_FIRST = 0.01
 _BACKOFF_MAX = 0.5
+_REPORT_EVERY = 60.0  # seconds between two reports of running out of fds
 
 
 class Acceptor:
@@ -36,7 +37,10 @@ class Acceptor:
         self.listener = listener
         self.what = what
         self.starved_since: float | None = None
-        self.starved_times = 0  # episodes, for tests and logs
+        self.episodes = 0  # times accept() started failing for want of fds
+        self._logged_at: float | None = None  # when an episode was last reported
+        self._reported = False  # this episode was logged (so its end is too)
+        self._unreported = 0  # episodes since the last report
 
     async def accept(self) -> tuple[trio.socket.SocketType, object]:
         delay = _BACKOFF_FIRST
@@ -57,19 +61,32 @@ class Acceptor:
 
     def _starved(self, e: OSError) -> None:
         if self.starved_since is not None:
-            return  # logged once per episode, not per attempt
-        self.starved_since = trio.current_time()
-        self.starved_times += 1
-        log.error("%s: accept() failed: %s; new connections wait until fds are free "
-                  "(retrying every %gs at most)", self.what, os.strerror(e.errno or 0),
+            return  # one episode, however many attempts
+        now = trio.current_time()
+        self.starved_since = now
+        self.episodes += 1
+        # Under pressure fds come and go, and accept() flaps between failing and not:
+        # one report per _REPORT_EVERY, with the episodes in between counted.
+        if self._logged_at is not None and now - self._logged_at < _REPORT_EVERY:
+            self._unreported += 1
+            return
+        also = (f" ({self._unreported} more times since the last report)"
+                if self._unreported else "")
+        log.error("%s: accept() failed: %s%s; new connections wait until fds are free "
+                  "(retrying every %gs at most)", self.what, os.strerror(e.errno or 0), also,
                   _BACKOFF_MAX)
+        self._logged_at = now
+        self._reported = True
+        self._unreported = 0
 
     def _recovered(self) -> None:
         if self.starved_since is None:
             return
         waited = trio.current_time() - self.starved_since
         self.starved_since = None
-        log.warning("%s: accepting again after %.1fs without free fds", self.what, waited)
+        if self._reported:
+            log.warning("%s: accepting again after %.1fs without free fds", self.what, waited)
+        self._reported = False
 
 
 def bind_error(what: str, address: str, e: OSError) -> ConfigError:
