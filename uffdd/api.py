@@ -70,7 +70,7 @@ class Connection:
         self.owned: list[SessionBase] = []
         self.closed = False
         self.dropped = False  # closed by us for not reading: its sessions go on
-        self.in_flight = 0  # resolve requests not answered yet (limits.max_outstanding_requests)
+        self.in_flight = 0  # resolve requests of this connection not answered yet
         self._outbox_in, self._outbox_out = trio.open_memory_channel[protocol.Message](_OUTBOX)
         self._scope: trio.CancelScope | None = None  # the connection's nursery, once serving
 
@@ -111,8 +111,9 @@ class Connection:
         try:
             if not self.allowed():
                 metrics.refused("unauthorized")
-                log.warning("refused VMM connection pid=%d uid=%d gid=%d: not allowed",
-                            self.cred.pid, self.cred.uid, self.cred.gid)
+                if self.daemon.first_refusal(self.cred.pid, "unauthorized"):
+                    log.warning("refused VMM connection pid=%d uid=%d gid=%d: not allowed",
+                                self.cred.pid, self.cred.uid, self.cred.gid)
                 await self.send(protocol.error_reply(
                     None, "unauthorized",
                     f"uid {self.cred.uid} / gid {self.cred.gid} may not use this daemon"))
@@ -156,12 +157,14 @@ class Connection:
                 fds = _Refused(f"{len(fds)} fds came with {body.get('op')!r}, which takes "
                                "none (only import and export take fds)")
             if body.get("op") in ("resolve", "populate-failed"):
-                if self.in_flight >= self.daemon.config.limits.max_outstanding_requests:
+                if (self.daemon.client_in_flight.get(self.cred.pid, 0)
+                        >= self.daemon.config.limits.max_outstanding_requests):
                     # Each waits up to the page deadline: unbounded, they would pin memory
-                    # and tasks for any VMM that keeps asking.
+                    # and tasks for any VMM that keeps asking. Counted per client (pid),
+                    # so that more connections do not buy a client more.
                     await self._handle({**body, "op": "__limit__"}, fds)
                     continue
-                self.in_flight += 1
+                self._in_flight(+1)
                 nursery.start_soon(self._handle_in_flight, body, fds)
             else:
                 await self._handle(body, fds)
@@ -249,7 +252,16 @@ class Connection:
         try:
             await self._handle(body, fds)
         finally:
-            self.in_flight -= 1
+            self._in_flight(-1)
+
+    def _in_flight(self, delta: int) -> None:
+        self.in_flight += delta
+        table = self.daemon.client_in_flight
+        left = table.get(self.cred.pid, 0) + delta
+        if left > 0:
+            table[self.cred.pid] = left
+        else:
+            table.pop(self.cred.pid, None)
 
     async def _handle(self, body: protocol.Message, fds: list[int] | _Refused) -> None:
         req_id = body.get("id")
@@ -286,9 +298,9 @@ class Connection:
         if body.get("op") == "__invalid__":
             raise RequestError(str(body["error"]), str(body["message"]))
         if body.get("op") == "__limit__":
-            raise RequestError("limit", f"{self.in_flight} resolve requests of this "
-                               "connection are still in flight "
-                               "(limits.max_outstanding_requests)")
+            raise RequestError("limit", f"{self.daemon.client_in_flight.get(self.cred.pid, 0)} "
+                               f"resolve requests of pid {self.cred.pid} are still in "
+                               "flight (limits.max_outstanding_requests)")
         if isinstance(fds, _Refused):
             raise RequestError("bad-fds", f"fds refused and closed: {fds.reason}")
         op = protocol.check_request(body)

@@ -102,7 +102,9 @@ class Daemon:
         self.metrics_port = 0
         self.connections = 0
         self.client_connections: dict[int, int] = {}  # pid -> open API connections
+        self.client_in_flight: dict[int, int] = {}  # pid -> resolve requests in flight
         self._refusing: set[int] = set()  # pids told "limit" since they last were below it
+        self._logged_refusals: set[tuple[int, str]] = set()  # (pid, why) logged once
         self.stored_fds: dict[str, list[int]] = {}  # session id -> fds from the fd store
         self.peer_slots = PeerSlots(config.limits.max_connections_per_peer)
 
@@ -195,6 +197,10 @@ class Daemon:
         if activated:
             log.info("using the socket-activated VMM API socket")
             std = activated[0]
+            for extra in activated[1:]:  # one API socket: more would be held for nothing
+                log.warning("closing an extra socket-activated VMM API socket %s",
+                            extra.getsockname())
+                extra.close()
             self.api_path = str(std.getsockname())
             return trio.socket.from_stdlib_socket(std), False
         path = self.api_path
@@ -258,6 +264,16 @@ class Daemon:
                 self.connections += 1
                 self.client_connections[cred.pid] = self.client_connections.get(cred.pid, 0) + 1
                 self.nursery.start_soon(self._connection, sock, cred)
+
+    def first_refusal(self, pid: int, why: str) -> bool:
+        """True the first time ``pid`` is refused for ``why``: log it then, not per attempt."""
+        key = (pid, why)
+        if key in self._logged_refusals:
+            return False
+        if len(self._logged_refusals) >= 4096:  # pids are reused: forget, stay bounded
+            self._logged_refusals.clear()
+        self._logged_refusals.add(key)
+        return True
 
     def _connection_refusal(self, cred: scm.PeerCred) -> str | None:
         """Why a new API connection of this client is refused, or None.
