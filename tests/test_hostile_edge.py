@@ -539,3 +539,22 @@ def test_check_config_runs_the_checks_serve_runs(tmp_path: Path) -> None:
     good = f'[peer]\nca = "{source.ca}"\ncert = "{source.cert}"\nkey = "{source.key}"\n'
     assert _serve(tmp_path, "--api-socket", str(tmp_path / "x.sock"), "--peer-listen",
                   "127.0.0.1:0", "--check-config", config_text=good).returncode == 0
+
+
+@pytest.mark.skipif(not testcerts.openssl_available(), reason="needs the openssl command")
+def test_certificate_dates_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our certificate (valid for two days from now) is refused by the preflight that
+    serve and --check-config share, once the clock is past its end or before its start
+    (the daemon's clock is moved; openssl 3.0 cannot issue an expired certificate)."""
+    from uffdd import daemon
+    from uffdd.errors import ConfigError
+    source = testcerts.make_pair(tmp_path / "pki")[0]
+    cfg = config.from_dict({"peer": {"ca": str(source.ca), "cert": str(source.cert),
+                                     "key": str(source.key), "listen": "127.0.0.1:0"}})
+    daemon.preflight(cfg)  # valid now
+    now = time.time()
+    for shift, words in ((3 * 86400, "expired on"), (-86400, "not valid before")):
+        monkeypatch.setattr(daemon.time, "time", lambda shift=shift: now + shift)
+        with pytest.raises(ConfigError, match=words) as e:
+            daemon.preflight(cfg)
+        assert str(source.cert) in str(e.value)

@@ -309,12 +309,17 @@ class Connection:
         return reply
 
     def event_sink(self) -> Callable[[protocol.Message], Awaitable[None]]:
-        """Where a session's events for this VMM go: queued, never waited for."""
-        async def sink(event: protocol.Message) -> None:
-            if self.closed:
-                raise trio.ClosedResourceError("connection closed")
-            self._queue_event(event)
-        return sink
+        """Where a session's events for this VMM go: queued, never waited for.
+
+        The same object every time, so a session lists a connection at most once
+        however often it subscribes (subscribers stay bounded by connections).
+        """
+        return self._sink
+
+    async def _sink(self, event: protocol.Message) -> None:
+        if self.closed:
+            raise trio.ClosedResourceError("connection closed")
+        self._queue_event(event)
 
 
 class _Truncated(Exception):
@@ -542,7 +547,7 @@ async def handle_subscribe(
     for session in found:
         if session.finished:
             conn.daemon.nursery.start_soon(_replay_final, session, conn.event_sink())
-        else:
+        elif conn.event_sink() not in session.subscribers:  # once per connection
             session.subscribers.append(conn.event_sink())
     return {}
 
