@@ -558,3 +558,33 @@ def test_certificate_dates_are_checked(tmp_path: Path, monkeypatch: pytest.Monke
         with pytest.raises(ConfigError, match=words) as e:
             daemon.preflight(cfg)
         assert str(source.cert) in str(e.value)
+
+
+def test_subscribing_again_and_again_lists_a_connection_once(tenancy: Tenancy) -> None:
+    """A VMM subscribes 500 times to its own export: its session lists the connection
+    once (each subscribe used to add a subscriber), so its final event comes once."""
+    src = tenancy.src
+    proc = _hostile("""
+        c = RawClient(sys.argv[1])
+        fd = os.memfd_create("hostile-subs")
+        os.ftruncate(fd, 1 << 20)
+        reply = c.request({"op": "export", "id": 1, "session": "hostile-subs",
+                           "token": b"s" * 16,
+                           "regions": [{"gpa": 0, "size": 1 << 20, "page_size": 4096,
+                                        "fd": 0}]}, [fd])
+        assert reply["ok"], reply
+        for i in range(500):
+            assert c.request({"op": "subscribe", "id": 10 + i, "session": "hostile-subs"})["ok"]
+        c.send({"op": "cancel", "id": 2, "session": "hostile-subs"})
+        finals = 0
+        while not finals:  # the cancel's reply and the final event, in either order
+            finals += c.recv().get("event") in ("failed", "completed")
+        c.send({"op": "status", "id": 3})
+        while True:  # anything queued for us before this reply is here by now
+            msg = c.recv()
+            if msg.get("id") == 3 and "event" not in msg:
+                break
+            finals += msg.get("event") in ("failed", "completed")
+        done(finals=finals)
+    """, src.api_socket)
+    assert _result(proc)["finals"] == 1
