@@ -285,7 +285,8 @@ def test_fastpath_on_without_the_library_is_refused(tmp_path: Path) -> None:
     it looked; "auto" starts and runs the Python loops."""
     path = tmp_path / "fast.toml"
     cmd = [sys.executable, "-m", "uffdd", "serve", "--config", str(path),
-           "--api-socket", str(tmp_path / "x.sock"), "--check-config"]
+           "--api-socket", str(tmp_path / "x.sock"), "--peer-listen", "127.0.0.1:0",
+           "--check-config"]  # loopback: --check-config applies the plaintext rule too
     env = {**os.environ, "UFFDD_FASTPATH_LIB": str(tmp_path / "missing.so")}
     path.write_text("[peer]\nfastpath = 'on'\n")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
@@ -297,7 +298,19 @@ def test_fastpath_on_without_the_library_is_refused(tmp_path: Path) -> None:
 
 
 def test_good_config_is_accepted(tmp_path: Path) -> None:
+    """The shipped config passes --check-config, which loads the TLS files it names:
+    they are pointed at throwaway certificates (the shipped paths exist only on a host
+    that was set up)."""
+    from uffdd import testcerts
     shipped = Path(__file__).resolve().parent.parent / "deploy" / "uffdd.toml"
-    done = subprocess.run([sys.executable, "-m", "uffdd", "serve", "--config", str(shipped),
+    certs = testcerts.make_pair(tmp_path / "pki")[0]
+    text = shipped.read_text()
+    for old, new in (("/etc/uffdd/tls/ca.pem", certs.ca), ("/etc/uffdd/tls/uffdd.pem",
+                     certs.cert), ("/etc/uffdd/tls/uffdd.key", certs.key)):
+        assert old in text, old
+        text = text.replace(old, str(new))
+    config = tmp_path / "uffdd.toml"
+    config.write_text(text)
+    done = subprocess.run([sys.executable, "-m", "uffdd", "serve", "--config", str(config),
                            "--check-config"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -36,51 +36,105 @@ log = logging.getLogger("uffdd.api")
 Handler = Callable[["Connection", protocol.Message, list[int]], Awaitable[protocol.Message]]
 
 
-class Connection:
-    """One VMM's connection to the API socket."""
+#: The only requests that carry fds; fds sent with any other are refused (bad-fds).
+FD_OPS = frozenset({"import", "export"})
+#: Events queued for one connection's writer before it is dropped as not reading.
+_OUTBOX = 1024
+_RECV_CHUNK = 65536  # bytes asked per recvmsg: a frame sent in tiny pieces costs no more
 
-    def __init__(self, daemon: Daemon, sock: trio.socket.SocketType) -> None:
+
+class _Refused:
+    """The fds of a frame were refused: why (a bad-fds reply names it)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class Connection:
+    """One VMM's connection to the API socket.
+
+    Reads one frame at a time; every fd that came with a frame is counted against
+    limits.max_fds_per_request over the whole frame (however many sendmsg pieces it
+    came in), and the excess is closed at once. Replies are written whole within
+    limits.send_timeout; events go through a bounded outbox written by the
+    connection's own task, so a session never waits for a VMM's socket. A VMM that
+    stops reading is dropped: its connection closed, its sessions going on.
+    """
+
+    def __init__(self, daemon: Daemon, sock: trio.socket.SocketType,
+                 cred: scm.PeerCred | None = None) -> None:
         self.daemon = daemon
         self.sock = sock
-        self.cred = scm.peer_cred(sock)  # type: ignore[arg-type]
+        self.cred = cred if cred is not None else scm.peer_cred(sock)  # type: ignore[arg-type]
         self._send_lock = trio.Lock()
         self.owned: list[SessionBase] = []
         self.closed = False
-        self.in_flight = 0  # resolve requests not answered yet (limits.max_outstanding_requests)
+        self.dropped = False  # closed by us for not reading: its sessions go on
+        self.in_flight = 0  # resolve requests of this connection not answered yet
+        self._outbox_in, self._outbox_out = trio.open_memory_channel[protocol.Message](_OUTBOX)
+        self._scope: trio.CancelScope | None = None  # the connection's nursery, once serving
 
     def allowed(self) -> bool:
         api = self.daemon.config.api
         return self.cred.uid in api.allowed_uids or self.cred.gid in api.allowed_gids
 
     async def send(self, message: protocol.Message) -> None:
+        """Write one frame whole within limits.send_timeout, else drop the connection."""
         if self.closed:
             raise trio.ClosedResourceError("connection closed")
         data = protocol.pack(message)
-        async with self._send_lock:
-            await self.sock.send(data) if len(data) < 4096 else await _sendall(self.sock, data)
+        timeout = self.daemon.config.limits.send_timeout
+        with trio.move_on_after(timeout) as scope:
+            async with self._send_lock:
+                await _sendall(self.sock, data)
+        if scope.cancelled_caught:
+            # Part of a frame may be written: the stream is out of step for good.
+            self.drop(f"it read nothing for {timeout:g}s (limits.send_timeout)")
+            raise trio.BrokenResourceError("VMM stopped reading")
+
+    def drop(self, why: str) -> None:
+        """Close a connection whose VMM does not read; its sessions are not cancelled."""
+        if self.closed:
+            return
+        log.warning("dropped VMM connection pid=%d: %s", self.cred.pid, why)
+        metrics.refused("limit")
+        self.dropped = True
+        self.closed = True
+        self._outbox_in.close()
+        if self._scope is not None:
+            self._scope.cancel()  # the reader and writer end; run() closes the socket
+        else:
+            self.sock.close()
 
     async def run(self) -> None:
         """Serve requests until the VMM closes the connection."""
         try:
             if not self.allowed():
                 metrics.refused("unauthorized")
-                log.warning("refused VMM connection pid=%d uid=%d gid=%d: not allowed",
-                            self.cred.pid, self.cred.uid, self.cred.gid)
+                if self.daemon.first_refusal(self.cred.pid, "unauthorized"):
+                    log.warning("refused VMM connection pid=%d uid=%d gid=%d: not allowed",
+                                self.cred.pid, self.cred.uid, self.cred.gid)
                 await self.send(protocol.error_reply(
                     None, "unauthorized",
                     f"uid {self.cred.uid} / gid {self.cred.gid} may not use this daemon"))
                 return
             async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                if self.closed:  # dropped before its nursery opened
+                    return
+                nursery.start_soon(self._write_events)
                 await self._serve(nursery)
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-            pass
+        except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the VMM went away (or was dropped): its sessions are dealt with below
         finally:
             self.closed = True
             self.sock.close()
-            for session in self.owned:
-                if not session.finished:
-                    session.set_state("cancelled", "the VMM closed its connection")
+            self._outbox_in.close()
+            if not self.dropped:
+                for session in self.owned:
+                    if not session.finished:
+                        session.set_state("cancelled", "the VMM closed its connection")
 
     async def _serve(self, nursery: trio.Nursery) -> None:
         while True:
@@ -88,104 +142,196 @@ class Connection:
                 frame = await self._read_frame()
             except RequestError as e:  # the stream is out of step: say why, then close
                 metrics.refused(e.code)
-                await self.send(protocol.error_reply(None, e.code, e.message))
-                return
-            except OSError:  # the VMM went away (reset): its sessions end in run()
+                log.info("closing VMM connection pid=%d: %s", self.cred.pid, e.message)
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                         OSError):
+                    await self.send(protocol.error_reply(None, e.code, e.message))
                 return
             if frame is None:
                 return
             body, fds = frame
+            if isinstance(fds, list) and fds and body.get("op") not in FD_OPS:
+                # Only import and export take fds: any other request (resolve waits up
+                # to a page deadline) would hold them for nothing.
+                scm.close_all(fds)
+                fds = _Refused(f"{len(fds)} fds came with {body.get('op')!r}, which takes "
+                               "none (only import and export take fds)")
             if body.get("op") in ("resolve", "populate-failed"):
-                if self.in_flight >= self.daemon.config.limits.max_outstanding_requests:
+                if (self.daemon.client_in_flight.get(self.cred.pid, 0)
+                        >= self.daemon.config.limits.max_outstanding_requests):
                     # Each waits up to the page deadline: unbounded, they would pin memory
-                    # and tasks for any VMM that keeps asking.
+                    # and tasks for any VMM that keeps asking. Counted per client (pid),
+                    # so that more connections do not buy a client more.
                     await self._handle({**body, "op": "__limit__"}, fds)
                     continue
-                self.in_flight += 1
+                self._in_flight(+1)
                 nursery.start_soon(self._handle_in_flight, body, fds)
             else:
                 await self._handle(body, fds)
 
-    async def _read_exactly(self, n: int, fds: list[int]) -> bytes | None:
-        data = bytearray()
-        space = scm.fd_control_space(self.daemon.config.limits.max_fds_per_request)
-        while len(data) < n:
-            chunk, anc, flags, _addr = await self.sock.recvmsg(n - len(data), space)
-            try:
-                fds.extend(scm.parse_fds(anc, flags))
-            except ProtocolError as e:
+    async def _write_events(self) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            async for event in self._outbox_out:
+                await self.send(event)
+
+    def _queue_event(self, event: protocol.Message) -> None:
+        try:
+            self._outbox_in.send_nowait(event)
+        except trio.WouldBlock:
+            self.drop(f"{_OUTBOX} events are waiting for it to read")
+            raise trio.BrokenResourceError("VMM stopped reading") from None
+
+    async def _read_some(self, n: int, fds: list[int] | _Refused
+                         ) -> tuple[bytes, list[int] | _Refused]:
+        """One recvmsg; fds counted against the frame's limit, the excess closed now."""
+        limit = self.daemon.config.limits.max_fds_per_request
+        chunk, anc, flags, _addr = await self.sock.recvmsg(
+            min(n, _RECV_CHUNK), scm.fd_control_space(limit))
+        try:
+            got = scm.parse_fds(anc, flags)
+        except ProtocolError as e:  # parse_fds closed what it got
+            if isinstance(fds, list):
                 scm.close_all(fds)
-                fds.clear()
-                fds.append(-1)  # marks "fds were refused" for the request
-                log.warning("pid=%d: %s", self.cred.pid, e)
+            return chunk, _Refused(str(e))
+        if isinstance(fds, _Refused):
+            scm.close_all(got)
+            return chunk, fds
+        if len(fds) + len(got) > limit:
+            scm.close_all(fds)
+            scm.close_all(got)
+            return chunk, _Refused(f"more than {limit} fds came with one request "
+                                   "(limits.max_fds_per_request)")
+        fds.extend(got)
+        return chunk, fds
+
+    async def _read_exactly(self, n: int, fds: list[int] | _Refused
+                            ) -> tuple[bytes | None, list[int] | _Refused]:
+        data = bytearray()
+        while len(data) < n:
+            chunk, fds = await self._read_some(n - len(data), fds)
             if not chunk:
                 if data:
-                    raise RequestError("bad-frame", "connection closed in the middle of a frame")
-                return None
+                    raise _Truncated(fds)
+                return None, fds
             data += chunk
-        return bytes(data)
+        return bytes(data), fds
 
-    async def _read_frame(self) -> tuple[protocol.Message, list[int]] | None:
-        fds: list[int] = []
+    async def _read_frame(self) -> tuple[protocol.Message, list[int] | _Refused] | None:
+        """The next frame and its fds (or why they were refused); None at end of stream."""
+        fds: list[int] | _Refused = []
         try:
-            head = await self._read_exactly(4, fds)
+            head, fds = await self._read_exactly(4, fds)
             if head is None:
+                if isinstance(fds, list):
+                    scm.close_all(fds)
                 return None
             (length,) = protocol.LENGTH.unpack(head)
             protocol.check_length(length, self.daemon.config.limits.max_frame_bytes)
-            data = await self._read_exactly(length, fds)
+            data, fds = await self._read_exactly(length, fds)
             if data is None:
-                raise RequestError("bad-frame", "connection closed in the middle of a frame")
+                raise _Truncated(fds)
+        except _Truncated as e:
+            if isinstance(e.fds, list):
+                scm.close_all(e.fds)
+            raise RequestError("bad-frame", "connection closed in the middle of a frame"
+                               ) from None
         except BaseException:
-            scm.close_all([fd for fd in fds if fd >= 0])
+            if isinstance(fds, list):
+                scm.close_all(fds)
             raise
         try:
             return protocol.unpack_body(data), fds
         except RequestError as e:
             # The frame boundary is intact, so the connection can carry on.
-            scm.close_all([fd for fd in fds if fd >= 0])
+            if isinstance(fds, list):
+                scm.close_all(fds)
             return {"op": "__invalid__", "error": e.code, "message": e.message}, []
 
-    async def _handle_in_flight(self, body: protocol.Message, fds: list[int]) -> None:
+    async def _handle_in_flight(self, body: protocol.Message, fds: list[int] | _Refused
+                                ) -> None:
         try:
             await self._handle(body, fds)
         finally:
-            self.in_flight -= 1
+            self._in_flight(-1)
 
-    async def _handle(self, body: protocol.Message, fds: list[int]) -> None:
+    def _in_flight(self, delta: int) -> None:
+        self.in_flight += delta
+        table = self.daemon.client_in_flight
+        left = table.get(self.cred.pid, 0) + delta
+        if left > 0:
+            table[self.cred.pid] = left
+        else:
+            table.pop(self.cred.pid, None)
+
+    async def _handle(self, body: protocol.Message, fds: list[int] | _Refused) -> None:
         req_id = body.get("id")
+        op = body.get("op")
         try:
-            if body.get("op") == "__invalid__":
-                raise RequestError(str(body["error"]), str(body["message"]))
-            if body.get("op") == "__limit__":
-                raise RequestError("limit", f"{self.in_flight} resolve requests of this "
-                                   "connection are still in flight "
-                                   "(limits.max_outstanding_requests)")
-            if fds and fds[0] == -1:
-                raise RequestError("bad-fds", "too many fds or unexpected ancillary data")
-            op = protocol.check_request(body)
-            handler = HANDLERS[op]
-            reply = await handler(self, body, fds)
+            reply = await self._reply(body, fds)
             fds = []  # the handler took them over
-            reply.update({"id": req_id, "ok": True})
         except RequestError as e:
             metrics.refused(e.code if e.code in metrics.REFUSED_REASONS else "bad-request")
-            log.info("refused op=%s pid=%d code=%s: %s", body.get("op"), self.cred.pid, e.code,
-                     e.message)
+            log.info("refused op=%s pid=%d code=%s: %s", op, self.cred.pid, e.code, e.message)
             reply = protocol.error_reply(req_id, e.code, e.message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the VMM went away while its request ran: nobody to answer
         except UffddError as e:
-            log.warning("request op=%s failed: %s", body.get("op"), e)
+            log.warning("request op=%s pid=%d failed: %s", op, self.cred.pid, e)
             reply = protocol.error_reply(req_id, "internal", str(e))
+        except OSError as e:
+            # The kernel refused something the handler asked on the VMM's behalf (an
+            # mmap of its memfd, say): an answer for the VMM, not a daemon failure.
+            log.warning("request op=%s pid=%d failed: %s", op, self.cred.pid, e)
+            reply = protocol.error_reply(req_id, "internal", f"{op}: the kernel refused: {e}")
+        except Exception as e:  # a bug: logged with its traceback, answered all the same
+            log.exception("request op=%s pid=%d failed with an internal error", op,
+                          self.cred.pid)
+            reply = protocol.error_reply(req_id, "internal", f"{op}: internal error: {e!r}")
         finally:
-            scm.close_all([fd for fd in fds if fd >= 0])
+            if isinstance(fds, list):
+                scm.close_all(fds)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await self.send(reply)
 
+    async def _reply(self, body: protocol.Message, fds: list[int] | _Refused
+                     ) -> protocol.Message:
+        if body.get("op") == "__invalid__":
+            raise RequestError(str(body["error"]), str(body["message"]))
+        if body.get("op") == "__limit__":
+            raise RequestError("limit", f"{self.daemon.client_in_flight.get(self.cred.pid, 0)} "
+                               f"resolve requests of pid {self.cred.pid} are still in "
+                               "flight (limits.max_outstanding_requests)")
+        if isinstance(fds, _Refused):
+            raise RequestError("bad-fds", f"fds refused and closed: {fds.reason}")
+        op = protocol.check_request(body)
+        reply = await HANDLERS[op](self, body, fds)
+        reply.update({"id": body.get("id"), "ok": True})
+        return reply
+
     def event_sink(self) -> Callable[[protocol.Message], Awaitable[None]]:
-        return self.send
+        """Where a session's events for this VMM go: queued, never waited for.
+
+        The same object every time, so a session lists a connection at most once
+        however often it subscribes (subscribers stay bounded by connections).
+        """
+        return self._sink
+
+    async def _sink(self, event: protocol.Message) -> None:
+        if self.closed:
+            raise trio.ClosedResourceError("connection closed")
+        self._queue_event(event)
+
+
+class _Truncated(Exception):
+    """The stream ended inside a frame (carries the fds read so far, to close)."""
+
+    def __init__(self, fds: list[int] | _Refused) -> None:
+        super().__init__("truncated frame")
+        self.fds = fds
 
 
 async def _sendall(sock: trio.socket.SocketType, data: bytes) -> None:
+    """Write all of ``data``: a stream socket may take only part of it per send."""
     view = memoryview(data)
     while view:
         n = await sock.send(view)
@@ -400,9 +546,9 @@ async def handle_subscribe(
             raise RequestError("unauthorized", f"session {session_id!r} belongs to another VMM")
     for session in found:
         if session.finished:
-            conn.daemon.nursery.start_soon(_replay_final, session, conn.send)
-        else:
-            session.subscribers.append(conn.send)
+            conn.daemon.nursery.start_soon(_replay_final, session, conn.event_sink())
+        elif conn.event_sink() not in session.subscribers:  # once per connection
+            session.subscribers.append(conn.event_sink())
     return {}
 
 

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from uffdd import daemon, logs
+    source = args.config or "<command line>"
     try:
         cfg = config_mod.load(args.config)
         cfg = config_mod.override(
@@ -104,7 +105,11 @@ def _serve(args: argparse.Namespace) -> int:
             log={"level": args.log_level} if args.log_level else {},
             testing={"fault_injection": True} if args.enable_fault_injection else {},
         )
-        config_mod.from_dict(_as_dict(cfg), args.config or "<command line>")
+        config_mod.from_dict(_as_dict(cfg), source)
+        if args.check_config:
+            # The very checks serve makes before it binds (TLS files, dates, plaintext
+            # rule): a config that passes here is not refused by serve for them.
+            daemon.preflight(cfg, source)
     except ConfigError as e:
         print(f"uffdd: configuration error: {e}", file=sys.stderr)
         return 2
@@ -116,13 +121,30 @@ def _serve(args: argparse.Namespace) -> int:
         trio.run(daemon.run_daemon, cfg)
     except KeyboardInterrupt:
         pass
-    except UffddError as e:
-        print(f"uffdd: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"uffdd: cannot start: {e}", file=sys.stderr)
-        return 1
+    except BaseException as e:  # sorted below; anything else is re-raised
+        return _start_failure(e)
     return 0
+
+
+def _start_failure(e: BaseException) -> int:
+    """A start-up error as one line each, exit status 1; anything else (a bug) re-raised.
+
+    Errors raised inside the daemon's nursery arrive wrapped in exception groups.
+    """
+    leaves = _leaves(e)
+    if not leaves or not all(isinstance(x, UffddError | OSError) for x in leaves):
+        raise e
+    for leaf in leaves:
+        prefix = "" if isinstance(leaf, UffddError) else "cannot start: "
+        print(f"uffdd: {prefix}{leaf}", file=sys.stderr)
+    return 1
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups, or ``[e]``."""
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for inner in e.exceptions for leaf in _leaves(inner)]
+    return [e]
 
 
 def _as_dict(cfg: config_mod.Config) -> dict[str, object]:

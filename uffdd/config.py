@@ -99,6 +99,13 @@ class LimitsConfig:
     handshake_timeout: float = 5.0
     max_connections: int = 256
     max_connections_per_peer: int = 16
+    # API connections one client process (SO_PEERCRED pid) may hold at once. Per pid,
+    # not per uid: every VMM on a host often runs as the same uid (root), and a share
+    # per uid would let one tenant lock all the others out. See README, Security.
+    max_connections_per_client: int = 32
+    # Seconds a reply or event may take to be written to a VMM; a VMM that reads
+    # nothing for that long is dropped (its connection closed, its sessions go on).
+    send_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -216,7 +223,71 @@ def load(path: str | None) -> Config:
     return from_dict(raw, path)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key may take: ``lo``..``hi``; ``lo_open`` excludes ``lo``."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return False
+        if value != value:  # NaN compares false with everything: refused explicitly
+            return False
+        return (value > self.lo if self.lo_open else value >= self.lo) and value <= self.hi
+
+    def __str__(self) -> str:
+        return f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}]"
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+_DAY = 86400.0
+_UID_MAX = 2**32 - 2  # (uid_t)-1 means "no change" to the kernel, never a real uid
+#: Every numeric key of the config and the values it may take, checked in one place
+#: (``check_ranges``). A numeric key missing here is a bug: tests/test_hostile_edge.py
+#: checks that every int and float field has its row.
+RANGES: dict[str, Range] = {
+    "api.allowed_uids": Range(0, _UID_MAX),
+    "api.allowed_gids": Range(0, _UID_MAX),
+    "peer.connect_timeout": Range(0, 3600, lo_open=True),
+    "peer.bulk_lanes": Range(1, 64),
+    "peer.chunk_bytes": Range(4096, 64 << 20),
+    "peer.reconnect_max_delay": Range(0, 3600, lo_open=True),
+    "peer.spin_us": Range(0, 1_000_000),
+    "peer.stall_timeout": Range(0, _DAY),  # 0 turns stall detection off
+    "session.deadline": Range(0, _DAY, lo_open=True),  # the API's 'deadline' field agrees
+    "session.kill_grace": Range(0, 3600),
+    "limits.max_sessions": Range(1, 65536),
+    "limits.max_frame_bytes": Range(4096, 1 << 30),
+    # SCM_MAX_FD: the kernel never passes more than 253 fds in one message.
+    "limits.max_fds_per_request": Range(1, 253),
+    "limits.max_outstanding_requests": Range(1, 1 << 20),
+    "limits.handshake_timeout": Range(0, 3600, lo_open=True),
+    "limits.max_connections": Range(1, 65536),
+    "limits.max_connections_per_peer": Range(1, 65536),
+    "limits.max_connections_per_client": Range(1, 65536),
+    "limits.send_timeout": Range(0, 3600, lo_open=True),
+}
+
+
+def check_ranges(config: Config, source: str) -> None:
+    """Every numeric value within its row of RANGES; the message names file, key, range."""
+    for key, allowed in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        for item in value if isinstance(value, list) else [value]:
+            if item not in allowed:
+                raise ConfigError(f"{source}: key '{key}' = {item!r} is out of range: "
+                                  f"must be in {allowed}")
+
+
 def _check_semantics(config: Config, source: str) -> None:
+    check_ranges(config, source)
     if config.session.policy not in ("crash", "poison"):
         raise ConfigError(f"{source}: key 'session.policy' must be 'crash' or 'poison'")
     # The default strategy is loaded now, so a bad one stops the daemon at start, not at
@@ -236,16 +307,12 @@ def _check_semantics(config: Config, source: str) -> None:
         value = getattr(getattr(config, section), name)
         if value and not is_host_port(value):
             raise ConfigError(f"{source}: key '{key}' must be HOST:PORT, not {value!r}")
-    if config.peer.bulk_lanes < 1 or config.peer.chunk_bytes < 4096:
-        raise ConfigError(f"{source}: key 'peer.bulk_lanes' must be >= 1, 'chunk_bytes' >= 4096")
     try:
         _fastpath.load(config.peer.fastpath)
     except ConfigError as e:
         raise ConfigError(f"{source}: key 'peer.fastpath': {e}") from None
     if config.log.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{source}: key 'log.level' must be debug, info, warning or error")
-    if config.limits.max_connections_per_peer < 1:
-        raise ConfigError(f"{source}: key 'limits.max_connections_per_peer' must be >= 1")
 
 
 def check_peer_security(peer: PeerConfig, source: str) -> None:

@@ -17,18 +17,29 @@ import pwd
 import signal
 import socket
 import ssl
+import stat
+import sys
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 
 import trio
 
 from uffdd import __version__, metrics, peer, protocol, tls
-from uffdd._linux import sdnotify
+from uffdd._linux import scm, sdnotify
 from uffdd._linux.listenfds import listening_socket, take_fds
 from uffdd.api import Connection
 from uffdd.config import Config, check_peer_security, split_host_port
-from uffdd.errors import AuthError, ConfigError, PeerUnavailable, ProtocolError, RequestError
+from uffdd.errors import (
+    AuthError,
+    ConfigError,
+    PeerUnavailable,
+    ProtocolError,
+    RequestError,
+    UffddError,
+)
+from uffdd.listeners import Acceptor, bind_error, tcp_listener
 from uffdd.session import ExportSession, ImportSession, SessionBase, stored_sessions
 
 log = logging.getLogger("uffdd.daemon")
@@ -37,7 +48,44 @@ _KEEP_FINISHED = 64  # finished sessions kept for `status` and late `subscribe`
 # Handshakes (TLS + token) of not yet authenticated peers run in threads of their own
 # limiter: a flood of them from many addresses must not take the data path's threads.
 _HANDSHAKE_THREADS = trio.CapacityLimiter(64)
+#: On SIGTERM, sessions get this long to end (their VMMs told why) before every task
+#: is cancelled.
 _SHUTDOWN_GRACE = 5.0
+#: After the grace, cancelled tasks get this long to unwind. A thread stuck in the
+#: kernel (a read of a blocking fd, process_vm_readv on memory that faults into a uffd
+#: nobody serves) cannot be cancelled: then the daemon logs what is still running and
+#: exits at once with HARD_STOP_STATUS. SIGTERM -> exit within the sum (10 s), always.
+_CANCEL_GRACE = 5.0
+HARD_STOP_STATUS = 70  # EX_SOFTWARE: "did not stop cleanly", distinct from 0, 1 and 2
+
+
+def preflight(config: Config, source: str = "<config>") -> None:
+    """Every check ``serve`` makes before it binds anything; ``--check-config`` too.
+
+    The config file's own checks (types, ranges, strategy, fastpath) ran when it was
+    loaded; these are the ones on the final configuration and on the files it names.
+    """
+    check_peer_security(config.peer, source)  # plaintext only if allowed
+    tls.check_contexts(config.peer)  # CA, cert and key load, and the key matches the cert
+    if tls.tls_enabled(config.peer):
+        _check_certificate_dates(config.peer.cert)
+
+
+def _check_certificate_dates(path: str) -> None:
+    """Our own certificate is valid now: an expired one would fail every handshake."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]
+    except (OSError, ssl.SSLError, AttributeError):
+        return  # loaded fine by the TLS context above; dates unknown to this Python
+    now = time.time()
+    not_before = ssl.cert_time_to_seconds(decoded["notBefore"])
+    not_after = ssl.cert_time_to_seconds(decoded["notAfter"])
+    if now < not_before:
+        raise ConfigError(f"peer.cert {path}: not valid before {decoded['notBefore']} "
+                          "(check the clock, or the certificate)")
+    if now > not_after:
+        raise ConfigError(f"peer.cert {path}: expired on {decoded['notAfter']}: "
+                          "install a renewed certificate")
 
 
 class Daemon:
@@ -53,6 +101,10 @@ class Daemon:
         self.peer_port = 0
         self.metrics_port = 0
         self.connections = 0
+        self.client_connections: dict[int, int] = {}  # pid -> open API connections
+        self.client_in_flight: dict[int, int] = {}  # pid -> resolve requests in flight
+        self._refusing: set[int] = set()  # pids told "limit" since they last were below it
+        self._logged_refusals: set[tuple[int, str]] = set()  # (pid, why) logged once
         self.stored_fds: dict[str, list[int]] = {}  # session id -> fds from the fd store
         self.peer_slots = PeerSlots(config.limits.max_connections_per_peer)
 
@@ -109,18 +161,26 @@ class Daemon:
     async def serve(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED
                     ) -> None:
         """Run until cancelled or signalled. Calls ``task_status.started(self)`` when ready."""
-        check_peer_security(self.config.peer, "peer link")  # plaintext only if allowed
-        tls.check_contexts(self.config.peer)  # a wrong CA/cert/key path stops the start
+        preflight(self.config, "peer link")
         self._log_peer_security()
+        # Everything is bound before the nursery opens: a bind error is one clear
+        # ConfigError for the command line, not a traceback out of an exception group.
+        api_sock, api_bound = self._api_socket()
+        try:
+            peer_sock = self._peer_socket()
+            metrics_sock = self._metrics_socket()
+        except BaseException:
+            api_sock.close()
+            if api_bound:  # ours, just made: leave nothing behind
+                with contextlib.suppress(OSError):
+                    os.unlink(self.api_path)
+            raise
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            api_sock = await self._api_socket()
             nursery.start_soon(self._serve_api, api_sock)
-            peer_sock = await self._peer_socket()
             nursery.start_soon(self._serve_peer, peer_sock)
-            if self.config.metrics.listen:
-                host, port = split_host_port(self.config.metrics.listen)
-                self.metrics_port = await nursery.start(metrics.serve_metrics, host, port)
+            if metrics_sock is not None:
+                self.metrics_port = await nursery.start(metrics.serve_metrics_on, metrics_sock)
             nursery.start_soon(self._signals, nursery.cancel_scope)
             nursery.start_soon(self._watchdog)
             log.info("uffdd %s ready api=%s peer_port=%d metrics_port=%d", __version__,
@@ -129,29 +189,43 @@ class Daemon:
             sdnotify.notify("READY=1", "STATUS=0 sessions")
         sdnotify.notify("STOPPING=1")
 
-    async def _api_socket(self) -> trio.socket.SocketType:
+    def _api_socket(self) -> tuple[trio.socket.SocketType, bool]:
+        """The listening VMM API socket, and whether we bound it (not socket activation)."""
         handed = take_fds()  # the API socket, and session fds from the fd store
         self.stored_fds = stored_sessions(handed)
         activated = [listening_socket("vmm", fd) for fd in handed.get("vmm", [])]
         if activated:
             log.info("using the socket-activated VMM API socket")
             std = activated[0]
+            for extra in activated[1:]:  # one API socket: more would be held for nothing
+                log.warning("closing an extra socket-activated VMM API socket %s",
+                            extra.getsockname())
+                extra.close()
             self.api_path = str(std.getsockname())
-            return trio.socket.from_stdlib_socket(std)
+            return trio.socket.from_stdlib_socket(std), False
         path = self.api_path
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        _claim_api_path(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # no window in which the socket is world-accessible
         try:
-            await sock.bind(path)
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise bind_error("api.socket", path, e) from None
         finally:
             os.umask(old_umask)
-        os.chmod(path, int(self.config.api.socket_mode, 8))
-        _chown_socket(path, self.config.api.socket_owner, self.config.api.socket_group)
-        sock.listen(128)
-        return sock
+        try:
+            os.chmod(path, int(self.config.api.socket_mode, 8))
+            _chown_socket(path, self.config.api.socket_owner, self.config.api.socket_group)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        sock.setblocking(False)
+        return trio.socket.from_stdlib_socket(sock), True
 
     def _log_peer_security(self) -> None:
         """Say at start how the peer link is protected; plaintext by choice is a warning."""
@@ -161,39 +235,87 @@ class Daemon:
         else:
             log.info("peer link: %s", how)
 
-    async def _peer_socket(self) -> trio.socket.SocketType:
+    def _peer_socket(self) -> trio.socket.SocketType:
         host, port = split_host_port(self.config.peer.listen)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        await sock.bind((host, port))
-        sock.listen(128)
+        sock = tcp_listener("peer.listen", host, port)
         self.peer_port = sock.getsockname()[1]
-        return sock
+        return trio.socket.from_stdlib_socket(sock)
+
+    def _metrics_socket(self) -> socket.socket | None:
+        if not self.config.metrics.listen:
+            return None
+        host, port = split_host_port(self.config.metrics.listen)
+        return tcp_listener("metrics.listen", host, port)
 
     async def _serve_api(self, listener: trio.socket.SocketType) -> None:
+        acceptor = Acceptor(listener, f"VMM API socket {self.api_path}")
         with listener:
             while True:
-                sock, _ = await listener.accept()
-                if self.connections >= self.config.limits.max_connections:
-                    metrics.refused("limit")
+                sock, _ = await acceptor.accept()
+                try:
+                    cred = scm.peer_cred(sock)  # type: ignore[arg-type]
+                except OSError:  # gone already
                     sock.close()
                     continue
-                self.nursery.start_soon(self._connection, sock)
+                refusal = self._connection_refusal(cred)
+                if refusal is not None:
+                    _refuse_connection(sock, refusal)
+                    continue
+                self.connections += 1
+                self.client_connections[cred.pid] = self.client_connections.get(cred.pid, 0) + 1
+                self.nursery.start_soon(self._connection, sock, cred)
 
-    async def _connection(self, sock: trio.socket.SocketType) -> None:
-        self.connections += 1
+    def first_refusal(self, pid: int, why: str) -> bool:
+        """True the first time ``pid`` is refused for ``why``: log it then, not per attempt."""
+        key = (pid, why)
+        if key in self._logged_refusals:
+            return False
+        if len(self._logged_refusals) >= 4096:  # pids are reused: forget, stay bounded
+            self._logged_refusals.clear()
+        self._logged_refusals.add(key)
+        return True
+
+    def _connection_refusal(self, cred: scm.PeerCred) -> str | None:
+        """Why a new API connection of this client is refused, or None.
+
+        The share is per process (SO_PEERCRED pid), not per uid: all VMMs of a host
+        often run as one uid, so a share per uid would let one tenant take every
+        other tenant's connections. max_connections bounds them all.
+        """
+        limits = self.config.limits
+        if self.connections >= limits.max_connections:
+            message = (f"the daemon already serves {limits.max_connections} VMM connections "
+                       "(limits.max_connections)")
+        elif self.client_connections.get(cred.pid, 0) >= limits.max_connections_per_client:
+            message = (f"pid {cred.pid} already has {limits.max_connections_per_client} "
+                       "connections open (limits.max_connections_per_client)")
+        else:
+            self._refusing.discard(cred.pid)
+            return None
+        metrics.refused("limit")
+        if cred.pid not in self._refusing:  # once per client, not per attempt
+            self._refusing.add(cred.pid)
+            log.warning("refused VMM connection pid=%d uid=%d: %s", cred.pid, cred.uid, message)
+        return message
+
+    async def _connection(self, sock: trio.socket.SocketType, cred: scm.PeerCred) -> None:
         try:
-            await Connection(self, sock).run()
+            await Connection(self, sock, cred).run()
         except Exception:  # a bug in one connection must not take the daemon down
             log.exception("VMM API connection failed with an internal error")
         finally:
             self.connections -= 1
+            left = self.client_connections.get(cred.pid, 0) - 1
+            if left > 0:
+                self.client_connections[cred.pid] = left
+            else:
+                self.client_connections.pop(cred.pid, None)
 
     async def _serve_peer(self, listener: trio.socket.SocketType) -> None:
+        acceptor = Acceptor(listener, f"peer listener port {self.peer_port}")
         with listener:
             while True:
-                sock, addr = await listener.accept()
+                sock, addr = await acceptor.accept()
                 host = str(addr[0]) if isinstance(addr, tuple) else str(addr)
                 if not self.peer_slots.acquire(host):
                     # Refused before TLS: nothing is read from or written to it.
@@ -213,11 +335,17 @@ class Daemon:
         timeout = self.config.limits.handshake_timeout
         sock.settimeout(timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # A second descriptor of the same socket: shutting it down wakes the handshake
-        # thread when the whole handshake (not just one read) took too long.
-        guard = sock.dup()
         # The slot is given back once: by the lane when it closes, or here on refusal.
         release = _once(partial(self.peer_slots.release, host))
+        # A second descriptor of the same socket: shutting it down wakes the handshake
+        # thread when the whole handshake (not just one read) took too long.
+        try:
+            guard = sock.dup()
+        except OSError as e:  # out of fds: this connection fails, not the daemon
+            release()
+            _refused_peer(addr, e)
+            sock.close()
+            return
         make = partial(_PeerLane, release=release)
         try:
             with trio.move_on_after(timeout) as deadline:
@@ -258,6 +386,7 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("signal %s: shutting down", signal.Signals(signum).name)
+                _arm_hard_stop(self, _SHUTDOWN_GRACE + _CANCEL_GRACE)
                 sdnotify.notify("STOPPING=1")
                 for session in [*self.imports.values(), *self.exports.values()]:
                     session.set_state("cancelled", "daemon shutting down")
@@ -278,6 +407,77 @@ class Daemon:
     def _status_line(self) -> str:
         running = len(self.imports) + len(self.exports)
         return f"{running} sessions ({len(self.imports)} import, {len(self.exports)} export)"
+
+
+def _arm_hard_stop(daemon: Daemon, after: float) -> None:
+    """Exit the process ``after`` seconds from now whatever its threads are doing.
+
+    A thread blocked in the kernel cannot be cancelled, and Trio waits for it; this
+    thread does not wait for anyone. It says what was still running, then exits.
+    """
+    def stop() -> None:
+        time.sleep(after)
+        sessions = [f"{s.role} {s.session_id} ({s.state})"
+                    for s in [*list(daemon.imports.values()), *list(daemon.exports.values())]]
+        threads = [t.name for t in threading.enumerate()
+                   if t is not threading.current_thread() and t is not threading.main_thread()]
+        log.error("still running %gs after the stop signal: sessions %s, threads %s; "
+                  "exiting now with status %d", after, sessions or "none", threads or "none",
+                  HARD_STOP_STATUS)
+        for handler in logging.getLogger().handlers:
+            with contextlib.suppress(Exception):
+                handler.flush()
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(HARD_STOP_STATUS)
+
+    threading.Thread(target=stop, name="uffdd-hard-stop", daemon=True).start()
+
+
+def _claim_api_path(path: str) -> None:
+    """Make room for the API socket: remove a stale socket there, and nothing else.
+
+    A live daemon's socket (a connect succeeds) or any file that is not a socket is
+    the operator's to deal with: refused, naming the path.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"api.socket {path}: exists and is not a socket ({_file_kind(st)}); "
+                          "refusing to replace it: remove it or choose another api.socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:  # nobody listens: a stale socket of a daemon that died
+        log.info("api.socket %s: removing the stale socket of a previous daemon", path)
+        os.unlink(path)
+        return
+    except OSError as e:
+        raise ConfigError(f"api.socket {path}: cannot tell whether a daemon still serves it "
+                          f"({e.strerror or e}); refusing to replace it") from None
+    finally:
+        probe.close()
+    raise ConfigError(f"api.socket {path}: another daemon is serving it (a connect "
+                      "succeeded); stop it first or choose another api.socket")
+
+
+def _file_kind(st: os.stat_result) -> str:
+    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO")):
+        if test(st.st_mode):
+            return kind
+    return "a special file"
+
+
+def _refuse_connection(sock: trio.socket.SocketType, message: str) -> None:
+    """An error frame the client can read, then close; never waits (a fresh socket's
+    buffer is empty, and a client whose buffer is full learns it from the close)."""
+    with contextlib.suppress(OSError):
+        os.write(sock.fileno(), protocol.pack(protocol.error_reply(None, "limit", message)))
+    sock.close()
 
 
 def _once(fn: Callable[[], None]) -> Callable[[], None]:
@@ -390,6 +590,17 @@ def _chown_socket(path: str, owner: str, group: str) -> None:
     os.chown(path, uid, gid)
 
 
+class DaemonFailed(UffddError):
+    """The daemon stopped on an error after it was ready (a bug: logged with its trace)."""
+
+
 async def run_daemon(config: Config) -> None:
     """Entry point for ``uffdd serve``."""
-    await Daemon(config).serve()
+    daemon = Daemon(config)
+    try:
+        await daemon.serve()
+    except Exception as e:
+        if daemon._nursery is None:
+            raise  # did not start: the cause is for the command line to print
+        log.critical("the daemon stopped on an unexpected error", exc_info=True)
+        raise DaemonFailed(f"stopped on an unexpected error after start: {e!r}") from None

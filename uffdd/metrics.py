@@ -23,6 +23,7 @@ delete the other's series.
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -33,6 +34,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_creat
 from prometheus_client.exposition import choose_encoder
 
 from uffdd import __version__
+from uffdd.listeners import Acceptor, tcp_listener
 
 # ``*_created`` series would double the series count of every counter and histogram
 # for a value (process start) that ``process_start_time_seconds`` already gives.
@@ -453,13 +455,25 @@ _MAX_REQUEST_HEAD = 8192
 _REQUEST_TIMEOUT = 10.0
 
 
+#: Scrapes answered at once; more connections are closed unread (a Prometheus server
+#: scrapes one at a time, so only a flood gets here).
+_MAX_SCRAPES = 16
+
+
 async def serve_metrics(
     host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
 ) -> NoReturn:
-    """Serve ``GET /metrics`` on ``host:port`` until cancelled.
+    """Serve ``GET /metrics`` on ``host:port`` until cancelled (see ``serve_metrics_on``)."""
+    await serve_metrics_on(tcp_listener("metrics.listen", host, port), task_status=task_status)
+
+
+async def serve_metrics_on(
+    sock: socket.socket, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> NoReturn:
+    """Serve ``GET /metrics`` on the bound, listening ``sock`` until cancelled.
 
     Calls ``task_status.started(port)`` with the bound port (useful with port 0)
-    once the listeners accept connections.
+    once the listener accepts connections.
 
     Why not ``prometheus_client.start_http_server``: its thread outlives a Trio
     cancellation and only stops through a private-ish ``shutdown()`` call. A small
@@ -468,15 +482,32 @@ async def serve_metrics(
     many series never stalls the event loop. HTTP/1.0 semantics: one request per
     connection, then close.
 
-    Resource handling: listeners and connections are closed on cancellation.
-    Error handling: a broken client connection only ends that connection.
+    Bounds: every connection is answered or closed within _REQUEST_TIMEOUT, at most
+    _MAX_SCRAPES at a time (the rest are closed at once), and running out of fds
+    makes accept wait and retry (uffdd.listeners.Acceptor), never fail the daemon.
     """
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
-    bound = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, _handle_scrape, listeners)
-        task_status.started(bound)
-        await trio.sleep_forever()
+    listener = trio.socket.from_stdlib_socket(sock)
+    bound = listener.getsockname()[1]
+    acceptor = Acceptor(listener, f"metrics listener port {bound}")
+    busy = 0
+
+    async def scrape(conn: trio.socket.SocketType) -> None:
+        nonlocal busy
+        try:
+            await _handle_scrape(trio.SocketStream(conn))
+        finally:
+            busy -= 1
+
+    with listener:
+        async with trio.open_nursery() as nursery:
+            task_status.started(bound)
+            while True:
+                conn, _addr = await acceptor.accept()
+                if busy >= _MAX_SCRAPES:
+                    conn.close()
+                    continue
+                busy += 1
+                nursery.start_soon(scrape, conn)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -488,7 +519,7 @@ async def _handle_scrape(stream: trio.SocketStream) -> None:
                 head = await _read_head(stream)
                 if head is not None:
                     await stream.send_all(await _response(head))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
 
 
