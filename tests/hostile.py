@@ -13,6 +13,11 @@ the hostile client got. The fixture then checks, for both daemons:
   that is what the hostile case left behind);
 * no traceback in its log, and it is still running and answering ``status``.
 
+The healthy tenant's link runs through a throttled fault proxy (``HEALTHY_RATE`` bytes a
+second per connection), so it is certainly still in flight while the test body runs:
+the fixture checks that it had not finished when the body returned, then lifts the
+throttle and waits for it to complete.
+
 The daemons run with no config at all (the shipped defaults) except what a pair of
 loopback test daemons must have: a private API socket and ephemeral ports.
 """
@@ -31,8 +36,10 @@ import pytest
 from tests.conftest import Pair, _check_logs, assert_byte_exact
 from uffdd import harness
 from uffdd.client import Client
+from uffdd.faultproxy import FaultProxy
 
 RSS_SLACK = 64 << 20
+HEALTHY_RATE = 2 << 20
 _SETTLE = 15.0
 
 
@@ -61,6 +68,7 @@ class Tenancy:
     pair: Pair
     idle: dict[str, _Idle] = field(default_factory=dict)
     _healthy: tuple[harness.VmmProcess, harness.VmmProcess, str] | None = None
+    _proxy: FaultProxy | None = None
 
     @property
     def src(self) -> harness.DaemonProcess:
@@ -82,8 +90,11 @@ class Tenancy:
         for d in self.daemons():
             self.idle[d.name] = _Idle(fd_count(d.proc.pid), rss_bytes(d.proc.pid))
         session = f"healthy-{secrets.token_hex(3)}"
-        src, dst = self.pair.start_migration(session=session, memory=memory,
-                                             dest=["--threads", "2"])
+        self._proxy = FaultProxy(self.src.peer, lifetime=900)
+        self._proxy.throttle(HEALTHY_RATE)
+        src, dst = self.pair.start_migration(
+            session=session, memory=memory,
+            dest=["--threads", "2", "--peer", self._proxy.address])
         self._healthy = (src, dst, session)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # both lanes up: the tenant is really in flight
@@ -93,11 +104,23 @@ class Tenancy:
             time.sleep(0.02)
         raise AssertionError("the healthy tenant's link never came up")
 
-    def finish_healthy(self) -> None:
+    def healthy_in_flight(self) -> bool:
+        """True while the healthy tenant's import is still running on the destination."""
         assert self._healthy is not None
+        with Client(self.dst.api_socket) as c:
+            return any(s["session"] == self._healthy[2] and s["state"] == "running"
+                       for s in c.status())
+
+    def finish_healthy(self) -> None:
+        """Lift the throttle and check the healthy tenant completed byte-exact."""
+        assert self._healthy is not None and self._proxy is not None
         src, dst, _session = self._healthy
         self._healthy = None
-        assert_byte_exact(dst.result(300), src.result(60))
+        self._proxy.throttle(0)
+        try:
+            assert_byte_exact(dst.result(300), src.result(60))
+        finally:
+            self._proxy.close()
 
     def assert_clean(self) -> None:
         """Fds back to idle, RSS bounded, still serving, no traceback: for both daemons."""
@@ -128,6 +151,7 @@ def tenancy(tmp_path: Path) -> Iterator[Tenancy]:
     try:
         t.start_healthy()
         yield t
+        assert t.healthy_in_flight(), "the healthy tenant was not in flight during the test"
         t.finish_healthy()
         t.assert_clean()
     finally:
