@@ -360,6 +360,8 @@ class Daemon:
             release()
             _refused_peer(addr, e)
             sock.close()
+            if isinstance(e, peer.WrongToken) and (export := self.exports.get(e.session)):
+                export.peer_refused(addr, e.lane)  # its VMM hears of it (README, Security)
             return
         finally:
             guard.close()
@@ -390,6 +392,9 @@ class Daemon:
                 sdnotify.notify("STOPPING=1")
                 for session in [*self.imports.values(), *self.exports.values()]:
                     session.set_state("cancelled", "daemon shutting down")
+                    # A failed session's kill of its lingering VMM is not skipped, but
+                    # it comes by the end of the grace: SIGTERM stays bounded.
+                    session.hurry_cleanup(trio.current_time() + _SHUTDOWN_GRACE)
                 with trio.move_on_after(_SHUTDOWN_GRACE):
                     while self.imports or self.exports:
                         await trio.sleep(0.05)

@@ -35,6 +35,14 @@ class AuthError(ProtocolError):
     """Raised when a peer fails the session handshake (wrong token, wrong session)."""
 
 
+class RefusedByPeer(AuthError):
+    """The other daemon refused this link (an error frame or a TLS alert from it)."""
+
+
+class RefusedHere(AuthError):
+    """This daemon refused the link itself (its plaintext rule, the peer's certificate)."""
+
+
 class PeerUnavailable(UffddError):
     """Raised when the peer daemon cannot be reached or the link dropped."""
 

@@ -20,11 +20,11 @@ import os
 import socket
 import ssl
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Final, NoReturn
 
 from uffdd import _fastpath, protocol, tls
 from uffdd.config import PeerConfig
-from uffdd.errors import AuthError, PeerUnavailable, ProtocolError
+from uffdd.errors import AuthError, PeerUnavailable, ProtocolError, RefusedByPeer, RefusedHere
 
 LANES: Final = ("demand", "bulk")
 _MAX_IOV: Final = 512  # iovecs per sendmsg (Linux allows 1024)
@@ -261,11 +261,11 @@ def _mac(token: bytes, label: bytes, snonce: bytes, cnonce: bytes, session: str,
     return hmac.new(token, msg, hashlib.sha256).digest()
 
 
-def _expect(header: protocol.Message, kind: str) -> protocol.Message:
+def _expect(header: protocol.Message, kind: str,
+            refused: type[ProtocolError] = RefusedByPeer) -> protocol.Message:
+    """``header`` if it is a ``kind`` frame; an error frame raises ``refused``."""
     if header.get("t") == "error":
-        code = header.get("code")
-        error = UnknownSession if code == "unknown-session" else AuthError
-        raise error(f"peer refused: {code}: {header.get('message')}")
+        raise refused(f"peer refused: {header.get('code')}: {header.get('message')}")
     if header.get("t") != kind:
         raise ProtocolError(f"expected peer frame {kind!r}, got {header.get('t')!r}")
     return header
@@ -279,18 +279,31 @@ def _bytes_field(header: protocol.Message, key: str, size: int) -> bytes:
 
 
 def client_handshake(fs: FrameSocket, session: str, token: bytes, lane: str) -> list[RegionShape]:
-    """Authenticate a lane to the source daemon; return the source's region shapes."""
+    """Authenticate a lane to the source daemon; return the source's region shapes.
+
+    Who refused, and whether trying again can help, follows from where the refusal
+    comes: in place of ``hello`` the source refuses this daemon itself (its
+    certificate's names): ``RefusedByPeer``, final. In place of ``welcome``, code
+    ``unauthorized`` is the one answer for an unknown session and a wrong token:
+    ``SessionRefused``, which a destination retries (a restarted source daemon has no
+    export until its VMM exports again). Any other code there is final.
+    """
     hello = _expect(fs.recv_header(), "hello")
     if hello.get("v") != protocol.PROTOCOL_VERSION:
-        raise ProtocolError(f"peer speaks protocol version {hello.get('v')}, we speak 1")
+        raise RefusedHere(f"the source daemon speaks peer protocol version {hello.get('v')!r}, "
+                          f"this daemon speaks {protocol.PROTOCOL_VERSION}")
     snonce = _bytes_field(hello, "nonce", 16)
     cnonce = os.urandom(16)
     mac = _mac(token, _CLIENT_LABEL, snonce, cnonce, session, lane)
-    fs.send({"t": "auth", "v": 1, "session": session, "lane": lane, "nonce": cnonce, "mac": mac})
-    welcome = _expect(fs.recv_header(), "welcome")
+    fs.send({"t": "auth", "v": protocol.PROTOCOL_VERSION, "session": session, "lane": lane,
+             "nonce": cnonce, "mac": mac})
+    reply = fs.recv_header()
+    if reply.get("t") == "error" and reply.get("code") == "unauthorized":
+        raise SessionRefused(f"peer refused: unauthorized: {reply.get('message')}")
+    welcome = _expect(reply, "welcome")
     expected = _mac(token, _SERVER_LABEL, snonce, cnonce, session, lane)
     if not hmac.compare_digest(_bytes_field(welcome, "mac", 32), expected):
-        raise AuthError("the source daemon failed to prove it knows the session token")
+        raise RefusedHere("the source daemon failed to prove it knows the session token")
     return _region_shapes(welcome.get("regions"))
 
 
@@ -308,25 +321,50 @@ def _region_shapes(raw: object) -> list[RegionShape]:
 
 TokenLookup = Callable[[str], "tuple[bytes, list[RegionShape]] | None"]
 
+#: The one answer to an unknown session and to a wrong token (README, Security): two
+#: answers would tell anyone who can reach the port which session ids exist.
+SESSION_REFUSAL: Final = "unknown session or wrong token"
+#: For an unknown session the MAC is still computed and compared, with a key nobody
+#: knows, so the answer takes the same work either way.
+_DECOY_KEY: Final = os.urandom(32)
+
 
 def server_handshake(fs: FrameSocket, lookup: TokenLookup) -> tuple[str, str]:
-    """Authenticate an incoming lane; return (session, lane). Refusals are sent, then raised."""
+    """Authenticate an incoming lane; return (session, lane). Refusals are sent, then raised.
+
+    Everything that does not depend on the session (version, field types) is checked
+    first; then the MAC is verified -- against the session's token, or a decoy key
+    when there is no such session -- before anything is answered, and both failures
+    get the same frame. Only the exception raised here (for this daemon's log and the
+    export's VMM, never the wire) says which it was: ``WrongToken`` for an existing
+    session, ``SessionRefused`` otherwise.
+    """
     snonce = os.urandom(16)
     fs.send({"t": "hello", "v": protocol.PROTOCOL_VERSION, "nonce": snonce})
-    auth = _expect(fs.recv_header(), "auth")
+    auth = _expect(fs.recv_header(), "auth", ProtocolError)
+    version = auth.get("v")
+    if version != protocol.PROTOCOL_VERSION:
+        _refuse(fs, "bad-version", f"peer protocol version {version!r} is not supported: "
+                f"this daemon speaks {protocol.PROTOCOL_VERSION}", RefusedHere)
     session, lane = auth.get("session"), auth.get("lane")
-    if not isinstance(session, str) or lane not in LANES:
-        _refuse(fs, "bad-request", "auth needs a session id and lane 'demand' or 'bulk'")
+    # A malformed id is refused as such: that says nothing about which sessions exist.
+    if (not isinstance(session, str) or not protocol.SESSION_RE.fullmatch(session)
+            or lane not in LANES):
+        _refuse(fs, "bad-request", f"auth needs a session id ({protocol.SESSION_RE.pattern}) "
+                "and lane 'demand' or 'bulk'", RefusedHere)
     assert isinstance(session, str) and isinstance(lane, str)
     cnonce = _bytes_field(auth, "nonce", 16)
-    found = lookup(session)
-    if found is None:
-        _refuse(fs, "unknown-session", f"no export session {session!r} here (yet)")
-    assert found is not None
-    token, shapes = found
     mac = _bytes_field(auth, "mac", 32)
-    if not hmac.compare_digest(mac, _mac(token, _CLIENT_LABEL, snonce, cnonce, session, lane)):
-        _refuse(fs, "unauthorized", "session token does not match")
+    found = lookup(session)
+    token, shapes = found if found is not None else (_DECOY_KEY, [])
+    expected = _mac(token, _CLIENT_LABEL, snonce, cnonce, session, lane)
+    if not hmac.compare_digest(mac, expected) or found is None:
+        if found is None:
+            refusal: SessionRefused = SessionRefused(f"no export session {session!r} here (yet)")
+        else:
+            refusal = WrongToken(f"wrong token for export session {session!r} ({lane} lane)",
+                                 session, lane)
+        _refuse(fs, "unauthorized", SESSION_REFUSAL, refusal)
     fs.send({
         "t": "welcome",
         "mac": _mac(token, _SERVER_LABEL, snonce, cnonce, session, lane),
@@ -335,37 +373,59 @@ def server_handshake(fs: FrameSocket, lookup: TokenLookup) -> tuple[str, str]:
     return session, lane
 
 
-def _refuse(fs: FrameSocket, code: str, message: str) -> None:
+def _refuse(fs: FrameSocket, code: str, message: str,
+            error: AuthError | type[AuthError]) -> NoReturn:
+    """Send the error frame (best effort: the peer may be gone), then raise ``error``."""
     try:
         fs.send({"t": "error", "code": code, "message": message})
     finally:
-        if code in ("unauthorized", "bad-request"):
-            raise AuthError(message)
-        raise UnknownSession(message)
+        raise error(message) if isinstance(error, type) else error
 
 
-class UnknownSession(AuthError):
-    """The peer asked for a session this daemon does not (yet) export."""
+class SessionRefused(RefusedByPeer):
+    """No export of this session here, or a wrong token: the peer cannot tell which.
+
+    On the destination it is not final (a restarted source daemon has no export
+    until its VMM exports again): the import retries until its deadline.
+    """
 
 
-def connect(address: str, timeout: float, config: PeerConfig | None = None) -> socket.socket:
+class WrongToken(SessionRefused):
+    """Source side only: the session exists but the peer's MAC is wrong."""
+
+    def __init__(self, message: str, session: str, lane: str) -> None:
+        super().__init__(message)
+        self.session = session
+        self.lane = lane
+
+
+def connect(address: str, timeout: float, config: PeerConfig | None = None,
+            opened: Callable[[socket.socket], None] | None = None) -> socket.socket:
     """Open a TCP connection to ``host:port`` with TCP_NODELAY (requests are tiny).
 
     With ``config`` (the daemon's ``[peer]``), the connection is mutual TLS when the
     config enables it, and a plaintext one is refused unless the config allows
     plaintext to that host (README, Security). ``timeout`` also bounds the TLS handshake.
+    ``opened`` is called with the TCP socket before the TLS handshake, so the caller
+    can end a handshake that drags on (see ``session._Dialer``).
     """
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
     secure = config is not None and tls.tls_enabled(config)
     if config is not None and not secure and not tls.plaintext_allowed_to(config, host):
-        raise AuthError(f"refusing a plaintext peer link to {address}: configure mutual TLS "
-                        "(peer.ca, peer.cert, peer.key) or set peer.tls = false")
+        raise RefusedHere(f"refusing a plaintext peer link to {address}: configure mutual "
+                          "TLS (peer.ca, peer.cert, peer.key) or set peer.tls = false")
     try:
         sock = socket.create_connection((host, int(port)), timeout=timeout)
     except OSError as e:
         raise PeerUnavailable(f"cannot connect to peer {address}: {e}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if opened is not None:
+        try:
+            opened(sock)
+        except BaseException:
+            sock.close()
+            raise
     if not secure:
         return sock
     assert config is not None
@@ -394,7 +454,7 @@ def accept_lane(sock: socket.socket, config: PeerConfig, lookup: TokenLookup,
             try:
                 tls.check_peer_names(sock, config.peer_names)
             except AuthError as e:  # the TLS channel is up, so say why before closing
-                _refuse(fs, "unauthorized", str(e))
+                _refuse(fs, "unauthorized", str(e), e)
         session, lane = server_handshake(fs, lookup)
     except BaseException:
         fs.close()

@@ -16,6 +16,7 @@ import ctypes
 import logging
 import os
 import queue
+import signal
 import socket
 import statistics
 import threading
@@ -29,14 +30,13 @@ import trio
 
 from uffdd import _fastpath, exporter, pagestate, peer, protocol, strategies, tls
 from uffdd._linux import sdnotify
-from uffdd._linux.mem import pidfd_kill
 from uffdd.config import Config
-from uffdd.errors import AuthError, PeerUnavailable, ProtocolError, UffddError
+from uffdd.errors import AuthError, PeerUnavailable, ProtocolError, RefusedHere, UffddError
 from uffdd.exporter import ExportRegion, ExportState
 from uffdd.faultloop import FaultLoop, ImportRegion, Outcome
 from uffdd.metrics import SessionMetrics
 from uffdd.pagestate import PageMap
-from uffdd.threads import run_thread
+from uffdd.threads import DATA_PATH_THREADS, run_thread
 
 log = logging.getLogger("uffdd.session")
 
@@ -44,6 +44,18 @@ EventSink = Callable[[protocol.Message], Awaitable[None]]
 _BULK_BUFFERS: Final = 8
 FINAL_STATES: Final = ("completed", "failed", "cancelled")
 FDSTORE_PREFIX: Final = "uffdd-import-"
+#: How long one subscriber may take to accept one event before it is dropped.
+EVENT_SEND_TIMEOUT: Final = 2.0
+#: How long a lane thread that was told to stop may take before its socket is closed
+#: under it (a send to a peer that no longer reads does not notice a SHUT_RD).
+_LANE_STOP_GRACE: Final = 1.0
+_CANCEL_REASON: Final = 500  # characters of a reason sent in a 'cancel' frame
+#: Peer refusals of a wrong token reported to the export's VMM: at most one a second.
+_REFUSAL_EVENT_INTERVAL: Final = 1.0
+
+
+class RegionMismatch(UffddError):
+    """The source's regions are not the import's: final on both sides."""
 
 
 @dataclass
@@ -63,6 +75,9 @@ class SessionBase:
     metrics: SessionMetrics = field(init=False)
     _done: trio.Event = field(default_factory=trio.Event)
     _cancel_scope: trio.CancelScope | None = None
+    _failed_at: float | None = None  # Trio clock: the crash policy's kill_grace counts from it
+    _hurry_by: float | None = None  # Trio clock: the daemon is stopping, cleanup ends by then
+    _kill_scope: trio.CancelScope | None = None  # the crash policy's wait for the VMM
 
     def __post_init__(self) -> None:
         self.metrics = SessionMetrics(self.session_id, self.role)
@@ -81,18 +96,37 @@ class SessionBase:
         if state in FINAL_STATES:
             self.finished_at = time.time()
             self._done.set()
+        if state == "failed":
+            with contextlib.suppress(RuntimeError):  # outside Trio: the cleanup's own time
+                self._failed_at = trio.current_time()
         log.info("session=%s role=%s state=%s%s", self.session_id, self.role, state,
                  f" reason={reason!r}" if reason else "")
 
     async def emit(self, event: protocol.Message) -> None:
-        """Send an event to every subscriber; a subscriber that is gone is dropped."""
-        for sink in list(self.subscribers):
+        """Send an event to every subscriber, each within ``EVENT_SEND_TIMEOUT``.
+
+        Subscribers are sent to concurrently, and one that is gone or does not take the
+        event in time is dropped: a VMM that stops reading costs the session nothing.
+        """
+        async with trio.open_nursery() as nursery:
+            for sink in list(self.subscribers):
+                nursery.start_soon(self._send_event, sink, event)
+
+    async def _send_event(self, sink: EventSink, event: protocol.Message) -> None:
+        with trio.move_on_after(EVENT_SEND_TIMEOUT) as scope:
             try:
                 await sink(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 log.info("session=%s dropped an event subscriber: %r", self.session_id, e)
-                self.subscribers.remove(sink)
+                self._drop(sink)
+        if scope.cancelled_caught:
+            log.warning("session=%s dropped an event subscriber that took no %r event for "
+                        "%gs", self.session_id, event.get("event"), EVENT_SEND_TIMEOUT)
+            self._drop(sink)
 
+    def _drop(self, sink: EventSink) -> None:
+        with contextlib.suppress(ValueError):
+            self.subscribers.remove(sink)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the session until it completes, fails or is cancelled; release everything."""
@@ -104,13 +138,46 @@ class SessionBase:
                 await self._until_end()
                 nursery.cancel_scope.cancel()
         except Exception as e:
-            # Failed before _finish runs, so the VMM's event says why and the crash
+            # Failed before the cleanup runs, so the VMM's event says why and the crash
             # policy's kill of a lingering VMM applies.
             self.set_state("failed", f"internal error: {e!r}")
             raise
         finally:
-            with trio.move_on_after(5, shield=True):
-                await self._finish()
+            # Cleanup cannot be skipped. Every fd and mapping is released first, by code
+            # that never waits. What may wait comes after: the final event (each
+            # subscriber within EVENT_SEND_TIMEOUT) and, under the crash policy, the kill
+            # of a lingering VMM at kill_grace after the failure. It is shielded by a
+            # scope sized from the config, so no outer timer (the daemon's shutdown
+            # grace) cuts it short; the task still belongs to the daemon's root nursery,
+            # which waits for it.
+            try:
+                self._release()
+            finally:  # a release step that raised must not cost the VMM its event or kill
+                with trio.move_on_after(self._cleanup_budget(), shield=True):
+                    await self._after_release()
+
+    def _cleanup_budget(self) -> float:
+        """How long the waits after the release may take, at most (see ``run``)."""
+        grace = self.config.session.kill_grace if self._kill_due() else 0.0
+        if self._hurry_by is not None:
+            grace = min(grace, max(0.0, self._hurry_by - trio.current_time()))
+        return max(EVENT_SEND_TIMEOUT, grace) + 1.0
+
+    def _kill_due(self) -> bool:
+        """Whether the crash policy's kill of a lingering VMM applies to this end."""
+        return False
+
+    def _release(self) -> None:
+        """Release every fd and mapping of the session; never waits."""
+        raise NotImplementedError
+
+    async def _after_release(self) -> None:
+        """Tell the VMM how it ended (and apply the crash policy): bounded waits."""
+        raise NotImplementedError
+
+    def _final_event(self) -> protocol.Message:
+        return {"event": "failed", "session": self.session_id,
+                "reason": self.reason or self.state}
 
     def _start(self, nursery: trio.Nursery) -> None:
         """Start the role's tasks in the session's nursery."""
@@ -120,9 +187,12 @@ class SessionBase:
         """Return when the session has reached a final state."""
         raise NotImplementedError
 
-    async def _finish(self) -> None:
-        """Tell the VMM how it ended and release every fd and mapping."""
-        raise NotImplementedError
+    def hurry_cleanup(self, by: float) -> None:
+        """The daemon is stopping: a kill still due (see ``_kill_lingering_vmm``) happens
+        by ``by`` (Trio clock) at the latest, so a long kill_grace cannot hold SIGTERM."""
+        self._hurry_by = by if self._hurry_by is None else min(self._hurry_by, by)
+        if self._kill_scope is not None:
+            self._kill_scope.deadline = min(self._kill_scope.deadline, by)
 
     def cancel(self, reason: str = "cancelled by the VMM") -> None:
         self.set_state("cancelled", reason)
@@ -160,6 +230,9 @@ class ImportSession(SessionBase):
         self._link_lost = trio.Event()
         self._completed = trio.Event()
         self._bulk_socks: list[peer.FrameSocket] = []
+        self._pidfd: int | None = None  # the VMM, under the crash policy (see _open_pidfd)
+        self._dialer: _Dialer | None = None  # the connection attempt in progress
+        self._link_error: str | None = None  # why the last attempt to link failed
         self.loop = FaultLoop(
             self.regions, self.pages, notify=self._notify_threadsafe, metrics=self.metrics,
             deadline=self.deadline, policy=self.policy, integrity=self.config.peer.integrity,
@@ -187,9 +260,22 @@ class ImportSession(SessionBase):
         if kind == "complete":
             self._completed.set()
         elif kind == "failed":
-            self.set_state("failed", str(data))
+            self.set_state("failed", self._failure_reason(str(data)))
         elif kind == "link-lost":
             self._link_lost.set()
+
+    def _failure_reason(self, reason: str) -> str:
+        """The fault thread's reason, with why the link is down when that is the cause.
+
+        Past the deadline without a link the fault thread only knows that the source was
+        unreachable; the link supervisor knows why (a refusal, a connect error).
+        """
+        if self.link == "up" or not self._link_error or "unreachable" not in reason:
+            return reason
+        if self._link_error.startswith("source refused"):
+            return (f"{self._link_error} (retried for the session deadline of "
+                    f"{self.deadline:g}s: {reason})")
+        return f"{reason} (last attempt: {self._link_error})"
 
     # -- lifetime
 
@@ -198,6 +284,7 @@ class ImportSession(SessionBase):
         # restarted daemon has them back even before the VMM reconnects.
         self._fdstored = bool(self.fds) and sdnotify.store_fds(
             fdstore_name(self.session_id), self.fds)
+        self._open_pidfd()
         nursery.start_soon(self._fault_thread)
         nursery.start_soon(self._link_supervisor)
         nursery.start_soon(self._progress_loop)
@@ -216,28 +303,43 @@ class ImportSession(SessionBase):
     async def _fault_thread(self) -> None:
         await run_thread(self.loop.run, self.loop.stop_threadsafe)
 
-    async def _finish(self) -> None:
+    def _release(self) -> None:
         if getattr(self, "_fdstored", False):
             sdnotify.remove_fds(fdstore_name(self.session_id))
         for fs in self._bulk_socks:
             fs.close()
-        self._report_progress()
-        if self.state == "completed":
-            await self.emit(self._completed_event())
-        else:
-            await self.emit({"event": "failed", "session": self.session_id,
-                             "reason": self.reason or self.state})
-            if self.state == "failed" and self.policy == "crash":
-                await self._kill_lingering_vmm()
+        self._bulk_socks = []
+        if self._dialer is not None:  # normally closed by _connect already
+            self._dialer.close_all()
         for region in self.regions:
             if region.alias is not None:
-                region.alias.close()
+                _quietly(region.alias.close, "unmap the alias of", self.session_id)
         for fd in self.fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
+        if not self._kill_due():
+            self._close_pidfd()
+        self._report_progress()
         self.metrics.link(False)
         self.metrics.close()
+
+    def _kill_due(self) -> bool:
+        return self.state == "failed" and self.policy == "crash" and self._pidfd is not None
+
+    async def _after_release(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.emit, self._final_event())
+                if self._kill_due():
+                    nursery.start_soon(self._kill_lingering_vmm)
+        finally:
+            self._close_pidfd()
+
+    def _final_event(self) -> protocol.Message:
+        if self.state == "completed":
+            return self._completed_event()
+        return super()._final_event()
 
     def _completed_event(self) -> protocol.Message:
         return {"event": "completed", "session": self.session_id,
@@ -245,18 +347,38 @@ class ImportSession(SessionBase):
                 "pages_unmapped": self.pages.unmapped,
                 "outcome": self.reason or "completed"}
 
+    def _open_pidfd(self) -> None:
+        """Hold the VMM as a pidfd from the start, so the kill can never hit another
+        process that reused its pid, and its exit is a readable fd rather than a poll."""
+        if self.policy != "crash":
+            return
+        try:
+            self._pidfd = os.pidfd_open(self.owner_pid)
+        except OSError as e:  # already gone: there is nothing to kill later
+            log.info("session=%s VMM pid=%d: no pidfd (%s)", self.session_id, self.owner_pid, e)
+
+    def _close_pidfd(self) -> None:
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
+
     async def _kill_lingering_vmm(self) -> None:
-        """Crash policy: a VMM still running after the grace period is killed."""
+        """Crash policy: a VMM still running ``kill_grace`` after the failure is killed."""
+        pidfd = self._pidfd
+        assert pidfd is not None
         grace = self.config.session.kill_grace
-        deadline = trio.current_time() + grace
-        while trio.current_time() < deadline:
-            if not _pid_alive(self.owner_pid):
-                return
-            await trio.sleep(0.05)
-        if _pid_alive(self.owner_pid):
-            log.error("session=%s VMM pid=%d still running %.1fs after failure: killing it",
-                      self.session_id, self.owner_pid, grace)
-            pidfd_kill(self.owner_pid)
+        start = self._failed_at if self._failed_at is not None else trio.current_time()
+        due = start + grace
+        if self._hurry_by is not None:
+            due = min(due, self._hurry_by)
+        with trio.move_on_at(due) as self._kill_scope:
+            await trio.lowlevel.wait_readable(pidfd)  # readable: the VMM has exited
+            return
+        log.error("session=%s VMM pid=%d still running %.1fs after failure%s: killing it",
+                  self.session_id, self.owner_pid, trio.current_time() - start,
+                  " (the daemon is stopping)" if self._hurry_by is not None else "")
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
     # -- the link to the source
 
@@ -265,13 +387,26 @@ class ImportSession(SessionBase):
         first = True
         while True:
             try:
-                demand, bulks, rtt = await trio.to_thread.run_sync(self._connect_lanes)
-            except AuthError as e:
-                if not _source_may_come_back(e):
-                    self.set_state("failed", f"source refused the session: {e}")
-                    return
-                log.info("session=%s source has no such export yet: %s", self.session_id, e)
+                demand, bulks, rtt = await self._connect()
+            except peer.SessionRefused as e:
+                # The one answer for "no such export" and "wrong token": a restarted
+                # source daemon has no export until its VMM exports again, so it is not
+                # final. The deadline ends the retries, and the reason says why.
+                self._link_error = f"source refused: {peer.SESSION_REFUSAL}"
+                log.info("session=%s source refused: %s (not final: retrying until the "
+                         "deadline)", self.session_id, e)
+            except RegionMismatch as e:
+                self.set_state("failed", str(e))
+                return
+            except RefusedHere as e:
+                self.set_state("failed", f"this daemon refused the link to the source "
+                               f"{self.peer_address}: {e}")
+                return
+            except AuthError as e:  # RefusedByPeer, or a refusal of no known kind
+                self.set_state("failed", f"source {self.peer_address} refused the link: {e}")
+                return
             except (PeerUnavailable, ProtocolError, OSError) as e:
+                self._link_error = f"cannot reach the source {self.peer_address}: {e}"
                 log.warning("session=%s cannot reach source %s: %s", self.session_id,
                             self.peer_address, e)
             else:
@@ -280,44 +415,81 @@ class ImportSession(SessionBase):
                     self.metrics.reconnected()
                 first = False
                 delay = 0.05
+                self._link_error = None
                 self.metrics.rtt(rtt)
                 await self._run_link(demand, bulks)
             await trio.sleep(delay)
             delay = min(delay * 2, self.config.peer.reconnect_max_delay)
 
-    def _connect_lanes(self) -> tuple[socket.socket, list[peer.FrameSocket], float]:
+    async def _connect(self) -> tuple[socket.socket, list[peer.FrameSocket], float]:
+        """Connect and authenticate every lane, within connect_timeout per lane in all.
+
+        The thread's sockets time out per operation only; a source that answers one
+        byte at a time would hold it (and the session's end) for far longer. Past the
+        budget, or when the session ends, the dialer shuts its sockets down, which wakes
+        the thread at once, and every socket of the attempt is closed.
+        """
+        cfg = self.config.peer
+        budget = cfg.connect_timeout * (1 + cfg.bulk_lanes)
+        dialer = _Dialer()
+        self._dialer = dialer
+        handed = False
+        try:
+            with trio.move_on_after(budget) as scope:
+                try:
+                    lanes = await run_thread(partial(self._connect_lanes, dialer), dialer.stop)
+                except (PeerUnavailable, ProtocolError, OSError):
+                    if not scope.cancel_called:
+                        raise
+                else:
+                    handed = True
+                    return lanes
+            raise PeerUnavailable(f"the {1 + cfg.bulk_lanes} lanes to {self.peer_address} were "
+                                  f"not up within {budget:g}s (peer.connect_timeout per lane)")
+        finally:
+            dialer.close_guards()
+            if not handed:
+                dialer.close_all()
+            self._dialer = None
+
+    def _connect_lanes(self, dialer: _Dialer
+                       ) -> tuple[socket.socket, list[peer.FrameSocket], float]:
         """Blocking: connect and authenticate the demand lane and every bulk lane."""
         timeout = self.config.peer.connect_timeout
-        opened: list[socket.socket] = []
-        try:
-            t0 = time.monotonic()
-            # Mutual TLS (or the allowed plaintext) comes from [peer]: see uffdd.tls.
-            demand = peer.FrameSocket(peer.connect(self.peer_address, timeout,
-                                                   self.config.peer))
-            opened.append(demand.sock)
-            shapes = peer.client_handshake(demand, self.session_id, self.token, "demand")
-            rtt = (time.monotonic() - t0) / 3
-            self._check_shapes(shapes)
-            bulks = []
-            for _ in range(self.config.peer.bulk_lanes):
-                fs = peer.FrameSocket(peer.connect(self.peer_address, timeout,
-                                                   self.config.peer))
-                opened.append(fs.sock)
-                peer.client_handshake(fs, self.session_id, self.token, "bulk")
-                self._send_have(fs)
-                bulks.append(fs)
-            for sock in opened:
-                sock.settimeout(None)
-            return demand.sock, bulks, rtt
-        except BaseException:
-            for sock in opened:
-                sock.close()
-            raise
+        t0 = time.monotonic()
+        # Mutual TLS (or the allowed plaintext) comes from [peer]: see uffdd.tls.
+        demand = peer.FrameSocket(peer.connect(self.peer_address, timeout, self.config.peer,
+                                               dialer.opened))
+        dialer.own(demand.sock)
+        shapes = peer.client_handshake(demand, self.session_id, self.token, "demand")
+        rtt = (time.monotonic() - t0) / 3
+        self._check_shapes(demand, shapes)
+        bulks = []
+        for _ in range(self.config.peer.bulk_lanes):
+            fs = peer.FrameSocket(peer.connect(self.peer_address, timeout, self.config.peer,
+                                               dialer.opened))
+            dialer.own(fs.sock)
+            peer.client_handshake(fs, self.session_id, self.token, "bulk")
+            self._send_have(fs)
+            bulks.append(fs)
+        for sock in (demand.sock, *(fs.sock for fs in bulks)):
+            sock.settimeout(None)
+        return demand.sock, bulks, rtt
 
-    def _check_shapes(self, shapes: list[peer.RegionShape]) -> None:
+    def _check_shapes(self, demand: peer.FrameSocket, shapes: list[peer.RegionShape]) -> None:
+        """The source's regions must be this import's. Only a mismatch found here can
+        tell the source: a 'cancel' with code region-mismatch fails its export too, so
+        its VMM hears why (the source has no other way to know)."""
         mine = [(r.gpa, r.size, r.page_size) for r in self.regions]
-        if shapes != mine:
-            raise AuthError(f"source regions {shapes} do not match the import's {mine}")
+        if shapes == mine:
+            return
+        error = RegionMismatch(
+            f"region mismatch: the source exports {_shapes_text(shapes)}, this import has "
+            f"{_shapes_text(mine)} (both VMMs must describe the same guest RAM)")
+        with contextlib.suppress(PeerUnavailable, OSError):
+            demand.send({"t": "cancel", "code": "region-mismatch",
+                         "reason": str(error)[:_CANCEL_REASON]})
+        raise error
 
     def _send_have(self, fs: peer.FrameSocket) -> None:
         for region in self.regions:
@@ -384,12 +556,18 @@ class ImportSession(SessionBase):
                 raise ProtocolError(f"unexpected frame on a bulk lane: {kind!r}")
 
     async def _send_done(self) -> None:
+        """Tell the source on each bulk lane; a source that does not take a few bytes
+        within EVENT_SEND_TIMEOUT gets its lane closed (the session is complete anyway)."""
         for fs in self._bulk_socks:
-            try:
-                await trio.to_thread.run_sync(fs.send, {"t": "done"})
-            except (PeerUnavailable, OSError) as e:
-                log.warning("session=%s could not tell the source we are done: %s",
-                            self.session_id, e)
+            with trio.move_on_after(EVENT_SEND_TIMEOUT) as scope:
+                try:
+                    await run_thread(partial(fs.send, {"t": "done"}), fs.close)
+                except (PeerUnavailable, OSError) as e:
+                    log.warning("session=%s could not tell the source we are done: %s",
+                                self.session_id, e)
+            if scope.cancelled_caught:
+                log.warning("session=%s the source took no 'done' for %gs: lane closed",
+                            self.session_id, EVENT_SEND_TIMEOUT)
 
     # -- progress
 
@@ -532,6 +710,8 @@ class ExportSession(SessionBase):
                                         spin_s=self.config.peer.spin_us / 1e6)
         self._nursery: trio.Nursery | None = None
         self._token = trio.lowlevel.current_trio_token()
+        self.refusals = 0  # handshakes with a wrong token for this session
+        self._refusal_event_at: float | None = None
 
     def lose_gpa(self, gpa: int) -> None:
         """Fault injection: the page holding ``gpa`` becomes unreadable for the peer."""
@@ -562,10 +742,37 @@ class ExportSession(SessionBase):
         _watch_for_cancel(fs, self._cancelled_by_peer_threadsafe)
         self._nursery.start_soon(self._serve_lane, lane, fs)
 
-    def _cancelled_by_peer_threadsafe(self, reason: str) -> None:
+    def _cancelled_by_peer_threadsafe(self, reason: str, code: str) -> None:
+        """The destination's 'cancel': a region mismatch it found fails the export (only
+        the destination can judge it, and the source VMM must hear why); any other
+        reason cancels it."""
+        if code == "region-mismatch":
+            state, text = "failed", f"the destination refused the session: {reason}"
+        else:
+            state, text = "cancelled", f"the destination cancelled the session: {reason}"
         with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(
-                self.set_state, "cancelled", f"the destination cancelled the session: {reason}")
+            self._token.run_sync_soon(self.set_state, state, text)
+
+    def peer_refused(self, addr: object, lane: str) -> None:
+        """A peer presented a wrong token for this export (see README, Security).
+
+        The export is not failed: session ids are not secret, and failing it would let
+        anyone who can reach the peer port end any export by guessing ids. Its VMM
+        hears of it (``peer-refused`` events, at most one a second, with the count),
+        so it can cancel when it knows no other destination is coming.
+        """
+        self.refusals += 1
+        peer_address = (f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2
+                        else str(addr))
+        now = trio.current_time()
+        last = self._refusal_event_at
+        if self._nursery is None or (last is not None and now - last < _REFUSAL_EVENT_INTERVAL):
+            return
+        self._refusal_event_at = now
+        self._nursery.start_soon(self.emit, {
+            "event": "peer-refused", "session": self.session_id, "refusals": self.refusals,
+            "reason": f"a peer at {peer_address} presented a wrong token for this session "
+                      f"({lane} lane); the destination VMM must be given this export's token"})
 
     async def _serve_lane(self, lane: str, fs: peer.FrameSocket) -> None:
         serve = exporter.serve_demand if lane == "demand" else exporter.serve_bulk
@@ -580,8 +787,8 @@ class ExportSession(SessionBase):
                            fastpath=self.config.peer.fastpath)
         try:
             if lane == "demand":  # the lane's own thread says 'cancel' (no racing sends)
-                await run_thread(partial(self._demand_then_cancel, body, fs),
-                                 partial(_stop_reading, fs))
+                await _run_lane_thread(partial(self._demand_then_cancel, body, fs),
+                                       partial(_stop_reading, fs), fs.close)
             else:
                 await run_thread(body, fs.close)
         except (PeerUnavailable, ProtocolError, OSError, UffddError) as e:
@@ -631,22 +838,25 @@ class ExportSession(SessionBase):
                 "pages_background": max(0, st.pages_sent - st.pages_demand),
                 "pages_zero": st.pages_zero, "pages_poisoned": 0}
 
-    async def _finish(self) -> None:
-        self._report_progress()
-        if self.state == "completed":
-            total = sum(r.pages for r in self.regions)
-            await self.emit({"event": "completed", "session": self.session_id,
-                             "pages_total": total, "pages_poisoned": 0, "outcome": "completed"})
-        else:
-            await self.emit({"event": "failed", "session": self.session_id,
-                             "reason": self.reason or self.state})
+    def _release(self) -> None:
         for region in self.regions:
-            region.close()
+            _quietly(region.close, "unmap a region of", self.session_id)
         for fd in self.fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fds.clear()
+        self._report_progress()
         self.metrics.close()
+
+    async def _after_release(self) -> None:
+        await self.emit(self._final_event())
+
+    def _final_event(self) -> protocol.Message:
+        if self.state != "completed":
+            return super()._final_event()
+        return {"event": "completed", "session": self.session_id,
+                "pages_total": sum(r.pages for r in self.regions), "pages_poisoned": 0,
+                "outcome": "completed"}
 
     def status(self) -> protocol.Message:
         return {
@@ -660,7 +870,7 @@ class ExportSession(SessionBase):
         }
 
 
-def _watch_for_cancel(fs: peer.FrameSocket, on_cancel: Callable[[str], None]) -> None:
+def _watch_for_cancel(fs: peer.FrameSocket, on_cancel: Callable[[str, str], None]) -> None:
     """Make a lane's reader notice the destination's ``cancel`` frame wherever it reads.
 
     The exporter reads headers in several places (requests, 'have', 'done'); hooking the
@@ -671,7 +881,7 @@ def _watch_for_cancel(fs: peer.FrameSocket, on_cancel: Callable[[str], None]) ->
     def recv_header() -> protocol.Message:
         header = inner()
         if header.get("t") == "cancel":
-            on_cancel(str(header.get("reason", "")))
+            on_cancel(str(header.get("reason", ""))[:_CANCEL_REASON], str(header.get("code", "")))
             raise PeerUnavailable("the destination cancelled the session")
         return header
 
@@ -691,20 +901,44 @@ def demand_fastpath(config: Config) -> ctypes.CDLL | None:
 def _stop_reading(fs: peer.FrameSocket) -> None:
     """End a lane thread's wait for frames but leave its sending side open.
 
-    The base socket's shutdown: an SSL socket's own would drop its TLS state. A thread
-    stuck in a send to a peer that no longer reads is ended by closing, a second later.
+    The base socket's shutdown: an SSL socket's own would drop its TLS state.
     """
     with contextlib.suppress(OSError):
         socket.socket.shutdown(fs.sock, socket.SHUT_RD)
-    timer = threading.Timer(1.0, fs.close)
-    timer.daemon = True
-    timer.start()
 
 
-def _source_may_come_back(e: AuthError) -> bool:
-    """An unknown session is not final: a restarted source daemon waits for its VMM."""
-    # peer.client_handshake reports every refusal as "peer refused: CODE: message".
-    return isinstance(e, peer.UnknownSession) or "peer refused: unknown-session:" in str(e)
+async def _run_lane_thread(fn: Callable[[], None], stop: Callable[[], None],
+                           close: Callable[[], None]) -> None:
+    """``run_thread`` with a second, harder stop: ``close`` when the thread has not
+    returned ``_LANE_STOP_GRACE`` after ``stop`` (a thread stuck in a send to a peer that
+    no longer reads does not notice a SHUT_RD). The wait for it is owned by this task,
+    not by a timer thread, so the lane is closed before its session's cleanup runs.
+    """
+    finished = trio.Event()
+
+    async def stop_on_cancel() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            if not finished.is_set():
+                stop()
+                with trio.CancelScope(shield=True), trio.move_on_after(_LANE_STOP_GRACE):
+                    await finished.wait()
+                if not finished.is_set():
+                    close()
+
+    error: Exception | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stop_on_cancel)
+        try:
+            await trio.to_thread.run_sync(fn, limiter=DATA_PATH_THREADS)
+        except Exception as e:  # re-raised below, outside the nursery: callers see it bare
+            error = e
+        finally:
+            finished.set()
+            nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
 
 
 def fdstore_name(session_id: str) -> str:
@@ -760,15 +994,68 @@ def latency_percentiles(samples: list[float]) -> tuple[float | None, float | Non
     return round(q[49], 1), round(q[98], 1)
 
 
-def _pid_alive(pid: int) -> bool:
+def _quietly(close: Callable[[], None], what: str, session_id: str) -> None:
+    """Run one release step; a failure is logged and the other steps still run."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not running any more
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+        close()
+    except (OSError, ValueError, BufferError) as e:
+        log.error("session=%s could not %s the session: %r", session_id, what, e)
+
+
+def _shapes_text(shapes: list[peer.RegionShape]) -> str:
+    """Region shapes for a reason: the first few, and how many in all."""
+    text = ", ".join(f"[gpa {g:#x} size {z:#x} page {p:#x}]" for g, z, p in shapes[:4])
+    more = f" and {len(shapes) - 4} more" if len(shapes) > 4 else ""
+    return f"{len(shapes)} region{'s' if len(shapes) != 1 else ''} {text}{more}"
+
+
+class _Dialer:
+    """The sockets of one attempt to connect a session's lanes, shared with its thread.
+
+    ``stop`` (any thread) shuts down a duplicate of each TCP socket: shutdown acts on
+    the socket, not the descriptor, so it wakes a connect thread blocked in the TLS
+    handshake or the session handshake. Sockets opened after ``stop`` are refused.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._guards: list[socket.socket] = []
+        self._owned: list[socket.socket] = []
+
+    def opened(self, sock: socket.socket) -> None:
+        """A new TCP socket (before TLS): keep a guard for ``stop``."""
+        with self._lock:
+            if self._stopped:
+                raise PeerUnavailable("connection attempt stopped")
+            self._guards.append(sock.dup())
+
+    def own(self, sock: socket.socket) -> None:
+        """The lane's socket (TLS or plain), closed by ``close_all`` unless handed over."""
+        with self._lock:
+            self._owned.append(sock)
+            stopped = self._stopped
+        if stopped:
+            raise PeerUnavailable("connection attempt stopped")
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            guards = list(self._guards)
+        for guard in guards:
+            with contextlib.suppress(OSError):
+                guard.shutdown(socket.SHUT_RDWR)
+
+    def close_guards(self) -> None:
+        with self._lock:
+            guards, self._guards = self._guards, []
+        for guard in guards:
+            guard.close()
+
+    def close_all(self) -> None:
+        """Close every lane socket of the attempt (it failed, or the session ended)."""
+        self.stop()
+        with self._lock:
+            owned, self._owned = self._owned, []
+        for sock in owned:
+            sock.close()

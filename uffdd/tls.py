@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from uffdd.config import PeerConfig, is_loopback_host
-from uffdd.errors import AuthError, ConfigError
+from uffdd.errors import AuthError, ConfigError, RefusedByPeer, RefusedHere
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
@@ -63,7 +63,7 @@ class LaneSSLSocket(ssl.SSLSocket):
             # handshake is done: its verdict arrives as an alert on the first read.
             # Retrying cannot fix that, so it is an AuthError, not a dropped link.
             if e.reason in _CERTIFICATE_ALERTS:
-                raise AuthError(f"the peer refused our certificate ({e.reason})") from None
+                raise RefusedByPeer(f"the peer refused our certificate ({e.reason})") from None
             raise
 
     def send(self, data: ReadableBuffer, flags: int = 0) -> int:
@@ -198,24 +198,29 @@ def wrap_server(sock: socket.socket, peer: PeerConfig) -> ssl.SSLSocket:
 def wrap_client(sock: socket.socket, peer: PeerConfig, host: str) -> ssl.SSLSocket:
     """Blocking: TLS handshake to the source daemon at ``host``, then the name check.
 
-    A server certificate the CA did not sign (or for another host) is an
-    ``AuthError``: retrying cannot fix it, so the session fails with a clear reason.
+    A server certificate the CA did not sign (or for another host) is a
+    ``RefusedHere``: retrying cannot fix it, so the session fails with a clear reason
+    that says this daemon, not the source, refused.
     """
     try:
         tls_sock = client_context(peer).wrap_socket(sock, server_hostname=host)
     except ssl.SSLCertVerificationError as e:
         sock.close()
-        raise AuthError(f"the source daemon's certificate was refused: {e.verify_message}"
-                        ) from None
-    return _names_checked(tls_sock, peer.peer_names)
+        raise RefusedHere(f"the source daemon's certificate was refused: {e.verify_message}"
+                          ) from None
+    return _names_checked(tls_sock, peer.peer_names, client=True)
 
 
-def _names_checked(tls_sock: ssl.SSLSocket, allowed: list[str]) -> ssl.SSLSocket:
-    """``tls_sock`` if its peer carries an allowed name; else closed, and AuthError."""
+def _names_checked(tls_sock: ssl.SSLSocket, allowed: list[str],
+                   client: bool = False) -> ssl.SSLSocket:
+    """``tls_sock`` if its peer carries an allowed name; else closed, and AuthError
+    (``RefusedHere`` on the connecting side: this daemon refuses the source)."""
     try:
         check_peer_names(tls_sock, allowed)
-    except AuthError:
+    except AuthError as e:
         tls_sock.close()
+        if client:
+            raise RefusedHere(str(e)) from None
         raise
     return tls_sock
 
