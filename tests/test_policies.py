@@ -32,11 +32,10 @@ DEADLINE = "2"
 
 @pytest.fixture
 def daemons(tmp_path: Path) -> Iterator[tuple[harness.DaemonProcess, harness.DaemonProcess]]:
-    """A source daemon the test may kill, and a destination with a short kill grace."""
+    """A source daemon the test may kill, and a destination at the shipped kill grace."""
     src = harness.start_daemon(tmp_path, "source")
     try:
-        dst = harness.start_daemon(tmp_path, "destination",
-                                   config="[session]\nkill_grace = 1.0\n")
+        dst = harness.start_daemon(tmp_path, "destination")
     except BaseException:
         src.kill()
         raise
@@ -96,7 +95,7 @@ def test_crash_policy_source_killed(daemons: tuple[harness.DaemonProcess,
     reason = str((failed or crashed)[0]["reason"])
     assert "unreachable" in reason or "lost" in reason or "unrecoverable" in reason, reason
     print(f"VMM ended {ended_after:.2f}s after the source was killed "
-          f"(deadline {DEADLINE}s + grace 1s)")
+          f"(deadline {DEADLINE}s + the default kill_grace)")
 
 
 @pytest.mark.parametrize("exits", [False, True], ids=["blocking", "exits"])

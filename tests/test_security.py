@@ -246,6 +246,7 @@ def test_destination_refuses_a_source_from_another_ca(
     result = start_dest(pair, session, token).result(120)
     assert result["event"] == "failed", result
     assert "certificate" in str(result.get("reason")), result
+    assert str(result.get("reason")).startswith("this daemon refused the link"), result
     assert session_status(src, session)["bytes_sent"] == 0
     source.proc.kill()  # its session ends with its connection
     source.proc.wait(10)
@@ -497,6 +498,7 @@ def test_destination_with_an_untrusted_certificate_fails_clearly(
     assert result["event"] == "failed", result
     assert time.monotonic() - t0 < 20, "the session kept retrying"
     assert "refused our certificate" in dst.log_text(), dst.log_text()[-3000:]
+    assert f"source {src.peer} refused the link" in str(result.get("reason")), result
     assert session_status(src, session)["bytes_sent"] == 0
     source.proc.kill()
     source.proc.wait(10)
