@@ -52,7 +52,7 @@ def lingering_dest(args: argparse.Namespace) -> int:
     client = Client(args.socket)
     client.import_session(args.session, bytes.fromhex(args.token), peer=args.peer, regions=[
         GuestRegion(gpa=0, addr=address, size=args.memory, uffd=ufd, mode="missing",
-                    page_size=PAGE, fd=fd, offset=0)])
+                    page_size=PAGE, fd=fd, offset=0)], deadline=args.deadline)
     tids: list[int] = []
     started = threading.Event()
 
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-file", required=True)
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--deadline", type=float, default=None,
+                   help="the import's deadline (default: the daemon's)")
     args = p.parse_args(argv)
     return lingering_dest(args) if args.role == "lingering-dest" else watch_source(args)
 

@@ -109,7 +109,7 @@ def _no_session_fds(daemon: harness.DaemonProcess, memfd: str) -> None:
 
 
 def _lingering_import(t: Tenancy, dst: harness.DaemonProcess, source: harness.DaemonProcess,
-                      vmms: list[harness.VmmProcess]
+                      vmms: list[harness.VmmProcess], *extra: str
                       ) -> tuple[harness.VmmProcess, dict[str, Any], str]:
     """A source VMM exporting on ``source`` (which is then frozen: nothing arrives), and
     a lingering destination VMM importing from it through ``dst``, its thread blocked."""
@@ -120,7 +120,7 @@ def _lingering_import(t: Tenancy, dst: harness.DaemonProcess, source: harness.Da
     _ready(exporter, ready)
     os.kill(source.proc.pid, signal.SIGSTOP)  # a host that hangs, then dies
     vmm, ready = _vmm("lingering-dest", t.workdir, "--socket", dst.api_socket, "--session",
-                      session, "--token", token, "--peer", source.peer)
+                      session, "--token", token, "--peer", source.peer, *extra)
     vmms.append(vmm)
     info = _ready(vmm, ready)
     _wait_blocked_on_uffd(info["pid"], info["tid"])
@@ -181,6 +181,35 @@ def test_lingering_vmm_killed_at_default_deadline_plus_grace(tenancy: Tenancy) -
                 v.proc.kill()
             v.proc.communicate(timeout=10)
         for d in [*lost, stopping]:
+            d.kill()
+    assert "Traceback" not in stopping.log_text(), stopping.log_text()[-4000:]
+
+
+def test_sigterm_is_not_held_by_a_long_kill_grace(tenancy: Tenancy) -> None:  # noqa: F811
+    """A daemon configured with a long kill_grace (600 s, on purpose: the one non-default
+    value here) that is told to stop while a failed session's VMM lingers: the kill is
+    not skipped, it comes by the end of the shutdown grace, and the daemon exits."""
+    t = tenancy
+    lost = harness.start_daemon(t.workdir, "lost-source")
+    stopping = harness.start_daemon(t.workdir, "stopping-destination",
+                                    config="[session]\nkill_grace = 600.0\n")
+    vmms: list[harness.VmmProcess] = []
+    try:
+        # A short deadline is the import's own choice (a request field, not config).
+        vmm, _info, session = _lingering_import(t, stopping, lost, vmms, "--deadline", "5")
+        os.kill(lost.proc.pid, signal.SIGKILL)
+        failed = _wait_state(stopping, session, ("failed",), _WAIT)
+        assert failed["state"] == "failed", failed
+        stopping.proc.send_signal(signal.SIGTERM)
+        assert stopping.proc.wait(_WAIT) == 0, stopping.log_text()[-3000:]
+        assert vmm.proc.wait(10) == -signal.SIGKILL
+        assert "(the daemon is stopping): killing it" in stopping.log_text()
+    finally:
+        for v in vmms:
+            if v.proc.poll() is None:
+                v.proc.kill()
+            v.proc.communicate(timeout=10)
+        for d in (lost, stopping):
             d.kill()
     assert "Traceback" not in stopping.log_text(), stopping.log_text()[-4000:]
 
