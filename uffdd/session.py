@@ -671,8 +671,12 @@ class _Context:
                 token.run_sync_soon(done.set)
 
         self._s.loop.request_page_threadsafe(region.index, page, callback)
+        # Bounded twice: by the page deadline (with a margin for the fault thread's own
+        # check), and by the session's end, after which the fault thread answers nobody.
         with trio.move_on_after(self._s.deadline + 5):
-            await done.wait()
+            await _first_of(done, self._s._done)
+        if not result and self._s.finished:  # why the session ended is why the page is lost
+            self.reason = self._s.reason or f"the session ended ({self._s.state})"
         return result[0] if result else Outcome.LOST
 
     async def fail_page(self, gpa: int, reason: str) -> strategies.Verdict:
@@ -1059,3 +1063,15 @@ class _Dialer:
             owned, self._owned = self._owned, []
         for sock in owned:
             sock.close()
+
+
+async def _first_of(*events: trio.Event) -> None:
+    """Return as soon as any of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+            nursery.start_soon(_set_then_cancel, event, nursery.cancel_scope)
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
