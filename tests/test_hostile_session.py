@@ -91,21 +91,21 @@ def _wait_state(daemon: harness.DaemonProcess, session: str, states: tuple[str, 
         time.sleep(0.1)
 
 
-def _no_session_fds(daemon: harness.DaemonProcess, memfd: str) -> None:
-    """None of the lingering session's fds is left in the daemon: its memfd (by name),
-    and no userfaultfd at all once every other import there has ended (the healthy
-    tenant's ended long before: a uffd cannot be told apart by its link)."""
+def _uffds(daemon: harness.DaemonProcess) -> int:
+    return _fd_targets(daemon.proc.pid).count("anon_inode:[userfaultfd]")
+
+
+def _no_session_fds(t: Tenancy, memfd: str, uffds_before: int) -> None:
+    """None of the lingering session's fds is left in the destination daemon: its memfd
+    (by name), and its uffd (a uffd's link names no owner, so: as many uffds as before
+    the import, while the healthy tenant, which holds the others, is still running)."""
     deadline = time.monotonic() + _WAIT
-    while time.monotonic() < deadline:
-        with Client(daemon.api_socket) as c:
-            running = [s for s in c.status() if s["role"] == "import"
-                       and s["state"] not in ("completed", "failed", "cancelled")]
-        if not running:
-            break
-        time.sleep(0.2)
-    targets = _fd_targets(daemon.proc.pid)
-    assert not [t for t in targets if memfd in t], targets
-    assert "anon_inode:[userfaultfd]" not in targets, targets
+    while time.monotonic() < deadline and _uffds(t.dst) > uffds_before:
+        time.sleep(0.1)
+    targets = _fd_targets(t.dst.proc.pid)
+    assert not [x for x in targets if memfd in x], targets
+    assert _uffds(t.dst) <= uffds_before, targets
+    assert t.healthy_in_flight(), "the healthy tenant ended: the uffd count proves nothing"
 
 
 def _lingering_import(t: Tenancy, dst: harness.DaemonProcess, source: harness.DaemonProcess,
@@ -139,6 +139,7 @@ def test_lingering_vmm_killed_at_default_deadline_plus_grace(tenancy: Tenancy) -
     stopping = harness.start_daemon(t.workdir, "stopping-destination")
     vmms: list[harness.VmmProcess] = []
     try:
+        uffds_before = _uffds(t.dst)  # the healthy tenant's, throttled: it stays
         vmm, info, session = _lingering_import(t, t.dst, lost[0], vmms)
         vmm2, _info2, session2 = _lingering_import(t, stopping, lost[1], vmms)
         for d in lost:
@@ -172,7 +173,7 @@ def test_lingering_vmm_killed_at_default_deadline_plus_grace(tenancy: Tenancy) -
         assert status["state"] == "failed", status
         assert "unreachable" in status["reason"] and "cannot reach the source" in \
             status["reason"], status
-        _no_session_fds(t.dst, info["memfd"])
+        _no_session_fds(t, info["memfd"], uffds_before)
         print(f"lingering VMM killed {after:.1f}s after its source was lost "
               f"(bound {bound:g}s)")
     finally:
