@@ -738,8 +738,11 @@ class FaultLoop:
         """
         while self._rx_end < len(self._rx):
             try:
-                n = sock.recv_into(self._rxview[self._rx_end :], 0, socket.MSG_DONTWAIT)
-            except OSError:
+                # The lane is non-blocking already (_set_demand); no MSG_DONTWAIT, which
+                # a TLS lane refuses with ValueError (a lost TLS lane was an internal
+                # error). ProtocolError: a TLS alert refusing our certificate.
+                n = sock.recv_into(self._rxview[self._rx_end :])
+            except (OSError, ProtocolError):
                 break
             if not n:
                 break
