@@ -46,9 +46,11 @@ def candidates() -> list[str]:
     if explicit:
         return [explicit]
     checkout = Path(__file__).resolve().parent.parent / "native" / "build" / LIBRARY
-    # A source checkout (make -C native); where make -C native install puts it (PREFIX
-    # /usr/local by default, and ldconfig may not have run yet); the loader's path.
-    installed = [f"{prefix}/lib/{LIBRARY}" for prefix in ("/usr/local", "/usr")]
+    # A source checkout (make -C native); the Debian package's private directory; where
+    # make -C native install puts it (PREFIX /usr/local by default, and ldconfig may not
+    # have run yet); the loader's path.
+    libdirs = ("/usr/lib/uffdd", "/usr/local/lib", "/usr/lib")
+    installed = [f"{libdir}/{LIBRARY}" for libdir in libdirs]
     return [str(checkout), *installed, LIBRARY]
 
 
