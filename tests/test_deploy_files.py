@@ -89,8 +89,8 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
     service = (SYSTEMD / "uffdd.service").read_text()
-    assert "ExecStart=/usr/local/bin/uffdd " in service
-    (tmp_path / "uffdd.service").write_text(service.replace("/usr/local/bin/uffdd", str(stub)))
+    assert "ExecStart=/usr/bin/uffdd " in service
+    (tmp_path / "uffdd.service").write_text(service.replace("/usr/bin/uffdd", str(stub)))
     shutil.copy(SYSTEMD / "uffdd.socket", tmp_path / "uffdd.socket")
     result = run(
         analyze,
@@ -111,7 +111,7 @@ def test_service_settings() -> None:
         "WatchdogSec": "10s",
         "Restart": "on-failure",
         "FileDescriptorStoreMax": "512",
-        "ExecStart": "/usr/local/bin/uffdd serve --config /etc/uffdd/uffdd.toml",
+        "ExecStart": "/usr/bin/uffdd serve --config /etc/uffdd/uffdd.toml",
         "NoNewPrivileges": "yes",
         "ProtectSystem": "strict",
         "PrivateTmp": "yes",
@@ -286,6 +286,8 @@ def test_alerts_use_defined_metrics(exposed: dict[str, frozenset[str]]) -> None:
 # --- config and Kubernetes -------------------------------------------------------
 
 
+#: The shipped /etc/uffdd/uffdd.toml: starts on a fresh host (peer link on loopback,
+#: plaintext), the TLS lines are there commented out.
 EXPECTED_CONFIG = {
     "api": {
         "socket": "/run/uffdd/vmm.sock",
@@ -294,12 +296,9 @@ EXPECTED_CONFIG = {
         "allowed_gids": [],
     },
     "peer": {
-        "listen": "0.0.0.0:4460",
+        "listen": "127.0.0.1:4460",
         "connect_timeout": 5.0,
         "bulk_lanes": 1,
-        "ca": "/etc/uffdd/tls/ca.pem",
-        "cert": "/etc/uffdd/tls/uffdd.pem",
-        "key": "/etc/uffdd/tls/uffdd.key",
     },
     "metrics": {"listen": "127.0.0.1:9464"},
     "session": {"strategy": "continue-then-populate", "policy": "crash", "deadline": 30.0},
@@ -321,11 +320,22 @@ def test_default_config_file() -> None:
 def test_default_config_loads_with_the_daemon_loader() -> None:
     from uffdd import config
 
-    # The shipped file is the defaults plus the TLS files a production host needs.
-    tls = {k: EXPECTED_CONFIG["peer"][k] for k in ("ca", "cert", "key")}
+    # The shipped file is the defaults, with the peer link on loopback.
     expected = dataclasses.replace(
-        config.Config(), peer=dataclasses.replace(config.PeerConfig(), **tls))
+        config.Config(), peer=dataclasses.replace(config.PeerConfig(), listen="127.0.0.1:4460"))
     assert config.load(str(CONFIG)) == expected
+
+
+def test_default_config_starts_without_certificates() -> None:
+    """The shipped file passes the start-up check of the peer link (plaintext only on
+    loopback), and its commented TLS lines are the ones a production host sets."""
+    from uffdd import config
+    from uffdd.config import check_peer_security
+
+    check_peer_security(config.load(str(CONFIG)).peer, "peer link")
+    text = CONFIG.read_text()
+    for key in ("ca", "cert", "key"):
+        assert f'# {key} = "/etc/uffdd/tls/' in text, key
 
 
 def configmap_toml(text: str) -> str:
@@ -357,8 +367,11 @@ def test_daemonset_manifest() -> None:
         'drop: ["ALL"]',
     ):
         assert needle in text, needle
-    # The ConfigMap is the default config with metrics on the node's addresses.
-    expected = {**EXPECTED_CONFIG, "metrics": {"listen": "0.0.0.0:9464"}}
+    # The ConfigMap is the default config with the peer link and metrics on the node's
+    # addresses, and the node's TLS files.
+    peer = {**EXPECTED_CONFIG["peer"], "listen": "0.0.0.0:4460", "ca": "/etc/uffdd/tls/ca.pem",
+            "cert": "/etc/uffdd/tls/uffdd.pem", "key": "/etc/uffdd/tls/uffdd.key"}
+    expected = {**EXPECTED_CONFIG, "peer": peer, "metrics": {"listen": "0.0.0.0:9464"}}
     assert tomllib.loads(configmap_toml(text)) == expected
 
 
