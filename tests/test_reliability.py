@@ -274,3 +274,30 @@ def test_fd_store_keeps_session_fds_across_a_restart(rig: chaos.Rig, tmp_path: P
     for fds in manager.store.values():
         for fd in fds:
             os.close(fd)
+
+
+def test_sigterm_under_a_service_manager_leaves_the_migration_to_the_next_daemon(
+        rig: chaos.Rig, tmp_path: Path) -> None:
+    """A planned restart (systemctl restart, a package upgrade) is a SIGTERM: under a
+    service manager the daemon exits without ending its sessions, so the VMM is not told
+    the migration failed, nothing tells the source, the import's fds stay in the fd
+    store, and the restarted daemon carries on. (tests/test_systemd_real.py does this
+    under a real systemd.)"""
+    manager = _Manager(tmp_path / "notify")
+    rig.dst.stop()
+    rig.dst = _daemon_under_manager(tmp_path, manager, [], "destination-1.log")
+    m = rig.start_migration(memory="16M", mode="missing")
+    assert rig.wait_installed(m.session, m.pages // 4)
+    assert rig.dst.stop() == 0  # SIGTERM
+    rig.logs.append(rig.dst.log_path)
+    manager.drain()
+    name = "uffdd-import-" + m.session
+    assert name not in manager.removed, "a planned stop emptied the session's fd store"
+    assert "left to the next daemon" in rig.dst.log_text()
+    stored = [(name, fd) for fd in manager.store[name]]
+    rig.dst = _daemon_under_manager(tmp_path, manager, stored, "destination-2.log")
+    _byte_exact(m)
+    assert f"session={m.session} the fd store gave back 2 fds" in rig.dst.log_text()
+    for fds in manager.store.values():
+        for fd in fds:
+            os.close(fd)

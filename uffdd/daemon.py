@@ -4,7 +4,11 @@
 socket activation), the peer listener and the metrics endpoint, then reports READY=1.
 Sessions run in the root nursery, each in its own nursery (see ``uffdd.session``). On
 SIGTERM/SIGINT the daemon stops accepting, cancels its sessions (their VMMs get a
-``failed`` event), and exits within a bounded time.
+``failed`` event), and exits within a bounded time; except on SIGTERM under a service
+manager ($NOTIFY_SOCKET), where a stop is a restart or an upgrade far more often than
+the end of the host's migrations: the sessions are left to the next daemon (the VMMs
+re-attach through the socket unit, an import's fds are in the fd store), as after a
+crash, instead of failing every migration in flight.
 """
 
 from __future__ import annotations
@@ -390,6 +394,12 @@ class Daemon:
                 log.info("signal %s: shutting down", signal.Signals(signum).name)
                 _arm_hard_stop(self, _SHUTDOWN_GRACE + _CANCEL_GRACE)
                 sdnotify.notify("STOPPING=1")
+                if signum == signal.SIGTERM and os.environ.get("NOTIFY_SOCKET"):
+                    for session in [*self.imports.values(), *self.exports.values()]:
+                        session.hand_over()  # a session that already failed still ends
+                        session.hurry_cleanup(trio.current_time() + _SHUTDOWN_GRACE)
+                    scope.cancel()
+                    return
                 for session in [*self.imports.values(), *self.exports.values()]:
                     session.set_state("cancelled", "daemon shutting down")
                     # A failed session's kill of its lingering VMM is not skipped, but

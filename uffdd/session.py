@@ -78,16 +78,27 @@ class SessionBase:
     _failed_at: float | None = None  # Trio clock: the crash policy's kill_grace counts from it
     _hurry_by: float | None = None  # Trio clock: the daemon is stopping, cleanup ends by then
     _kill_scope: trio.CancelScope | None = None  # the crash policy's wait for the VMM
+    #: The daemon is being stopped by the service manager (a restart, an upgrade): the
+    #: session is left to the next daemon, as after a crash. It ends here without a
+    #: final state, so neither its VMM nor the peer is told it ended, and an import's
+    #: fds stay in the fd store; the VMM re-attaches through the socket unit.
+    handed_over: bool = False
 
     def __post_init__(self) -> None:
         self.metrics = SessionMetrics(self.session_id, self.role)
+
+    def hand_over(self) -> None:
+        """Leave this session to the next daemon (see ``handed_over``)."""
+        if not self.finished:
+            self.handed_over = True
+            log.info("session=%s role=%s left to the next daemon", self.session_id, self.role)
 
     @property
     def finished(self) -> bool:
         return self.state in FINAL_STATES
 
     def set_state(self, state: str, reason: str | None = None) -> None:
-        if self.finished:
+        if self.finished or self.handed_over:
             return
         self.state = state
         if reason:
@@ -153,8 +164,9 @@ class SessionBase:
             try:
                 self._release()
             finally:  # a release step that raised must not cost the VMM its event or kill
-                with trio.move_on_after(self._cleanup_budget(), shield=True):
-                    await self._after_release()
+                if not self.handed_over:  # handed over: nothing ended, nobody to tell
+                    with trio.move_on_after(self._cleanup_budget(), shield=True):
+                        await self._after_release()
 
     def _cleanup_budget(self) -> float:
         """How long the waits after the release may take, at most (see ``run``)."""
@@ -244,7 +256,7 @@ class ImportSession(SessionBase):
         self._by_gpa = sorted(self.regions, key=lambda r: r.gpa)
 
     def set_state(self, state: str, reason: str | None = None) -> None:
-        if state in ("failed", "cancelled") and not self.finished:
+        if state in ("failed", "cancelled") and not self.finished and not self.handed_over:
             # The fault thread tells the source on its way out (a 'cancel' frame), so
             # the source VMM learns at once that its guest will not be needed.
             self.loop.cancel_reason = reason or state
@@ -304,7 +316,7 @@ class ImportSession(SessionBase):
         await run_thread(self.loop.run, self.loop.stop_threadsafe)
 
     def _release(self) -> None:
-        if getattr(self, "_fdstored", False):
+        if getattr(self, "_fdstored", False) and not self.handed_over:
             sdnotify.remove_fds(fdstore_name(self.session_id))
         for fs in self._bulk_socks:
             fs.close()
