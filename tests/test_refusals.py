@@ -292,9 +292,21 @@ def test_fastpath_on_without_the_library_is_refused(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2, done
     assert "peer.fastpath" in done.stderr and "missing.so" in done.stderr, done.stderr
-    path.write_text("[peer]\nfastpath = 'auto'\n")
+    path.write_text("[peer]\nfastpath = 'auto'\nlisten = '127.0.0.1:0'\n")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
+
+
+def test_check_config_applies_the_start_up_checks(tmp_path: Path) -> None:
+    """--check-config refuses what the daemon would refuse at start: plaintext on a
+    non-loopback address, TLS files that cannot be loaded."""
+    done = _serve_with_config(tmp_path, "[peer]\nlisten = '0.0.0.0:4460'\n")
+    assert done.returncode == 2, done
+    assert "set peer.ca, peer.cert and peer.key" in done.stderr, done.stderr
+    done = _serve_with_config(tmp_path, "[peer]\nca = '/nonexistent/ca.pem'\n"
+                              "cert = '/nonexistent/c.pem'\nkey = '/nonexistent/k.pem'\n")
+    assert done.returncode == 2, done
+    assert "/nonexistent/ca.pem" in done.stderr, done.stderr
 
 
 def test_good_config_is_accepted(tmp_path: Path) -> None:

@@ -114,6 +114,15 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"uffdd: configuration error: {e}", file=sys.stderr)
         return 2
     if args.check_config:
+        # The start-up checks too (plaintext rule, TLS files), so that a file this
+        # accepts is one the daemon starts with.
+        from uffdd import tls
+        try:
+            config_mod.check_peer_security(cfg.peer, "peer link")
+            tls.check_contexts(cfg.peer)
+        except (UffddError, OSError, ValueError) as e:
+            print(f"uffdd: configuration error: {e}", file=sys.stderr)
+            return 2
         print(cfg)
         return 0
     logs.setup_logging(cfg.log.level)
