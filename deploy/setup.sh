@@ -6,14 +6,17 @@
 #
 # Installs the Debian packages the project needs (build tools and msgpack-c for
 # native/, promtool and systemd-analyze for the deployment-file checks, openssl
-# for the TLS tests), creates .venv with uffdd and its test tools, builds native/.
+# for the TLS tests; dpkg-dev, debhelper and lintian for deploy/build-deb.sh,
+# debootstrap and systemd-nspawn for the real-systemd test of the package),
+# creates .venv with uffdd and its test tools, builds native/.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
 DEBS=(build-essential pkg-config libmsgpack-dev python3 python3-venv python3-dev zlib1g-dev
-      openssl prometheus systemd iproute2 util-linux)
+      openssl prometheus systemd iproute2 util-linux
+      dpkg-dev debhelper lintian debootstrap systemd-container)
 
 want="${1:-}"
 case "$want" in
