@@ -174,6 +174,22 @@ class Container:
             time.sleep(0.1)
 
 
+def _container_init(nspawn: int) -> int:
+    """The child of nspawn that is PID 1 of its own namespace and runs systemd, or 0.
+
+    nspawn has a short-lived helper child first; only the container's init has NSpid
+    ending in 1, and it is ready to be entered once it has exec'd systemd."""
+    children = Path(f"/proc/{nspawn}/task/{nspawn}/children").read_text().split()
+    for child in children:
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{child}/status").read_text()
+            nspid = next(line for line in status.splitlines() if line.startswith("NSpid:"))
+            if nspid.split()[-1] == "1" and \
+                    Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
+                return int(child)
+    return 0
+
+
 def boot(rootfs: Path, deb_dir: Path, log: Path) -> Container:
     """Boot ``rootfs`` with systemd as PID 1 until ``is-system-running`` says running."""
     name = f"uffdd-test-{os.getpid()}"
@@ -190,8 +206,7 @@ def boot(rootfs: Path, deb_dir: Path, log: Path) -> Container:
     while not leader:
         assert nspawn.poll() is None, f"systemd-nspawn exited:\n{log.read_text()}"
         assert time.monotonic() < deadline, f"no container init:\n{log.read_text()}"
-        children = Path(f"/proc/{nspawn.pid}/task/{nspawn.pid}/children").read_text().split()
-        leader = int(children[0]) if children else 0
+        leader = _container_init(nspawn.pid)
         time.sleep(0.05)
     c = Container(nspawn, leader, log)
     state = ""
@@ -274,11 +289,20 @@ def rig(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
             src.stop()
         shut_down(c)
         timings["whole module"] = time.monotonic() - t_start
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line("")
-            for what, seconds in timings.items():
-                reporter.write_line(f"real systemd: {what}: {seconds:.2f} s")
+        _report(request, timings)
+
+
+def _report(request: pytest.FixtureRequest, timings: dict[str, float]) -> None:
+    """Print the timings past pytest's output capture (the test states its cost)."""
+    lines = [f"real systemd: {what}: {seconds:.2f} s" for what, seconds in timings.items()]
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if capture is None or reporter is None:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("")
+        for line in lines:
+            reporter.write_line(line)
 
 
 # --- migrations --------------------------------------------------------------------
