@@ -206,15 +206,18 @@ class _Manager:
 
 
 def _daemon_under_manager(workdir: Path, manager: _Manager, stored: list[tuple[str, int]],
-                          log_name: str) -> harness.DaemonProcess:
-    """Start the destination daemon as systemd would: $NOTIFY_SOCKET, and the fd store's
-    fds from 3 on with $LISTEN_FDS/$LISTEN_FDNAMES/$LISTEN_PID."""
-    config = workdir / "destination.toml"
+                          log_name: str, name: str = "destination", peer_port: int = 0
+                          ) -> harness.DaemonProcess:
+    """Start a daemon (the destination unless ``name`` says) as systemd would:
+    $NOTIFY_SOCKET, and the fd store's fds from 3 on with $LISTEN_FDS/$LISTEN_FDNAMES/
+    $LISTEN_PID."""
+    config = workdir / f"{name}.toml"
     config.write_text(chaos.DAEMON_CONFIG)
-    api = str(workdir / "destination.sock")
+    api = str(workdir / f"{name}.sock")
     log_path = workdir / log_name
     serve = [sys.executable, "-m", "uffdd", "serve", "--api-socket", api,
-             "--peer-listen", "127.0.0.1:0", "--metrics-listen", "", "--config", str(config)]
+             "--peer-listen", f"127.0.0.1:{peer_port}", "--metrics-listen", "",
+             "--config", str(config)]
     # A tiny launcher moves the fds to 3.. and sets LISTEN_PID to its own pid (exec keeps it).
     # Copies go above 100 first, so that moving them down never overwrites one not yet
     # moved; dup2 onto the same number would keep close-on-exec, hence the explicit set.
@@ -240,8 +243,7 @@ def _daemon_under_manager(workdir: Path, manager: _Manager, stored: list[tuple[s
     while time.monotonic() < deadline:
         match = re.search(r"ready api=(\S+) peer_port=(\d+)", log_path.read_text())
         if match:
-            return harness.DaemonProcess("destination", proc, api, int(match.group(2)), 0,
-                                         log_path)
+            return harness.DaemonProcess(name, proc, api, int(match.group(2)), 0, log_path)
         assert proc.poll() is None, log_path.read_text()
         time.sleep(0.05)
     raise AssertionError("the daemon did not start:\n" + log_path.read_text())
@@ -301,3 +303,23 @@ def test_sigterm_under_a_service_manager_leaves_the_migration_to_the_next_daemon
     for fds in manager.store.values():
         for fd in fds:
             os.close(fd)
+
+
+def test_sigterm_of_the_source_under_a_service_manager_keeps_the_migration(
+        rig: chaos.Rig, tmp_path: Path) -> None:
+    """The same planned restart on the source host: the export is left to the next
+    daemon (no 'cancel' frame, no 'failed' event), the source VMM exports again to it,
+    and the destination's link comes back."""
+    manager = _Manager(tmp_path / "notify")
+    port = rig.src.peer_port
+    rig.src.stop()
+    rig.src = _daemon_under_manager(tmp_path, manager, [], "source-1.log", "source", port)
+    m = rig.start_migration(memory="16M", mode="missing")
+    assert rig.wait_installed(m.session, m.pages // 4)
+    assert rig.src.stop() == 0  # SIGTERM
+    rig.logs.append(rig.src.log_path)
+    first = rig.src
+    rig.src = _daemon_under_manager(tmp_path, manager, [], "source-2.log", "source", port)
+    _byte_exact(m)
+    assert "the source cancelled" not in _dest_log(rig)
+    assert "left to the next daemon" in first.log_text()
