@@ -225,13 +225,13 @@ def parse_smaps(text: str) -> list[Vma]:
     return vmas
 
 
-def parse_maps(text: str) -> list[tuple[int, int]]:
-    """The [start, end) of each mapping in a ``/proc/<pid>/maps`` text."""
+def parse_maps(text: str) -> list[tuple[int, int, bool]]:
+    """[start, end) and 'readable' of each mapping in a ``/proc/<pid>/maps`` text."""
     spans = []
     for line in text.splitlines():
         m = _HEADER.match(line)
         if m:
-            spans.append((int(m[1], 16), int(m[2], 16)))
+            spans.append((int(m[1], 16), int(m[2], 16), line.split()[1].startswith("r")))
     return spans
 
 
@@ -261,15 +261,21 @@ def covering(spans: Sequence[tuple[int, int]], start: int, end: int) -> list[int
 
 
 def check_pid_regions(pid: int, specs: Sequence[protocol.RegionSpec]) -> None:
-    """Export with ``pid``: every region lies in memory the process really maps."""
-    spans = parse_maps(read_proc(pid, "maps", "check the export's regions"))
+    """Export with ``pid``: every region lies in readable memory the process maps
+    (process_vm_readv would fail on every page of a hole, at migration time)."""
+    maps = parse_maps(read_proc(pid, "maps", "check the export's regions"))
+    spans = [(start, end) for start, end, _readable in maps]
     for i, spec in enumerate(specs):
         try:
-            covering(spans, spec.addr, spec.addr + spec.size)
+            found = covering(spans, spec.addr, spec.addr + spec.size)
         except ValueError as e:
             raise RequestError("bad-region", f"regions[{i}]: nothing is mapped at "
                                f"{e.args[0]:#x} in process {pid}, inside the region "
                                f"[{spec.addr:#x}, {spec.addr + spec.size:#x})") from None
+        for j in found:
+            if not maps[j][2]:
+                raise RequestError("bad-region", f"regions[{i}]: [{maps[j][0]:#x}, "
+                                   f"{maps[j][1]:#x}) of process {pid} is not readable")
 
 
 @dataclass(frozen=True, slots=True)
