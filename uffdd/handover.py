@@ -15,8 +15,8 @@ request is known to be bounded:
    ``/proc/<pid>/smaps`` covers each region without holes, with the registration
    flags of its mode, the page size and (with a memory fd) that very file at that
    offset; ``UFFDIO_REGISTER`` through the received uffd proves the registration is
-   this uffd's and returns the ioctls the range allows; MINOR-only ranges get their
-   holes allocated; pages already present are counted.
+   this uffd's and returns the ioctls the range allows; pages already present are
+   counted; last, MINOR-only ranges get their holes allocated.
 
 Every refusal is a :class:`RequestError` naming the region, what is wrong and what the
 VMM should do.
@@ -302,9 +302,8 @@ def verify_import(pid: int, claims: Sequence[ImportClaim], policy: str, keep_pre
     """The checks on the VMM's address space (blocking: run it in a worker thread).
 
     Order: smaps (coverage, flags, page size, file) and the REGISTER probe for every
-    region first; only then are holes of MINOR-only ranges allocated (a write to the
-    VMM's memory file that must not happen for a request refused later), and present
-    pages counted.
+    region, then the count of present pages; only then are holes of MINOR-only ranges
+    allocated (it writes to the VMM's memory file, which a refused request must not).
     """
     vmas = parse_smaps(read_proc(pid, "smaps", "check the import's regions"))
     spans = [(v.start, v.end) for v in vmas]
@@ -313,9 +312,6 @@ def verify_import(pid: int, claims: Sequence[ImportClaim], policy: str, keep_pre
         minor_only = _check_mapping(vmas, spans, claim, pid)
         _check_registration(claim, policy)
         checks.append(ImportCheck(claim.hugetlb, minor_only))
-    for claim, check in zip(claims, checks, strict=True):
-        if check.minor_only:
-            fill_holes(claim)
     if not keep_present:
         present = count_present(pid, [c.spec for c in claims])
         if present:
@@ -323,6 +319,9 @@ def verify_import(pid: int, claims: Sequence[ImportClaim], policy: str, keep_pre
                                "present in the VMM: a fresh import would never fetch them. "
                                "Send \"present\": \"keep\" if they hold valid guest data "
                                "(precopy, re-import), or leave guest RAM untouched")
+    for claim, check in zip(claims, checks, strict=True):
+        if check.minor_only:
+            fill_holes(claim)
     return checks
 
 
