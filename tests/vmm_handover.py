@@ -211,6 +211,14 @@ def plaintext_peer() -> Setup:
     return s
 
 
+def import_many_regions() -> Setup:
+    """2000 one-page regions (what fits a frame): bounded before any is looked at."""
+    s = registered_anon()
+    addr = s.regions[0]["addr"]
+    s.regions = [dict(region(addr + i * PAGE, PAGE), gpa=i * PAGE) for i in range(2000)]
+    return s
+
+
 def export_many_regions() -> Setup:
     """20000 tiny regions: without a bound, one mapping and one dup'd fd each."""
     fd = os.memfd_create("hostile-export", os.MFD_CLOEXEC)
@@ -262,6 +270,7 @@ CASES: dict[str, Callable[[], Setup]] = {
     "present": present,
     "present-keep": present_keep,
     "plaintext-peer": plaintext_peer,
+    "import-many-regions": import_many_regions,
     "export-many-regions": export_many_regions,
     "export-pid-unmapped": export_pid_unmapped,
     "export-pid-unreadable": export_pid_unreadable,
@@ -287,11 +296,13 @@ def send(args: argparse.Namespace, s: Setup) -> dict[str, Any]:
 
 def minor_only_holes(args: argparse.Namespace) -> dict[str, Any]:
     """MINOR-only registration over a memfd never preallocated: every page must arrive."""
-    ram = GuestRam.create(args.memory, "shmem")
+    ram = GuestRam.create(args.memory, args.backing)
     assert ram.fd is not None
-    ufd = uffd.new_uffd(FEATURES | uffd.FEATURE_MINOR_SHMEM)
+    minor = uffd.FEATURE_MINOR_HUGETLBFS if args.backing == "hugetlb" else \
+        uffd.FEATURE_MINOR_SHMEM
+    ufd = uffd.new_uffd(FEATURES | minor)
     uffd.register(ufd, ram.address, ram.size, uffd.REGISTER_MODE_MINOR)
-    table = [region(ram.address, ram.size, mode="minor", fd=1)]
+    table = [region(ram.address, ram.size, mode="minor", fd=1, page_size=ram.page_size)]
     with Client(args.socket, timeout=60) as client:
         try:
             reply = client.request({"op": "import", "session": args.session,
@@ -335,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token", default="00" * 16)
     p.add_argument("--memory", type=int, default=64 * MIB)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--backing", choices=("shmem", "hugetlb"), default="shmem")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     if args.case == "minor-only-holes":
