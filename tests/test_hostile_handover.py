@@ -55,6 +55,7 @@ REFUSALS = [
     # 3. registered over exactly the region, in its mode, by this uffd
     ("unregistered", "dst", "bad-region", ["not registered", "MISSING", "UFFDIO_REGISTER"]),
     ("other-uffd", "dst", "bad-fds", ["another userfaultfd"]),
+    ("stray-registration", "dst", "bad-region", ["no region names"]),
     ("nothing-mapped", "dst", "bad-region", ["nothing is mapped"]),
     ("hole-in-region", "dst", "bad-region", ["nothing is mapped"]),
     ("minor-registered-missing", "dst", "bad-region", ["not registered", "MINOR"]),

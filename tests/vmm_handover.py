@@ -118,6 +118,14 @@ def other_uffd() -> Setup:
     return Setup([region(addr)], [uffd.new_uffd(FEATURES)], keep=[m, mine])
 
 
+def stray_registration() -> Setup:
+    """2 MiB registered, only the first MiB imported: faults in the rest would hang."""
+    m, addr = anon(2 * MIB)
+    ufd = uffd.new_uffd(FEATURES)
+    uffd.register(ufd, addr, 2 * MIB, uffd.REGISTER_MODE_MISSING)
+    return Setup([region(addr)], [ufd], keep=[m])
+
+
 def nothing_mapped() -> Setup:
     """The region's address is not mapped at all."""
     m, addr = anon()
@@ -259,6 +267,7 @@ CASES: dict[str, Callable[[], Setup]] = {
     "event-fork": event_fork,
     "unregistered": unregistered,
     "other-uffd": other_uffd,
+    "stray-registration": stray_registration,
     "nothing-mapped": nothing_mapped,
     "hole-in-region": hole_in_region,
     "huge-region": huge_region,

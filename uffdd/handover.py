@@ -15,8 +15,9 @@ request is known to be bounded:
    ``/proc/<pid>/smaps`` covers each region without holes, with the registration
    flags of its mode, the page size and (with a memory fd) that very file at that
    offset; ``UFFDIO_REGISTER`` through the received uffd proves the registration is
-   this uffd's and returns the ioctls the range allows; pages already present are
-   counted; last, MINOR-only ranges get their holes allocated.
+   this uffd's and returns the ioctls the range allows, and that the uffds are
+   registered nowhere else; pages already present are counted; last, MINOR-only
+   ranges get their holes allocated.
 
 Every refusal is a :class:`RequestError` naming the region, what is wrong and what the
 VMM should do.
@@ -312,6 +313,7 @@ def verify_import(pid: int, claims: Sequence[ImportClaim], policy: str, keep_pre
         minor_only = _check_mapping(vmas, spans, claim, pid)
         _check_registration(claim, policy)
         checks.append(ImportCheck(claim.hugetlb, minor_only))
+    _check_nothing_else_registered(vmas, claims)
     if not keep_present:
         present = count_present(pid, [c.spec for c in claims])
         if present:
@@ -389,6 +391,50 @@ def _check_registration(claim: ImportClaim, policy: str) -> None:
         raise RequestError("bad-region", f"{where}: the kernel does not allow "
                            f"{_names(needed & ~ioctls, IOCTL_NAMES)} over the region "
                            f"(ioctls {ioctls:#x}), which its mode and policy need")
+
+
+def _check_nothing_else_registered(vmas: Sequence[Vma], claims: Sequence[ImportClaim]) -> None:
+    """No uffd of the import is registered over memory that no region names.
+
+    The daemon reads every fault of its uffds, but one outside all regions has no page
+    to fetch: it is logged and its thread waits forever. smaps shows where some uffd is
+    registered, not which one; a REGISTER probe in the flags already there tells
+    (0: ours, and nothing changes; EBUSY: another uffd's).
+    """
+    regions = sorted((c.spec.addr, c.spec.addr + c.spec.size) for c in claims)
+    fds = sorted({c.uffd for c in claims})
+    for vma in vmas:
+        if "um" in vma.flags:
+            mode = uffd.REGISTER_MODE_MISSING
+        elif "ui" in vma.flags:
+            mode = uffd.REGISTER_MODE_MINOR
+        else:
+            continue
+        for start, end in _outside(vma.start, vma.end, regions):
+            for fd in fds:
+                try:
+                    uffd.register(fd, start, end - start, mode)
+                except KernelError:
+                    continue  # another uffd's range (EBUSY) or not one we could take
+                raise RequestError("bad-region", f"a uffd of the import is registered over "
+                                   f"[{start:#x}, {end:#x}), which no region names: a fault "
+                                   "there could never be resolved. Import every registered "
+                                   "range, or unregister it first")
+
+
+def _outside(start: int, end: int, regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of [start, end) that none of the sorted ``regions`` covers."""
+    out = []
+    pos = start
+    for lo, hi in regions:
+        if hi <= pos or lo >= end:
+            continue
+        if lo > pos:
+            out.append((pos, lo))
+        pos = max(pos, hi)
+    if pos < end:
+        out.append((pos, end))
+    return out
 
 
 def fill_holes(claim: ImportClaim) -> None:
