@@ -100,9 +100,10 @@ def check_peer_security(peer: PeerConfig, address: str) -> None:
 
     host, _port = split_host_port(address)
     if not tls.tls_enabled(peer) and not tls.plaintext_allowed_to(peer, host):
-        raise RequestError("peer-security", f"import: peer {address} is not on loopback and "
-                           "this daemon has no TLS for the peer link: configure mutual TLS "
-                           "(peer.ca, peer.cert, peer.key) or set peer.tls = false")
+        raise RequestError("peer-security", f"import: this daemon refuses a plaintext peer "
+                           f"link to {address}, which is not on loopback (no TLS is "
+                           "configured): configure mutual TLS (peer.ca, peer.cert, peer.key) "
+                           "or set peer.tls = false")
 
 
 # ---------------------------------------------------------------- 2. the fds
