@@ -135,7 +135,7 @@ path, peer_address, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 size = 1 << 20
 ram = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 addr = buffer_address(ram)
-ufd = uffd.new_uffd(uffd.FEATURE_EVENT_REMOVE | uffd.FEATURE_THREAD_ID)
+ufd = uffd.new_uffd(uffd.FEATURE_EVENT_REMOVE | uffd.FEATURE_THREAD_ID | uffd.FEATURE_POISON)
 uffd.register(ufd, addr, size, uffd.REGISTER_MODE_MISSING)
 client = Client(path, timeout=20)
 # The source has no such export: every page stays unobtainable, so each resolve waits.

@@ -470,16 +470,19 @@ def test_explicit_plaintext_starts_with_a_warning(daemons: Daemons) -> None:
 def test_loopback_daemon_without_certificates_never_dials_out_in_plaintext(
         daemons: Daemons) -> None:
     """Implicit plaintext is for a daemon confined to loopback: it refuses to send a
-    session's traffic to another host unencrypted (and fails the session, saying why)."""
+    session's traffic to another host unencrypted. The import itself is refused, saying
+    why (peer-security), before any ``ok``: the daemon never dials out."""
     pair = plain_pair(daemons)
     session, token = f"s-{secrets.token_hex(3)}", secrets.token_hex(16)
     dest = harness.start_vmm(harness.python_vmm(
         "dest", "--session", session, "--token", token, "--memory", "4M", "--backing",
         "shmem", "--socket", pair.dst.api_socket, "--peer", "192.0.2.1:4460"),
         "dest", pair.workdir)
-    result = dest.result(120)
-    assert result["event"] == "failed", result
-    assert "refusing a plaintext peer link to 192.0.2.1:4460" in pair.dst.log_text()
+    assert dest.proc.wait(120) != 0
+    assert "peer-security" in dest.stderr() and "192.0.2.1:4460" in dest.stderr(), dest.stderr()
+    log = pair.dst.log_text()
+    assert "code=peer-security" in log, log[-3000:]
+    assert "link up" not in log and "cannot reach source" not in log, log[-3000:]
 
 
 def test_destination_with_an_untrusted_certificate_fails_clearly(

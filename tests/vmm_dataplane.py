@@ -70,7 +70,8 @@ def dest_shrink(args: argparse.Namespace) -> int:
     fd = _memfd(args.memory, hugetlb=hugetlb)
     ram = mmap.mmap(fd, args.memory, mmap.MAP_SHARED)
     addr = buffer_address(ram)
-    ufd = _uffd(addr, args.memory, uffd.REGISTER_MODE_MISSING | uffd.REGISTER_MODE_MINOR)
+    ufd = _uffd(addr, args.memory, uffd.REGISTER_MODE_MISSING | uffd.REGISTER_MODE_MINOR,
+                pyvmm.dest_features(args.backing, "minor", None))
     region = GuestRegion(gpa=0, addr=addr, size=args.memory, uffd=ufd, mode="minor",
                          page_size=page_size, fd=fd, offset=0)
     with Client(args.socket) as client:
@@ -105,7 +106,8 @@ def dest_unmap(args: argparse.Namespace) -> int:
     """Import, munmap the second half, then read the first half and compare it."""
     ram = pyvmm.GuestRam.create(args.memory, args.backing)
     mode = uffd.REGISTER_MODE_MISSING
-    ufd = _uffd(ram.address, ram.size, mode)
+    ufd = _uffd(ram.address, ram.size, mode, pyvmm.dest_features(args.backing, "missing",
+                                                                 args.policy))
     region = GuestRegion(gpa=0, addr=ram.address, size=ram.size, uffd=ufd, mode="missing",
                          page_size=PAGE, fd=ram.fd, offset=0)
     half = ram.size // 2
@@ -139,7 +141,7 @@ def discard_exit(args: argparse.Namespace) -> int:
     addr = buffer_address(ram)
     plain = mmap.mmap(fd, args.memory, mmap.MAP_SHARED)  # the VMM's own view of the file
     ufd = _uffd(addr, args.memory, uffd.REGISTER_MODE_MISSING | uffd.REGISTER_MODE_MINOR,
-                uffd.FEATURE_SIGBUS)
+                uffd.FEATURE_SIGBUS | uffd.FEATURE_MINOR_SHMEM)
     kept, removed = 10, 20
     data = {p: pyvmm.page_pattern(99, p) for p in (kept, removed)}
     region = GuestRegion(gpa=0, addr=addr, size=args.memory, uffd=ufd, mode="minor",

@@ -13,17 +13,16 @@ import contextlib
 import errno
 import logging
 import os
-import stat
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
 
-from uffdd import metrics, protocol, strategies
-from uffdd._linux import scm, sdnotify, uffd
-from uffdd._linux.mem import Mapping, is_hugetlb_fd
+from uffdd import handover, metrics, protocol, strategies
+from uffdd._linux import scm, sdnotify
+from uffdd._linux.mem import Mapping
 from uffdd.config import is_host_port
-from uffdd.errors import KernelError, ProtocolError, RequestError, UffddError
+from uffdd.errors import ProtocolError, RequestError, UffddError
 from uffdd.exporter import ExportRegion, open_memfd_region
 from uffdd.faultloop import ImportRegion
 from uffdd.session import ExportSession, ImportSession, SessionBase, fdstore_name
@@ -358,19 +357,21 @@ def _used_fds(specs: list[protocol.RegionSpec], fds: list[int], *keys: str) -> N
                            f"{len(used)} are referenced by the regions")
 
 
-def _check_memfd(fd: int, spec: protocol.RegionSpec, where: str) -> bool:
-    """The fd is a memory file large enough for the region; returns 'is hugetlb'."""
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        raise RequestError("bad-fds", f"{where}: fd is not a memory file (memfd)")
-    if spec.offset + spec.size > st.st_size:
-        raise RequestError("bad-region", f"{where}: region ends at {spec.offset + spec.size} "
-                           f"but the memory fd is {st.st_size} bytes")
-    hugetlb = is_hugetlb_fd(fd)
-    if hugetlb != (spec.page_size != 4096):
-        raise RequestError("bad-region", f"{where}: page_size {spec.page_size} does not match "
-                           f"the memory fd ({'hugetlb' if hugetlb else 'regular pages'})")
-    return hugetlb
+def _running_pages(daemon: Daemon) -> int:
+    """Pages of every running session (limits.max_pages_per_daemon counts them)."""
+    imports = sum(s.pages.total for s in daemon.imports.values() if not s.finished)
+    exports = sum(r.pages for s in daemon.exports.values() if not s.finished for r in s.regions)
+    return imports + exports
+
+
+def _region_table(body: protocol.Message, daemon: Daemon, role: str
+                  ) -> list[protocol.RegionSpec]:
+    """The region table, shape-checked and bounded before anything is opened or mapped."""
+    limits = daemon.config.limits
+    specs = protocol.parse_regions(body["regions"], role=role,
+                                   limit=limits.max_regions_per_request)
+    handover.check_pages(specs, limits, _running_pages(daemon))
+    return specs
 
 
 async def handle_export(
@@ -379,7 +380,7 @@ async def handle_export(
     daemon = conn.daemon
     session_id = str(body["session"])
     token = protocol.token_bytes(body["token"])
-    specs = protocol.parse_regions(body["regions"], role="export")
+    specs = _region_table(body, daemon, "export")
     pid = body.get("pid")
     regions: list[ExportRegion] = []
     if isinstance(pid, int):
@@ -391,6 +392,8 @@ async def handle_export(
         for i, spec in enumerate(specs):
             if not spec.addr:
                 raise RequestError("bad-region", f"regions[{i}]: pid mode needs 'addr'")
+        handover.check_pid_regions(pid, specs)
+        for i, spec in enumerate(specs):
             regions.append(ExportRegion(i, spec.gpa, spec.size, spec.page_size, pid=pid,
                                         addr=spec.addr))
     else:
@@ -398,9 +401,11 @@ async def handle_export(
             if spec.fd < 0:
                 raise RequestError("bad-fds", f"regions[{i}]: needs 'fd' (or give 'pid')")
         _used_fds(specs, fds, "fd")
+        for i, spec in enumerate(specs):  # every fd checked before any is mapped
+            handover.check_memfd(fds[spec.fd], spec, f"regions[{i}]", writes=False)
+        daemon.check_new_session("export", session_id)
         try:
             for i, spec in enumerate(specs):
-                _check_memfd(fds[spec.fd], spec, f"regions[{i}]")
                 regions.append(open_memfd_region(i, spec, fds[spec.fd]))
         except BaseException:
             for region in regions:
@@ -416,10 +421,11 @@ async def handle_export(
 async def handle_import(
     conn: Connection, body: protocol.Message, fds: list[int]
 ) -> protocol.Message:
+    """Take over a destination VMM's uffds once every claim is verified (uffdd.handover)."""
     daemon = conn.daemon
     session_id = str(body["session"])
     token = protocol.token_bytes(body["token"])
-    specs = protocol.parse_regions(body["regions"], role="import")
+    specs = _region_table(body, daemon, "import")
     _used_fds(specs, fds, "uffd", "fd")
     defaults = daemon.config.session
     strategy = _strategy(str(body.get("strategy", defaults.strategy)))
@@ -432,14 +438,27 @@ async def handle_import(
     peer_address = str(body["peer"])
     if not is_host_port(peer_address):
         raise RequestError("bad-request", "import: field 'peer' must be HOST:PORT")
+    handover.check_peer_security(daemon.config.peer, peer_address)
+    present = str(body.get("present", protocol.PRESENT_NONE))
+    if present not in protocol.PRESENT_VALUES:
+        raise RequestError("bad-request", "import: field 'present' must be 'none' or 'keep'")
+    # The fd store still holds this session's fds: the daemon ran it before a restart,
+    # so what is present was installed by the previous daemon.
+    keep = present == protocol.PRESENT_KEEP or session_id in daemon.stored_fds
+    daemon.check_new_session("import", session_id)
+    claims = _import_claims(specs, fds, policy)
+    checks = await trio.to_thread.run_sync(handover.verify_import, conn.cred.pid, claims,
+                                           policy, keep)
+    # The checks waited for a thread: another request may have started a session since.
+    handover.check_pages(specs, daemon.config.limits, _running_pages(daemon))
     daemon.check_new_session("import", session_id)
     _drop_stored_fds(daemon, session_id)
-    regions = _import_regions(specs, fds)
+    regions = _import_regions(claims, checks)
     try:
         session = ImportSession(
             session_id, "import", token, conn.cred.pid, daemon.config, regions=regions,
             peer_address=peer_address, strategy=strategy, policy=policy, deadline=deadline,
-            fds=list(fds))
+            fds=list(fds), adopt_present=keep)
     except BaseException:
         for region in regions:
             if region.alias is not None:
@@ -460,27 +479,38 @@ def _drop_stored_fds(daemon: Daemon, session_id: str) -> None:
     scm.close_all(stored)
 
 
-def _import_regions(specs: list[protocol.RegionSpec], fds: list[int]) -> list[ImportRegion]:
+def _import_claims(specs: list[protocol.RegionSpec], fds: list[int], policy: str
+                   ) -> list[handover.ImportClaim]:
+    """The cheap checks of each region's fds (kind, flags, features, size, seals)."""
+    claims = []
+    for i, spec in enumerate(specs):
+        where = f"regions[{i}]"
+        hugetlb = spec.page_size != 4096
+        memfd = fds[spec.fd] if spec.fd >= 0 else -1
+        if memfd >= 0:
+            hugetlb = handover.check_memfd(memfd, spec, where, writes=spec.mode == "minor")
+        handover.check_uffd(fds[spec.uffd], where,
+                            handover.needed_features(spec.mode, hugetlb, policy))
+        claims.append(handover.ImportClaim(where, spec, fds[spec.uffd], memfd, hugetlb))
+    return claims
+
+
+def _import_regions(claims: list[handover.ImportClaim], checks: list[handover.ImportCheck]
+                    ) -> list[ImportRegion]:
     regions: list[ImportRegion] = []
     try:
-        for i, spec in enumerate(specs):
-            where = f"regions[{i}]"
-            ufd = fds[spec.uffd]
-            if not uffd.is_userfaultfd(ufd):
-                raise RequestError("bad-fds", f"{where}: fd 'uffd' is not a userfaultfd")
-            try:
-                uffd.granted_features(ufd)
-            except KernelError:
-                raise RequestError("bad-fds", f"{where}: the userfaultfd has not had UFFDIO_API "
-                                   "done on it") from None
-            hugetlb = spec.page_size != 4096
+        for i, (claim, check) in enumerate(zip(claims, checks, strict=True)):
+            spec = claim.spec
             alias = None
-            if spec.fd >= 0:
-                hugetlb = _check_memfd(fds[spec.fd], spec, where)
-                if spec.mode == "minor":
-                    alias = Mapping(fds[spec.fd], spec.size, spec.offset, writable=True)
-            regions.append(ImportRegion(i, spec.gpa, spec.addr, spec.size, spec.page_size, ufd,
-                                        spec.mode, alias=alias, hugetlb=hugetlb))
+            if spec.mode == "minor":
+                try:
+                    alias = Mapping(claim.memfd, spec.size, spec.offset, writable=True)
+                except OSError as e:
+                    raise RequestError("bad-fds", f"{claim.where}: cannot map the memory fd "
+                                       f"for writing ({e.strerror})") from None
+            regions.append(ImportRegion(i, spec.gpa, spec.addr, spec.size, spec.page_size,
+                                        claim.uffd, spec.mode, alias=alias,
+                                        hugetlb=check.hugetlb))
     except BaseException:
         for region in regions:
             if region.alias is not None:

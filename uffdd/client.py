@@ -144,8 +144,14 @@ class Client:
 
     def import_session(self, session: str, token: bytes, *, peer: str,
                        regions: list[GuestRegion], strategy: str | None = None,
-                       policy: str | None = None, deadline: float | None = None) -> int:
-        """Hand the destination's uffds (and memory fds) to the daemon. Returns pages."""
+                       policy: str | None = None, deadline: float | None = None,
+                       present: str | None = None) -> int:
+        """Hand the destination's uffds (and memory fds) to the daemon. Returns pages.
+
+        ``present="keep"``: pages already present in guest RAM hold valid data (the VMM
+        copied them itself before postcopy); without it the daemon refuses an import
+        over guest RAM with present pages, since it would never fetch them.
+        """
         fds: list[int] = []
         table = []
         for r in regions:
@@ -158,7 +164,8 @@ class Client:
             table.append(entry)
         body: dict[str, Any] = {"op": "import", "session": session, "token": token,
                                 "peer": peer, "regions": table}
-        for key, value in (("strategy", strategy), ("policy", policy), ("deadline", deadline)):
+        for key, value in (("strategy", strategy), ("policy", policy), ("deadline", deadline),
+                           ("present", present)):
             if value is not None:
                 body[key] = value
         return int(self.request(body, fds)["pages"])
@@ -273,6 +280,9 @@ class Client:
 
     def _resend(self, body: dict[str, Any], fds: list[int]) -> None:
         request = {k: v for k, v in body.items() if k != "pages"}
+        if request.get("op") == "import":
+            # The daemon that died installed pages: they are the guest's now, keep them.
+            request["present"] = "keep"
         try:
             self._request_once(request, fds)
         except ClientError as e:

@@ -106,6 +106,14 @@ class LimitsConfig:
     # Seconds a reply or event may take to be written to a VMM; a VMM that reads
     # nothing for that long is dropped (its connection closed, its sessions go on).
     send_timeout: float = 10.0
+    # Bounds of the handover (README, Security). Every region may cost a mapping: 256
+    # per request times max_sessions stays far below vm.max_map_count (65530), and a
+    # VMM has a few RAM blocks (QEMU: one per DIMM slot at most). Every page costs about
+    # a byte of state on each side, so 2^27 pages are ~128 MiB (512 GiB of 4 KiB pages,
+    # 256 TiB of 2 MiB pages) and 2^28 ~256 MiB.
+    max_regions_per_request: int = 256
+    max_pages_per_session: int = 1 << 27
+    max_pages_per_daemon: int = 1 << 28
 
 
 @dataclass(frozen=True)
@@ -272,6 +280,10 @@ RANGES: dict[str, Range] = {
     "limits.max_connections_per_peer": Range(1, 65536),
     "limits.max_connections_per_client": Range(1, 65536),
     "limits.send_timeout": Range(0, 3600, lo_open=True),
+    "limits.max_regions_per_request": Range(1, 65536),
+    # No address space holds more than 2^57 bytes, 2^45 pages of 4 KiB.
+    "limits.max_pages_per_session": Range(1, 1 << 45),
+    "limits.max_pages_per_daemon": Range(1, 1 << 45),
 }
 
 

@@ -175,7 +175,8 @@ class FaultLoop:
         # Stall detection: a link that stays open but moves nothing while pages are
         # outstanding is as good as lost (a black-holed network never closes a socket).
         self.stall_timeout = 0.0  # 0: off; the session sets peer.stall_timeout
-        self.vmm_pid = 0  # whose pagemap tells what is present already (0: nobody's)
+        self.vmm_pid = 0  # the VMM's pid: its pagemap and smaps (0: unknown)
+        self.adopt_present = False  # import "present": "keep": its present pages are valid
         self.cancel_reason: str | None = None  # set when the session fails or is cancelled
         self._last_progress = time.monotonic()
         # Adaptive spinning (the C loop only): waking this thread from epoll_wait costs
@@ -416,7 +417,7 @@ class FaultLoop:
         dead daemon had read would wait forever: a wake of each whole range makes them
         fault again, and this time we read the message.
         """
-        if self.vmm_pid:
+        if self.vmm_pid and self.adopt_present:
             try:
                 for region in self.regions:
                     self._seed_region(region)

@@ -65,6 +65,7 @@ REFUSED_REASONS = (
     "limit",
     "peer-auth",
     "peer-protocol",
+    "peer-security",
 )
 
 #: Histogram buckets for page-fault scale latencies, 10 µs … 2.5 s. The boundary at

@@ -100,6 +100,7 @@ REQUESTS: Final[dict[str, Schema]] = {
         "strategy": (_STR, False),
         "policy": (_STR, False),
         "deadline": (_NUM, False),
+        "present": (_STR, False),
         "regions": (_LIST, True),
     },
     "status": {**_BASE, "session": (_STR, False)},
@@ -201,6 +202,14 @@ class RegionSpec:
 
 
 PAGE_SIZES: Final = (4096, 2 << 20)
+#: No process has more address space than this (x86-64 with 5-level paging: 2^56 bytes
+#: for user space). A region larger than that cannot be memory that exists, whatever
+#: the VMM says; refusing it here keeps absurd sizes away from every later check.
+ADDRESS_SPACE_LIMIT: Final = 1 << 57
+#: Values of the import field "present": what pages already present in the VMM mean.
+PRESENT_NONE: Final = "none"  # the default: none may be present (a fresh import)
+PRESENT_KEEP: Final = "keep"  # they hold valid data (VMM precopy, or a re-import)
+PRESENT_VALUES: Final = (PRESENT_NONE, PRESENT_KEEP)
 
 
 def _region(raw: object, schema: Schema, where: str) -> Mapping[str, object]:
@@ -216,10 +225,17 @@ def _int(raw: Mapping[str, object], key: str, default: int = -1) -> int:
     return value
 
 
-def parse_regions(raw: object, *, role: str) -> list[RegionSpec]:
-    """Parse and shape-check a region table (alignment, sizes, overlaps)."""
+def parse_regions(raw: object, *, role: str, limit: int | None = None) -> list[RegionSpec]:
+    """Parse and shape-check a region table (count, alignment, sizes, overlaps).
+
+    ``limit`` is ``limits.max_regions_per_request``, checked before anything else: each
+    region costs the daemon a mapping or a dup'd fd and page state.
+    """
     if not isinstance(raw, list) or not raw:
         raise RequestError("bad-request", "field 'regions' must be a non-empty list")
+    if limit is not None and len(raw) > limit:
+        raise RequestError("limit", f"{len(raw)} regions in one request, more than "
+                           f"{limit} (limits.max_regions_per_request)")
     schema = _IMPORT_REGION if role == "import" else _EXPORT_REGION
     specs: list[RegionSpec] = []
     for i, item in enumerate(raw):
@@ -251,6 +267,9 @@ def _check_region_shape(r: RegionSpec, where: str, role: str) -> None:
             raise RequestError("bad-region", f"{where}: {name} {value:#x} is not page aligned")
     if r.gpa + r.size > 1 << 64 or r.addr + r.size > 1 << 64:
         raise RequestError("bad-region", f"{where}: region wraps around the address space")
+    if r.size > ADDRESS_SPACE_LIMIT or r.addr + r.size > ADDRESS_SPACE_LIMIT:
+        raise RequestError("bad-region", f"{where}: size {r.size:#x} at addr {r.addr:#x} lies "
+                           f"beyond any process's address space ({ADDRESS_SPACE_LIMIT:#x})")
     if role == "import" and r.mode not in ("missing", "minor"):
         raise RequestError("bad-region", f"{where}: mode must be 'missing' or 'minor'")
     if role == "import" and r.mode == "minor" and r.fd < 0:

@@ -164,8 +164,7 @@ class Toucher:
 
 def run_dest(args: argparse.Namespace) -> int:
     ram = GuestRam.create(args.memory, args.backing)
-    features = uffd.FEATURE_EVENT_REMOVE | uffd.FEATURE_THREAD_ID
-    ufd = uffd.new_uffd(features)
+    ufd = uffd.new_uffd(dest_features(args.backing, args.mode, args.policy))
     mode = uffd.REGISTER_MODE_MISSING
     if args.mode == "minor":
         mode |= uffd.REGISTER_MODE_MINOR
@@ -197,6 +196,17 @@ def run_dest(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result), flush=True)
     return 0 if result["verified"] else 1
+
+
+def dest_features(backing: str, mode: str, policy: str | None) -> int:
+    """UFFDIO_API features of the destination's uffd: what the daemon checks for."""
+    features = uffd.FEATURE_EVENT_REMOVE | uffd.FEATURE_THREAD_ID
+    if mode == "minor":
+        features |= uffd.FEATURE_MINOR_HUGETLBFS if backing == "hugetlb" else \
+            uffd.FEATURE_MINOR_SHMEM
+    if policy == "poison":
+        features |= uffd.FEATURE_POISON
+    return features
 
 
 def region_layout(ram: GuestRam, split: int) -> list[tuple[int, int, int]]:

@@ -229,6 +229,7 @@ class ImportSession(SessionBase):
     policy: str = "crash"
     deadline: float = 30.0
     fds: list[int] = field(default_factory=list)
+    adopt_present: bool = False  # import "present": "keep" (or a re-import from the fd store)
     pages: PageMap = field(init=False)
     loop: FaultLoop = field(init=False)
     link: str = "down"
@@ -252,7 +253,8 @@ class ImportSession(SessionBase):
         self.loop.stall_timeout = self.config.peer.stall_timeout
         self.loop.spin_s = self.config.peer.spin_us / 1e6
         self.loop.fastpath = demand_fastpath(self.config)
-        self.loop.vmm_pid = self.owner_pid  # a re-import after a restart: adopt what is present
+        self.loop.vmm_pid = self.owner_pid
+        self.loop.adopt_present = self.adopt_present  # "keep" (or a re-import): adopt them
         self._by_gpa = sorted(self.regions, key=lambda r: r.gpa)
 
     def set_state(self, state: str, reason: str | None = None) -> None:

@@ -183,7 +183,12 @@ struct uffdd_import_options {
 
 /*
  * Import guest memory (destination VMM): op "import".
- * The uffds must already have had UFFDIO_API and UFFDIO_REGISTER done.
+ * The uffds must already have had UFFDIO_API and UFFDIO_REGISTER done, and the
+ * daemon checks it before it answers: each uffd created with O_NONBLOCK, given
+ * UFFD_FEATURE_EVENT_REMOVE (plus UFFD_FEATURE_POISON for policy "poison" and
+ * UFFD_FEATURE_MINOR_SHMEM / _MINOR_HUGETLBFS for minor mode, never EVENT_FORK),
+ * registered by this process over every region in its mode (not WP), with no page
+ * of guest RAM touched before the import (README, Security).
  *   peer       the source host's uffdd peer address, "host:port".
  *   opts       NULL for all defaults.
  *   pages_out  if not NULL, receives the page count from the reply.

@@ -214,6 +214,13 @@ static struct {
 static unsigned char token[64];
 static size_t token_len;
 
+/* Under --policy poison the daemon poisons pages through our uffd, and refuses an
+ * import whose uffd was not given UFFD_FEATURE_POISON. */
+static int wants_poison_policy(void)
+{
+	return opt.policy && strcmp(opt.policy, "poison") == 0;
+}
+
 /* ---- guest RAM ---------------------------------------------------------- */
 struct ram {
 	char *host;
@@ -1147,7 +1154,7 @@ static void local_dest_vm(int n)
 							: UFFD_FEATURE_MISSING_SHMEM;
 	if (opt.exits)
 		features |= UFFD_FEATURE_SIGBUS;
-	if (opt.poison_page >= 0)
+	if (opt.poison_page >= 0 || wants_poison_policy())
 		features |= UFFD_FEATURE_POISON;
 	local_mode = UFFDIO_REGISTER_MODE_MISSING;
 	if (opt.minor) {
@@ -1413,6 +1420,8 @@ static int run_dest(void)
 							: UFFD_FEATURE_MISSING_SHMEM;
 	if (opt.exits)
 		features |= UFFD_FEATURE_SIGBUS;
+	if (wants_poison_policy()) /* the daemon checks it: it poisons through this uffd */
+		features |= UFFD_FEATURE_POISON;
 	uint64_t mode = UFFDIO_REGISTER_MODE_MISSING;
 	if (opt.minor) {
 		features |= opt.backing == BACK_HUGETLB ? UFFD_FEATURE_MINOR_HUGETLBFS

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,11 @@ FEATURE_THREAD_ID: Final = 1 << 8
 FEATURE_MINOR_HUGETLBFS: Final = 1 << 9
 FEATURE_MINOR_SHMEM: Final = 1 << 10
 FEATURE_EXACT_ADDRESS: Final = 1 << 11
+FEATURE_WP_HUGETLBFS_SHMEM: Final = 1 << 12
+FEATURE_WP_UNPOPULATED: Final = 1 << 13
 FEATURE_POISON: Final = 1 << 14
+FEATURE_WP_ASYNC: Final = 1 << 15
+FEATURE_MOVE: Final = 1 << 16
 _FEATURE_INITIALIZED: Final = 1 << 31  # kernel-internal: UFFDIO_API has been done
 
 # Register modes.
@@ -386,14 +391,39 @@ def granted_features(fd: int) -> int:
             text = info.read()
     except OSError as e:
         raise KernelError("fdinfo", e.errno or errno.EBADF, "cannot read fdinfo") from None
+    features = parse_fdinfo_api(text)
+    if features is None:
+        raise KernelError("fdinfo", errno.EINVAL, "not an initialised userfaultfd")
+    return features
+
+
+def parse_fdinfo_api(text: str) -> int | None:
+    """The granted features of a uffd's fdinfo text, or None before UFFDIO_API.
+
+    The line is ``API:\t<api>:<features>:<ioctls>`` in hex. The kernel marks a completed
+    handshake with a private feature bit (0x80000000), which is not a feature.
+    """
     for line in text.splitlines():
-        if line.startswith("API:"):
-            _api, features, _ioctls = line.split()[1].split(":")
-            value = int(features, 16)
-            # The kernel marks a completed handshake with a private feature bit.
-            if value & _FEATURE_INITIALIZED:
-                return value & ~_FEATURE_INITIALIZED
-    raise KernelError("fdinfo", errno.EINVAL, "not an initialised userfaultfd")
+        if not line.startswith("API:"):
+            continue
+        parts = line.partition(":")[2].strip().split(":")
+        if len(parts) != 3:
+            return None
+        try:
+            value = int(parts[1], 16)
+        except ValueError:
+            return None
+        return value & ~_FEATURE_INITIALIZED if value & _FEATURE_INITIALIZED else None
+    return None
+
+
+def is_nonblocking(fd: int) -> bool:
+    """True if ``fd``'s open file description has O_NONBLOCK.
+
+    A received fd shares the description with the VMM's copy, so this is what the VMM
+    set when it created the uffd (and what a read by the fault thread will do).
+    """
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
 
 
 def is_userfaultfd(fd: int) -> bool:
