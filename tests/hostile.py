@@ -104,12 +104,18 @@ class Tenancy:
             time.sleep(0.02)
         raise AssertionError("the healthy tenant's link never came up")
 
-    def healthy_in_flight(self) -> bool:
-        """True while the healthy tenant's import is still running on the destination."""
+    def healthy_status(self) -> dict[str, object]:
+        """The healthy tenant's import as the destination reports it."""
         assert self._healthy is not None
         with Client(self.dst.api_socket) as c:
-            return any(s["session"] == self._healthy[2] and s["state"] == "running"
-                       for s in c.status())
+            found = [s for s in c.status() if s["session"] == self._healthy[2]
+                     and s["role"] == "import"]
+        assert found, "the destination no longer knows the healthy tenant's session"
+        return found[0]
+
+    def healthy_in_flight(self) -> bool:
+        """True while the healthy tenant's import is still running on the destination."""
+        return self.healthy_status()["state"] == "running"
 
     def finish_healthy(self) -> None:
         """Lift the throttle and check the healthy tenant completed byte-exact."""
@@ -151,7 +157,10 @@ def tenancy(tmp_path: Path) -> Iterator[Tenancy]:
     try:
         t.start_healthy()
         yield t
-        assert t.healthy_in_flight(), "the healthy tenant was not in flight during the test"
+        healthy = t.healthy_status()
+        assert healthy["state"] == "running", (
+            f"the healthy tenant was not in flight during the test: {healthy}\n"
+            f"{dst.log_text()[-3000:]}")
         t.finish_healthy()
         t.assert_clean()
     finally:

@@ -30,6 +30,7 @@ import os
 import queue
 import select
 import socket
+import ssl
 import time
 import zlib
 from array import array
@@ -62,6 +63,9 @@ _C_SLICE_FAULTING: Final = 256 << 10
 _C_SLICE_QUIET: Final = 2 << 20
 _FAULTS_RECENT: Final = 0.01
 _CHECK_INTERVAL: Final = 0.01
+# How long a dropped demand lane is still read for the source's last frames (its
+# 'cancel' follows the close of its bulk lanes by a moment).
+_GOODBYE_WAIT: Final = 1.0
 _PAGEMAP_PAGE: Final = 4096
 _PAGEMAP_BATCH: Final = 1 << 16
 _PRESENT_TABLE: Final = bytes(1 if b & 0xC0 else 0 for b in range(256))
@@ -729,25 +733,38 @@ class FaultLoop:
             self._outbox += protocol.pack_peer({"t": "req", "r": region, "p": page, "n": 1})
 
     def _read_what_arrived(self, sock: socket.socket) -> None:
-        """Handle the frames already received on a lane about to be dropped.
+        """Handle the frames already received, or about to be, on a lane being dropped.
 
         The link supervisor drops the demand lane when a bulk lane ends, which can be
-        before this thread read what the source sent last: its 'cancel' (the source VMM
-        died) would be lost, and the session would wait for a source that is gone until
-        its deadline. Non-blocking, bounded by the receive buffer; errors end it quietly
-        (the lane is being dropped anyway).
+        before the source's last frame arrived here: a source whose VMM died closes its
+        bulk lanes and, from its demand lane's own thread, sends 'cancel' a moment later.
+        Lost, the session would wait for a source that is gone until its deadline. So
+        this reads until the source closes the lane, a 'cancel' or another end of the
+        session was handled, or ``_GOODBYE_WAIT`` passed (a lane that stays open and
+        silent: a stall, or a source that is still serving). Bounded by the receive
+        buffer; errors end it quietly (the lane is being dropped anyway).
         """
-        while self._rx_end < len(self._rx):
+        give_up = time.monotonic() + _GOODBYE_WAIT
+        while self._rx_end < len(self._rx) and not self._stopping:
             try:
                 # The lane is non-blocking already (_set_demand); no MSG_DONTWAIT, which
                 # a TLS lane refuses with ValueError (a lost TLS lane was an internal
                 # error). ProtocolError: a TLS alert refusing our certificate.
                 n = sock.recv_into(self._rxview[self._rx_end :])
+            except (BlockingIOError, ssl.SSLWantReadError):
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    break
+                with contextlib.suppress(OSError, ValueError):
+                    select.select([sock], [], [], left)
+                continue
             except (OSError, ProtocolError):
                 break
             if not n:
                 break
             self._rx_end += n
+            with contextlib.suppress(ProtocolError):
+                self._parse_demand()
         with contextlib.suppress(ProtocolError):
             self._parse_demand()
 
