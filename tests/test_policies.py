@@ -15,10 +15,12 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.conftest import Pair
 from tests.strategy_pkg import vmsim
@@ -157,3 +159,44 @@ def test_demo_lost_pages(exits: bool, policy: str) -> None:
         assert proc.returncode != 0, result
         assert result["outcome"] == "crashed" and "lost" in str(result["reason"]), result
         assert result["verified"] is False
+
+
+class _EndedSession:
+    """What ``session._Context`` reads of a session whose fault thread has stopped: the
+    page request is queued and never answered, as when the session ends under it."""
+
+    def __init__(self, state: str, reason: str, page_state: int) -> None:
+        from uffdd import pagestate
+        self.session_id, self.policy, self.deadline = "s", "poison", 30.0
+        self.state, self.reason, self.finished = state, reason, True
+        self.pages = pagestate.PageMap([4])
+        self.pages.set(0, 2, page_state)
+        self.loop = self
+        self._done = trio.Event()
+        self._done.set()
+
+    def request_page_threadsafe(self, region: int, page: int, callback: object) -> None:
+        pass  # the fault thread is gone: nobody calls back
+
+    def region_of_gpa(self, gpa: int) -> tuple[object, int]:
+        return types.SimpleNamespace(index=0), gpa // 4096
+
+
+@pytest.mark.parametrize(("state", "page_state", "outcome"), [
+    ("completed", 2, "installed"), ("completed", 3, "poisoned"), ("failed", 0, "lost")])
+async def test_exit_waiting_when_the_session_ends_is_answered_by_the_page(
+        state: str, page_state: int, outcome: str) -> None:
+    """A vCPU exit still waiting when its session *completes* gets the page's state (the
+    page is installed or poisoned by then), never the crash of a lost page: the flake of
+    ``test_demo_lost_pages[poison-exits]`` (a crash with reason
+    "completed-with-poisoned-pages"). A session that failed under it loses the page,
+    saying why the session ended."""
+    from uffdd.session import _Context
+    s = _EndedSession(state, "completed-with-poisoned-pages" if state == "completed"
+                      else "source unreachable", page_state)
+    ctx = _Context(s)  # type: ignore[arg-type]
+    assert await ctx.make_present(2 * 4096) == outcome
+    if outcome == "lost":
+        assert ctx.reason == "source unreachable"
+    else:
+        assert "completed" not in ctx.reason

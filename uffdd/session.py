@@ -689,9 +689,29 @@ class _Context:
         # check), and by the session's end, after which the fault thread answers nobody.
         with trio.move_on_after(self._s.deadline + 5):
             await _first_of(done, self._s._done)
-        if not result and self._s.finished:  # why the session ended is why the page is lost
-            self.reason = self._s.reason or f"the session ended ({self._s.state})"
-        return result[0] if result else Outcome.LOST
+        if result:
+            return result[0]
+        if self._s.finished:
+            return self._after_the_end(region.index, page)
+        return Outcome.LOST
+
+    def _after_the_end(self, region: int, page: int) -> str:
+        """The session ended before the fault thread answered this page's request.
+
+        Its fault thread has stopped writing page states by then, so the page's state is
+        the answer: a session that completed has installed or poisoned every page, and a
+        vCPU waiting on one of them must get resume or inject, not a crash. Only a page
+        that is still not there is lost, for the reason the session ended.
+        """
+        state = self._s.pages.get(region, page)
+        if state == pagestate.INSTALLED:
+            self.reason = ""
+            return Outcome.INSTALLED
+        if state == pagestate.POISONED:
+            self.reason = "page is unrecoverable (poisoned)"
+            return Outcome.POISONED
+        self.reason = self._s.reason or f"the session ended ({self._s.state})"
+        return Outcome.LOST
 
     async def fail_page(self, gpa: int, reason: str) -> strategies.Verdict:
         log.error("unrecoverable page session=%s gpa=%#x reason=%s policy=%s",
