@@ -286,9 +286,8 @@ def test_alerts_use_defined_metrics(exposed: dict[str, frozenset[str]]) -> None:
 # --- config and Kubernetes -------------------------------------------------------
 
 
-#: The shipped /etc/uffdd/uffdd.toml: starts on a fresh host (peer link on loopback,
-#: plaintext), the TLS lines are there commented out.
-EXPECTED_CONFIG = {
+#: The keys the Kubernetes ConfigMap sets (on top of them: the node's addresses and TLS).
+CONFIGMAP_BASE = {
     "api": {
         "socket": "/run/uffdd/vmm.sock",
         "socket_mode": "0660",
@@ -313,8 +312,42 @@ EXPECTED_CONFIG = {
 }
 
 
+def shipped_defaults() -> dict[str, dict[str, object]]:
+    """Every key of config.py's dataclasses at its default, as the shipped file has it:
+    peer link on loopback; keys whose default is "unset" (None, and the TLS files "")
+    are there commented out, with a production value."""
+    from uffdd import config
+
+    defaults = dataclasses.asdict(config.Config())
+    defaults["peer"]["listen"] = "127.0.0.1:4460"
+    for key in ("ca", "cert", "key"):
+        del defaults["peer"][key]
+    return {section: {k: v for k, v in keys.items() if v is not None}
+            for section, keys in defaults.items()}
+
+
 def test_default_config_file() -> None:
-    assert tomllib.loads(CONFIG.read_text()) == EXPECTED_CONFIG
+    """deploy/uffdd.toml documents every key of every section at its default: a key
+    added to config.py without a line there fails here."""
+    assert tomllib.loads(CONFIG.read_text()) == shipped_defaults()
+
+
+def test_default_config_file_comments_every_key() -> None:
+    """Each key has a comment line right above it (or a run of keys under one comment),
+    and a key with no value by default (peer.tls) is there commented out."""
+    from uffdd import config
+
+    text = CONFIG.read_text()
+    for section in dataclasses.fields(config.Config):
+        for key in dataclasses.fields(section.type if isinstance(section.type, type)
+                                      else getattr(config, str(section.type))):
+            assert re.search(rf"^(# )?{key.name} = ", text, re.MULTILINE), \
+                f"{section.name}.{key.name} is missing from {CONFIG.name}"
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^\w+ = ", line):
+            above = next(x for x in reversed(lines[:i]) if not re.match(r"^\w+ = ", x))
+            assert above.startswith("#"), f"{line!r} has no comment above it"
 
 
 def test_default_config_loads_with_the_daemon_loader() -> None:
@@ -369,9 +402,9 @@ def test_daemonset_manifest() -> None:
         assert needle in text, needle
     # The ConfigMap is the default config with the peer link and metrics on the node's
     # addresses, and the node's TLS files.
-    peer = {**EXPECTED_CONFIG["peer"], "listen": "0.0.0.0:4460", "ca": "/etc/uffdd/tls/ca.pem",
+    peer = {**CONFIGMAP_BASE["peer"], "listen": "0.0.0.0:4460", "ca": "/etc/uffdd/tls/ca.pem",
             "cert": "/etc/uffdd/tls/uffdd.pem", "key": "/etc/uffdd/tls/uffdd.key"}
-    expected = {**EXPECTED_CONFIG, "peer": peer, "metrics": {"listen": "0.0.0.0:9464"}}
+    expected = {**CONFIGMAP_BASE, "peer": peer, "metrics": {"listen": "0.0.0.0:9464"}}
     assert tomllib.loads(configmap_toml(text)) == expected
 
 
