@@ -694,3 +694,19 @@ def test_migration_fastpath_off_is_byte_exact(off_pair: Pair) -> None:
     assert_byte_exact(result, source)
     off_pair.src.stop()
     assert "C fast path" not in off_pair.src.log_text()
+
+
+@pytest.mark.parametrize(("mode", "line"), [
+    ("auto", "fast path: C loops from "), ("off", "fast path: off (peer.fastpath is off)")])
+def test_start_up_log_says_which_loops(lib: ctypes.CDLL, tmp_path: Path, mode: str,
+                                       line: str) -> None:
+    """The daemon's log names the loops it runs, and the library's path: config.load
+    loads the library before logging is set up, so the line is logged by serve."""
+    daemon = harness.start_daemon(tmp_path, mode, config=f'[peer]\nfastpath = "{mode}"\n')
+    try:
+        text = daemon.log_text()
+    finally:
+        assert daemon.stop() == 0
+    assert line in text, text[-2000:]
+    if mode == "auto":
+        assert "libuffdd_fastpath" in text.split(line, 1)[1].splitlines()[0], text[-2000:]

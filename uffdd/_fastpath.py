@@ -14,14 +14,11 @@ start without it, ``off`` runs the pure-Python loops.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 from pathlib import Path
 from typing import Final
 
 from uffdd.errors import ConfigError
-
-log = logging.getLogger("uffdd.fastpath")
 
 #: Must match FP_ABI_VERSION in native/fastpath/frame.h.
 ABI_VERSION: Final = 2
@@ -76,8 +73,10 @@ def _try_load() -> tuple[ctypes.CDLL | None, str]:
 def load(mode: str) -> ctypes.CDLL | None:
     """The library for ``mode`` (see module doc), or None for the pure-Python loops.
 
-    Loaded once per process; the outcome is logged once. ``on`` without a usable
-    library raises ConfigError naming every place looked at.
+    Loaded once per process; ``describe`` says what came of it (the daemon logs that
+    when it serves: the config, which loads the library first, is read before logging
+    is set up). ``on`` without a usable library raises ConfigError naming every place
+    looked at.
     """
     if mode not in MODES:
         raise ConfigError(f"peer.fastpath must be one of {', '.join(MODES)}, not {mode!r}")
@@ -86,12 +85,16 @@ def load(mode: str) -> ctypes.CDLL | None:
     if not _Loaded.tried:
         _Loaded.tried = True
         _Loaded.lib, _Loaded.where = _try_load()
-        if _Loaded.lib is not None:
-            log.info("fast path: C loops from %s", _Loaded.where)
-        else:
-            log.info("fast path: not available (%s); using the Python loops", _Loaded.where)
     if _Loaded.lib is None and mode == "on":
         raise ConfigError(f"peer.fastpath = \"on\" but the library cannot be loaded: "
                           f"{_Loaded.where}")
     return _Loaded.lib
 
+
+def describe(mode: str) -> str:
+    """One line for the start-up log: which loops ``mode`` gives, and from where."""
+    if mode == "off":
+        return "fast path: off (peer.fastpath is off); using the Python loops"
+    if load(mode) is not None:
+        return f"fast path: C loops from {_Loaded.where}"
+    return f"fast path: not available ({_Loaded.where}); using the Python loops"

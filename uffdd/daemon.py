@@ -30,7 +30,7 @@ from functools import partial
 
 import trio
 
-from uffdd import __version__, metrics, peer, protocol, tls
+from uffdd import __version__, _fastpath, metrics, peer, protocol, tls
 from uffdd._linux import scm, sdnotify
 from uffdd._linux.listenfds import listening_socket, take_fds
 from uffdd.api import Connection
@@ -167,6 +167,7 @@ class Daemon:
         """Run until cancelled or signalled. Calls ``task_status.started(self)`` when ready."""
         preflight(self.config, "peer link")
         self._log_peer_security()
+        log.info("%s", _fastpath.describe(self.config.peer.fastpath))
         # Everything is bound before the nursery opens: a bind error is one clear
         # ConfigError for the command line, not a traceback out of an exception group.
         api_sock, api_bound = self._api_socket()
