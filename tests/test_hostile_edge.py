@@ -344,10 +344,13 @@ def test_accept_survives_running_out_of_fds(tenancy: Tenancy) -> None:
 
 
 def test_sigterm_ends_the_daemon_with_a_thread_stuck_in_the_kernel(tmp_path: Path) -> None:
-    """A source VMM exports (pid mode) memory that its own userfaultfd guards and never
-    serves: the daemon's bulk thread blocks in process_vm_readv, in the kernel, where no
-    cancellation reaches. SIGTERM still ends the daemon: after the grace it logs what
-    is still running and exits with HARD_STOP_STATUS (it stayed up for good before)."""
+    """A source VMM exports (pid mode) memory, and once the export is ``ok`` guards it
+    with its own userfaultfd and never serves it (registered before, the export is
+    refused: test_export_of_memory_a_uffd_guards_is_refused): the daemon's bulk thread
+    blocks in process_vm_readv, in the kernel, where no cancellation reaches. SIGTERM
+    still ends the daemon: after the grace it logs what is still running and exits with
+    HARD_STOP_STATUS (it stayed up for good before). No ``tenancy``: the hard stop
+    ends every session of the daemon, a healthy tenant's too, on purpose."""
     src = harness.start_daemon(tmp_path, "source")
     vmm = _hostile("""
         from uffdd._linux import uffd
@@ -356,12 +359,12 @@ def test_sigterm_ends_the_daemon_with_a_thread_stuck_in_the_kernel(tmp_path: Pat
         ufd = uffd.new_uffd(uffd.FEATURE_EVENT_REMOVE)
         ram = mmap.mmap(-1, size)
         addr = buffer_address(ram)
-        uffd.register(ufd, addr, size, uffd.REGISTER_MODE_MISSING)
         c = RawClient(sys.argv[1])
         reply = c.request({"op": "export", "id": 1, "session": "stuck", "token": sys.argv[2],
                            "pid": os.getpid(),
                            "regions": [{"gpa": 0, "size": size, "page_size": 4096,
                                         "addr": addr}]})
+        uffd.register(ufd, addr, size, uffd.REGISTER_MODE_MISSING)  # after the check
         done(reply=reply)
         sys.stdin.readline()  # never serves its uffd
     """, src.api_socket, TOKEN.decode())
@@ -386,6 +389,45 @@ def test_sigterm_ends_the_daemon_with_a_thread_stuck_in_the_kernel(tmp_path: Pat
     assert "still running" in log and "export stuck" in log, log[-3000:]
     assert f"exiting now with status {HARD_STOP_STATUS}" in log
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("mode", ["MISSING", "WP", "MINOR"])
+def test_export_of_memory_a_uffd_guards_is_refused(tenancy: Tenancy, mode: str) -> None:
+    """An export in pid mode of memory the source VMM registered with a userfaultfd
+    (smaps VmFlags um, uw or ui) is refused with bad-region before ok: the daemon's
+    process_vm_readv of a page nobody serves would wait in the kernel for ever (only
+    the SIGTERM hard stop ended it). A region next to it, not registered, is exported."""
+    vmm = _hostile("""
+        from uffdd._linux import uffd
+        from uffdd._linux.mem import buffer_address
+        mode = sys.argv[3]
+        size = 1 << 20
+        features = {"MISSING": 0, "WP": uffd.FEATURE_PAGEFAULT_FLAG_WP,
+                    "MINOR": uffd.FEATURE_MINOR_SHMEM}[mode]
+        ufd = uffd.new_uffd(uffd.FEATURE_EVENT_REMOVE | features)
+        fd = os.memfd_create("hostile-guarded")
+        os.ftruncate(fd, 2 * size)
+        ram = mmap.mmap(fd, 2 * size)
+        addr = buffer_address(ram)
+        uffd.register(ufd, addr + size, size, getattr(uffd, "REGISTER_MODE_" + mode))
+        c = RawClient(sys.argv[1])
+        replies = []
+        for i, start in enumerate((addr + size, addr, addr + size // 2)):
+            replies.append(c.request({
+                "op": "export", "id": i, "session": f"guarded-{i}", "token": sys.argv[2],
+                "pid": os.getpid(),
+                "regions": [{"gpa": 0, "size": size, "page_size": 4096, "addr": start}]}))
+        done(replies=replies)
+    """, tenancy.src.api_socket, TOKEN.decode(), mode)
+    replies = _result(vmm)["replies"]
+    assert isinstance(replies, list)
+    flag = {"MISSING": "um", "WP": "uw", "MINOR": "ui"}[mode]
+    for reply in (replies[0], replies[2]):  # wholly, then half over the guarded range
+        assert reply["ok"] is False and reply["error"] == "bad-region", reply
+        assert "registered with a userfaultfd" in reply["message"], reply
+        assert f"VmFlags {flag}" in reply["message"], reply
+    assert replies[1]["ok"] is True, replies[1]  # the unguarded half is fine
+    # Its VMM has exited since: the daemon ended that export (the fixture counts fds).
 
 
 def _wait_stuck_in(pid: int, syscall: int, timeout: float = 60) -> None:

@@ -227,16 +227,6 @@ def parse_smaps(text: str) -> list[Vma]:
     return vmas
 
 
-def parse_maps(text: str) -> list[tuple[int, int, bool]]:
-    """[start, end) and 'readable' of each mapping in a ``/proc/<pid>/maps`` text."""
-    spans = []
-    for line in text.splitlines():
-        m = _HEADER.match(line)
-        if m:
-            spans.append((int(m[1], 16), int(m[2], 16), line.split()[1].startswith("r")))
-    return spans
-
-
 def read_proc(pid: int, name: str, why: str) -> str:
     """``/proc/<pid>/<name>``; the VMM's own word is all we would have without it."""
     try:
@@ -262,11 +252,18 @@ def covering(spans: Sequence[tuple[int, int]], start: int, end: int) -> list[int
     return out
 
 
+#: smaps VmFlags of a range registered with a userfaultfd (missing, write-protect, minor).
+_UFFD_VMFLAGS: Final = frozenset({"um", "uw", "ui"})
+
+
 def check_pid_regions(pid: int, specs: Sequence[protocol.RegionSpec]) -> None:
     """Export with ``pid``: every region lies in readable memory the process maps
-    (process_vm_readv would fail on every page of a hole, at migration time)."""
-    maps = parse_maps(read_proc(pid, "maps", "check the export's regions"))
-    spans = [(start, end) for start, end, _readable in maps]
+    (process_vm_readv would fail on every page of a hole, at migration time), and none
+    of it is registered with a userfaultfd: process_vm_readv of a page nobody has
+    served would wait in the kernel for a resolution that never comes, and the
+    daemon's bulk thread with it."""
+    vmas = parse_smaps(read_proc(pid, "smaps", "check the export's regions"))
+    spans = [(v.start, v.end) for v in vmas]
     for i, spec in enumerate(specs):
         try:
             found = covering(spans, spec.addr, spec.addr + spec.size)
@@ -275,9 +272,18 @@ def check_pid_regions(pid: int, specs: Sequence[protocol.RegionSpec]) -> None:
                                f"{e.args[0]:#x} in process {pid}, inside the region "
                                f"[{spec.addr:#x}, {spec.addr + spec.size:#x})") from None
         for j in found:
-            if not maps[j][2]:
-                raise RequestError("bad-region", f"regions[{i}]: [{maps[j][0]:#x}, "
-                                   f"{maps[j][1]:#x}) of process {pid} is not readable")
+            vma = vmas[j]
+            if "rd" not in vma.flags:
+                raise RequestError("bad-region", f"regions[{i}]: [{vma.start:#x}, "
+                                   f"{vma.end:#x}) of process {pid} is not readable")
+            registered = sorted(vma.flags & _UFFD_VMFLAGS)
+            if registered:
+                raise RequestError(
+                    "bad-region", f"regions[{i}]: [{vma.start:#x}, {vma.end:#x}) of "
+                    f"process {pid} is registered with a userfaultfd (VmFlags "
+                    f"{' '.join(registered)}): reading it could wait for ever on a fault "
+                    "nobody serves. Export it with its memory fd, or unregister it "
+                    "(UFFDIO_UNREGISTER) before the export")
 
 
 @dataclass(frozen=True, slots=True)
