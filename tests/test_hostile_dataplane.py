@@ -17,6 +17,7 @@ import secrets
 import select
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -307,3 +308,34 @@ def test_c_loop_reports_a_failed_epoll_ctl_on_the_demand_lane() -> None:
         os.close(fd)
         a.close()
         b.close()
+
+
+def _anon_mappings(pid: int, at_least: int) -> list[str]:
+    """Anonymous mappings of ``pid`` of at least ``at_least`` bytes that hold memory."""
+    found, head = [], ""
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) <= 5:  # a header with no path: anonymous
+            head = line
+        elif "-" in fields[0]:
+            head = ""
+        elif fields[0] == "Rss:" and head:
+            start, end = (int(x, 16) for x in head.split()[0].split("-"))
+            if end - start >= at_least and int(fields[1]) * 1024 >= at_least // 2:
+                found.append(f"{head} Rss {fields[1]} kB")
+    return found
+
+
+def test_hugetlb_export_gives_its_scratch_back(tenancy: Tenancy, hugepages: None) -> None:
+    """After a hugetlb migration the source daemon holds no 128 MiB anonymous mapping
+    (the demand lane's scratch, 64 pages of 2 MiB): its RSS is back to where it was."""
+    src = tenancy.src.proc.pid
+    before = hostile.rss_bytes(src)
+    result, source = tenancy.pair.migrate(memory="64M", backing="hugetlb")
+    assert result["verified"] is True and source["event"] == "completed", (result, source)
+    scratch = 64 * (2 << 20)
+    deadline = time.monotonic() + 15
+    while _anon_mappings(src, scratch) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _anon_mappings(src, scratch) == [], tenancy.src.log_text()[-2000:]
+    assert hostile.rss_bytes(src) < before + scratch // 2, (before, hostile.rss_bytes(src))

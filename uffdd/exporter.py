@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from uffdd import _fastpath, peer, protocol
-from uffdd._linux.mem import Mapping, buffer_address, is_hugetlb_fd, process_read
+from uffdd._linux.mem import Mapping, buffer_address, give_back, is_hugetlb_fd, process_read
 from uffdd.errors import KernelError, PeerUnavailable, ProtocolError, TargetGone
 from uffdd.metrics import SessionMetrics
 from uffdd.peer import FrameSocket
@@ -219,7 +219,11 @@ class PageReader:
     def close(self) -> None:
         """Let go of the scratch buffer now, not when a garbage collection runs: a lane's
         frame (and this reader in it) can outlive the lane in a traceback cycle, and with
-        2 MiB pages the demand lane's scratch is 128 MiB (it stayed resident for good)."""
+        2 MiB pages the demand lane's scratch is 128 MiB (it stayed resident for good).
+        A memoryview of it in such a cycle (a batch's frames, in the traceback of a send
+        that failed) still holds the bytearray, so its pages are given back to the kernel
+        first: the memory goes whatever still refers to it."""
+        give_back(self.scratch)
         with contextlib.suppress(BufferError):
             self.scratch_view.release()
         self.scratch = bytearray()

@@ -23,10 +23,12 @@ from typing import Final
 from uffdd.errors import KernelError, TargetGone
 
 MFD_HUGETLB: Final = 0x0004
+MADV_DONTNEED: Final = 4
 MADV_POPULATE_WRITE: Final = 23
 HUGE_PAGE_2M: Final = 2 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 
 
 class _IoVec(ctypes.Structure):
@@ -176,6 +178,21 @@ def madvise(address: int, length: int, advice: int) -> None:
     if _madvise(address, length, advice) != 0:
         err = ctypes.get_errno()
         raise KernelError("madvise", err, os.strerror(err))
+
+
+def give_back(buf: bytearray) -> None:
+    """Return the whole pages inside ``buf`` to the kernel now (MADV_DONTNEED: they read
+    as zeros again), whoever still holds a reference to ``buf``. For a large scratch
+    buffer whose last user is done: a view of it kept alive by a traceback cycle would
+    otherwise keep all of it resident until a garbage collection, in an idle daemon for
+    good."""
+    if not buf:
+        return
+    start = buffer_address(buf)
+    first = -(-start // _PAGE) * _PAGE
+    last = (start + len(buf)) // _PAGE * _PAGE
+    if last > first:
+        madvise(first, last - first, MADV_DONTNEED)
 
 
 def pidfd_kill(pid: int, sig: int = signal.SIGKILL) -> bool:
