@@ -61,7 +61,11 @@ REFUSALS = [
     ("minor-registered-missing", "dst", "bad-region", ["not registered", "MINOR"]),
     ("write-protect", "dst", "bad-region", ["WP"]),
     ("wrong-memfd", "dst", "bad-region", ["not a mapping of the memory fd"]),
+    ("half-registered", "dst", "bad-region", ["not registered"]),
     # 4. sizes against real memory; bounded page state
+    ("minor-memfd-too-small", "dst", "bad-region", ["memory fd is 524288 bytes"]),
+    ("export-memfd-too-small", "src", "bad-region", ["memory fd is 524288 bytes"]),
+    ("export-memfd-offset-past-end", "src", "bad-region", ["memory fd is 1048576 bytes"]),
     ("huge-region", "dst", "limit", ["limits.max_pages_per_session"]),
     ("export-huge", "src", "limit", ["limits.max_pages_per_session"]),
     ("import-many-regions", "dst", "limit", ["2000", "limits.max_regions_per_request"]),

@@ -259,7 +259,46 @@ def export_huge() -> Setup:
                  extra={"pid": os.getpid()}, keep=[m], op="export")
 
 
+def half_registered() -> Setup:
+    """The region table is right, but the uffd is registered over its first half only:
+    faults in the second half would reach nobody."""
+    m, addr = anon()
+    ufd = uffd.new_uffd(FEATURES)
+    uffd.register(ufd, addr, MIB // 2, uffd.REGISTER_MODE_MISSING)
+    return Setup([region(addr)], [ufd], keep=[m])
+
+
+def minor_memfd_too_small() -> Setup:
+    """Minor mode: the memory fd is half the region (the daemon would write past its end)."""
+    fd, m, addr = shmem()
+    ufd = uffd.new_uffd(FEATURES | uffd.FEATURE_MINOR_SHMEM)
+    uffd.register(ufd, addr, MIB, uffd.REGISTER_MODE_MISSING | uffd.REGISTER_MODE_MINOR)
+    small = os.memfd_create("hostile-small", os.MFD_CLOEXEC)
+    os.ftruncate(small, MIB // 2)
+    return Setup([region(addr, mode="minor", fd=1)], [ufd, small], keep=[m, fd])
+
+
+def export_memfd_too_small() -> Setup:
+    """Export of a region larger than its memory fd (every page past the end is lost)."""
+    fd = os.memfd_create("hostile-export-small", os.MFD_CLOEXEC)
+    os.ftruncate(fd, MIB // 2)
+    return Setup([{"gpa": 0, "size": MIB, "page_size": PAGE, "fd": 0, "offset": 0}], [fd],
+                 op="export")
+
+
+def export_memfd_offset_past_end() -> Setup:
+    """Export whose offset puts the region past the end of a memory fd of its size."""
+    fd = os.memfd_create("hostile-export-offset", os.MFD_CLOEXEC)
+    os.ftruncate(fd, MIB)
+    return Setup([{"gpa": 0, "size": MIB, "page_size": PAGE, "fd": 0, "offset": MIB // 2}],
+                 [fd], op="export")
+
+
 CASES: dict[str, Callable[[], Setup]] = {
+    "half-registered": half_registered,
+    "minor-memfd-too-small": minor_memfd_too_small,
+    "export-memfd-too-small": export_memfd_too_small,
+    "export-memfd-offset-past-end": export_memfd_offset_past_end,
     "blocking": blocking,
     "no-features": no_features,
     "no-poison-feature": no_poison_feature,
