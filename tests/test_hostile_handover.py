@@ -90,6 +90,16 @@ def test_refused_before_ok(tenancy: Tenancy, case: str, side: str, code: str,  #
     refused(hostile(daemon.api_socket, case)["reply"], code, *words)
 
 
+def test_two_imports_cannot_share_one_uffd(tenancy: Tenancy) -> None:  # noqa: F811
+    """A VMM that imports block A with a uffd, then registers block B with the same
+    uffd and imports B as another session: the second is refused before ok (the uffd
+    is registered over A, which that import does not name), so no two fault threads
+    ever read one uffd."""
+    out = hostile(tenancy.dst.api_socket, "shared-uffd")
+    assert isinstance(out["first"], dict) and out["first"]["ok"] is True, out
+    refused(out["reply"], "bad-region", "which no region names")
+
+
 def test_present_pages_kept_when_the_vmm_says_so(tenancy: Tenancy) -> None:  # noqa: F811
     """With "present": "keep" the same import is accepted (and the VMM then cancels)."""
     reply = hostile(tenancy.dst.api_socket, "present-keep")["reply"]

@@ -11,6 +11,7 @@ Run as ``python -m tests.vmm_handover CASE --socket S --peer HOST:PORT ...``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -385,9 +386,38 @@ def daemon_pages(args: argparse.Namespace) -> dict[str, Any]:
     return {"first": replies[0], "reply": replies[1]}
 
 
+def shared_uffd(args: argparse.Namespace) -> dict[str, Any]:
+    """Two imports, one uffd: the first imports RAM block A; once it is ok, the VMM
+    registers block B with the same uffd and imports B as another session. Two fault
+    threads would then read one uffd, each taking faults the other's session owns."""
+    a, addr_a = anon()
+    b, addr_b = anon()
+    ufd = uffd.new_uffd(FEATURES)
+    uffd.register(ufd, addr_a, MIB, uffd.REGISTER_MODE_MISSING)
+    replies = []
+    with Client(args.socket, timeout=60) as one, Client(args.socket, timeout=60) as two:
+        for client, session, addr in ((one, "shared-a", addr_a), (two, "shared-b", addr_b)):
+            if session == "shared-b":
+                uffd.register(ufd, addr_b, MIB, uffd.REGISTER_MODE_MISSING)
+            try:
+                replies.append(client.request({
+                    "op": "import", "session": session, "token": bytes.fromhex(args.token),
+                    "peer": args.peer, "regions": [region(addr)]}, [ufd]))
+            except ClientError as e:
+                replies.append({"ok": False, "error": e.code, "message": e.message})
+        for session, reply in zip(("shared-a", "shared-b"), replies, strict=True):
+            if reply.get("ok"):
+                with contextlib.suppress(ClientError):
+                    one.cancel(session)
+    a.close()  # the guest RAM lives until both requests are answered
+    b.close()
+    return {"first": replies[0], "reply": replies[1]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.vmm_handover", description=__doc__)
-    p.add_argument("case", choices=[*CASES, "minor-only-holes", "daemon-pages"])
+    p.add_argument("case", choices=[*CASES, "minor-only-holes", "daemon-pages",
+                                    "shared-uffd"])
     p.add_argument("--socket", required=True)
     p.add_argument("--peer", default="127.0.0.1:1")
     p.add_argument("--session", default="hostile")
@@ -401,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         out = minor_only_holes(args)
     elif args.case == "daemon-pages":
         out = daemon_pages(args)
+    elif args.case == "shared-uffd":
+        out = shared_uffd(args)
     else:
         out = {"reply": send(args, CASES[args.case]())}
     out.update(case=args.case, seconds=round(time.monotonic() - t0, 3))
