@@ -35,6 +35,7 @@ from tests.test_refusals import TOKEN, _holds
 from uffdd import config, harness, peer, testcerts
 from uffdd.client import Client
 from uffdd.daemon import HARD_STOP_STATUS
+from uffdd.errors import PeerUnavailable, ProtocolError
 
 tenancy = hostile.tenancy  # the fixture, by its name
 REPO = Path(__file__).resolve().parent.parent
@@ -428,6 +429,49 @@ def test_export_of_memory_a_uffd_guards_is_refused(tenancy: Tenancy, mode: str) 
         assert f"VmFlags {flag}" in reply["message"], reply
     assert replies[1]["ok"] is True, replies[1]  # the unguarded half is fine
     # Its VMM has exited since: the daemon ended that export (the fixture counts fds).
+
+
+@pytest.mark.parametrize("have", [
+    {"t": "have", "r": 0, "bits": b"\xff" * 3}, {"t": "have", "r": 0, "bits": b"\xff" * 64},
+    {"t": "have", "r": 7, "bits": b"\xff" * 32}, {"t": "have", "r": 0, "bits": "x" * 32},
+    {"t": "have", "r": -1, "bits": b""}], ids=["short", "long", "region", "str", "negative"])
+def test_a_have_bitmap_that_does_not_fit_ends_only_that_lane(
+        tenancy: Tenancy, have: dict[str, object]) -> None:
+    """A destination (authenticated: it has the token) whose bulk lane sends a ``have``
+    bitmap of the wrong length, for a region that does not exist, or of the wrong type:
+    the source closes that lane (a protocol error, no traceback), the export stays up,
+    and a good lane then gets the pages. The healthy tenant is not touched."""
+    vmm = _hostile("""
+        size = 1 << 20  # 256 pages: a bitmap of 32 bytes
+        fd = os.memfd_create("hostile-have")
+        os.ftruncate(fd, size)
+        c = RawClient(sys.argv[1])
+        reply = c.request({"op": "export", "id": 1, "session": "have", "token": sys.argv[2],
+                           "regions": [{"gpa": 0, "size": size, "page_size": 4096,
+                                        "fd": 0, "offset": 0}]}, [fd])
+        done(reply=reply)
+        sys.stdin.readline()
+    """, tenancy.src.api_socket, TOKEN.decode())
+    try:
+        assert json.loads(_line(vmm))["reply"]["ok"] is True
+        bad = peer.FrameSocket(peer.connect(tenancy.src.peer, 10))
+        try:
+            peer.client_handshake(bad, "have", TOKEN, "bulk")
+            bad.send(have)
+            with pytest.raises((PeerUnavailable, ProtocolError, OSError)):
+                bad.recv_header()  # closed by the source, nothing sent
+        finally:
+            bad.close()
+        good = peer.FrameSocket(peer.connect(tenancy.src.peer, 10))
+        try:
+            peer.client_handshake(good, "have", TOKEN, "bulk")
+            good.send({"t": "start", "chunk": 1 << 20})
+            assert good.recv_header().get("t") in ("data", "zero"), "no pages on a good lane"
+        finally:
+            good.close()
+    finally:
+        vmm.kill()
+        vmm.wait(10)
 
 
 def _wait_stuck_in(pid: int, syscall: int, timeout: float = 60) -> None:
