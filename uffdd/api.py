@@ -556,24 +556,26 @@ def _own_session(conn: Connection, session_id: str, role: str | None = None) -> 
     """
     found = [s for s in conn.daemon.all_sessions() if s.session_id == session_id
              and (role is None or s.role == role) and not s.finished]
-    if not found:
-        raise RequestError("unknown-session", f"no running session {session_id!r}")
     for session in found:
         if session.owner_pid == conn.cred.pid:
             return session
-    raise RequestError("unauthorized", f"session {session_id!r} belongs to another VMM")
+    if any(_may_observe(conn, s) for s in found):  # the admin may know it exists
+        raise RequestError("unauthorized", f"session {session_id!r} belongs to another VMM")
+    # Everyone else gets the answer for a session that does not exist: "unauthorized"
+    # would tell a tenant which ids other tenants' sessions have (status hides them).
+    raise RequestError("unknown-session", f"no running session {session_id!r}")
 
 
 async def handle_subscribe(
     conn: Connection, body: protocol.Message, fds: list[int]
 ) -> protocol.Message:
     session_id = str(body["session"])
-    found = [s for s in conn.daemon.all_sessions() if s.session_id == session_id]
+    # Another tenant's session is answered as one that does not exist, as in status:
+    # "unauthorized" would confirm which ids other tenants' sessions have.
+    found = [s for s in conn.daemon.all_sessions()
+             if s.session_id == session_id and _may_observe(conn, s)]
     if not found:
         raise RequestError("unknown-session", f"no session {session_id!r}")
-    for session in found:
-        if not _may_observe(conn, session):
-            raise RequestError("unauthorized", f"session {session_id!r} belongs to another VMM")
     for session in found:
         if session.finished:
             conn.daemon.nursery.start_soon(_replay_final, session, conn.event_sink())
