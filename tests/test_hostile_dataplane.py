@@ -53,6 +53,7 @@ def tenancy_loop(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ten
     try:
         t.start_healthy()
         yield t
+        assert t.healthy_in_flight(), "the healthy tenant was not in flight during the test"
         t.finish_healthy()
         t.assert_clean()
     finally:
@@ -196,6 +197,8 @@ def test_minor_discarded_page_keeps_page_cache_data(tenancy_loop: Tenancy) -> No
 
 
 # ---------------------------------------------------------------- 4. the C loop reports
+# These drive the C fault loop alone on a stand-in fd (no real uffd returns these
+# errors on demand): no daemon runs, so there is no tenancy rig to share.
 
 
 class CLoop:
@@ -229,7 +232,8 @@ def test_c_loop_reports_a_short_uffd_read() -> None:
     """A read of the uffd that is not whole messages: the Python loop fails the session
     (IncompleteMessage); the C loop used to drop the remainder. Now it reports it and
     Python raises the very same error. (No real uffd returns part of a message, so an
-    eventfd stands in: its read returns 8 bytes.)"""
+    eventfd stands in: its read returns 8 bytes.)
+    No tenancy: the C loop alone, no daemon."""
     fd = os.eventfd(1, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     loop = CLoop(fd)
     try:
@@ -250,7 +254,8 @@ def test_c_loop_reports_a_short_uffd_read() -> None:
 def test_c_loop_reports_a_failed_uffd_read() -> None:
     """A read of the uffd that fails (here ECONNRESET: a socket whose peer closed with
     data unread) used to be swallowed ("Python sees it", but Python never reads in C
-    mode): now it is reported, and is the session's KernelError."""
+    mode): now it is reported, and is the session's KernelError.
+    No tenancy: the C loop alone, no daemon."""
     a, b = socket.socketpair()
     a.send(b"unread")
     b.close()  # a's next read: ECONNRESET
@@ -269,7 +274,8 @@ def test_c_loop_reports_a_failed_uffd_read() -> None:
 
 def test_c_loop_reports_a_failed_epoll_wait() -> None:
     """epoll_wait failing (here EINVAL: the fd is no epoll set) was reported as a
-    timeout, so the loop spun on; now it is an error with its errno."""
+    timeout, so the loop spun on; now it is an error with its errno.
+    No tenancy: the C loop alone, no daemon."""
     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     not_epoll = os.eventfd(0, os.EFD_CLOEXEC)
     loop = CLoop(fd, epfd=not_epoll)
@@ -289,7 +295,8 @@ def test_c_loop_reports_a_failed_epoll_ctl_on_the_demand_lane() -> None:
     """A request that does not fit the send buffer needs EPOLLOUT on the demand socket;
     the epoll_ctl that asks for it failing (here ENOENT: the socket is not in the set)
     was ignored, and the rest of the outbox would never have been sent. Now it drops the
-    lane with that errno, as a failed send does."""
+    lane with that errno, as a failed send does.
+    No tenancy: the C loop alone, no daemon."""
     fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)

@@ -533,7 +533,8 @@ def test_a_live_daemons_socket_is_never_taken(tenancy: Tenancy) -> None:
 
 def test_only_a_stale_socket_is_removed(tmp_path: Path) -> None:
     """A regular file or a directory at api.socket: refused, naming it, left as it was.
-    A stale socket (nobody listens): replaced, and the daemon starts."""
+    A stale socket (nobody listens): replaced, and the daemon starts.
+    No tenancy: each case starts a daemon of its own on purpose."""
     path = tmp_path / "source.sock"
     path.write_text("the operator's notes\n")
     done = _serve(tmp_path, "--api-socket", str(path), "--peer-listen", "127.0.0.1:0")
@@ -572,7 +573,8 @@ def test_only_a_stale_socket_is_removed(tmp_path: Path) -> None:
     ("[peer]\nlisten = \"127.0.0.1:65536\"\n", "peer.listen"),
 ])
 def test_out_of_range_config_is_refused(tmp_path: Path, text: str, key: str) -> None:
-    """--check-config and serve refuse, naming the file, the key and the range."""
+    """--check-config and serve refuse, naming the file, the key and the range.
+    No tenancy: the daemon must refuse to start."""
     for args in (["--check-config"], []):
         done = _serve(tmp_path, "--api-socket", str(tmp_path / "x.sock"),
                       "--peer-listen", "127.0.0.1:0", *args, config_text=text)
@@ -584,7 +586,8 @@ def test_out_of_range_config_is_refused(tmp_path: Path, text: str, key: str) -> 
 
 def test_every_numeric_key_has_a_range() -> None:
     """A numeric key without a row in config.RANGES would go unchecked; the defaults
-    are all in range."""
+    are all in range.
+    No tenancy: no daemon."""
     numeric = []
     for section in dataclasses.fields(config.Config):
         default = getattr(config.Config(), section.name)
@@ -602,7 +605,8 @@ def test_every_numeric_key_has_a_range() -> None:
 @pytest.mark.skipif(not testcerts.openssl_available(), reason="needs the openssl command")
 def test_check_config_runs_the_checks_serve_runs(tmp_path: Path) -> None:
     """Configs serve refuses are refused by --check-config with the same message:
-    a certificate with another's key, a garbage key, plaintext on 0.0.0.0."""
+    a certificate with another's key, a garbage key, plaintext on 0.0.0.0.
+    No tenancy: no daemon serves."""
     source, destination = testcerts.make_pair(tmp_path / "pki")
     garbage = tmp_path / "garbage.key"
     garbage.write_text("not a key\n")
@@ -631,7 +635,8 @@ def test_check_config_runs_the_checks_serve_runs(tmp_path: Path) -> None:
 def test_certificate_dates_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Our certificate (valid for two days from now) is refused by the preflight that
     serve and --check-config share, once the clock is past its end or before its start
-    (the daemon's clock is moved; openssl 3.0 cannot issue an expired certificate)."""
+    (the daemon's clock is moved; openssl 3.0 cannot issue an expired certificate).
+    No tenancy: the preflight alone."""
     from uffdd import daemon
     from uffdd.errors import ConfigError
     source = testcerts.make_pair(tmp_path / "pki")[0]
