@@ -238,6 +238,26 @@ def test_a_vmm_that_stops_reading_is_dropped(tenancy: Tenancy) -> None:
 # ---------------------------------------------------------------- clients that vanish
 
 
+def test_a_large_reply_to_a_slow_reader_arrives_whole(tenancy: Tenancy) -> None:
+    """A reply far larger than a socket buffer (an error naming a 600 kB op), to a
+    client with a small receive buffer that waits before it reads: the daemon's sends
+    are partial, and the frame still arrives whole, followed by the next reply."""
+    proc = _hostile("""
+        c = RawClient(sys.argv[1])
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        c.sock.sendall(frame({"op": "x" * 600000, "id": 1}))  # sendmsg could go short
+        c.sock.sendall(frame({"op": "status", "id": 2}))
+        time.sleep(2)  # the daemon's sendmsg calls return short meanwhile
+        first, second = c.recv(), c.recv()
+        done(first_id=first["id"], error=first["error"], length=len(first["message"]),
+             second_id=second["id"], second_ok=second["ok"])
+    """, tenancy.dst.api_socket)
+    got = _result(proc)
+    assert got["first_id"] == 1 and got["error"] == "bad-request", got
+    assert isinstance(got["length"], int) and got["length"] > 600000, got
+    assert got["second_id"] == 2 and got["second_ok"] is True, got
+
+
 def test_clients_that_vanish_get_no_internal_error(tenancy: Tenancy) -> None:
     """A truncated frame then a close, a reset before the reply, a header then a
     close: each ends that connection quietly (no traceback, no 'internal error')."""
