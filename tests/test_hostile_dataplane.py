@@ -53,7 +53,9 @@ def tenancy_loop(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ten
     try:
         t.start_healthy()
         yield t
-        assert t.healthy_in_flight(), "the healthy tenant was not in flight during the test"
+        healthy = t.healthy_status()
+        assert healthy["state"] == "running", (
+            f"the healthy tenant was not in flight during the test: {healthy}")
         t.finish_healthy()
         t.assert_clean()
     finally:
