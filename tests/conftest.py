@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from uffdd import _fastpath, harness
+from uffdd import _fastpath
+from uffdd.lab import harness
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 

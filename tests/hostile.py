@@ -34,9 +34,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Pair, _check_logs, assert_byte_exact
-from uffdd import harness
 from uffdd.client import Client
-from uffdd.faultproxy import FaultProxy
+from uffdd.lab import harness
+from uffdd.lab.faultproxy import FaultProxy
 
 RSS_SLACK = 64 << 20
 HEALTHY_RATE = 2 << 20

@@ -26,7 +26,7 @@ import threading
 from uffdd._linux import uffd
 from uffdd._linux.mem import buffer_address
 from uffdd.client import Client, GuestRegion, MemoryRegion
-from uffdd.pyvmm import PAGE, GuestRam, fill
+from uffdd.lab.pyvmm import PAGE, GuestRam, fill
 
 MEMFD_PREFIX = "hostile-guest-"
 

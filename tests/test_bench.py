@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from tests.conftest import require
-from uffdd import bench, harness
+from uffdd.lab import bench, harness
 
 
 def _bench(*args: str) -> dict[str, object]:

@@ -32,9 +32,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Pair, assert_byte_exact, require
-from uffdd import _fastpath, exporter, harness, peer, protocol
+from uffdd import _fastpath, exporter, peer, protocol
 from uffdd._linux.mem import buffer_address
 from uffdd.errors import PeerUnavailable, ProtocolError
+from uffdd.lab import harness
 from uffdd.metrics import SessionMetrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """The data plane against hostile and careless VMMs: tenant memory that changes under
 the daemon must never fault it, and a VMM's own mistakes end only what they touch.
 
-Each test runs real VMM processes (tests/vmm_dataplane.py, uffdd.pyvmm) against two real
+Each test runs real VMM processes (tests/vmm_dataplane.py, uffdd.lab.pyvmm) against two real
 daemons at the shipped defaults while a healthy tenant migrates through them
 (tests/hostile.py). Where the daemon has two data paths, the test runs on both: the C
 loops (libuffdd_fastpath, the default) and the Python loops (``[peer] fastpath = "off"``,
@@ -26,10 +26,11 @@ import pytest
 from tests import hostile
 from tests.conftest import Pair, require
 from tests.hostile import Tenancy
-from uffdd import _fastpath, fastimport, faultloop, harness
+from uffdd import _fastpath, fastimport, faultloop
 from uffdd._linux import uffd
 from uffdd._linux.mem import buffer_address
 from uffdd.errors import KernelError
+from uffdd.lab import harness
 
 tenancy = hostile.tenancy  # the shared fixture (the C loops), under its own name
 

@@ -32,10 +32,11 @@ import pytest
 from tests import hostile
 from tests.hostile import Tenancy, fd_count
 from tests.test_refusals import TOKEN, _holds
-from uffdd import config, harness, peer, testcerts
+from uffdd import config, peer
 from uffdd.client import Client
 from uffdd.daemon import HARD_STOP_STATUS
 from uffdd.errors import PeerUnavailable, ProtocolError
+from uffdd.lab import harness, testcerts
 
 tenancy = hostile.tenancy  # the fixture, by its name
 REPO = Path(__file__).resolve().parent.parent

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import Pair, _check_logs
 from tests.hostile import Tenancy, tenancy  # noqa: F401
-from uffdd import harness
+from uffdd.lab import harness
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.hostile import Tenancy, tenancy  # noqa: F401
-from uffdd import harness, peer
+from uffdd import peer
 from uffdd.client import Client
 from uffdd.config import Config
+from uffdd.lab import harness
 
 DEFAULTS = Config().session  # the shipped values: no test overrides them
 REPO = Path(__file__).resolve().parent.parent

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import require
-from uffdd import harness
+from uffdd.lab import harness
 
 pytestmark = pytest.mark.kvm
 

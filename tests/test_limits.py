@@ -24,8 +24,9 @@ import pytest
 
 from tests.conftest import Pair, assert_byte_exact
 from tests.test_security import Daemons, refused_count, session_status
-from uffdd import harness, peer, protocol
+from uffdd import peer, protocol
 from uffdd.client import Client, ClientError, MemoryRegion
+from uffdd.lab import harness
 
 
 @pytest.fixture

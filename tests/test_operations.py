@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.conftest import Pair, assert_byte_exact
-from uffdd import harness
+from uffdd.lab import harness
 
 
 def scrape(port: int) -> dict[str, float]:

@@ -24,7 +24,7 @@ import trio
 
 from tests.conftest import Pair
 from tests.strategy_pkg import vmsim
-from uffdd import harness
+from uffdd.lab import harness
 
 BUS_ADRERR = 2  # a poisoned page on kernels without CONFIG_MEMORY_FAILURE (these machines)
 BUS_MCEERR_AR = 4  # the same on kernels with memory-failure support

@@ -313,7 +313,7 @@ def test_good_config_is_accepted(tmp_path: Path) -> None:
     """The shipped config passes --check-config, which loads the TLS files it names:
     they are pointed at throwaway certificates (the shipped paths exist only on a host
     that was set up)."""
-    from uffdd import testcerts
+    from uffdd.lab import testcerts
     shipped = Path(__file__).resolve().parent.parent / "deploy" / "uffdd.toml"
     certs = testcerts.make_pair(tmp_path / "pki")[0]
     text = shipped.read_text()

@@ -1,6 +1,6 @@
 """Faults during postcopy, with real daemons, real VMM processes and real userfaultfd.
 
-Each test runs a migration through a throttled fault proxy (uffdd.faultproxy) so that a
+Each test runs a migration through a throttled fault proxy (uffdd.lab.faultproxy) so that a
 fault lands in its middle, breaks something, and then requires what every migration
 test requires: the destination VMM read every page and found it byte-exact against the
 source (its threads all finished, so none is still blocked), and both daemons' logs
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from uffdd import chaos, harness
+from uffdd.lab import chaos, harness
 
 RATE = 2 << 20  # bytes/s per proxied connection: 16 MiB takes a few seconds
 

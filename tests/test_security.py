@@ -26,9 +26,10 @@ import msgpack
 import pytest
 
 from tests.conftest import Pair, _check_logs, assert_byte_exact, require
-from uffdd import harness, peer, testcerts, tls
+from uffdd import peer, tls
 from uffdd.client import Client, ClientError
 from uffdd.errors import AuthError, PeerUnavailable, ProtocolError
+from uffdd.lab import harness, testcerts
 
 # ---------------------------------------------------------------- helpers
 

@@ -22,7 +22,7 @@ import trio
 
 from tests.conftest import Pair, require
 from tests.strategy_pkg import vmsim
-from uffdd import harness
+from uffdd.lab import harness
 from uffdd.strategies import NoUffdWait, VcpuExit, Verdict
 
 STRATEGIES = ["continue-then-populate", "no-uffd-wait"]

@@ -47,10 +47,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import assert_byte_exact, require
-from uffdd import harness
 from uffdd.client import Client, ClientError
-from uffdd.faultproxy import FaultProxy
-from uffdd.pyvmm import parse_size
+from uffdd.lab import harness
+from uffdd.lab.faultproxy import FaultProxy
+from uffdd.lab.pyvmm import parse_size
 
 pytestmark = pytest.mark.systemd
 
@@ -330,7 +330,7 @@ def start_migration(r: Rig, mode: str) -> Migration:
         "source", r.workdir, ready)
     src.wait_ready()
     dst = harness.start_vmm(r.c.command(
-        VENV_PYTHON, "-m", "uffdd.pyvmm", "dest", *common, "--socket", "/run/uffdd/vmm.sock",
+        VENV_PYTHON, "-m", "uffdd.lab.pyvmm", "dest", *common, "--socket", "/run/uffdd/vmm.sock",
         "--peer", r.proxy.address, "--mode", mode, "--threads", "4", "--order", "rand"),
         "dest", r.workdir)
     return Migration(session, parse_size(MEMORY) // 4096, src, dst)

@@ -24,10 +24,10 @@ import os
 import sys
 from pathlib import Path
 
-from uffdd import pyvmm
 from uffdd._linux import uffd
 from uffdd._linux.mem import MFD_HUGETLB, buffer_address, madvise
 from uffdd.client import Client, GuestRegion, MemoryRegion
+from uffdd.lab import pyvmm
 
 PAGE = 4096
 MADV_DONTNEED = 4

@@ -26,7 +26,7 @@ from typing import Any
 from uffdd._linux import uffd
 from uffdd._linux.mem import buffer_address
 from uffdd.client import Client, ClientError
-from uffdd.pyvmm import PAGE, EventFollower, GuestRam, Toucher
+from uffdd.lab.pyvmm import PAGE, EventFollower, GuestRam, Toucher
 
 MIB = 1 << 20
 FEATURES = uffd.FEATURE_EVENT_REMOVE | uffd.FEATURE_THREAD_ID

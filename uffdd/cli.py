@@ -1,7 +1,12 @@
 """The ``uffdd`` command line: parse arguments, call into the package, print results.
 
 No business logic lives here: ``serve`` runs :mod:`uffdd.daemon`, ``demo`` runs
-:mod:`uffdd.demo`, ``status`` asks a running daemon and renders with :mod:`uffdd.status`.
+:mod:`uffdd.lab.demo`, ``status`` asks a running daemon and renders with :mod:`uffdd.status`.
+
+The lab subcommands (``demo``, ``chaos``, ``bench``) are the one place the core reaches
+into :mod:`uffdd.lab`, and only lazily, inside the functions that build their arguments
+or run them: no daemon module imports the lab, and importing :mod:`uffdd.cli` alone
+loads none of it (tests/test_layout.py holds both rules).
 """
 
 from __future__ import annotations
@@ -50,20 +55,20 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a whole postcopy migration on this machine",
                           description="Start two daemons on loopback, a source VMM and a "
                           "destination VMM, migrate guest RAM postcopy and verify every byte.")
-    from uffdd import demo as demo_mod
+    from uffdd.lab import demo as demo_mod
     demo_mod.add_arguments(demo)
 
     chaos = sub.add_parser("chaos", help="migrate repeatedly while injecting faults",
                            description="Run migrations between two local daemons while cutting, "
                            "resetting and stalling the link, killing daemons and VMMs and "
                            "corrupting pages; report pages lost and hung vCPUs.")
-    from uffdd import chaos as chaos_mod
+    from uffdd.lab import chaos as chaos_mod
     chaos_mod.add_arguments(chaos)
 
     bench = sub.add_parser("bench", help="measure the data path against the C yardstick",
                            description="Run the benchmark scenarios against real daemons on "
                            "loopback (README, Performance); ratios are uffdd / reference.")
-    from uffdd import bench as bench_mod
+    from uffdd.lab import bench as bench_mod
     bench_mod.add_arguments(bench)
 
     status = sub.add_parser("status", help="show the sessions of a running daemon")
@@ -78,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "demo":
-        from uffdd import demo
+        from uffdd.lab import demo
         return demo.run(args)
     if args.command == "chaos":
-        from uffdd import chaos
+        from uffdd.lab import chaos
         return chaos.run(args)
     if args.command == "bench":
-        from uffdd import bench
+        from uffdd.lab import bench
         return bench.run(args)
     if args.command == "status":
         return _status(args)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import require
-from uffdd import harness
 from uffdd.client import Client
+from uffdd.lab import harness
 
 # A hang shows up as this timeout, never as a timing threshold.
 HANG_TIMEOUT = 120.0

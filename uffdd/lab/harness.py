@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO
 
 _READY = re.compile(r"ready api=(\S+) peer_port=(\d+) metrics_port=(\d+)")
-NATIVE_BUILD = Path(__file__).resolve().parent.parent / "native" / "build"
+NATIVE_BUILD = Path(__file__).resolve().parents[2] / "native" / "build"
 
 
 class HarnessError(RuntimeError):
@@ -164,7 +164,7 @@ def start_vmm(cmd: list[str], role: str, workdir: Path, ready_file: Path | None 
 
 def python_vmm(role: str, *args: str) -> list[str]:
     """Command line of the Python VMM stand-in."""
-    return [sys.executable, "-m", "uffdd.pyvmm", role, *args]
+    return [sys.executable, "-m", "uffdd.lab.pyvmm", role, *args]
 
 
 def native_tool(name: str) -> Path | None:

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from uffdd import harness
 from uffdd._linux import uffd
 from uffdd._linux.mem import MADV_POPULATE_WRITE, buffer_address, madvise
 from uffdd.client import Client, ClientError, GuestRegion
+from uffdd.lab import harness
 
 SCENARIOS: Final = ("demand-latency", "demand-latency-under-load", "fault-throughput", "bulk",
                     "migration", "cost", "kvm")

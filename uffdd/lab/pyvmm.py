@@ -6,7 +6,7 @@ creates and registers the userfaultfd itself, and talks to uffdd only through
 releases the GIL, so a thread blocked in the kernel on an absent page does not stop the
 others (and this process is never the one that handles its own faults).
 
-Run as ``python -m uffdd.pyvmm source|dest ...``; prints one JSON line with the result.
+Run as ``python -m uffdd.lab.pyvmm source|dest ...``; prints one JSON line with the result.
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m uffdd.pyvmm", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m uffdd.lab.pyvmm", description=__doc__)
     p.add_argument("role", choices=("source", "dest"))
     p.add_argument("--socket", required=True)
     p.add_argument("--session", required=True)

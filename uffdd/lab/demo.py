@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from uffdd import harness, testcerts
 from uffdd.client import Client, ClientError
 from uffdd.errors import UffddError
-from uffdd.pyvmm import PAGE, parse_size
+from uffdd.lab import harness, testcerts
+from uffdd.lab.pyvmm import PAGE, parse_size
 from uffdd.status import ProgressBar
 
 

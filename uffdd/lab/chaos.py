@@ -1,7 +1,7 @@
 """``uffdd chaos``: repeated migrations on this machine while faults are injected.
 
 Every run migrates a small guest between two real daemons on loopback, with real
-userfaultfd and the Python VMM stand-ins, through :class:`uffdd.faultproxy.FaultProxy`
+userfaultfd and the Python VMM stand-ins, through :class:`uffdd.lab.faultproxy.FaultProxy`
 (throttled, so that a fault lands in the middle of the migration). While it runs, three
 faults are injected at spread-out points of its progress, drawn from: a link cut (FIN),
 a link reset (RST), a link stall (black hole, found by the stall detector), SIGKILL of
@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uffdd import harness
 from uffdd.client import Client, ClientError
-from uffdd.faultproxy import FaultProxy
+from uffdd.lab import harness
+from uffdd.lab.faultproxy import FaultProxy
 
 # Fast failure detection so that a run lasts seconds: a stalled link is dropped after
 # one second without data, reconnects back off to at most half a second.
@@ -129,7 +129,7 @@ class Rig:
         if policy:
             dst_args += ["--policy", policy]
         dst = harness.start_vmm(harness.python_vmm("dest", *dst_args), "dest", self.workdir)
-        from uffdd.pyvmm import parse_size
+        from uffdd.lab.pyvmm import parse_size
         page = (2 << 20) if backing == "hugetlb" else 4096
         return Migration(session, parse_size(memory) // page, threads, src, dst)
 
