@@ -14,21 +14,19 @@ import errno
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from uffdd import handover, metrics, protocol, strategies
 from uffdd._linux import scm, sdnotify
 from uffdd._linux.mem import Mapping
-from uffdd.config import is_host_port
+from uffdd.config import Config, is_host_port
 from uffdd.errors import ProtocolError, RequestError, UffddError
 from uffdd.exporter import ExportRegion, open_memfd_region
 from uffdd.faultloop import ImportRegion
+from uffdd.registry import Registry
 from uffdd.session import ExportSession, ImportSession, SessionBase, fdstore_name
-
-if TYPE_CHECKING:
-    from uffdd.daemon import Daemon
 
 log = logging.getLogger("uffdd.api")
 
@@ -40,6 +38,26 @@ FD_OPS = frozenset({"import", "export"})
 #: Events queued for one connection's writer before it is dropped as not reading.
 _OUTBOX = 1024
 _RECV_CHUNK = 65536  # bytes asked per recvmsg: a frame sent in tiny pieces costs no more
+
+
+class Host(Protocol):
+    """What a VMM API connection needs from the daemon that accepted it.
+
+    :class:`uffdd.daemon.Daemon` is the one implementation; naming only this here keeps
+    the API below the daemon (the daemon imports the API, never the reverse).
+    """
+
+    config: Config
+    sessions: Registry
+    client_in_flight: dict[int, int]  # pid -> resolve requests in flight
+    stored_fds: dict[str, list[int]]  # session id -> fds from the fd store
+
+    @property
+    def nursery(self) -> trio.Nursery: ...
+
+    def first_refusal(self, pid: int, why: str) -> bool: ...
+
+    async def start_session(self, session: SessionBase, owner: Connection) -> None: ...
 
 
 class _Refused:
@@ -60,7 +78,7 @@ class Connection:
     stops reading is dropped: its connection closed, its sessions going on.
     """
 
-    def __init__(self, daemon: Daemon, sock: trio.socket.SocketType,
+    def __init__(self, daemon: Host, sock: trio.socket.SocketType,
                  cred: scm.PeerCred | None = None) -> None:
         self.daemon = daemon
         self.sock = sock
@@ -357,20 +375,13 @@ def _used_fds(specs: list[protocol.RegionSpec], fds: list[int], *keys: str) -> N
                            f"{len(used)} are referenced by the regions")
 
 
-def _running_pages(daemon: Daemon) -> int:
-    """Pages of every running session (limits.max_pages_per_daemon counts them)."""
-    imports = sum(s.pages.total for s in daemon.imports.values() if not s.finished)
-    exports = sum(r.pages for s in daemon.exports.values() if not s.finished for r in s.regions)
-    return imports + exports
-
-
-def _region_table(body: protocol.Message, daemon: Daemon, role: str
+def _region_table(body: protocol.Message, daemon: Host, role: str
                   ) -> list[protocol.RegionSpec]:
     """The region table, shape-checked and bounded before anything is opened or mapped."""
     limits = daemon.config.limits
     specs = protocol.parse_regions(body["regions"], role=role,
                                    limit=limits.max_regions_per_request)
-    handover.check_pages(specs, limits, _running_pages(daemon))
+    handover.check_pages(specs, limits, daemon.sessions.running_pages())
     return specs
 
 
@@ -403,7 +414,7 @@ async def handle_export(
         _used_fds(specs, fds, "fd")
         for i, spec in enumerate(specs):  # every fd checked before any is mapped
             handover.check_memfd(fds[spec.fd], spec, f"regions[{i}]", writes=False)
-        daemon.check_new_session("export", session_id)
+        daemon.sessions.check_new_session("export", session_id)
         try:
             for i, spec in enumerate(specs):
                 regions.append(open_memfd_region(i, spec, fds[spec.fd]))
@@ -411,7 +422,7 @@ async def handle_export(
             for region in regions:
                 region.close()
             raise
-    daemon.check_new_session("export", session_id)
+    daemon.sessions.check_new_session("export", session_id)
     session = ExportSession(session_id, "export", token, conn.cred.pid, daemon.config,
                             regions=regions, fds=list(fds))
     await daemon.start_session(session, conn)
@@ -445,13 +456,13 @@ async def handle_import(
     # The fd store still holds this session's fds: the daemon ran it before a restart,
     # so what is present was installed by the previous daemon.
     keep = present == protocol.PRESENT_KEEP or session_id in daemon.stored_fds
-    daemon.check_new_session("import", session_id)
+    daemon.sessions.check_new_session("import", session_id)
     claims = _import_claims(specs, fds, policy)
     checks = await trio.to_thread.run_sync(handover.verify_import, conn.cred.pid, claims,
                                            policy, keep)
     # The checks waited for a thread: another request may have started a session since.
-    handover.check_pages(specs, daemon.config.limits, _running_pages(daemon))
-    daemon.check_new_session("import", session_id)
+    handover.check_pages(specs, daemon.config.limits, daemon.sessions.running_pages())
+    daemon.sessions.check_new_session("import", session_id)
     _drop_stored_fds(daemon, session_id)
     regions = _import_regions(claims, checks)
     try:
@@ -468,7 +479,7 @@ async def handle_import(
     return {"session": session_id, "pages": session.pages.total}
 
 
-def _drop_stored_fds(daemon: Daemon, session_id: str) -> None:
+def _drop_stored_fds(daemon: Host, session_id: str) -> None:
     """The VMM handed its fds over again: the fd store's copies have done their job."""
     stored = daemon.stored_fds.pop(session_id, None)
     if not stored:
@@ -540,7 +551,7 @@ async def handle_status(
     conn: Connection, body: protocol.Message, fds: list[int]
 ) -> protocol.Message:
     session_id = body.get("session")
-    sessions = [s for s in conn.daemon.all_sessions() if _may_observe(conn, s)]
+    sessions = [s for s in conn.daemon.sessions.all_sessions() if _may_observe(conn, s)]
     if isinstance(session_id, str):
         sessions = [s for s in sessions if s.session_id == session_id]
         if not sessions:
@@ -554,7 +565,7 @@ def _own_session(conn: Connection, session_id: str, role: str | None = None) -> 
     Not even root gets another VMM's session: acting on a VM is its own VMM's job, and
     a second VMM resolving its exits or cancelling it would be a bug or an attack.
     """
-    found = [s for s in conn.daemon.all_sessions() if s.session_id == session_id
+    found = [s for s in conn.daemon.sessions.all_sessions() if s.session_id == session_id
              and (role is None or s.role == role) and not s.finished]
     for session in found:
         if session.owner_pid == conn.cred.pid:
@@ -572,7 +583,7 @@ async def handle_subscribe(
     session_id = str(body["session"])
     # Another tenant's session is answered as one that does not exist, as in status:
     # "unauthorized" would confirm which ids other tenants' sessions have.
-    found = [s for s in conn.daemon.all_sessions()
+    found = [s for s in conn.daemon.sessions.all_sessions()
              if s.session_id == session_id and _may_observe(conn, s)]
     if not found:
         raise RequestError("unknown-session", f"no session {session_id!r}")
@@ -635,7 +646,7 @@ async def handle_resolve(
 
 def _ended_import(conn: Connection, session_id: str) -> ImportSession | None:
     """This VMM's import session of that id if it ended in failure (or was cancelled)."""
-    for s in conn.daemon.all_sessions():
+    for s in conn.daemon.sessions.all_sessions():
         if (isinstance(s, ImportSession) and s.session_id == session_id
                 and s.state in ("failed", "cancelled") and s.owner_pid == conn.cred.pid):
             return s
@@ -674,7 +685,7 @@ async def handle_inject(
     if not conn.daemon.config.testing.fault_injection:
         raise RequestError("bad-request", "inject: fault injection is disabled "
                            "(testing.fault_injection / --enable-fault-injection)")
-    session = conn.daemon.exports.get(str(body["session"]))
+    session = conn.daemon.sessions.exports.get(str(body["session"]))
     if session is None or not _may_observe(conn, session):  # its VMM or the admin only
         raise RequestError("unknown-session", f"no export session {body['session']!r}")
     lose = body.get("lose", [])

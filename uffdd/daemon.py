@@ -40,15 +40,14 @@ from uffdd.errors import (
     ConfigError,
     PeerUnavailable,
     ProtocolError,
-    RequestError,
     UffddError,
 )
 from uffdd.listeners import Acceptor, bind_error, tcp_listener
-from uffdd.session import ExportSession, ImportSession, SessionBase, stored_sessions
+from uffdd.registry import Registry
+from uffdd.session import SessionBase, stored_sessions
 
 log = logging.getLogger("uffdd.daemon")
 
-_KEEP_FINISHED = 64  # finished sessions kept for `status` and late `subscribe`
 # Handshakes (TLS + token) of not yet authenticated peers run in threads of their own
 # limiter: a flood of them from many addresses must not take the data path's threads.
 _HANDSHAKE_THREADS = trio.CapacityLimiter(64)
@@ -93,13 +92,14 @@ def _check_certificate_dates(path: str) -> None:
 
 
 class Daemon:
-    """Holds the configuration and the session registry; ``serve`` runs it."""
+    """Holds the configuration and the session registry; ``serve`` runs it.
+
+    It is the :class:`uffdd.api.Host` of its VMM API connections.
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.imports: dict[str, ImportSession] = {}
-        self.exports: dict[str, ExportSession] = {}
-        self.finished: list[SessionBase] = []
+        self.sessions = Registry(config.limits.max_sessions)
         self._nursery: trio.Nursery | None = None
         self.api_path = config.api.socket
         self.peer_port = 0
@@ -119,25 +119,9 @@ class Daemon:
 
     # -- sessions
 
-    def all_sessions(self) -> list[SessionBase]:
-        return [*self.imports.values(), *self.exports.values(), *self.finished]
-
-    def check_new_session(self, role: str, session_id: str) -> None:
-        table: dict[str, ImportSession] | dict[str, ExportSession]
-        table = self.imports if role == "import" else self.exports
-        if session_id in table:
-            raise RequestError("session-exists", f"an {role} session {session_id!r} is running")
-        if len(self.imports) + len(self.exports) >= self.config.limits.max_sessions:
-            raise RequestError("limit", f"the daemon already runs "
-                               f"{self.config.limits.max_sessions} sessions (limits.max_sessions)")
-
     async def start_session(self, session: SessionBase, owner: Connection) -> None:
         """Register a session, subscribe its creator and run it in the root nursery."""
-        if isinstance(session, ImportSession):
-            self.imports[session.session_id] = session
-        else:
-            assert isinstance(session, ExportSession)
-            self.exports[session.session_id] = session
+        self.sessions.add(session)
         session.subscribers.append(owner.event_sink())
         owner.owned.append(session)
         await self.nursery.start(self._run_session, session)
@@ -151,14 +135,9 @@ class Daemon:
                           session.role)
             session.set_state("failed", f"internal error: {e!r}")
         finally:
-            table: dict[str, ImportSession] | dict[str, ExportSession]
-            table = self.imports if session.role == "import" else self.exports
-            if table.get(session.session_id) is session:
-                del table[session.session_id]
             if not session.finished:
                 session.set_state("cancelled", "daemon shutting down")
-            self.finished.append(session)
-            del self.finished[:-_KEEP_FINISHED]
+            self.sessions.finish(session)
 
     # -- serving
 
@@ -365,12 +344,13 @@ class Daemon:
             release()
             _refused_peer(addr, e)
             sock.close()
-            if isinstance(e, peer.WrongToken) and (export := self.exports.get(e.session)):
+            exports = self.sessions.exports
+            if isinstance(e, peer.WrongToken) and (export := exports.get(e.session)):
                 export.peer_refused(addr, e.lane)  # its VMM hears of it (README, Security)
             return
         finally:
             guard.close()
-        session = self.exports.get(session_id)
+        session = self.sessions.exports.get(session_id)
         if session is None:
             fs.close()
             return
@@ -382,7 +362,7 @@ class Daemon:
         session.attach_lane(lane, fs)
 
     def _lookup_export(self, session_id: str) -> tuple[bytes, list[peer.RegionShape]] | None:
-        session = self.exports.get(session_id)
+        session = self.sessions.exports.get(session_id)
         if session is None or session.finished:
             return None
         return session.token, session.shapes
@@ -396,18 +376,18 @@ class Daemon:
                 _arm_hard_stop(self, _SHUTDOWN_GRACE + _CANCEL_GRACE)
                 sdnotify.notify("STOPPING=1")
                 if signum == signal.SIGTERM and os.environ.get("NOTIFY_SOCKET"):
-                    for session in [*self.imports.values(), *self.exports.values()]:
+                    for session in self.sessions.running():
                         session.hand_over()  # a session that already failed still ends
                         session.hurry_cleanup(trio.current_time() + _SHUTDOWN_GRACE)
                     scope.cancel()
                     return
-                for session in [*self.imports.values(), *self.exports.values()]:
+                for session in self.sessions.running():
                     session.set_state("cancelled", "daemon shutting down")
                     # A failed session's kill of its lingering VMM is not skipped, but
                     # it comes by the end of the grace: SIGTERM stays bounded.
                     session.hurry_cleanup(trio.current_time() + _SHUTDOWN_GRACE)
                 with trio.move_on_after(_SHUTDOWN_GRACE):
-                    while self.imports or self.exports:
+                    while self.sessions.running():
                         await trio.sleep(0.05)
                 scope.cancel()
                 return
@@ -421,8 +401,8 @@ class Daemon:
                 sdnotify.notify("WATCHDOG=1", f"STATUS={self._status_line()}")
 
     def _status_line(self) -> str:
-        running = len(self.imports) + len(self.exports)
-        return f"{running} sessions ({len(self.imports)} import, {len(self.exports)} export)"
+        imports, exports = len(self.sessions.imports), len(self.sessions.exports)
+        return f"{imports + exports} sessions ({imports} import, {exports} export)"
 
 
 def _arm_hard_stop(daemon: Daemon, after: float) -> None:
@@ -434,7 +414,7 @@ def _arm_hard_stop(daemon: Daemon, after: float) -> None:
     def stop() -> None:
         time.sleep(after)
         sessions = [f"{s.role} {s.session_id} ({s.state})"
-                    for s in [*list(daemon.imports.values()), *list(daemon.exports.values())]]
+                    for s in daemon.sessions.running()]
         threads = [t.name for t in threading.enumerate()
                    if t is not threading.current_thread() and t is not threading.main_thread()]
         log.error("still running %gs after the stop signal: sessions %s, threads %s; "
