@@ -23,7 +23,6 @@ import logging
 import os
 import select
 import socket
-import sys
 import threading
 import zlib
 from collections.abc import Callable, Iterable
@@ -36,6 +35,7 @@ from uffdd._linux.mem import Mapping, buffer_address, give_back, is_hugetlb_fd, 
 from uffdd.errors import KernelError, PeerUnavailable, ProtocolError, TargetGone
 from uffdd.metrics import SessionMetrics
 from uffdd.peer import FrameSocket
+from uffdd.threads import use_short_switch_interval
 
 log = logging.getLogger("uffdd.export")
 Header = _AbcMapping[str, object]
@@ -456,19 +456,6 @@ def _send_group(fs: _Collector, state: ExportState, region: ExportRegion, page: 
         header["zr"] = holes
         state.pages_zero += sum(n for _, n in holes)
     fs.send(header, *parts)
-
-
-# The demand lane shares the GIL with the bulk lanes. A thread that wants the GIL
-# waits up to the switch interval (5 ms by default) for a holder busy in Python code,
-# so a request arriving while a bulk thread scans a chunk waited milliseconds. Process
-# wide, but only contended threads pay for it.
-DEMAND_SWITCH_INTERVAL: Final = 0.0002
-
-
-def use_short_switch_interval() -> None:
-    """Lower the GIL switch interval to ``DEMAND_SWITCH_INTERVAL`` (never raise it)."""
-    if sys.getswitchinterval() > DEMAND_SWITCH_INTERVAL:
-        sys.setswitchinterval(DEMAND_SWITCH_INTERVAL)
 
 
 _DEMAND_BATCH_PAGES: Final = 64  # most pages answered with one sendmsg (and scratch size)

@@ -42,10 +42,10 @@ from uffdd import fastimport, pagestate, protocol
 from uffdd._linux import mem, uffd
 from uffdd._linux.mem import Mapping, TenantMemoryFault, buffer_address
 from uffdd.errors import AlreadyPresent, KernelError, ProtocolError, RangeGone, Retry, TargetGone
-from uffdd.exporter import use_short_switch_interval
 from uffdd.metrics import SessionMetrics
 from uffdd.pagestate import PageMap
 from uffdd.peer import FrameSocket, PayloadNative
+from uffdd.threads import use_short_switch_interval
 
 log = logging.getLogger("uffdd.import")
 
@@ -236,7 +236,7 @@ class FaultLoop:
     def run(self) -> None:
         """The thread body. Returns when stopped; raises only on bugs."""
         # Bulk receiver threads share the GIL with this one: hand it over quickly (see
-        # exporter.DEMAND_SWITCH_INTERVAL).
+        # threads.DEMAND_SWITCH_INTERVAL).
         use_short_switch_interval()
         for fd in self._by_uffd:
             self._ep.register(fd, select.EPOLLIN)

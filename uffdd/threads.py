@@ -7,8 +7,9 @@ task calls the thread's ``stop`` and waits for it to return, so a session ends a
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import trio
 
@@ -17,6 +18,19 @@ T = TypeVar("T")
 # Trio's default limiter allows 40 worker threads in all; data-path threads live as long
 # as their session, so they get a limiter of their own that the API's short jobs don't share.
 DATA_PATH_THREADS = trio.CapacityLimiter(4096)
+
+# A demand thread (the export side's demand lane, the import side's fault loop) shares
+# the GIL with the bulk threads. A thread that wants the GIL waits up to the switch
+# interval (5 ms by default) for a holder busy in Python code, so a request arriving
+# while a bulk thread scans a chunk waited milliseconds. Process wide, but only
+# contended threads pay for it.
+DEMAND_SWITCH_INTERVAL: Final = 0.0002
+
+
+def use_short_switch_interval() -> None:
+    """Lower the GIL switch interval to ``DEMAND_SWITCH_INTERVAL`` (never raise it)."""
+    if sys.getswitchinterval() > DEMAND_SWITCH_INTERVAL:
+        sys.setswitchinterval(DEMAND_SWITCH_INTERVAL)
 
 
 async def run_thread(fn: Callable[[], T], stop: Callable[[], None]) -> T:
