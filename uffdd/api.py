@@ -10,7 +10,6 @@ frame) closes the connection, and never anything beyond it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -711,4 +710,4 @@ HANDLERS: dict[str, Handler] = {
     "populate-failed": handle_resolve,
 }
 
-__all__ = ["HANDLERS", "Connection", "errno"]
+__all__ = ["HANDLERS", "Connection", "Host"]

@@ -908,5 +908,5 @@ def link_error(e: BaseException) -> str:
     return repr(e)
 
 
-__all__ = ["ExportRegion", "ExportState", "link_error", "open_memfd_region", "os", "serve_bulk",
+__all__ = ["ExportRegion", "ExportState", "link_error", "open_memfd_region", "serve_bulk",
            "serve_demand"]
