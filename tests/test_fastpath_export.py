@@ -64,6 +64,10 @@ def lib() -> ctypes.CDLL:
     loaded.uffdd_fp_test_parse_header.argtypes = (
         ctypes.c_char_p, ctypes.c_uint64, ctypes.POINTER(ctypes.c_uint64))
     loaded.uffdd_fp_test_parse_header.restype = ctypes.c_int
+    loaded.uffdd_fp_test_max_request_pages.argtypes = ()
+    loaded.uffdd_fp_test_max_request_pages.restype = ctypes.c_uint64
+    loaded.uffdd_fp_test_req_in_region.argtypes = (ctypes.c_uint64,) * 3
+    loaded.uffdd_fp_test_req_in_region.restype = ctypes.c_int
     return loaded
 
 
@@ -409,6 +413,40 @@ def test_bad_frames_same_error(lib: ctypes.CDLL, bad: str, backing: str) -> None
         assert isinstance(py.error, ProtocolError | PeerUnavailable)
         assert c.received == py.received
         assert c.counters() == py.counters()
+
+
+def test_c_request_limit_is_the_protocol_constant(lib: ctypes.CDLL) -> None:
+    """frame.h's FP_MAX_REQUEST_PAGES mirrors protocol.MAX_REQUEST_PAGES."""
+    assert lib.uffdd_fp_test_max_request_pages() == protocol.MAX_REQUEST_PAGES
+
+
+def _python_accepts(p: int, n: int, region_pages: int) -> bool:
+    try:
+        protocol.check_req({"t": "req", "r": 0, "p": p, "n": n}, [region_pages])
+    except ProtocolError:
+        return False
+    return True
+
+
+_EDGES = [0, 1, 2, 63, 64, 65, 255, 256, 257, 2**32, 2**63 - 1, 2**64 - 1]
+
+
+@pytest.mark.parametrize("region_pages", [0, 1, 64, 256, 2**63])
+def test_c_request_rule_is_check_req_at_the_edges(lib: ctypes.CDLL, region_pages: int) -> None:
+    """fp_req_in_region says what protocol.check_req says, at every edge of the rule."""
+    for p in _EDGES:
+        for n in _EDGES:
+            expected = _python_accepts(p, n, region_pages)
+            assert bool(lib.uffdd_fp_test_req_in_region(p, n, region_pages)) == expected, (
+                p, n, region_pages)
+
+
+@BOUNDED
+@given(p=st.integers(0, 2**64 - 1), n=st.integers(0, 2**64 - 1),
+       region_pages=st.integers(0, 2**64 - 1))
+def test_c_request_rule_is_check_req(lib: ctypes.CDLL, p: int, n: int, region_pages: int) -> None:
+    assert bool(lib.uffdd_fp_test_req_in_region(p, n, region_pages)) == _python_accepts(
+        p, n, region_pages)
 
 
 def test_bad_frame_after_served_requests(lib: ctypes.CDLL) -> None:

@@ -541,19 +541,21 @@ class _PeerLane(peer.FrameSocket):
         return header
 
     def _check_request(self, header: protocol.Message) -> None:
+        """protocol.check_req against the session this lane authenticated for.
+
+        A bad request gets an error reply and ends the lane; it is logged once, by the
+        session whose lane it ended (``ExportSession._serve_lane``), not here.
+        """
         assert self.region_pages is not None
-        r, p, n = header.get("r"), header.get("p"), header.get("n")
-        if (isinstance(r, int) and isinstance(p, int) and isinstance(n, int)
-                and 0 <= r < len(self.region_pages) and p >= 0 and 0 < n <= 64
-                and p + n <= self.region_pages[r]):
+        try:
+            protocol.check_req(header, self.region_pages)
             return
-        message = (f"request r={r!r} p={p!r} n={n!r} is outside the regions of the "
-                   "session this lane authenticated for")
+        except ProtocolError as e:
+            message = str(e)
         metrics.refused("peer-protocol")
-        log.warning("%s: refused: %s", self.label, message)
         with contextlib.suppress(PeerUnavailable):
             self.send({"t": "error", "code": "bad-request", "message": message})
-        raise ProtocolError(message)
+        raise ProtocolError(f"{message} (refused on {self.label})")
 
     def close(self) -> None:
         super().close()

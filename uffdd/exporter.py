@@ -88,9 +88,11 @@ class ExportState:
     control: DemandControl = field(default_factory=lambda: DemandControl(), init=False,
                                    repr=False)
     _corrupt: int = field(default=0, init=False, repr=False)
+    region_pages: list[int] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.sent = [bytearray(r.pages) for r in self.regions]
+        self.region_pages = [r.pages for r in self.regions]  # for protocol.check_req
         self.lost = _LostPages(self.lost, self._injection_changed)
         self._injection_changed()
 
@@ -459,6 +461,7 @@ def _send_group(fs: _Collector, state: ExportState, region: ExportRegion, page: 
 
 
 _DEMAND_BATCH_PAGES: Final = 64  # most pages answered with one sendmsg (and scratch size)
+assert _DEMAND_BATCH_PAGES >= protocol.MAX_REQUEST_PAGES  # a batch holds any one request
 
 
 def serve_demand(fs: FrameSocket, state: ExportState, metrics: SessionMetrics, *,
@@ -745,11 +748,7 @@ class _CDemandLane:
 def _request(state: ExportState, header: protocol.Message) -> tuple[ExportRegion, int, int]:
     if header.get("t") != "req":
         raise ProtocolError(f"unexpected frame on the demand lane: {header.get('t')!r}")
-    r = protocol.peer_int(header, "r")
-    p = protocol.peer_int(header, "p")
-    n = protocol.peer_int(header, "n")
-    if r >= len(state.regions) or n == 0 or n > 64 or p + n > state.regions[r].pages:
-        raise ProtocolError(f"demand request outside the session's regions: {header}")
+    r, p, n = protocol.check_req(header, state.region_pages)
     return state.regions[r], p, n
 
 

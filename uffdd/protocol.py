@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -23,6 +23,10 @@ LENGTH: Final = struct.Struct(">I")
 PROTOCOL_VERSION: Final = 1
 SESSION_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 MAX_PEER_HEADER: Final = 64 * 1024
+#: A demand request ({"t": "req", "r", "p", "n"}) asks for 1..MAX_REQUEST_PAGES pages of
+#: one region. native/fastpath/frame.h mirrors it (FP_MAX_REQUEST_PAGES; a test holds
+#: the two equal); ``check_req`` is the rule.
+MAX_REQUEST_PAGES: Final = 64
 
 Message = dict[str, object]
 
@@ -319,3 +323,20 @@ def peer_int(header: Mapping[str, object], key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ProtocolError(f"peer frame {header.get('t')!r}: field {key!r} must be an int >= 0")
     return value
+
+
+def check_req(header: Mapping[str, object], region_pages: Sequence[int]) -> tuple[int, int, int]:
+    """The (region, page, count) of a demand request, or ProtocolError.
+
+    The one rule for "req" frames, wherever one is read (the peer listener's lane, the
+    export side's demand loop; the C loop mirrors it): ``r`` names a region of the
+    session, ``n`` is 1..MAX_REQUEST_PAGES, and pages ``p .. p+n`` lie inside region
+    ``r`` (``region_pages[r]`` pages long).
+    """
+    r = peer_int(header, "r")
+    p = peer_int(header, "p")
+    n = peer_int(header, "n")
+    if r >= len(region_pages) or not 1 <= n <= MAX_REQUEST_PAGES or p + n > region_pages[r]:
+        raise ProtocolError(f"demand request r={r} p={p} n={n} is outside the session's "
+                            f"regions (n is 1..{MAX_REQUEST_PAGES} pages inside one region)")
+    return r, p, n

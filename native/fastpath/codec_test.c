@@ -26,3 +26,14 @@ FP_API int uffdd_fp_test_parse_header(const uint8_t *body, uint64_t len, uint64_
 	out[5] = h.have;
 	return kind;
 }
+
+/* The demand-request rule as C has it: FP_MAX_REQUEST_PAGES, and fp_req_in_region. */
+FP_API uint64_t uffdd_fp_test_max_request_pages(void)
+{
+	return FP_MAX_REQUEST_PAGES;
+}
+
+FP_API int uffdd_fp_test_req_in_region(uint64_t p, uint64_t n, uint64_t region_pages)
+{
+	return fp_req_in_region(p, n, region_pages);
+}

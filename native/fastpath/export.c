@@ -36,7 +36,8 @@
 
 #define FP_API __attribute__((visibility("default")))
 
-#define FPX_BATCH_PAGES 64 /* exporter._DEMAND_BATCH_PAGES; protocol: n is 1..64 */
+#define FPX_BATCH_PAGES 64 /* exporter._DEMAND_BATCH_PAGES */
+_Static_assert(FPX_BATCH_PAGES >= FP_MAX_REQUEST_PAGES, "a batch must hold any one request");
 /* a batch is at most 64 requests; each request at most 64 runs, but the pages of a
  * batch are at most 64, so at most 64 runs in all: one head and one payload each */
 #define FPX_MAX_RUNS FPX_BATCH_PAGES
@@ -126,11 +127,11 @@ static int fpx_next_req(const struct fpx_lane *l, uint64_t at, struct fpx_req *r
 	struct fp_header h;
 	if (fp_parse_header(l->buf + at + 4, (size_t)len, &h) != FP_REQ)
 		return -1;
-	/* exporter._request's rules (n >= 1 is checked by fp_parse_header) */
-	if (h.r >= l->nregions || h.n > FPX_BATCH_PAGES)
+	/* protocol.check_req's rule (anything else is Python's to refuse) */
+	if (h.r >= l->nregions)
 		return -1;
 	const struct fpx_region *region = &l->regions[h.r];
-	if (h.p > region->pages || h.n > region->pages - h.p)
+	if (!fp_req_in_region(h.p, h.n, region->pages))
 		return -1;
 	req->region = region;
 	req->r = h.r;

@@ -24,6 +24,19 @@
 
 #define FP_MAX_HEADER (64 * 1024) /* protocol.MAX_PEER_HEADER */
 
+/* protocol.MAX_REQUEST_PAGES: a demand request asks for 1..64 pages of one region
+ * (tests/test_fastpath_export.py holds the two equal, and fp_req_in_region to
+ * protocol.check_req). */
+#define FP_MAX_REQUEST_PAGES 64
+
+/* protocol.check_req's rule once the region r is known to exist: pages p .. p+n of a
+ * region of region_pages pages, n in 1..FP_MAX_REQUEST_PAGES. Written so that no sum
+ * can overflow whatever the peer sent. */
+static inline int fp_req_in_region(uint64_t p, uint64_t n, uint64_t region_pages)
+{
+	return n >= 1 && n <= FP_MAX_REQUEST_PAGES && p <= region_pages && n <= region_pages - p;
+}
+
 /* zlib.crc32's value, folded with PCLMULQDQ where the CPU has it (bulk.c): every
  * payload CRC of the fast path goes through it. */
 uint32_t uffdd_fp_crc32(uint32_t crc, const void *buf, size_t len);
