@@ -130,7 +130,7 @@ class Daemon:
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await session.run(task_status=task_status)
-        except Exception as e:  # a bug in one session must not take the daemon down
+        except Exception as e:  # session.run handles its own; this is its start or cleanup
             log.exception("session=%s role=%s failed with an internal error", session.session_id,
                           session.role)
             session.set_state("failed", f"internal error: {e!r}")

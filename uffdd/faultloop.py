@@ -776,7 +776,7 @@ class FaultLoop:
             self._demand_recv()
 
     def _demand_lost(self, why: str) -> None:
-        log.warning("demand lane lost: %s", why)
+        # Not logged here: the session logs the link's loss once, whichever lane saw it.
         self._set_demand(None)
         self.notify("link-lost", why)
 

@@ -141,18 +141,24 @@ class SessionBase:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the session until it completes, fails or is cancelled; release everything."""
+        started = False
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel_scope = nursery.cancel_scope
                 self._start(nursery)
                 task_status.started()
+                started = True
                 await self._until_end()
                 nursery.cancel_scope.cancel()
         except Exception as e:
-            # Failed before the cleanup runs, so the VMM's event says why and the crash
-            # policy's kill of a lingering VMM applies.
             self.set_state("failed", f"internal error: {e!r}")
-            raise
+            if not started:
+                raise  # it never ran: its start fails, and the daemon logs why
+            # A bug in one session must not take the daemon down. Handled (and logged,
+            # once) here, before the cleanup runs, so the VMM's event says why and the
+            # crash policy's kill of a lingering VMM applies.
+            log.exception("session=%s role=%s failed with an internal error",
+                          self.session_id, self.role)
         finally:
             # Cleanup cannot be skipped. Every fd and mapping is released first, by code
             # that never waits. What may wait comes after: the final event (each
@@ -276,7 +282,15 @@ class ImportSession(SessionBase):
         elif kind == "failed":
             self.set_state("failed", self._failure_reason(str(data)))
         elif kind == "link-lost":
-            self._link_lost.set()
+            self._lose_link(f"demand lane: {data}")
+
+    def _lose_link(self, why: str) -> None:
+        """A lane of the link ended: the link is down, logged once (the first lane's
+        reason; the others end because the link supervisor closes them), and reconnected."""
+        if self._link_lost.is_set():
+            return
+        log.warning("session=%s link lost: %s", self.session_id, why)
+        self._link_lost.set()
 
     def _failure_reason(self, reason: str) -> str:
         """The fault thread's reason, with why the link is down when that is the cause.
@@ -545,8 +559,7 @@ class ImportSession(SessionBase):
             await run_thread(partial(self._receive_bulk, fs, pool, native), fs.close)
         except (PeerUnavailable, ProtocolError, OSError) as e:
             if not self._completed.is_set():
-                log.warning("session=%s bulk lane ended: %s", self.session_id, e)
-                self._link_lost.set()
+                self._lose_link(f"bulk lane ended: {e}")
 
     def _receive_bulk(self, fs: peer.FrameSocket, pool: queue.SimpleQueue[bytearray],
                       native: peer.PayloadNative | None) -> None:
@@ -714,9 +727,13 @@ class _Context:
         return Outcome.LOST
 
     async def fail_page(self, gpa: int, reason: str) -> strategies.Verdict:
-        log.error("unrecoverable page session=%s gpa=%#x reason=%s policy=%s",
-                  self.session, gpa, reason, self.policy)
-        self._s.metrics.unrecoverable("populate-failed")
+        region, page = self._s.region_of_gpa(gpa)
+        # A page the fault loop poisoned was logged and counted as unrecoverable there
+        # (FaultLoop._unrecoverable); a vCPU that touches it again is the same loss.
+        if self._s.pages.get(region.index, page) != pagestate.POISONED:
+            log.error("unrecoverable page session=%s gpa=%#x reason=%s policy=%s",
+                      self.session, gpa, reason, self.policy)
+            self._s.metrics.unrecoverable("populate-failed")
         if self.policy == "poison":
             return self.verdict(strategies.INJECT, gpa, reason)
         return self.verdict(strategies.CRASH, gpa, reason)
