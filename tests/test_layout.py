@@ -8,11 +8,14 @@
 * The import side of the data path (faultloop, fastimport, pagestate) and the export side
   (exporter) do not import each other: what both need lives below them (peer, protocol,
   threads, metrics).
+* A document a module cites is in the repository (docs/architecture.md, not a file of
+  the development machine).
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +174,18 @@ def test_import_side_and_export_side_do_not_import_each_other() -> None:
                  if t in IMPORT_SIDE]
     assert crossing == []
     assert all(m in MODULES for m in IMPORT_SIDE | EXPORT_SIDE)  # renamed? update the sets
+
+
+def test_cited_documents_are_in_the_repository() -> None:
+    """A module that points its reader at a document points at one that ships with it."""
+    root = PACKAGE.parent
+    missing = []
+    for module, path in sorted(MODULES.items()):
+        text = path.read_text()
+        if "ARCHITECTURE.md" in text:
+            missing.append(f"{module}: ARCHITECTURE.md is not in the repository")
+        for cited in re.findall(r"\bdocs/[\w./-]+\.md\b", text):
+            if not (root / cited).is_file():
+                missing.append(f"{module}: {cited}")
+    assert missing == []
+    assert (root / "docs" / "architecture.md").is_file()

@@ -1,9 +1,9 @@
 """The peer link between daemons: framed sockets and the session handshake.
 
-Lanes run in plain threads with blocking sockets (the measurements in ARCHITECTURE.md put
-the page path there), so this module is written for blocking sockets: ``FrameSocket``
-reads a peer frame header into a small buffer and lets the caller receive the payload
-straight into its own buffer, so page data is never copied through Python objects.
+Lanes run in plain threads with blocking sockets (docs/architecture.md, "Tasks and
+threads"), so this module is written for blocking sockets: ``FrameSocket`` reads a peer
+frame header into a small buffer and lets the caller receive the payload straight into
+its own buffer, so page data is never copied through Python objects.
 
 Handshake (README, wire protocol §2): hello(nonce) -> auth(session, lane, nonce, mac)
 -> welcome(mac, regions). The token never crosses the wire; MACs are compared in

@@ -4,9 +4,11 @@ A strategy is given the exit (:class:`VcpuExit`) and a :class:`ResolveContext` t
 which it may look at the page's state, have the page made present (fetched and
 installed, joining a fetch already in flight), and hand the page to the session's
 failure policy. It returns a :class:`Verdict`. Strategies are chosen per session; the two
-built in follow the LKML discussion in ARCHITECTURE.md. Operators add their own with the
-entry point group ``uffdd.strategies`` or ``module:Class`` in the config; a strategy that
-cannot be loaded is refused when the daemon starts or the session is created.
+built in are described in the README ("vCPU exits: strategies, verdicts and failure
+policies"), and docs/architecture.md shows where an exit enters the data path.
+Operators add their own with the entry point group ``uffdd.strategies`` or
+``module:Class`` in the config; a strategy that cannot be loaded is refused when the
+daemon starts or the session is created.
 """
 
 from __future__ import annotations

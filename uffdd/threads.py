@@ -1,7 +1,7 @@
 """Long-running data-path threads owned by Trio tasks.
 
-A session's lanes and fault loop are plain threads (see ARCHITECTURE.md: the measured
-demand path), but each belongs to a Trio task in the session's nursery: cancelling the
+A session's lanes and fault loop are plain threads (docs/architecture.md, "Tasks and
+threads"), but each belongs to a Trio task in the session's nursery: cancelling the
 task calls the thread's ``stop`` and waits for it to return, so a session ends as a whole.
 """
 
