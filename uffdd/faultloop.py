@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from uffdd import fastimport, pagestate, protocol
-from uffdd._linux import mem, uffd
+from uffdd._linux import mem, procmaps, uffd
 from uffdd._linux.mem import Mapping, TenantMemoryFault, buffer_address
 from uffdd.errors import AlreadyPresent, KernelError, ProtocolError, RangeGone, Retry, TargetGone
 from uffdd.metrics import SessionMetrics
@@ -69,8 +69,6 @@ _GOODBYE_WAIT: Final = 1.0
 _PAGEMAP_PAGE: Final = 4096
 _PAGEMAP_BATCH: Final = 1 << 16
 _PRESENT_TABLE: Final = bytes(1 if b & 0xC0 else 0 for b in range(256))
-# VmFlags of a VMA registered with a userfaultfd (missing, write-protect, minor).
-_UFFD_VMFLAGS: Final = frozenset(("um", "uw", "ui"))
 # A kernel view of what is still registered is reused this long (ENOENT storms).
 _GONE_VIEW_TTL: Final = 1.0
 
@@ -1134,21 +1132,10 @@ class FaultLoop:
         spans = self._registered_view()
         if spans is None:
             return []
-        ps, lo, hi = region.page_size, region.addr, region.addr + region.size
-        gaps: list[tuple[int, int]] = []
-        cursor = lo
-        for a, b in spans:
-            if b <= cursor:
-                continue
-            if a >= hi:
-                break
-            if a > cursor:
-                gaps.append((cursor, a))
-            cursor = max(cursor, b)
-        if cursor < hi:
-            gaps.append((cursor, hi))
+        ps, lo = region.page_size, region.addr
         runs = []
-        for a, b in gaps:  # a page partly outside a registered VMA cannot be installed
+        for a, b in procmaps.uncovered(lo, lo + region.size, spans):
+            # A page partly outside a registered VMA cannot be installed.
             first, last = (a - lo) // ps, (b - lo + ps - 1) // ps
             runs.append((first, last - first))
         return runs
@@ -1160,25 +1147,14 @@ class FaultLoop:
             return self._registered
         if not self.vmm_pid:
             return None
-        spans: list[tuple[int, int]] = []
-        vma: tuple[int, int] | None = None
         try:
-            with open(f"/proc/{self.vmm_pid}/smaps") as f:
-                for line in f:
-                    if line.startswith("VmFlags:"):
-                        if vma is not None and _UFFD_VMFLAGS.intersection(line.split()[1:]):
-                            spans.append(vma)
-                        vma = None
-                        continue
-                    lo, sep, hi = line.partition(" ")[0].partition("-")
-                    if sep:
-                        with contextlib.suppress(ValueError):
-                            vma = (int(lo, 16), int(hi, 16))
+            vmas = procmaps.read_smaps(self.vmm_pid)
         except OSError as e:
             log.warning("session=%s cannot read the VMM's smaps (%s): unmapped pages are "
                         "found one by one", self.metrics.session, e)
             return None
-        self._registered, self._registered_at = sorted(spans), now
+        spans = sorted((v.start, v.end) for v in vmas if v.uffd_registered)
+        self._registered, self._registered_at = spans, now
         return self._registered
 
     def _mark_unmapped(self, region: ImportRegion, first: int, count: int) -> None:

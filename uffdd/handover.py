@@ -29,7 +29,6 @@ import bisect
 import errno
 import fcntl
 import os
-import re
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Final
 from uffdd import protocol
 from uffdd._linux import uffd
 from uffdd._linux.mem import is_hugetlb_fd
+from uffdd._linux.procmaps import UFFD_VMFLAGS, Vma, parse_smaps, uncovered
 from uffdd.config import LimitsConfig, PeerConfig, split_host_port
 from uffdd.errors import KernelError, RequestError
 
@@ -192,41 +192,6 @@ def _writable(fd: int) -> bool:
 # ---------------------------------------------------------------- 3. the VMM's memory
 
 
-@dataclass(frozen=True, slots=True)
-class Vma:
-    """One mapping of a process, from ``/proc/<pid>/smaps``."""
-
-    start: int
-    end: int
-    offset: int
-    dev: int
-    inode: int
-    page_size: int
-    flags: frozenset[str]
-
-
-_HEADER = re.compile(r"([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)")
-
-
-def parse_smaps(text: str) -> list[Vma]:
-    """The mappings in an smaps text, in address order."""
-    vmas: list[Vma] = []
-    head: re.Match[str] | None = None
-    page_size = 4096
-    for line in text.splitlines():
-        m = _HEADER.match(line)
-        if m:
-            head, page_size = m, 4096
-        elif line.startswith("KernelPageSize:"):
-            page_size = int(line.split()[1]) * 1024
-        elif line.startswith("VmFlags:") and head is not None:
-            vmas.append(Vma(int(head[1], 16), int(head[2], 16), int(head[3], 16),
-                            os.makedev(int(head[4], 16), int(head[5], 16)), int(head[6]),
-                            page_size, frozenset(line.split()[1:])))
-            head = None
-    return vmas
-
-
 def read_proc(pid: int, name: str, why: str) -> str:
     """``/proc/<pid>/<name>``; the VMM's own word is all we would have without it."""
     try:
@@ -252,8 +217,6 @@ def covering(spans: Sequence[tuple[int, int]], start: int, end: int) -> list[int
     return out
 
 
-#: smaps VmFlags of a range registered with a userfaultfd (missing, write-protect, minor).
-_UFFD_VMFLAGS: Final = frozenset({"um", "uw", "ui"})
 
 
 def check_pid_regions(pid: int, specs: Sequence[protocol.RegionSpec]) -> None:
@@ -276,7 +239,7 @@ def check_pid_regions(pid: int, specs: Sequence[protocol.RegionSpec]) -> None:
             if "rd" not in vma.flags:
                 raise RequestError("bad-region", f"regions[{i}]: [{vma.start:#x}, "
                                    f"{vma.end:#x}) of process {pid} is not readable")
-            registered = sorted(vma.flags & _UFFD_VMFLAGS)
+            registered = sorted(vma.flags & UFFD_VMFLAGS)
             if registered:
                 raise RequestError(
                     "bad-region", f"regions[{i}]: [{vma.start:#x}, {vma.end:#x}) of "
@@ -417,7 +380,7 @@ def _check_nothing_else_registered(vmas: Sequence[Vma], claims: Sequence[ImportC
             mode = uffd.REGISTER_MODE_MINOR
         else:
             continue
-        for start, end in _outside(vma.start, vma.end, regions):
+        for start, end in uncovered(vma.start, vma.end, regions):
             for fd in fds:
                 try:
                     uffd.register(fd, start, end - start, mode)
@@ -427,21 +390,6 @@ def _check_nothing_else_registered(vmas: Sequence[Vma], claims: Sequence[ImportC
                                    f"[{start:#x}, {end:#x}), which no region names: a fault "
                                    "there could never be resolved. Import every registered "
                                    "range, or unregister it first")
-
-
-def _outside(start: int, end: int, regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The parts of [start, end) that none of the sorted ``regions`` covers."""
-    out = []
-    pos = start
-    for lo, hi in regions:
-        if hi <= pos or lo >= end:
-            continue
-        if lo > pos:
-            out.append((pos, lo))
-        pos = max(pos, hi)
-    if pos < end:
-        out.append((pos, end))
-    return out
 
 
 def fill_holes(claim: ImportClaim) -> None:
