@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests import hostile
+from tests.conftest import require
 from tests.hostile import Tenancy, fd_count
 from tests.test_refusals import TOKEN, _holds
 from uffdd import config, peer
@@ -497,8 +498,7 @@ def test_a_have_bitmap_that_does_not_fit_ends_only_that_lane(
 
 def _wait_stuck_in(pid: int, syscall: int, timeout: float = 60) -> None:
     """Until one thread of ``pid`` sits in system call ``syscall`` (/proc/.../syscall)."""
-    if os.uname().machine != "x86_64":
-        pytest.skip("the system call number is x86_64's")
+    require(os.uname().machine == "x86_64", "the system call number is x86_64's")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for task in os.listdir(f"/proc/{pid}/task"):
@@ -623,11 +623,11 @@ def test_every_numeric_key_has_a_range() -> None:
     config.check_ranges(config.Config(), "defaults")
 
 
-@pytest.mark.skipif(not testcerts.openssl_available(), reason="needs the openssl command")
 def test_check_config_runs_the_checks_serve_runs(tmp_path: Path) -> None:
     """Configs serve refuses are refused by --check-config with the same message:
     a certificate with another's key, a garbage key, plaintext on 0.0.0.0.
     No tenancy: no daemon serves."""
+    require(testcerts.openssl_available(), "needs the openssl command")
     source, destination = testcerts.make_pair(tmp_path / "pki")
     garbage = tmp_path / "garbage.key"
     garbage.write_text("not a key\n")
@@ -652,12 +652,12 @@ def test_check_config_runs_the_checks_serve_runs(tmp_path: Path) -> None:
                   "127.0.0.1:0", "--check-config", config_text=good).returncode == 0
 
 
-@pytest.mark.skipif(not testcerts.openssl_available(), reason="needs the openssl command")
 def test_certificate_dates_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Our certificate (valid for two days from now) is refused by the preflight that
     serve and --check-config share, once the clock is past its end or before its start
     (the daemon's clock is moved; openssl 3.0 cannot issue an expired certificate).
     No tenancy: the preflight alone."""
+    require(testcerts.openssl_available(), "needs the openssl command")
     from uffdd import daemon
     from uffdd.errors import ConfigError
     source = testcerts.make_pair(tmp_path / "pki")[0]
