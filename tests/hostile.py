@@ -148,12 +148,13 @@ class Tenancy:
         _check_logs(*self.daemons())
 
 
-@pytest.fixture
-def tenancy(tmp_path: Path) -> Iterator[Tenancy]:
-    """Daemons at the shipped defaults with a healthy tenant in flight; checked after."""
-    src = harness.start_daemon(tmp_path, "source")
-    dst = harness.start_daemon(tmp_path, "destination", metrics=True)
-    t = Tenancy(Pair(tmp_path, src, dst))
+def run_tenancy(tmp_path: Path, *, config: str | None = None,
+                loop: str = "c") -> Iterator[Tenancy]:
+    """Start the two daemons (``config``: the other engine, never a limit), the healthy
+    tenant, hand the rig to the test, then check everything the module docstring says."""
+    src = harness.start_daemon(tmp_path, "source", config=config)
+    dst = harness.start_daemon(tmp_path, "destination", metrics=True, config=config)
+    t = Tenancy(Pair(tmp_path, src, dst, loop))
     try:
         t.start_healthy()
         yield t
@@ -166,3 +167,9 @@ def tenancy(tmp_path: Path) -> Iterator[Tenancy]:
     finally:
         codes = (src.stop(), dst.stop())
     assert codes == (0, 0), f"daemons exited with {codes}"
+
+
+@pytest.fixture
+def tenancy(tmp_path: Path) -> Iterator[Tenancy]:
+    """Daemons at the shipped defaults with a healthy tenant in flight; checked after."""
+    yield from run_tenancy(tmp_path)

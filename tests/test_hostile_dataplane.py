@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests import hostile
-from tests.conftest import Pair, require
-from tests.hostile import Tenancy
+from tests.conftest import require
+from tests.hostile import Tenancy, run_tenancy
 from uffdd import _fastpath, fastimport, faultloop
 from uffdd._linux import uffd
 from uffdd._linux.mem import buffer_address
@@ -47,21 +47,7 @@ def tenancy_loop(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ten
     loop = request.param
     if loop == "c":
         require(_fastpath.load("auto") is not None, "libuffdd_fastpath is not built")
-    config = None if loop == "c" else PYTHON_LOOPS
-    src = harness.start_daemon(tmp_path, "source", config=config)
-    dst = harness.start_daemon(tmp_path, "destination", metrics=True, config=config)
-    t = Tenancy(Pair(tmp_path, src, dst, loop))
-    try:
-        t.start_healthy()
-        yield t
-        healthy = t.healthy_status()
-        assert healthy["state"] == "running", (
-            f"the healthy tenant was not in flight during the test: {healthy}")
-        t.finish_healthy()
-        t.assert_clean()
-    finally:
-        codes = (src.stop(), dst.stop())
-    assert codes == (0, 0), f"daemons exited with {codes}"
+    yield from run_tenancy(tmp_path, config=None if loop == "c" else PYTHON_LOOPS, loop=loop)
 
 
 class Hostile:
