@@ -66,9 +66,6 @@ _CHECK_INTERVAL: Final = 0.01
 # How long a dropped demand lane is still read for the source's last frames (its
 # 'cancel' follows the close of its bulk lanes by a moment).
 _GOODBYE_WAIT: Final = 1.0
-_PAGEMAP_PAGE: Final = 4096
-_PAGEMAP_BATCH: Final = 1 << 16
-_PRESENT_TABLE: Final = bytes(1 if b & 0xC0 else 0 for b in range(256))
 # A kernel view of what is still registered is reused this long (ENOENT storms).
 _GONE_VIEW_TTL: Final = 1.0
 
@@ -433,15 +430,9 @@ class FaultLoop:
                 uffd.wake(region.uffd, region.addr, region.size)
 
     def _seed_region(self, region: ImportRegion) -> None:
-        step = region.page_size // _PAGEMAP_PAGE
         with open(f"/proc/{self.vmm_pid}/pagemap", "rb", buffering=0) as f:
-            batch = max(1, _PAGEMAP_BATCH // step)  # 512 KiB of pagemap per read
-            for first in range(0, region.pages, batch):
-                count = min(batch, region.pages - first)
-                vpage = (region.addr + first * region.page_size) // _PAGEMAP_PAGE
-                data = os.pread(f.fileno(), count * step * 8, vpage * 8)
-                # Byte 7 of each little-endian entry holds bit 63 (present) and 62 (swapped).
-                flags = data[7 :: 8 * step].translate(_PRESENT_TABLE)
+            for first, flags in procmaps.present_flags(f.fileno(), region.addr, region.pages,
+                                                       region.page_size):
                 page = flags.find(1)
                 while page >= 0:
                     if self.pages.get(region.index, first + page) <= pagestate.REQUESTED:

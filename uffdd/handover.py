@@ -35,18 +35,15 @@ from dataclasses import dataclass
 from typing import Final
 
 from uffdd import protocol
-from uffdd._linux import uffd
+from uffdd._linux import procmaps, uffd
 from uffdd._linux.mem import is_hugetlb_fd
-from uffdd._linux.procmaps import UFFD_VMFLAGS, Vma, parse_smaps, uncovered
+from uffdd._linux.procmaps import UFFD_VMFLAGS, Vma, uncovered
 from uffdd.config import LimitsConfig, PeerConfig, split_host_port
 from uffdd.errors import KernelError, RequestError
 
 _F_GET_SEALS: Final = 1034
 _F_SEAL_WRITE: Final = 0x0008
 _F_SEAL_FUTURE_WRITE: Final = 0x0010
-_PAGEMAP_PAGE: Final = 4096
-_PAGEMAP_BATCH: Final = 1 << 16  # pagemap entries per read (512 KiB)
-_PRESENT_TABLE: Final = bytes(1 if b & 0xC0 else 0 for b in range(256))
 
 FEATURE_NAMES: Final = {
     uffd.FEATURE_EVENT_REMOVE: "UFFD_FEATURE_EVENT_REMOVE",
@@ -192,13 +189,12 @@ def _writable(fd: int) -> bool:
 # ---------------------------------------------------------------- 3. the VMM's memory
 
 
-def read_proc(pid: int, name: str, why: str) -> str:
-    """``/proc/<pid>/<name>``; the VMM's own word is all we would have without it."""
+def read_smaps(pid: int, why: str) -> list[Vma]:
+    """The mappings of ``pid``; the VMM's own word is all we would have without them."""
     try:
-        with open(f"/proc/{pid}/{name}") as f:
-            return f.read()
+        return procmaps.read_smaps(pid)
     except OSError as e:
-        raise RequestError("bad-request", f"cannot read /proc/{pid}/{name} to {why}: "
+        raise RequestError("bad-request", f"cannot read /proc/{pid}/smaps to {why}: "
                            f"{e.strerror}") from None
 
 
@@ -225,7 +221,7 @@ def check_pid_regions(pid: int, specs: Sequence[protocol.RegionSpec]) -> None:
     of it is registered with a userfaultfd: process_vm_readv of a page nobody has
     served would wait in the kernel for a resolution that never comes, and the
     daemon's bulk thread with it."""
-    vmas = parse_smaps(read_proc(pid, "smaps", "check the export's regions"))
+    vmas = read_smaps(pid, "check the export's regions")
     spans = [(v.start, v.end) for v in vmas]
     for i, spec in enumerate(specs):
         try:
@@ -276,7 +272,7 @@ def verify_import(pid: int, claims: Sequence[ImportClaim], policy: str, keep_pre
     region, then the count of present pages; only then are holes of MINOR-only ranges
     allocated (it writes to the VMM's memory file, which a refused request must not).
     """
-    vmas = parse_smaps(read_proc(pid, "smaps", "check the import's regions"))
+    vmas = read_smaps(pid, "check the import's regions")
     spans = [(v.start, v.end) for v in vmas]
     checks = []
     for claim in claims:
@@ -425,14 +421,5 @@ def count_present(pid: int, specs: Iterable[protocol.RegionSpec]) -> int:
 
 
 def _present_in(fd: int, spec: protocol.RegionSpec) -> int:
-    step = spec.page_size // _PAGEMAP_PAGE
-    batch = max(1, _PAGEMAP_BATCH // step)
-    present = 0
-    for first in range(0, spec.pages, batch):
-        count = min(batch, spec.pages - first)
-        vpage = (spec.addr + first * spec.page_size) // _PAGEMAP_PAGE
-        data = os.pread(fd, count * step * 8, vpage * 8)
-        # Byte 7 of each little-endian entry holds bit 63 (present) and 62 (swapped);
-        # the first 4 KiB entry of each page stands for the page.
-        present += data[7 :: 8 * step].translate(_PRESENT_TABLE).count(1)
-    return present
+    return sum(flags.count(1) for _first, flags in
+               procmaps.present_flags(fd, spec.addr, spec.pages, spec.page_size))

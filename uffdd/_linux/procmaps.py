@@ -1,20 +1,26 @@
-"""A process's mappings as the kernel reports them in ``/proc/<pid>/smaps``.
+"""A process's memory as the kernel reports it: ``/proc/<pid>/smaps`` and ``pagemap``.
 
 Both the handover (is the memory a VMM names really mapped, registered, of this page
-size and file?) and the fault loop (which registered ranges did the VMM unmap since?)
-ask the kernel the same question; this is the one place that reads the answer.
+size and file? are pages of it present already?) and the fault loop (which registered
+ranges did the VMM unmap since? which pages did a previous daemon install?) ask the
+kernel the same questions; this is the one place that reads the answers.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 #: smaps VmFlags of a range registered with a userfaultfd (missing, write-protect, minor).
 UFFD_VMFLAGS: Final = frozenset({"um", "uw", "ui"})
+
+_PAGEMAP_PAGE: Final = 4096
+_PAGEMAP_BATCH: Final = 1 << 16  # pagemap entries per read (512 KiB)
+# Byte 7 of each little-endian pagemap entry holds bit 63 (present) and 62 (swapped).
+_PRESENT_TABLE: Final = bytes(1 if b & 0xC0 else 0 for b in range(256))
 
 _HEADER = re.compile(r"([0-9a-f]+)-([0-9a-f]+) \S+ ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+)")
 
@@ -74,3 +80,19 @@ def uncovered(start: int, end: int, spans: Sequence[tuple[int, int]]) -> list[tu
     if pos < end:
         out.append((pos, end))
     return out
+
+
+def present_flags(pagemap_fd: int, addr: int, pages: int, page_size: int
+                  ) -> Iterator[tuple[int, bytes]]:
+    """(first page, one byte per page: 1 if present or swapped) for ``pages`` pages of
+    ``page_size`` at ``addr``, read from an open ``/proc/<pid>/pagemap`` in batches.
+
+    The first 4 KiB entry of each page stands for the page (a huge page is mapped whole).
+    """
+    step = page_size // _PAGEMAP_PAGE
+    batch = max(1, _PAGEMAP_BATCH // step)
+    for first in range(0, pages, batch):
+        count = min(batch, pages - first)
+        vpage = (addr + first * page_size) // _PAGEMAP_PAGE
+        data = os.pread(pagemap_fd, count * step * 8, vpage * 8)
+        yield first, data[7 :: 8 * step].translate(_PRESENT_TABLE)
