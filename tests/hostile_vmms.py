@@ -87,7 +87,7 @@ def watch_source(args: argparse.Namespace) -> int:
             if event.get("event") == "progress":
                 continue
             print(json.dumps(event, default=repr), flush=True)
-            if event.get("event") in ("completed", "failed"):
+            if event.get("event") in ("completed", "failed", "cancelled"):
                 return 0
 
 

@@ -587,21 +587,17 @@ async def handle_subscribe(
     if not found:
         raise RequestError("unknown-session", f"no session {session_id!r}")
     for session in found:
-        if session.finished:
-            conn.daemon.nursery.start_soon(_replay_final, session, conn.event_sink())
+        if session.final_event is not None:  # ended and told: the same event again
+            conn.daemon.nursery.start_soon(_replay_final, session.final_event,
+                                           conn.event_sink())
         elif conn.event_sink() not in session.subscribers:  # once per connection
             session.subscribers.append(conn.event_sink())
     return {}
 
 
-async def _replay_final(session: SessionBase, sink: Callable[[protocol.Message], Awaitable[None]]
-                        ) -> None:
-    await trio.sleep(0)
-    event: protocol.Message
-    if session.state == "completed":
-        event = {"event": "completed", "session": session.session_id, "outcome": session.reason}
-    else:
-        event = {"event": "failed", "session": session.session_id, "reason": session.reason}
+async def _replay_final(event: protocol.Message,
+                        sink: Callable[[protocol.Message], Awaitable[None]]) -> None:
+    await trio.sleep(0)  # after the reply to the subscribe
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await sink(event)
 

@@ -34,6 +34,8 @@ from uffdd.errors import UffddError
 log = logging.getLogger("uffdd.client")
 
 _RESENT_OPS = ("export", "import")
+#: The events that end a session: exactly one of them, last (README, ``subscribe``).
+TERMINAL_EVENTS = ("completed", "failed", "cancelled")
 
 class ClientError(UffddError):
     """The daemon refused a request (``code`` as in README, wire protocol) or the link broke."""
@@ -222,14 +224,15 @@ class Client:
                 return message
 
     def wait_finished(self, session: str, timeout: float | None = None) -> dict[str, Any]:
-        """Wait for the session's ``completed`` or ``failed`` event and return it."""
+        """Wait for the session's terminal event (``completed``, ``failed`` or
+        ``cancelled``) and return it."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             event = self.next_event(left)
             if event is None:
                 raise ClientError("timeout", f"session {session} did not finish in time")
-            if event.get("session") == session and event["event"] in ("completed", "failed"):
+            if event.get("session") == session and event["event"] in TERMINAL_EVENTS:
                 return event
 
     # -- plumbing
@@ -294,7 +297,7 @@ class Client:
 
     def _forget(self, event: dict[str, Any]) -> None:
         """A final event: the session must not be handed over again."""
-        if event.get("event") in ("completed", "failed"):
+        if event.get("event") in TERMINAL_EVENTS:
             self._sessions.pop(str(event.get("session")), None)
 
     def _request_once(self, body: dict[str, Any], fds: list[int] | None = None

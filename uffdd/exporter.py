@@ -64,6 +64,41 @@ class ExportRegion:
             self.mapping.close()
 
 
+@dataclass(frozen=True)
+class FinalTally:
+    """The destination's final counters, from its 'done' frame (README, peer link)."""
+
+    installed: int
+    demand: int
+    background: int
+    zero: int
+    poisoned: int
+    ranges: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def from_done(cls, header: protocol.Message) -> FinalTally | None:
+        """The tally in a 'done' header; None from a destination that sends none."""
+        if "installed" not in header:
+            return None
+        raw = header.get("ranges", [])
+        if not isinstance(raw, list) or len(raw) > MAX_DONE_RANGES:
+            raise ProtocolError("'done': ranges must be a list of at most "
+                                f"{MAX_DONE_RANGES} [gpa, bytes] pairs")
+        ranges = []
+        for item in raw:
+            if (not isinstance(item, list) or len(item) != 2
+                    or not all(isinstance(v, int) and v >= 0 for v in item)):
+                raise ProtocolError(f"'done': a poisoned range is not [gpa, bytes]: {item!r}")
+            ranges.append((item[0], item[1]))
+        installed, demand, background, zero, poisoned = (protocol.peer_int(header, k) for k in (
+            "installed", "demand", "background", "zero", "poisoned"))
+        return cls(installed, demand, background, zero, poisoned, tuple(ranges))
+
+
+#: Poisoned ranges a 'done' frame may list (the destination sends at most 1024).
+MAX_DONE_RANGES: Final = 4096
+
+
 @dataclass
 class ExportState:
     """What every lane of one export session shares (guarded by ``lock``)."""
@@ -84,6 +119,7 @@ class ExportState:
     bytes_sent: int = 0
     unreadable: set[int] = field(default_factory=set)  # regions whose read failure is logged
     done: threading.Event = field(default_factory=threading.Event)
+    final_tally: FinalTally | None = None  # the destination's counters, from its 'done'
     # shared with the demand lane's C loop: the bulk lanes' hint, "fault injection active"
     control: DemandControl = field(default_factory=lambda: DemandControl(), init=False,
                                    repr=False)
@@ -810,8 +846,7 @@ def _stream(fs: FrameSocket, state: ExportState, reader: PageReader,
     cursor = (0, 0)
     try:
         while state.background:
-            if _done_arrived(fs):  # demand faults brought every page before the stream did
-                state.done.set()
+            if _done_arrived(fs, state):  # demand faults brought every page first
                 return
             run = _next_run(state, cursor, state.chunk_bytes)
             if run is None:
@@ -824,17 +859,24 @@ def _stream(fs: FrameSocket, state: ExportState, reader: PageReader,
     except PeerUnavailable:
         # The destination completes, says 'done' and closes as soon as it has every
         # page, possibly while we are still sending: its 'done' may be waiting for us.
-        if _done_arrived(fs):
-            state.done.set()
+        if _done_arrived(fs, state):
             return
         raise
-    header = fs.recv_header()
+    _take_done(state, fs.recv_header())
+
+
+def _take_done(state: ExportState, header: protocol.Message) -> None:
+    """The destination's 'done': the export is complete, with its counters."""
     if header.get("t") != "done":
         raise ProtocolError(f"expected 'done' from the destination, got {header.get('t')!r}")
+    tally = FinalTally.from_done(header)
+    with state.lock:  # every bulk lane gets the same 'done': the first one counts
+        if state.final_tally is None:
+            state.final_tally = tally
     state.done.set()
 
 
-def _done_arrived(fs: FrameSocket) -> bool:
+def _done_arrived(fs: FrameSocket, state: ExportState) -> bool:
     """Without blocking: has the destination said 'done' (then the export is complete)?
 
     The destination sends nothing else on a bulk lane after 'start', so any frame here
@@ -845,8 +887,7 @@ def _done_arrived(fs: FrameSocket) -> bool:
         header = fs.recv_header()
     except (PeerUnavailable, OSError, ValueError):
         return False
-    if header.get("t") != "done":
-        raise ProtocolError(f"expected 'done' from the destination, got {header.get('t')!r}")
+    _take_done(state, header)
     return True
 
 

@@ -177,6 +177,7 @@ class FaultLoop:
         self.vmm_pid = 0  # the VMM's pid: its pagemap and smaps (0: unknown)
         self.adopt_present = False  # import "present": "keep": its present pages are valid
         self.cancel_reason: str | None = None  # set when the session fails or is cancelled
+        self.cancel_code = "failed"  # ... and which of the two: the source's export ends so
         self._last_progress = time.monotonic()
         # Adaptive spinning (the C loop only): waking this thread from epoll_wait costs
         # 25-40 µs on these machines, more than a whole fault round trip. While a demand
@@ -397,7 +398,7 @@ class FaultLoop:
             # Whatever is left of a half-sent request goes first, to keep the framing.
             unsent = self._fast.outbox() if self._fast is not None else bytes(self._outbox)
             sock.sendall(unsent + protocol.pack_peer(
-                {"t": "cancel", "reason": self.cancel_reason[:200]}))
+                {"t": "cancel", "code": self.cancel_code, "reason": self.cancel_reason[:200]}))
             sock.shutdown(socket.SHUT_WR)
             # Closing with replies still arriving would send a RST, and the source would
             # lose the cancel with its receive queue: read until it closes (bounded).
@@ -505,6 +506,7 @@ class FaultLoop:
                 and header.get("t") == "data" and header.get("crc_ok") is True):
             return None
         header.pop("crc_ok")
+        self.counters.pages_zero += self._installable_in(header, header.pop("holes", []))
         return self._slices(header, buf, release)
 
     def _slices(self, header: protocol.Message, buf: bytearray,
@@ -915,6 +917,7 @@ class FaultLoop:
         else:
             crc = _receive_pieces(fs, buf, ps, count, holes, self.integrity)
         header.pop("zr", None)  # expanded: the fault thread sees a plain run
+        header["holes"] = holes  # ... and counts the zero pages it installs from them
         header["len"] = total
         header["crc_ok"] = not self.integrity or crc == header.get("crc")
         return length
@@ -949,10 +952,20 @@ class FaultLoop:
         try:
             length = protocol.peer_int(header, "len")
             crc_ok = header.pop("crc_ok", None)
+            header.pop("holes", None)  # a verified run is sliced (and its zeros counted)
             self._frame(header, buffer_address(buf), memoryview(buf)[:length], "bulk",
                         crc_ok if isinstance(crc_ok, bool) else None)
         finally:
             release(buf)
+
+    def _installable_in(self, header: protocol.Message, holes: object) -> int:
+        """How many pages of a bulk run's holes (zero at the source) are not here yet:
+        the run's install puts zeros there, and they count as zero pages."""
+        if not isinstance(holes, list) or not holes:
+            return 0
+        region, page, _count = self._run_of(header, expanded=False)
+        return sum(n for off, k in holes
+                   for _start, n in self.pages.installable_runs(region, page + off, k))
 
     # ------------------------------------------------------------ installs
 

@@ -111,3 +111,20 @@ class PageMap:
             if state in _DONE:
                 bits[page >> 3] |= 1 << (page & 7)
         return bytes(bits)
+
+    def runs_of(self, region: int, state: int, limit: int) -> list[tuple[int, int]]:
+        """The first ``limit`` runs ``(first, count)`` of pages in ``state`` in a region.
+
+        Found with ``bytes.find``, so a region with no such page costs one scan in C
+        (``status`` and the terminal events ask this for POISONED pages)."""
+        row = self.states[region]
+        mark = bytes([state])
+        runs: list[tuple[int, int]] = []
+        page = row.find(mark)
+        while page >= 0 and len(runs) < limit:
+            end = page + 1
+            while end < len(row) and row[end] == state:
+                end += 1
+            runs.append((page, end - page))
+            page = row.find(mark, end)
+        return runs

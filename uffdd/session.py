@@ -52,6 +52,9 @@ _LANE_STOP_GRACE: Final = 1.0
 _CANCEL_REASON: Final = 500  # characters of a reason sent in a 'cancel' frame
 #: Peer refusals of a wrong token reported to the export's VMM: at most one a second.
 _REFUSAL_EVENT_INTERVAL: Final = 1.0
+#: Poisoned ranges listed in ``status`` and in a terminal event, at most (``pages_poisoned``
+#: is always the exact count); bounded so the list fits any frame and the 'done' header.
+MAX_POISONED_RANGES: Final = 1024
 
 
 class RegionMismatch(UffddError):
@@ -72,6 +75,9 @@ class SessionBase:
     started: float = field(default_factory=time.time)
     finished_at: float | None = None
     subscribers: list[EventSink] = field(default_factory=list)
+    #: The terminal event, once emitted: nothing is sent after it, and a late
+    #: ``subscribe`` gets this very dict again.
+    final_event: protocol.Message | None = None
     metrics: SessionMetrics = field(init=False)
     _done: trio.Event = field(default_factory=trio.Event)
     _cancel_scope: trio.CancelScope | None = None
@@ -118,7 +124,15 @@ class SessionBase:
 
         Subscribers are sent to concurrently, and one that is gone or does not take the
         event in time is dropped: a VMM that stops reading costs the session nothing.
+        Nothing goes out after the terminal event, and no ``progress`` once the session
+        has ended (its counts would be stale; the terminal event has the final ones).
         """
+        if self.final_event is not None:
+            return
+        if event.get("event") in FINAL_STATES:
+            self.final_event = event
+        elif self.finished:
+            return
         async with trio.open_nursery() as nursery:
             for sink in list(self.subscribers):
                 nursery.start_soon(self._send_event, sink, event)
@@ -194,8 +208,15 @@ class SessionBase:
         raise NotImplementedError
 
     def _final_event(self) -> protocol.Message:
-        return {"event": "failed", "session": self.session_id,
-                "reason": self.reason or self.state}
+        """The terminal event of a session that did not complete: ``cancelled`` (by
+        either VMM) or ``failed``, with the counters as they ended."""
+        kind = "cancelled" if self.state == "cancelled" else "failed"
+        return {"event": kind, "session": self.session_id,
+                "reason": self.reason or self.state, **self._end_counters()}
+
+    def _end_counters(self) -> protocol.Message:
+        """The counters every terminal event carries (README, ``subscribe``)."""
+        raise NotImplementedError
 
     def _start(self, nursery: trio.Nursery) -> None:
         """Start the role's tasks in the session's nursery."""
@@ -268,6 +289,7 @@ class ImportSession(SessionBase):
             # The fault thread tells the source on its way out (a 'cancel' frame), so
             # the source VMM learns at once that its guest will not be needed.
             self.loop.cancel_reason = reason or state
+            self.loop.cancel_code = state
         super().set_state(state, reason)
 
     # -- thread -> Trio
@@ -371,9 +393,32 @@ class ImportSession(SessionBase):
 
     def _completed_event(self) -> protocol.Message:
         return {"event": "completed", "session": self.session_id,
-                "pages_total": self.pages.total, "pages_poisoned": self.pages.poisoned,
-                "pages_unmapped": self.pages.unmapped,
-                "outcome": self.reason or "completed"}
+                "outcome": self.reason or "completed", **self._end_counters()}
+
+    def _end_counters(self) -> protocol.Message:
+        return {"pages_total": self.pages.total,
+                "pages_installed": self.pages.installed + self.pages.discarded,
+                "pages_poisoned": self.pages.poisoned, "poisoned": self.poisoned_ranges(),
+                "pages_unmapped": self.pages.unmapped}
+
+    def poisoned_ranges(self) -> list[list[int]]:
+        """The poisoned pages as ``[gpa, bytes]`` ranges, adjacent pages merged, in gpa
+        order; at most MAX_POISONED_RANGES of them."""
+        ranges: list[list[int]] = []
+        for region in self._by_gpa:
+            left = MAX_POISONED_RANGES - len(ranges)
+            for first, count in self.pages.runs_of(region.index, pagestate.POISONED, left):
+                ranges.append([region.gpa + first * region.page_size,
+                               count * region.page_size])
+        return ranges
+
+    def final_tally(self) -> protocol.Message:
+        """What the source is told in 'done', so both roles report the same counters."""
+        c = self.loop.counters
+        return {"installed": self.pages.installed + self.pages.discarded,
+                "demand": c.pages_demand, "background": c.pages_background,
+                "zero": c.pages_zero, "poisoned": self.pages.poisoned,
+                "ranges": self.poisoned_ranges()}
 
     def _open_pidfd(self) -> None:
         """Hold the VMM as a pidfd from the start, so the kill can never hit another
@@ -584,11 +629,13 @@ class ImportSession(SessionBase):
 
     async def _send_done(self) -> None:
         """Tell the source on each bulk lane; a source that does not take a few bytes
-        within EVENT_SEND_TIMEOUT gets its lane closed (the session is complete anyway)."""
+        within EVENT_SEND_TIMEOUT gets its lane closed (the session is complete anyway).
+        'done' carries this side's final counters: the source reports them as its own."""
+        tally = self.final_tally()
         for fs in self._bulk_socks:
             with trio.move_on_after(EVENT_SEND_TIMEOUT) as scope:
                 try:
-                    await run_thread(partial(fs.send, {"t": "done"}), fs.close)
+                    await run_thread(partial(fs.send, {"t": "done", **tally}), fs.close)
                 except (PeerUnavailable, OSError) as e:
                     log.warning("session=%s could not tell the source we are done: %s",
                                 self.session_id, e)
@@ -628,7 +675,7 @@ class ImportSession(SessionBase):
             "demand_latency_p50_us": p50, "demand_latency_p99_us": p99,
             "peer": self.peer_address, "link": self.link, "reconnects": self.reconnects,
             "strategy": self.strategy.name, "policy": self.policy, "reason": self.reason,
-            "loop": self.loop.kind,
+            "loop": self.loop.kind, "poisoned": self.poisoned_ranges(),
         }
 
     # -- vCPU exits
@@ -756,6 +803,9 @@ class ExportSession(SessionBase):
     fds: list[int] = field(default_factory=list)
     export_state: ExportState = field(init=False)
     lanes: int = 0
+    #: The importing daemon's address, from its first demand lane (None before).
+    peer_address: str | None = None
+    reconnects: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -794,17 +844,22 @@ class ExportSession(SessionBase):
             return
         if self.state == "connecting":
             self.set_state("running")
+        if lane == "demand":  # one demand lane per link: a second one is a reconnection
+            self.reconnects += self.peer_address is not None
+            self.peer_address = _peer_name(fs)
         _watch_for_cancel(fs, self._cancelled_by_peer_threadsafe)
         self._nursery.start_soon(self._serve_lane, lane, fs)
 
     def _cancelled_by_peer_threadsafe(self, reason: str, code: str) -> None:
-        """The destination's 'cancel': a region mismatch it found fails the export (only
-        the destination can judge it, and the source VMM must hear why); any other
-        reason cancels it."""
+        """The destination's 'cancel': the export ends as the import did. A region
+        mismatch it found, or its own failure, fails the export (only the destination
+        can judge it, and the source VMM must hear why); its VMM's cancel cancels it."""
         if code == "region-mismatch":
             state, text = "failed", f"the destination refused the session: {reason}"
-        else:
+        elif code == "cancelled":
             state, text = "cancelled", f"the destination cancelled the session: {reason}"
+        else:  # "failed", or a destination that does not say
+            state, text = "failed", f"the destination's session failed: {reason}"
         with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self.set_state, state, text)
 
@@ -856,7 +911,10 @@ class ExportSession(SessionBase):
             if not self.lanes:
                 self.metrics.link(False)
         if self.export_state.done.is_set():
-            self.set_state("completed", "completed")
+            tally = self.export_state.final_tally
+            poisoned = tally is not None and tally.poisoned > 0
+            self.set_state("completed",
+                           "completed-with-poisoned-pages" if poisoned else "completed")
 
     def _demand_then_cancel(self, body: Callable[[], None], fs: peer.FrameSocket) -> None:
         """Serve the demand lane; if the export was cancelled, tell the destination.
@@ -886,12 +944,32 @@ class ExportSession(SessionBase):
         self.metrics.progress(total, min(total, self.export_state.pages_sent))
 
     def _progress_fields(self) -> protocol.Message:
+        """Before the end, what this source sent (a page sent twice, on demand and by
+        the stream, counts once in installed, in both of the others); at ``completed``,
+        the destination's own counters, which it sends in 'done'."""
         st = self.export_state
         total = sum(r.pages for r in self.regions)
+        tally = st.final_tally
+        if tally is not None:
+            return {"session": self.session_id, "pages_total": total,
+                    "pages_installed": tally.installed, "pages_demand": tally.demand,
+                    "pages_background": tally.background, "pages_zero": tally.zero,
+                    "pages_poisoned": tally.poisoned}
         return {"session": self.session_id, "pages_total": total,
                 "pages_installed": min(total, st.pages_sent), "pages_demand": st.pages_demand,
                 "pages_background": max(0, st.pages_sent - st.pages_demand),
                 "pages_zero": st.pages_zero, "pages_poisoned": 0}
+
+    def poisoned_ranges(self) -> list[list[int]]:
+        """The pages the destination poisoned, as it reported them in 'done'."""
+        tally = self.export_state.final_tally
+        return [] if tally is None else [list(r) for r in tally.ranges]
+
+    def _end_counters(self) -> protocol.Message:
+        fields = self._progress_fields()
+        return {key: fields[key] for key in ("pages_total", "pages_installed",
+                                             "pages_poisoned")} | {
+            "poisoned": self.poisoned_ranges()}
 
     def _release(self) -> None:
         for region in self.regions:
@@ -910,8 +988,7 @@ class ExportSession(SessionBase):
         if self.state != "completed":
             return super()._final_event()
         return {"event": "completed", "session": self.session_id,
-                "pages_total": sum(r.pages for r in self.regions), "pages_poisoned": 0,
-                "outcome": "completed"}
+                "outcome": self.reason or "completed", **self._end_counters()}
 
     def status(self) -> protocol.Message:
         return {
@@ -919,10 +996,22 @@ class ExportSession(SessionBase):
             "bytes_received": 0, "bytes_sent": self.export_state.bytes_sent,
             "started": self.started, "elapsed_seconds": self.elapsed(),
             "demand_latency_p50_us": None, "demand_latency_p99_us": None,
-            "peer": "", "link": "up" if self.lanes else "down", "reconnects": 0,
-            "strategy": "", "policy": "", "reason": self.reason,
+            "peer": self.peer_address, "link": "up" if self.lanes else "down",
+            "reconnects": self.reconnects, "faults": 0, "reason": self.reason,
             "loop": "c" if demand_fastpath(self.config) is not None else "python",
+            "poisoned": self.poisoned_ranges(),
         }
+
+
+def _peer_name(fs: peer.FrameSocket) -> str:
+    try:
+        addr = fs.sock.getpeername()
+    except OSError:
+        return "unknown"
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr)
 
 
 def _watch_for_cancel(fs: peer.FrameSocket, on_cancel: Callable[[str, str], None]) -> None:

@@ -4,7 +4,7 @@
  * A VMM uses this library to hand guest memory to the local uffdd daemon:
  *
  *   source host:  uffdd_connect() → uffdd_export() → uffdd_next_event() until
- *                 UFFDD_EVENT_COMPLETED / UFFDD_EVENT_FAILED.
+ *                 UFFDD_EVENT_COMPLETED / UFFDD_EVENT_FAILED / UFFDD_EVENT_CANCELLED.
  *   dest host:    create the userfaultfd(s), UFFDIO_API + UFFDIO_REGISTER them,
  *                 uffdd_connect() → uffdd_import() → run the vCPUs; vCPU-exit
  *                 faults go through uffdd_resolve(); wait for completion with
@@ -270,6 +270,7 @@ enum uffdd_event_kind {
 	UFFDD_EVENT_PROGRESS = 1,
 	UFFDD_EVENT_COMPLETED = 2,
 	UFFDD_EVENT_FAILED = 3,
+	UFFDD_EVENT_CANCELLED = 4, /* ended by a cancel (of either VMM): terminal, as FAILED */
 };
 
 struct uffdd_event {
@@ -279,7 +280,7 @@ struct uffdd_event {
 	uint64_t pages_installed; /* progress (completed: = pages_total if absent) */
 	uint64_t pages_poisoned;  /* completed (progress: if sent) */
 	char outcome[64];         /* completed: "completed" | "completed-with-poisoned-pages" */
-	char reason[256];         /* failed */
+	char reason[256];         /* failed, cancelled */
 };
 
 /*

@@ -458,6 +458,8 @@ static int parse_event(const msgpack_object *m, struct uffdd_event *ev, struct u
 		ev->kind = UFFDD_EVENT_COMPLETED;
 	else if (str_eq(kind, "failed"))
 		ev->kind = UFFDD_EVENT_FAILED;
+	else if (str_eq(kind, "cancelled"))
+		ev->kind = UFFDD_EVENT_CANCELLED;
 	else
 		return 0;
 	if (get_str(m, "session", ev->session, sizeof(ev->session)) < 0 ||

@@ -1275,8 +1275,10 @@ static int run_selftest(void)
 #ifndef TESTVM_NO_LIBUFFDD
 static const char *event_name(enum uffdd_event_kind k)
 {
-	return k == UFFDD_EVENT_COMPLETED ? "completed" : k == UFFDD_EVENT_FAILED ? "failed"
-										 : "progress";
+	return k == UFFDD_EVENT_COMPLETED   ? "completed"
+	       : k == UFFDD_EVENT_FAILED    ? "failed"
+	       : k == UFFDD_EVENT_CANCELLED ? "cancelled"
+					    : "progress";
 }
 
 /* Wait for completed/failed. Returns 0 on completed, -1 otherwise (message printed). */
@@ -1296,7 +1298,7 @@ static int wait_session_end(uffdd_client *c, struct uffdd_event *out)
 			continue;
 		if (out->kind == UFFDD_EVENT_COMPLETED)
 			return 0;
-		if (out->kind == UFFDD_EVENT_FAILED) {
+		if (out->kind == UFFDD_EVENT_FAILED || out->kind == UFFDD_EVENT_CANCELLED) {
 			fprintf(stderr, "uffdd-testvm %s: session %s %s: %s\n", prog_role, opt.session,
 				event_name(out->kind), out->reason);
 			return -1;
@@ -1486,9 +1488,9 @@ static int run_dest(void)
 		} else if (r > 0 && !strcmp(ev.session, opt.session)) {
 			if (ev.kind == UFFDD_EVENT_COMPLETED) {
 				rc = 0;
-			} else if (ev.kind == UFFDD_EVENT_FAILED) {
-				fprintf(stderr, "uffdd-testvm dest: session %s failed: %s\n", opt.session,
-					ev.reason);
+			} else if (ev.kind == UFFDD_EVENT_FAILED || ev.kind == UFFDD_EVENT_CANCELLED) {
+				fprintf(stderr, "uffdd-testvm dest: session %s %s: %s\n", opt.session,
+					event_name(ev.kind), ev.reason);
 				rc = -1;
 				vm_stop_all();
 			}

@@ -487,7 +487,7 @@ static int wait_session_end(uffdd_client *c, struct uffdd_event *ev, double unti
 			continue;
 		if (ev->kind == UFFDD_EVENT_COMPLETED)
 			return 1;
-		if (ev->kind == UFFDD_EVENT_FAILED)
+		if (ev->kind == UFFDD_EVENT_FAILED || ev->kind == UFFDD_EVENT_CANCELLED)
 			return 0;
 	}
 }
@@ -973,7 +973,7 @@ static int run_dest(void)
 		if (rr < 0)
 			die(1, "waiting for events: %s", err.message);
 		if (rr == 1 && !strcmp(ev.session, opt.session)) {
-			if (ev.kind == UFFDD_EVENT_FAILED)
+			if (ev.kind == UFFDD_EVENT_FAILED || ev.kind == UFFDD_EVENT_CANCELLED)
 				session_failed(ev.reason);
 			if (ev.kind == UFFDD_EVENT_COMPLETED) {
 				end = 1;
