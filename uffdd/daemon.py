@@ -2,13 +2,14 @@
 
 ``serve()`` opens the root nursery, binds the VMM API socket (or takes it from systemd's
 socket activation), the peer listener and the metrics endpoint, then reports READY=1.
-Sessions run in the root nursery, each in its own nursery (see ``uffdd.session``). On
-SIGTERM/SIGINT the daemon stops accepting, cancels its sessions (their VMMs get a
-``failed`` event), and exits within a bounded time; except on SIGTERM under a service
-manager ($NOTIFY_SOCKET), where a stop is a restart or an upgrade far more often than
-the end of the host's migrations: the sessions are left to the next daemon (the VMMs
-re-attach through the socket unit, an import's fds are in the fd store), as after a
-crash, instead of failing every migration in flight.
+Sessions run in the root nursery, each in its own nursery (see ``uffdd.session``); the
+services (listeners, VMM API connections, peer handshakes) in one nested inside it. On
+SIGTERM/SIGINT the daemon cancels its sessions (their VMMs get a ``cancelled`` event),
+waits for them to end within a grace deadline, and exits within a bounded time; except
+on SIGTERM under a service manager ($NOTIFY_SOCKET), where a stop is a restart or an
+upgrade far more often than the end of the host's migrations: the sessions are left
+to the next daemon (the VMMs re-attach through the socket unit, an import's fds are in
+the fd store), as after a crash, instead of failing every migration in flight.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.sessions = Registry(config.limits.max_sessions)
-        self._nursery: trio.Nursery | None = None
+        self._nursery: trio.Nursery | None = None  # services: listeners, connections
+        self._sessions_nursery: trio.Nursery | None = None  # sessions: outlives services
         self.api_path = config.api.socket
         self.peer_port = 0
         self.metrics_port = 0
@@ -124,7 +126,8 @@ class Daemon:
         self.sessions.add(session)
         session.subscribers.append(owner.event_sink())
         owner.owned.append(session)
-        await self.nursery.start(self._run_session, session)
+        assert self._sessions_nursery is not None, "daemon is not serving"
+        await self._sessions_nursery.start(self._run_session, session)
 
     async def _run_session(self, session: SessionBase, *,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -159,18 +162,24 @@ class Daemon:
                 with contextlib.suppress(OSError):
                     os.unlink(self.api_path)
             raise
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._serve_api, api_sock)
-            nursery.start_soon(self._serve_peer, peer_sock)
-            if metrics_sock is not None:
-                self.metrics_port = await nursery.start(metrics.serve_metrics_on, metrics_sock)
-            nursery.start_soon(self._signals, nursery.cancel_scope)
-            nursery.start_soon(self._watchdog)
-            log.info("uffdd %s ready api=%s peer_port=%d metrics_port=%d", __version__,
-                     self.api_path, self.peer_port, self.metrics_port)
-            task_status.started(self)
-            sdnotify.notify("READY=1", "STATUS=0 sessions")
+        # Two nurseries, nested by lifetime: sessions outlive the services (listeners,
+        # VMM API connections, peer handshakes, signals, watchdog) that start them, so a
+        # stop cancels the services and leaves each session's shielded cleanup to run.
+        async with trio.open_nursery() as sessions:
+            self._sessions_nursery = sessions
+            async with trio.open_nursery() as services:
+                self._nursery = services
+                services.start_soon(self._serve_api, api_sock)
+                services.start_soon(self._serve_peer, peer_sock)
+                if metrics_sock is not None:
+                    self.metrics_port = await services.start(metrics.serve_metrics_on,
+                                                             metrics_sock)
+                services.start_soon(self._signals, sessions.cancel_scope)
+                services.start_soon(self._watchdog)
+                log.info("uffdd %s ready api=%s peer_port=%d metrics_port=%d", __version__,
+                         self.api_path, self.peer_port, self.metrics_port)
+                task_status.started(self)
+                sdnotify.notify("READY=1", "STATUS=0 sessions")
         sdnotify.notify("STOPPING=1")
 
     def _api_socket(self) -> tuple[trio.socket.SocketType, bool]:
@@ -386,9 +395,8 @@ class Daemon:
                     # A failed session's kill of its lingering VMM is not skipped, but
                     # it comes by the end of the grace: SIGTERM stays bounded.
                     session.hurry_cleanup(trio.current_time() + _SHUTDOWN_GRACE)
-                with trio.move_on_after(_SHUTDOWN_GRACE):
-                    while self.sessions.running():
-                        await trio.sleep(0.05)
+                with trio.move_on_after(_SHUTDOWN_GRACE):  # their final events go out
+                    await self.sessions.wait_empty()
                 scope.cancel()
                 return
 

@@ -10,6 +10,8 @@ finished list when its task ends (``finish``) and counts the pages the running o
 
 from __future__ import annotations
 
+import trio
+
 from uffdd.errors import RequestError
 from uffdd.session import ExportSession, ImportSession, SessionBase
 
@@ -25,6 +27,14 @@ class Registry:
         self.imports: dict[str, ImportSession] = {}
         self.exports: dict[str, ExportSession] = {}
         self.finished: list[SessionBase] = []
+        self._emptied: trio.Event | None = None  # set by finish() when none runs any more
+
+    async def wait_empty(self) -> None:
+        """Return once no session's task is running (the daemon's shutdown waits here,
+        under its grace deadline)."""
+        while self.imports or self.exports:
+            self._emptied = trio.Event()
+            await self._emptied.wait()
 
     def all_sessions(self) -> list[SessionBase]:
         return [*self.imports.values(), *self.exports.values(), *self.finished]
@@ -58,6 +68,8 @@ class Registry:
             del table[session.session_id]
         self.finished.append(session)
         del self.finished[:-KEEP_FINISHED]
+        if not (self.imports or self.exports) and self._emptied is not None:
+            self._emptied.set()
 
     def running_pages(self) -> int:
         """Pages of every running session (limits.max_pages_per_daemon counts them)."""
