@@ -19,6 +19,7 @@ import trio
 
 from uffdd import handover, metrics, protocol, strategies
 from uffdd._linux import scm, sdnotify
+from uffdd._linux.fds import OwnedFds
 from uffdd._linux.mem import Mapping
 from uffdd.config import Config, is_host_port
 from uffdd.errors import ProtocolError, RequestError, UffddError
@@ -422,8 +423,15 @@ async def handle_export(
                 region.close()
             raise
     daemon.sessions.check_new_session("export", session_id)
-    session = ExportSession(session_id, "export", token, conn.cred.pid, daemon.config,
-                            regions=regions, fds=list(fds))
+    owned = OwnedFds.adopt(fds)  # from here the session closes them, whatever happens
+    try:
+        session = ExportSession(session_id, "export", token, conn.cred.pid, daemon.config,
+                                regions=regions, fds=owned)
+    except BaseException:
+        for region in regions:
+            region.close()
+        owned.close()
+        raise
     await daemon.start_session(session, conn)
     return {"session": session_id, "pages": sum(r.pages for r in regions)}
 
@@ -464,15 +472,17 @@ async def handle_import(
     daemon.sessions.check_new_session("import", session_id)
     _drop_stored_fds(daemon, session_id)
     regions = _import_regions(claims, checks)
+    owned = OwnedFds.adopt(fds)  # from here the session closes them, whatever happens
     try:
         session = ImportSession(
             session_id, "import", token, conn.cred.pid, daemon.config, regions=regions,
             peer_address=peer_address, strategy=strategy, policy=policy, deadline=deadline,
-            fds=list(fds), adopt_present=keep)
+            fds=owned, adopt_present=keep)
     except BaseException:
         for region in regions:
             if region.alias is not None:
                 region.alias.close()
+        owned.close()
         raise
     await daemon.start_session(session, conn)
     return {"session": session_id, "pages": session.pages.total}

@@ -30,6 +30,7 @@ import trio
 
 from uffdd import _fastpath, exporter, pagestate, peer, protocol, strategies, tls
 from uffdd._linux import sdnotify
+from uffdd._linux.fds import OwnedFds
 from uffdd.config import Config
 from uffdd.errors import AuthError, PeerUnavailable, ProtocolError, RefusedHere, UffddError
 from uffdd.exporter import ExportRegion, ExportState
@@ -255,7 +256,7 @@ class ImportSession(SessionBase):
     strategy: strategies.Strategy = field(default_factory=strategies.ContinueThenPopulate)
     policy: str = "crash"
     deadline: float = 30.0
-    fds: list[int] = field(default_factory=list)
+    fds: OwnedFds = field(default_factory=OwnedFds)
     adopt_present: bool = False  # import "present": "keep" (or a re-import from the fd store)
     pages: PageMap = field(init=False)
     loop: FaultLoop = field(init=False)
@@ -333,7 +334,7 @@ class ImportSession(SessionBase):
         # Under systemd the service manager keeps copies of the VMM's fds, so a
         # restarted daemon has them back even before the VMM reconnects.
         self._fdstored = bool(self.fds) and sdnotify.store_fds(
-            fdstore_name(self.session_id), self.fds)
+            fdstore_name(self.session_id), list(self.fds))
         self._open_pidfd()
         nursery.start_soon(self._fault_thread)
         nursery.start_soon(self._link_supervisor)
@@ -364,10 +365,7 @@ class ImportSession(SessionBase):
         for region in self.regions:
             if region.alias is not None:
                 _quietly(region.alias.close, "unmap the alias of", self.session_id)
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
+        self.fds.close()
         if not self._kill_due():
             self._close_pidfd()
         self._report_progress()
@@ -800,7 +798,7 @@ class ExportSession(SessionBase):
     """The source side of a migration."""
 
     regions: list[ExportRegion] = field(default_factory=list)
-    fds: list[int] = field(default_factory=list)
+    fds: OwnedFds = field(default_factory=OwnedFds)
     export_state: ExportState = field(init=False)
     lanes: int = 0
     #: The importing daemon's address, from its first demand lane (None before).
@@ -974,10 +972,7 @@ class ExportSession(SessionBase):
     def _release(self) -> None:
         for region in self.regions:
             _quietly(region.close, "unmap a region of", self.session_id)
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
+        self.fds.close()
         self._report_progress()
         self.metrics.close()
 
