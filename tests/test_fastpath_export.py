@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from tests.conftest import Pair, assert_byte_exact, require
 from uffdd import _fastpath, exporter, peer, protocol
 from uffdd._linux.mem import buffer_address
+from uffdd.config import PeerConfig
 from uffdd.errors import PeerUnavailable, ProtocolError
 from uffdd.lab import harness
 from uffdd.metrics import SessionMetrics
@@ -182,6 +183,11 @@ def test_parse_refuses_what_python_must_decide(lib: ctypes.CDLL) -> None:
 # ---------------------------------------------------------------- the lane over a socket
 
 
+def _plain(mode: str) -> PeerConfig:
+    """A plaintext peer config with ``[peer] fastpath = mode``."""
+    return PeerConfig(fastpath=mode, tls=False)
+
+
 def _content(seed: int) -> bytes:
     """PAGES pages: runs of zero and non-zero pages of every length up to 9."""
     out = bytearray(PAGES * PAGE)
@@ -242,7 +248,8 @@ class Lane:
 
     def _body(self, mode: str) -> None:
         try:
-            exporter.serve_demand(self.fs, self.state, self.metrics, fastpath=mode)
+            exporter.serve_demand(self.fs, self.state, self.metrics,
+                                  library=peer.demand_library(_plain(mode), self.fs.sock))
         except BaseException as e:  # the tests compare which error ended the lane
             self.error = e
         finally:  # as the session does when a lane ends: the peer sees EOF
@@ -614,7 +621,7 @@ def test_stop_reading_leaves_sending_open(lib: ctypes.CDLL) -> None:
     def body() -> None:
         try:
             exporter.serve_demand(fs, state, SessionMetrics(f"fp-{next(_NAMES)}", "export"),
-                                  fastpath="on")
+                                  library=peer.demand_library(_plain("on"), fs.sock))
         except PeerUnavailable as e:
             errors.append(e)
         fs.send({"t": "cancel", "reason": "stopped"})

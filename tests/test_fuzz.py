@@ -23,6 +23,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Pair
-from uffdd import exporter, peer, protocol
+from uffdd import _fastpath, exporter, peer, protocol
 from uffdd.errors import PeerUnavailable, ProtocolError, RequestError
 from uffdd.faultloop import FaultLoop, ImportRegion
 from uffdd.metrics import SessionMetrics
@@ -298,8 +299,10 @@ def _serve(target: Callable[..., None], frames: bytes) -> tuple[BaseException | 
 @BOUNDED
 @given(st.lists(peer_headers, max_size=6))
 def test_exporter_demand_requests(headers: list[dict[str, Any]]) -> None:
-    """The source's demand lane ends with ProtocolError/PeerUnavailable, nothing else."""
-    error, _ = _serve(exporter.serve_demand, b"".join(protocol.pack_peer(h) for h in headers))
+    """The source's demand lane ends with ProtocolError/PeerUnavailable, nothing else
+    (with its C loop where the library is built, as a daemon runs it by default)."""
+    serve = partial(exporter.serve_demand, library=_fastpath.load("auto"))
+    error, _ = _serve(serve, b"".join(protocol.pack_peer(h) for h in headers))
     assert isinstance(error, ProtocolError | PeerUnavailable), repr(error)
 
 

@@ -30,7 +30,7 @@ from collections.abc import Mapping as _AbcMapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from uffdd import _fastpath, peer, protocol
+from uffdd import peer, protocol
 from uffdd._linux.mem import Mapping, buffer_address, give_back, is_hugetlb_fd, process_read
 from uffdd.errors import KernelError, PeerUnavailable, ProtocolError, TargetGone
 from uffdd.metrics import SessionMetrics
@@ -501,14 +501,14 @@ assert _DEMAND_BATCH_PAGES >= protocol.MAX_REQUEST_PAGES  # a batch holds any on
 
 
 def serve_demand(fs: FrameSocket, state: ExportState, metrics: SessionMetrics, *,
-                 fastpath: str = "auto") -> None:
+                 library: ctypes.CDLL | None = None) -> None:
     """Demand lane thread body: answer requests until the link closes.
 
     Every request already received is answered in one batch with one sendmsg: with many
     faulting vCPUs the destination sends requests in bursts, and a syscall per page
     capped the source at ~16k pages/s.
 
-    With ``fastpath`` (``[peer] fastpath``) giving the C library, on a plaintext link,
+    With ``library`` (the C library, as ``peer.demand_library`` decided for this lane),
     the common case runs in C (``_CDemandLane``): it returns here for everything else
     (a frame that is not a request it can answer, a page it cannot read, fault
     injection), and this loop answers that batch in Python, with every rule it has.
@@ -516,7 +516,7 @@ def serve_demand(fs: FrameSocket, state: ExportState, metrics: SessionMetrics, *
     use_short_switch_interval()
     max_page = max(r.page_size for r in state.regions)
     reader = PageReader(state, max_page * _DEMAND_BATCH_PAGES)
-    lane = _CDemandLane.open(fastpath, fs, state, reader)
+    lane = _CDemandLane.open(library, fs, state, reader)
     label = getattr(fs, "label", "") or "demand lane"
     if lane is not None:
         log.info("%s: answered by the C fast path", label)
@@ -692,13 +692,14 @@ class _CDemandLane:
             raise
 
     @classmethod
-    def open(cls, mode: str, fs: FrameSocket, state: ExportState,
+    def open(cls, lib: ctypes.CDLL | None, fs: FrameSocket, state: ExportState,
              reader: PageReader) -> _CDemandLane | None:
         """The C loop for this lane, or None where the Python loop must run: no library
-        (or ``fastpath = "off"``), or a TLS link (the C loop speaks plain TCP)."""
-        lib = _fastpath.load(mode)
-        if lib is None or type(fs.sock) is not socket.socket:
+        (``peer.demand_library`` decided: off, not built, or not a plain TCP socket)."""
+        if lib is None:
             return None
+        if type(fs.sock) is not socket.socket:  # the decision is peer.demand_library's
+            raise ValueError("the C demand loop needs a plain socket (see demand_library)")
         fn = _demand_function(lib)
         if fn is None:
             return None

@@ -460,3 +460,17 @@ def accept_lane(sock: socket.socket, config: PeerConfig, lookup: TokenLookup,
         fs.close()
         raise
     return fs, session, lane
+
+
+def demand_library(cfg: PeerConfig, sock: socket.socket | None = None) -> ctypes.CDLL | None:
+    """Which loop serves a demand lane, on either role: the C library, or None for the
+    Python loop. The one place this is decided (the fault loop of an import, the demand
+    lane of an export, and the ``loop`` field of ``status`` all ask here).
+
+    The C loops read and write the lane's socket themselves, so they run on plaintext
+    links only: never under TLS, and never on a socket that is not a plain one (an SSL
+    socket is a ``socket.socket`` subclass), whatever the config says.
+    """
+    if tls.tls_enabled(cfg) or (sock is not None and type(sock) is not socket.socket):
+        return None
+    return _fastpath.load(cfg.fastpath)

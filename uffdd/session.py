@@ -12,7 +12,6 @@ every fd and mapping it held is released.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import queue
@@ -28,7 +27,7 @@ from typing import Final
 
 import trio
 
-from uffdd import _fastpath, exporter, pagestate, peer, protocol, strategies, tls
+from uffdd import exporter, pagestate, peer, protocol, strategies
 from uffdd._linux import sdnotify
 from uffdd._linux.fds import OwnedFds
 from uffdd.config import Config
@@ -280,7 +279,7 @@ class ImportSession(SessionBase):
         )
         self.loop.stall_timeout = self.config.peer.stall_timeout
         self.loop.spin_s = self.config.peer.spin_us / 1e6
-        self.loop.fastpath = demand_fastpath(self.config)
+        self.loop.fastpath = peer.demand_library(self.config.peer)
         self.loop.vmm_pid = self.owner_pid
         self.loop.adopt_present = self.adopt_present  # "keep" (or a re-import): adopt them
         self._by_gpa = sorted(self.regions, key=lambda r: r.gpa)
@@ -892,7 +891,7 @@ class ExportSession(SessionBase):
         body = partial(serve, fs, self.export_state, self.metrics)
         if lane == "demand":  # its common case in C when built ([peer] fastpath)
             body = partial(exporter.serve_demand, fs, self.export_state, self.metrics,
-                           fastpath=self.config.peer.fastpath)
+                           library=peer.demand_library(self.config.peer, fs.sock))
         try:
             if lane == "demand":  # the lane's own thread says 'cancel' (no racing sends)
                 await _run_lane_thread(partial(self._demand_then_cancel, body, fs),
@@ -993,7 +992,7 @@ class ExportSession(SessionBase):
             "demand_latency_p50_us": None, "demand_latency_p99_us": None,
             "peer": self.peer_address, "link": "up" if self.lanes else "down",
             "reconnects": self.reconnects, "faults": 0, "reason": self.reason,
-            "loop": "c" if demand_fastpath(self.config) is not None else "python",
+            "loop": "c" if peer.demand_library(self.config.peer) is not None else "python",
             "poisoned": self.poisoned_ranges(),
         }
 
@@ -1025,16 +1024,6 @@ def _watch_for_cancel(fs: peer.FrameSocket, on_cancel: Callable[[str, str], None
         return header
 
     fs.recv_header = recv_header  # type: ignore[method-assign]
-
-
-def demand_fastpath(config: Config) -> ctypes.CDLL | None:
-    """The C library for a session's demand path, or None for the Python loops.
-
-    The C loops read and write the lane's socket themselves: plaintext links only.
-    """
-    if tls.tls_enabled(config.peer):
-        return None
-    return _fastpath.load(config.peer.fastpath)
 
 
 def _stop_reading(fs: peer.FrameSocket) -> None:
