@@ -38,10 +38,11 @@ class DaemonProcess:
     metrics_port: int
     log_path: Path
     config_path: Path | None = None
+    peer_host: str = "127.0.0.1"  # its own address when it runs in a namespace
 
     @property
     def peer(self) -> str:
-        return f"127.0.0.1:{self.peer_port}"
+        return f"{self.peer_host}:{self.peer_port}"
 
     def log_text(self) -> str:
         try:
@@ -69,14 +70,17 @@ class DaemonProcess:
 def start_daemon(workdir: Path, name: str, *, config: str | None = None,
                  metrics: bool = False, extra: list[str] | None = None,
                  peer_port: int = 0, env: dict[str, str] | None = None,
-                 timeout: float = 20.0) -> DaemonProcess:
-    """Start ``uffdd serve`` on a private socket and an ephemeral loopback port."""
+                 timeout: float = 20.0, prefix: list[str] | None = None,
+                 peer_host: str = "127.0.0.1") -> DaemonProcess:
+    """Start ``uffdd serve`` on a private socket and an ephemeral port of ``peer_host``
+    (loopback unless ``prefix`` runs it in a network namespace of its own, see
+    :mod:`uffdd.lab.twohost`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     api = str(workdir / f"{name}.sock")
     log_path = workdir / f"{name}.log"
-    cmd = [sys.executable, "-m", "uffdd", "serve", "--api-socket", api,
-           "--peer-listen", f"127.0.0.1:{peer_port}",
-           "--metrics-listen", "127.0.0.1:0" if metrics else ""]
+    cmd = [*(prefix or []), sys.executable, "-m", "uffdd", "serve", "--api-socket", api,
+           "--peer-listen", f"{peer_host}:{peer_port}",
+           "--metrics-listen", f"{peer_host}:0" if metrics else ""]
     config_path = None
     if config is not None:
         config_path = workdir / f"{name}.toml"
@@ -94,7 +98,7 @@ def start_daemon(workdir: Path, name: str, *, config: str | None = None,
         match = _READY.search(log_path.read_text(errors="replace"))
         if match:
             return DaemonProcess(name, proc, api, int(match.group(2)), int(match.group(3)),
-                                 log_path, config_path)
+                                 log_path, config_path, peer_host)
         if proc.poll() is not None:
             raise HarnessError(f"daemon {name} exited with {proc.returncode}:\n"
                                + log_path.read_text(errors="replace"))
