@@ -53,6 +53,21 @@ def test_quick_bench_json_shape() -> None:
             assert row[side]["cpu_s_per_gib"] >= 0
 
 
+def test_quick_concurrent_migrations() -> None:
+    """Several migrations at once through one daemon pair, each verified by its VMMs."""
+    require(harness.native_tool("uffdd-vmsim") is not None, "make -C native (uffdd-vmsim)")
+    sc = _bench("--scenario", "concurrent")["scenarios"]
+    assert isinstance(sc, dict) and "error" not in sc["concurrent"], sc
+    widths = sc["concurrent"]["widths"]
+    assert set(widths) == {"1", "2"}, widths
+    for n, row in widths.items():
+        assert row["sessions"] == int(n) and len(row["session_seconds"]) == int(n), row
+        assert row["aggregate_gb_per_s"] > 0 and row["fairness_slowest_over_fastest"] >= 1
+        assert set(row["cpu_s_per_gib"]) == {"source", "destination"}, row
+    assert widths["1"]["ratio_to_one"] == 1.0
+    assert "concurrent" in bench.render_table({"wall_seconds": 1.0, "scenarios": sc})
+
+
 def test_table_renders_every_scenario() -> None:
     """The human table from a hand-made report (no daemons needed)."""
     report = {"wall_seconds": 1.0, "scenarios": {

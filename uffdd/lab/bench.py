@@ -36,10 +36,10 @@ from typing import Any, Final
 from uffdd._linux import uffd
 from uffdd._linux.mem import MADV_POPULATE_WRITE, buffer_address, madvise
 from uffdd.client import Client, ClientError, GuestRegion
-from uffdd.lab import harness
+from uffdd.lab import bench_concurrent, harness
 
 SCENARIOS: Final = ("demand-latency", "demand-latency-under-load", "fault-throughput", "bulk",
-                    "migration", "cost", "kvm")
+                    "migration", "cost", "kvm", "concurrent")
 PAGE: Final = 4096
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 # Peer figures measured on this machine class (issue 8); QEMU is not run by the bench.
@@ -259,6 +259,7 @@ class Bench:
             "migration": self.migration,
             "cost": self.cost,
             "kvm": self.kvm,
+            "concurrent": lambda: bench_concurrent.concurrent(self),
         }
         for name in SCENARIOS:
             if name not in chosen:
@@ -722,6 +723,17 @@ def _scenario_rows(name: str, s: Result) -> list[tuple[str, str, object, object,
                              None, None))
                 rows.append((name, f"{size} {side} peak RSS MiB", row[side]["peak_rss_mib"],
                              row["rss_target_mib"], None))
+    elif name == "concurrent":
+        widths = s.get("widths") or {}
+        assert isinstance(widths, dict)
+        for n, row in widths.items():
+            rows.append((name, f"N={n} aggregate GB/s (ratio to N=1)",
+                         row.get("aggregate_gb_per_s"), None, row.get("ratio_to_one")))
+            rows.append((name, f"N={n} slowest/fastest", row.get("fairness_slowest_over_fastest"),
+                         None, None))
+            rows.append((name, f"N={n} demand p99 µs worst/median",
+                         _slash(row.get("demand_p99_us_worst"), row.get("demand_p99_us_median")),
+                         None, None))
     elif name == "kvm":
         rows.append((name, "seconds", u.get("seconds"), None, None))
         rows.append((name, "p50 / p99 µs (daemon)",
