@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any, Final
 from uffdd._linux import uffd
 from uffdd._linux.mem import MADV_POPULATE_WRITE, buffer_address, madvise
 from uffdd.client import Client, ClientError, GuestRegion
-from uffdd.lab import bench_concurrent, harness
+from uffdd.lab import bench_concurrent, harness, twohost
 
 SCENARIOS: Final = ("demand-latency", "demand-latency-under-load", "fault-throughput", "bulk",
                     "migration", "cost", "kvm", "concurrent")
@@ -97,6 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bulk-mib", type=int, default=None, metavar="MIB",
                    help="guest size of the bulk scenario (default: 1024; larger for profiling)")
     p.add_argument("--output", metavar="PATH", help="also write the JSON object to PATH")
+    p.add_argument("--link", metavar="veth[,rate=R]", type=twohost.LinkSpec.parse, default=None,
+                   help="put each daemon in its own network namespace, joined by a veth pair "
+                        "(optionally shaped to rate R, e.g. 10gbit): two hosts on one machine")
 
 
 def warm_memory(nbytes: int) -> None:
@@ -164,6 +166,7 @@ class Pair:
     src: harness.DaemonProcess
     dst: harness.DaemonProcess
     base: dict[str, ProcStats] = field(default_factory=dict)
+    link: twohost.VethLink | None = None  # --link: the namespaces, removed by stop()
 
     def snapshot(self) -> None:
         self.base = {"source": ProcStats.read(self.src.proc.pid),
@@ -181,6 +184,8 @@ class Pair:
     def stop(self) -> None:
         for d in (self.src, self.dst):
             d.stop()
+        if self.link is not None:
+            self.link.close()
 
 
 class RefBench:
@@ -281,6 +286,7 @@ class Bench:
             "refbench_error": self.ref_error,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "wall_seconds": round(time.monotonic() - started, 1),
+            "link": None if getattr(self.args, "link", None) is None else str(self.args.link),
             "scenarios": scenarios,
         }
 
@@ -301,14 +307,35 @@ class Bench:
         if self.args.integrity is not None:
             config += f"integrity = {self.args.integrity}\n"
         name = f"b{self._n}"
-        src = harness.start_daemon(self.workdir, f"{name}-source", config=config)
+        spec: twohost.LinkSpec | None = getattr(self.args, "link", None)
+        if spec is None:
+            src = harness.start_daemon(self.workdir, f"{name}-source", config=config)
+            try:
+                dst = harness.start_daemon(self.workdir, f"{name}-destination", config=config,
+                                           metrics=True)
+            except BaseException:
+                src.stop()
+                raise
+            return Pair(src, dst)
+        return self._linked_pair(name, config + "tls = false\n", spec)
+
+    def _linked_pair(self, name: str, config: str, spec: twohost.LinkSpec) -> Pair:
+        """--link: each daemon in its own namespace (plaintext off loopback, explicitly)."""
+        link = twohost.VethLink(spec).__enter__()
+        started: list[harness.DaemonProcess] = []
         try:
-            dst = harness.start_daemon(self.workdir, f"{name}-destination", config=config,
-                                       metrics=True)
+            started.append(harness.start_daemon(
+                self.workdir, f"{name}-source", config=config, netns=link.source_ns,
+                peer_host=link.source_host))
+            started.append(harness.start_daemon(
+                self.workdir, f"{name}-destination", config=config, metrics=True,
+                netns=link.dest_ns, peer_host=link.dest_host))
         except BaseException:
-            src.stop()
+            for d in started:
+                d.stop()
+            link.close()
             raise
-        return Pair(src, dst)
+        return Pair(started[0], started[1], link=link)
 
     def vmsim_migration(self, p: Pair, *, memory: int, threads: int, order: str) -> Result:
         """One migration with the native stand-in; returns its figures (or raises)."""
@@ -572,8 +599,7 @@ def _scrape(d: harness.DaemonProcess, metric: str) -> float | None:
     if not d.metrics_port:
         return None
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
+        text = d.metrics_text()
     except OSError:
         return None
     for line in text.splitlines():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from uffdd.client import Client, ClientError
 from uffdd.errors import UffddError
-from uffdd.lab import harness, testcerts
+from uffdd.lab import harness, testcerts, twohost
 from uffdd.lab.pyvmm import PAGE, parse_size
 from uffdd.status import ProgressBar
 
@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="pattern seed (default: random)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument("--link", metavar="veth[,rate=R]", type=twohost.LinkSpec.parse, default=None,
+                   help="put each daemon in its own network namespace, joined by a veth pair "
+                        "(optionally shaped to rate R, e.g. 10gbit): two hosts on one machine")
     p.add_argument("--tls", action="store_true",
                    help="peer link over mutual TLS with throwaway certificates (openssl CLI)")
 
@@ -71,15 +74,29 @@ def run(args: argparse.Namespace) -> int:
     result["vmm"] = vmm
     workdir = Path(tempfile.mkdtemp(prefix="uffdd-demo-"))
     src = dst = None
+    link = None
     try:
         if "error" in result:
             raise harness.HarnessError(str(result["error"]))
+        if args.link is not None and args.tls:
+            raise harness.HarnessError("--link with --tls: the throwaway certificates name "
+                                       "loopback only")
         if args.backing == "hugetlb":
             harness.reserve_hugepages(2 * (args.memory >> 21) + 4)
         tls_configs = testcerts.daemon_configs(workdir / "pki") if args.tls else {}
+        src_ns = dst_ns = None
+        src_host = dst_host = "127.0.0.1"
+        if args.link is not None:  # plaintext off loopback: only when said, explicitly
+            link = twohost.VethLink(args.link).__enter__()
+            tls_configs = {"source": "[peer]\ntls = false\n",
+                           "destination": "[peer]\ntls = false\n"}
+            src_ns, src_host, dst_ns, dst_host = (link.source_ns, link.source_host,
+                                                  link.dest_ns, link.dest_host)
         src = harness.start_daemon(workdir, "source", config=tls_configs.get("source"),
-                                   extra=["--enable-fault-injection"] if args.lose_pages else [])
-        dst = harness.start_daemon(workdir, "destination", config=tls_configs.get("destination"))
+                                   extra=["--enable-fault-injection"] if args.lose_pages else [],
+                                   netns=src_ns, peer_host=src_host)
+        dst = harness.start_daemon(workdir, "destination", config=tls_configs.get("destination"),
+                                   netns=dst_ns, peer_host=dst_host)
         say(f"uffdd demo: {args.memory >> 20} MiB {args.backing} guest, VMM {vmm}, "
             f"{_width(args, vmm)} {'vCPUs' if vmm == 'kvm' else 'threads'}, seed {seed}"
             f"{', vCPU exits' if args.exits else ''}, policy {args.policy}"
@@ -95,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         for d in (src, dst):
             if d is not None:
                 d.stop()
+        if link is not None:
+            link.close()
         if args.keep:
             result["workdir"] = str(workdir)
         else:

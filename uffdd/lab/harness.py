@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -39,6 +40,19 @@ class DaemonProcess:
     log_path: Path
     config_path: Path | None = None
     peer_host: str = "127.0.0.1"  # its own address when it runs in a namespace
+    netns: str | None = None  # the network namespace it runs in (uffdd.lab.twohost)
+
+    def metrics_text(self, timeout: float = 5.0) -> str:
+        """GET /metrics (from inside its namespace, where it listens, if it has one)."""
+        url = f"http://{self.peer_host}:{self.metrics_port}/metrics"
+
+        def get() -> str:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                return str(r.read().decode())
+        if self.netns is None:
+            return get()
+        from uffdd.lab.twohost import in_netns
+        return in_netns(self.netns, get)
 
     @property
     def peer(self) -> str:
@@ -70,15 +84,16 @@ class DaemonProcess:
 def start_daemon(workdir: Path, name: str, *, config: str | None = None,
                  metrics: bool = False, extra: list[str] | None = None,
                  peer_port: int = 0, env: dict[str, str] | None = None,
-                 timeout: float = 20.0, prefix: list[str] | None = None,
+                 timeout: float = 20.0, netns: str | None = None,
                  peer_host: str = "127.0.0.1") -> DaemonProcess:
     """Start ``uffdd serve`` on a private socket and an ephemeral port of ``peer_host``
-    (loopback unless ``prefix`` runs it in a network namespace of its own, see
-    :mod:`uffdd.lab.twohost`)."""
+    (loopback, unless it runs in network namespace ``netns`` with an address of its
+    own there: see :mod:`uffdd.lab.twohost`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     api = str(workdir / f"{name}.sock")
     log_path = workdir / f"{name}.log"
-    cmd = [*(prefix or []), sys.executable, "-m", "uffdd", "serve", "--api-socket", api,
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    cmd = [*prefix, sys.executable, "-m", "uffdd", "serve", "--api-socket", api,
            "--peer-listen", f"{peer_host}:{peer_port}",
            "--metrics-listen", f"{peer_host}:0" if metrics else ""]
     config_path = None
@@ -98,7 +113,7 @@ def start_daemon(workdir: Path, name: str, *, config: str | None = None,
         match = _READY.search(log_path.read_text(errors="replace"))
         if match:
             return DaemonProcess(name, proc, api, int(match.group(2)), int(match.group(3)),
-                                 log_path, config_path, peer_host)
+                                 log_path, config_path, peer_host, netns)
         if proc.poll() is not None:
             raise HarnessError(f"daemon {name} exited with {proc.returncode}:\n"
                                + log_path.read_text(errors="replace"))

@@ -14,12 +14,20 @@ not separate: the VMMs stay where they are and reach both daemons.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 import secrets
 import shutil
 import subprocess
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TypeVar
+
+T = TypeVar("T")
+_CLONE_NEWNET = 0x40000000
 
 _RATE = re.compile(r"^\d+(\.\d+)?(bit|kbit|mbit|gbit|tbit)$")
 
@@ -46,6 +54,9 @@ class LinkSpec:
                 raise ValueError(f"--link {text!r}: options are rate=<N>(bit|kbit|mbit|gbit)")
             rate = value
         return cls(rate)
+
+    def __str__(self) -> str:
+        return "veth" if self.rate is None else f"veth,rate={self.rate}"
 
 
 @dataclass
@@ -75,7 +86,7 @@ class VethLink:
 
     def prefix(self, netns: str) -> list[str]:
         """The command prefix that runs a program inside ``netns``."""
-        return ["ip", "netns", "exec", netns]
+        return netns_prefix(netns)
 
     def __enter__(self) -> VethLink:
         if shutil.which("ip") is None:
@@ -122,3 +133,35 @@ def _run(*cmd: str) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=30)
     if done.returncode != 0:
         raise LinkError(f"{' '.join(cmd)}: {done.stderr.strip() or done.returncode}")
+
+
+def netns_prefix(netns: str) -> list[str]:
+    """The command prefix that runs a program inside network namespace ``netns``."""
+    return ["ip", "netns", "exec", netns]
+
+
+def in_netns(netns: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a thread that entered ``netns`` (setns(2) moves only the calling
+    thread, which then ends), so its sockets reach what listens there: a daemon's
+    metrics endpoint on its namespace's own address, say."""
+    out: list[T] = []
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
+                    raise LinkError(f"setns {netns}: {os.strerror(ctypes.get_errno())}")
+            finally:
+                os.close(fd)
+            out.append(fn())
+        except BaseException as e:  # handed to the caller's thread
+            errors.append(e)
+
+    thread = threading.Thread(target=body, name=f"netns-{netns}")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return out[0]
