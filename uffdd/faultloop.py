@@ -1044,23 +1044,39 @@ class FaultLoop:
     def _install_zero(self, r: int, page: int, count: int, lane: str) -> None:
         region = self.regions[r]
         for start, n in list(self.pages.installable_runs(r, page, count)):
+            self._zero_pages(region, start, n, lane)
+
+    def _zero_pages(self, region: ImportRegion, start: int, count: int, lane: str) -> None:
+        """Zero one installable run, as _install_run copies one: a partial call counts
+        the pages it zeroed (as the C loop does), a present page counts as present."""
+        ps = region.page_size
+        while count:
             try:
-                self._zero_run(region, start, n)
+                self._zero_run(region, start, count)
             except RangeGone:
-                self._range_gone(region, start, n,
-                                 lambda p, k: self._install_zero(r, p, k, lane))
-                continue
+                self._range_gone(region, start, count,
+                                 lambda p, k: self._install_zero(region.index, p, k, lane))
+                return
             except AlreadyPresent as e:
-                done = e.done // region.page_size
-                self._installed(region, start, done + 1, lane, "zeropage")
-                if n > done + 1:
-                    self._install_zero(r, start + done + 1, n - done - 1, lane)
-                continue
-            except Retry:
-                self._deferred.append((r, start, n, b"", lane))
-                continue
-            self._installed(region, start, n, lane, "zeropage")
-            self.counters.pages_zero += n
+                done = e.done // ps
+                self._zeroed(region, start, done, lane)
+                self._installed(region, start + done, 1, lane, "present")
+                skip = done + 1
+            except Retry as e:
+                done = e.done // ps
+                self._zeroed(region, start, done, lane)
+                if not done:  # the address space is changing: read the pending event first
+                    self._deferred.append((region.index, start, count, b"", lane))
+                    return
+                skip = done
+            else:
+                self._zeroed(region, start, count, lane)
+                return
+            start, count = start + skip, count - skip
+
+    def _zeroed(self, region: ImportRegion, start: int, count: int, lane: str) -> None:
+        self._installed(region, start, count, lane, "zeropage")
+        self.counters.pages_zero += count
 
     def _zero_run(self, region: ImportRegion, page: int, count: int) -> None:
         ps = region.page_size
@@ -1069,7 +1085,11 @@ class FaultLoop:
             uffd.continue_(region.uffd, region.addr + page * ps, count * ps)
         elif region.hugetlb:  # UFFDIO_ZEROPAGE does not support hugetlb
             for i in range(count):
-                uffd.copy(region.uffd, region.addr + (page + i) * ps, self._zeroaddr, ps)
+                try:
+                    uffd.copy(region.uffd, region.addr + (page + i) * ps, self._zeroaddr, ps)
+                except (AlreadyPresent, Retry) as e:
+                    e.done += i * ps  # what this run did, not this one page's call
+                    raise
         else:
             uffd.zeropage(region.uffd, region.addr + page * ps, count * ps)
 
