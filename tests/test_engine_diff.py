@@ -257,8 +257,9 @@ class Rig:
             fs = FrameSocket(rx)
             got = fs.recv_header()
             buf = bytearray(n * PS)
-            self.loop.receive_bulk_data(fs, got, buf, self.native)
-            self.loop.bulk_put((got, buf, lambda _b: released.set()))
+            chunk = self.loop.receive_bulk_data(fs, got, buf, lambda _b: released.set(),
+                                                self.native)
+            self.loop.bulk_put(chunk)
             sender.join(_WAIT)
             assert released.wait(_WAIT), "the fault thread never finished the bulk chunk"
         finally:
@@ -266,7 +267,7 @@ class Rig:
             rx.close()
 
     def bulk_frame(self, header: dict[str, object]) -> None:
-        self.loop.bulk_put((header, None, None))
+        self.loop.bulk_put(header)
 
     def exit_for(self, r: int, p: int) -> None:
         """A vCPU exit asks for the page (KVM memory-fault exits)."""
