@@ -480,7 +480,15 @@ def test_engines_agree_call_for_call() -> None:
     assert c.keys() == py.keys()
     differences = _differences(c, py)
     assert not differences, "the engines differ:\n" + "\n".join(differences)
-    # And what they agree on is right.
+    # And what they agree on is right: the totals are the states' (C writes the state
+    # bytes in place; PageMap.installed_in_place brings its totals along) ...
+    every = b"".join(c["states"])
+    done = sum(every.count(st) for st in (pagestate.INSTALLED, pagestate.POISONED,
+                                          pagestate.DISCARDED, pagestate.UNMAPPED))
+    assert c["totals"] == (done, every.count(pagestate.INSTALLED),
+                           every.count(pagestate.POISONED), every.count(pagestate.DISCARDED),
+                           every.count(pagestate.UNMAPPED))
+    assert done == sum(SIZES)
     assert c["events"] == [("link-lost", "source closed the demand lane"), ("complete", None)]
     assert c["outcomes"] == [("poisoned", "source did not answer within the session deadline")]
     assert c["totals"][2] == 3  # 1,30 lost; 1,20 and 1,21 past the deadline

@@ -369,8 +369,7 @@ class FaultLoop:
         io.dirty = 0
         c = self.counters
         if dirty & fastimport.DIRTY_PAGES:
-            self.pages.installed += io.installed_delta
-            self.pages.done += io.installed_delta
+            self.pages.installed_in_place(io.installed_delta)
             c.pages_demand += io.demand_pages
             c.pages_zero += io.zero_pages
             for method, n in (("copy", io.copy_pages), ("continue", io.continue_pages),
