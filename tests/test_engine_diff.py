@@ -48,6 +48,7 @@ from tests.conftest import require
 from uffdd import _fastpath, pagestate, protocol
 from uffdd._linux import uffd
 from uffdd._linux.mem import Mapping, buffer_address, madvise
+from uffdd.errors import KernelError
 from uffdd.faultloop import FaultLoop, ImportRegion
 from uffdd.metrics import SessionMetrics
 from uffdd.pagestate import PageMap
@@ -132,6 +133,15 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+def _have_uffd() -> bool:
+    try:
+        os.close(uffd.new_uffd(uffd.FEATURE_EVENT_REMOVE | uffd.FEATURE_THREAD_ID
+                               | uffd.FEATURE_POISON | uffd.FEATURE_MINOR_SHMEM))
+    except (OSError, KernelError):
+        return False
+    return True
+
+
 def _fill(r: int, p: int) -> int:
     """The byte the source's copy of page (r, p) holds."""
     return 1 + (r * 131 + p) % 251
@@ -155,7 +165,10 @@ class Rig:
         self.ctl = ctl
         ctl.settimeout(_WAIT)
         msg, fds, _flags, _addr = socket.recv_fds(ctl, 4096, 2)
-        require(len(fds) == 2, "the VMM child sent no userfaultfd")
+        if len(fds) != 2:  # it could not make one (a capability), or it broke (a bug)
+            self.proc.wait(_WAIT)
+            require(_have_uffd(), "userfaultfd is not available to this user")
+            pytest.fail(f"the VMM child sent no userfaultfd (exit {self.proc.returncode})")
         self.uffd, self.memfd = fds
         self._lines = msg.split(b"\n", 1)[1]
         addrs = json.loads(msg.split(b"\n", 1)[0])["addrs"]
