@@ -4,8 +4,10 @@ The same stream of demand-lane frames, hostile ones included, goes into a FaultL
 running the C loop and into one running the Python loop, each over a real socket and
 a real userfaultfd registered on memory of this process that nothing here touches
 (the ioctls install into it; reading it would fault). Both must end with the same
-page states and the same verdict (a ProtocolError, or none), and every page marked
-installed must really be present (pagemap).
+page states and the same verdict (the session's failure and its reason, or none),
+and every page marked installed must really be present (pagemap). Both run through
+``FaultLoop.run``; tests/test_engine_diff.py drives them over faults, discards, bulk
+and deadlines too, and compares their counters and metrics.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import itertools
 import mmap
 import os
 import socket
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 
@@ -25,7 +29,6 @@ from hypothesis import strategies as st
 from tests.conftest import require
 from uffdd import _fastpath, fastimport, pagestate, protocol
 from uffdd._linux import uffd
-from uffdd.errors import ProtocolError
 from uffdd.faultloop import FaultLoop, ImportRegion
 from uffdd.metrics import SessionMetrics
 from uffdd.pagestate import PageMap
@@ -73,43 +76,42 @@ def _loop(guest: Guest) -> FaultLoop:
                      deadline=30.0, policy="poison", integrity=True)
 
 
-def _run(stream: bytes, fast: bool) -> tuple[list[bytes], str | None, list[list[bool]]]:
-    """Feed ``stream`` to a demand lane; return (page states, error, pages present)."""
+Result = tuple[list[bytes], str | None, list[list[bool]], tuple[int, ...]]
+
+
+def _run(stream: bytes, fast: bool) -> Result:
+    """Feed ``stream`` to a demand lane of a loop running ``run()`` in its thread; return
+    (page states, the failure's reason or None, pages present, counters)."""
     guest = Guest()
     loop = _loop(guest)
+    loop.fastpath = _lib() if fast else None
+    events: list[tuple[str, object]] = []
+    loop.notify = lambda kind, data: events.append((kind, data))
     a, b = socket.socketpair()
-    error: str | None = None
+    thread = threading.Thread(target=loop.run)
+    loop.attach_demand_threadsafe(a)  # the loop owns it from here
+    thread.start()
     try:
-        for fd in loop._by_uffd:
-            loop._ep.register(fd, 1)
-        loop._ep.register(loop._wakefd, 1)
-        if fast:
-            loop._start_fast(_lib())
-        loop._set_demand(a)
         b.sendall(stream)
         b.shutdown(socket.SHUT_WR)
-        for _ in range(10000):
-            if loop._demand is None or loop._stopping:
-                break
-            if loop._fast is not None:
-                loop._fast_turn(loop._fast)
-            else:
-                loop._dispatch(loop._ep.poll(0.05))
-        else:
-            pytest.fail("the demand lane never ended")
-    except ProtocolError as e:
-        error = type(e).__name__
+        give_up = time.monotonic() + 20
+        while not any(kind in ("link-lost", "failed") for kind, _ in events):
+            assert time.monotonic() < give_up, "the demand lane never ended"
+            time.sleep(0.001)
     finally:
-        if loop._fast is not None:
-            loop._fast.close()
-        loop._ep.close()
-        os.close(loop._wakefd)
-        a.close()
+        loop.stop_threadsafe()
+        thread.join(20)
         b.close()
+    assert not thread.is_alive()
+    failed = [str(data) for kind, data in events if kind == "failed"]
     states = [bytes(row) for row in loop.pages.states]
     present = [guest.present(i) for i in range(len(SIZES))]
     guest.close()
-    return states, error, present
+    loop.metrics.close()
+    c = loop.counters
+    counters = (c.pages_demand, c.pages_background, c.pages_zero, c.faults, c.bytes_demand,
+                loop.pages.installed, loop.pages.done)
+    return states, (failed[0] if failed else None), present, counters
 
 
 def _frame(kind: str, r: int, p: int, n: int, fill: int, crc_ok: bool) -> bytes:
@@ -136,9 +138,9 @@ junk = st.one_of(st.just(b""), st.binary(max_size=12),
 @given(frames, junk)
 def test_c_and_python_loops_agree(stream: list[bytes], tail: bytes) -> None:
     data = b"".join(stream) + tail
-    c_states, c_error, c_present = _run(data, fast=True)
-    py_states, py_error, _ = _run(data, fast=False)
-    assert (c_states, c_error) == (py_states, py_error)
+    c_states, c_error, c_present, c_counters = _run(data, fast=True)
+    py_states, py_error, _, py_counters = _run(data, fast=False)
+    assert (c_states, c_error, c_counters) == (py_states, py_error, py_counters)
     for row, present in zip(c_states, c_present, strict=True):
         for state, here in zip(row, present, strict=True):
             if state == pagestate.INSTALLED:
@@ -151,7 +153,7 @@ def test_demand_replies_install_and_account() -> None:
     """Two plain data frames and a zero frame: installed, counted, folded into totals."""
     stream = (_frame("data", 0, 3, 2, 7, True) + _frame("zero", 1, 0, 4, 0, True)
               + _frame("data", 1, 15, 1, 9, True))
-    states, error, present = _run(stream, fast=True)
+    states, error, present, _ = _run(stream, fast=True)
     assert error is None
     assert [i for i, s in enumerate(states[0]) if s == pagestate.INSTALLED] == [3, 4]
     assert [i for i, s in enumerate(states[1]) if s == pagestate.INSTALLED] == [0, 1, 2, 3, 15]

@@ -109,6 +109,27 @@ class Counters:
             self.latencies_us.append(seconds * 1e6)
 
 
+@dataclass(eq=False)
+class BulkChunk:
+    """A bulk data frame as a bulk receiver thread hands it to the fault thread.
+
+    A plain run of ``count`` pages from ``page`` of region ``region``: the frame's
+    ``holes`` are zero-filled in ``buf`` already, so the run installs as one (and the
+    fault thread counts the holes' pages it fills as zero pages). ``crc_ok`` is the
+    receiver's checksum verdict (True when integrity is off); ``received`` the payload
+    bytes the lane carried. The fault thread gives ``buf`` back with ``release``.
+    """
+
+    region: int
+    page: int
+    count: int
+    buf: bytearray
+    release: Callable[[bytearray], object]
+    crc_ok: bool
+    received: int
+    holes: list[tuple[int, int]]  # the frame's zero pages ([offset, pages]), now zeroed
+
+
 class Outcome:
     """What a page request (from a vCPU exit) ended in."""
 
@@ -151,7 +172,8 @@ class FaultLoop:
         self._starts = {fd: [r.addr for r in rs] for fd, rs in self._by_uffd.items()}
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._control: queue.SimpleQueue[tuple[object, ...]] = queue.SimpleQueue()
-        self.bulk: queue.SimpleQueue[tuple[object, ...]] = queue.SimpleQueue()
+        # From the bulk receivers: received data (BulkChunk), or another bulk frame.
+        self.bulk: queue.SimpleQueue[BulkChunk | protocol.Message] = queue.SimpleQueue()
         self._ep = select.epoll()
         self._msgbuf = bytearray(uffd.MSG_SIZE * _MSG_BATCH)
         self._demand: socket.socket | None = None
@@ -218,8 +240,9 @@ class FaultLoop:
         self._control.put(("page", region, page, callback))
         self._kick()
 
-    def bulk_put(self, item: tuple[object, ...]) -> None:
-        """Called by bulk receiver threads with a received frame."""
+    def bulk_put(self, item: BulkChunk | protocol.Message) -> None:
+        """Called by bulk receiver threads: a received data chunk (``receive_bulk_data``),
+        or the header of a frame without payload (zero, lost, end, cancel)."""
         self.bulk.put(item)
         self._kick()
 
@@ -346,8 +369,7 @@ class FaultLoop:
         io.dirty = 0
         c = self.counters
         if dirty & fastimport.DIRTY_PAGES:
-            self.pages.installed += io.installed_delta
-            self.pages.done += io.installed_delta
+            self.pages.installed_in_place(io.installed_delta)
             c.pages_demand += io.demand_pages
             c.pages_zero += io.zero_pages
             for method, n in (("copy", io.copy_pages), ("continue", io.continue_pages),
@@ -492,31 +514,28 @@ class FaultLoop:
                 item = self.bulk.get_nowait()
             except queue.Empty:
                 return
-            self._bulk_slices = self._sliced(item)
-            if self._bulk_slices is None:
-                self._bulk_item(item)
+            self._last_progress = time.monotonic()
+            if not isinstance(item, BulkChunk):
+                self._frame(item, 0, memoryview(b""), "bulk")
                 return
+            if not item.crc_ok:
+                try:
+                    self._corrupt(item.region, item.page, item.count, "bulk")
+                finally:
+                    item.release(item.buf)
+                return
+            self.counters.pages_zero += self._installable_in(item)
+            self._bulk_slices = self._slices(item)
         if next(self._bulk_slices, True):
             self._bulk_slices = None
 
-    def _sliced(self, item: tuple[object, ...]) -> Iterator[bool] | None:
-        """A verified bulk data frame, installed ``_BULK_SLICE`` at a time (else None)."""
-        header, buf, release = item
-        if not (isinstance(header, dict) and isinstance(buf, bytearray) and callable(release)
-                and header.get("t") == "data" and header.get("crc_ok") is True):
-            return None
-        header.pop("crc_ok")
-        self.counters.pages_zero += self._installable_in(header, header.pop("holes", []))
-        return self._slices(header, buf, release)
-
-    def _slices(self, header: protocol.Message, buf: bytearray,
-                release: Callable[[bytearray], object]) -> Iterator[bool]:
-        """Yields False after each slice but the last, True after it; then frees ``buf``."""
+    def _slices(self, chunk: BulkChunk) -> Iterator[bool]:
+        """Installs a verified chunk a slice at a time: yields False after each slice but
+        the last, True after it; then frees the chunk's buffer."""
         try:
-            self._last_progress = time.monotonic()
-            r, page, count = self._run_of(header)
+            r, page, count = chunk.region, chunk.page, chunk.count
             ps = self.regions[r].page_size
-            addr = buffer_address(buf)
+            addr = buffer_address(chunk.buf)
             if self._fast is not None:  # C slices, and stops only when a fault waits
                 pos, end = page, page + count
                 while pos < end:
@@ -533,7 +552,7 @@ class FaultLoop:
                 if off + step < count:
                     yield False
         finally:
-            release(buf)
+            chunk.release(chunk.buf)
         yield True
 
     def _command(self, cmd: tuple[object, ...]) -> None:
@@ -849,15 +868,13 @@ class FaultLoop:
 
     # ------------------------------------------------------------ frames from either lane
 
-    def _frame(self, header: protocol.Message, addr: int, payload: memoryview, lane: str,
-               crc_ok: bool | None = None) -> None:
+    def _frame(self, header: protocol.Message, addr: int, payload: memoryview,
+               lane: str) -> None:
         kind = header.get("t")
         if kind == "data" or kind == "zero" or kind == "lost":
             region, page, count = self._run_of(header)
         if kind == "data":
-            if crc_ok is None:  # not checked by a bulk receiver thread: check here
-                crc_ok = not self.integrity or zlib.crc32(payload) == header.get("crc")
-            if not crc_ok:
+            if self.integrity and zlib.crc32(payload) != header.get("crc"):
                 self._corrupt(region, page, count, lane)
                 return
             self._install_data(region, page, count, addr, lane)
@@ -890,20 +907,20 @@ class FaultLoop:
                 raise ProtocolError("data frame length does not match its page count")
         return region, page, count
 
-    def receive_bulk_data(self, fs: FrameSocket, header: protocol.Message,
-                          buf: bytearray, native: PayloadNative | None = None) -> int:
+    def receive_bulk_data(self, fs: FrameSocket, header: protocol.Message, buf: bytearray,
+                          release: Callable[[bytearray], object],
+                          native: PayloadNative | None = None) -> BulkChunk:
         """Bulk receiver threads: receive a data frame's payload into ``buf``.
 
         Each page lands at its place in the run and the frame's holes ("zr", zero pages
         the source left out) are zero-filled, so the fault thread installs the whole run
         with one ioctl. The CRC is checked here, off the fault thread (zlib releases the
-        GIL), and the result left in ``header["crc_ok"]``; ``header["len"]`` becomes the
-        run's length. Returns the payload bytes received. With ``native`` (the C
-        helpers), one recvmsg scatters the pages between the holes and one C call
-        zero-fills the holes and checksums the rest; without, a receive, CRC and memset
-        per piece.
+        GIL). Returns the chunk for ``bulk_put``, its verdict in ``crc_ok``; ``buf``
+        goes back with ``release`` once installed. With ``native`` (the C helpers), one
+        recvmsg scatters the pages between the holes and one C call zero-fills the holes
+        and checksums the rest; without, a receive, CRC and memset per piece.
         """
-        region, _page, count = self._run_of(header, expanded=False)
+        region, page, count = self._run_of(header, expanded=False)
         ps = self.regions[region].page_size
         total = count * ps
         if total > len(buf):
@@ -916,11 +933,8 @@ class FaultLoop:
             crc = _receive_scattered(fs, buf, ps, count, holes, self.integrity, native)
         else:
             crc = _receive_pieces(fs, buf, ps, count, holes, self.integrity)
-        header.pop("zr", None)  # expanded: the fault thread sees a plain run
-        header["holes"] = holes  # ... and counts the zero pages it installs from them
-        header["len"] = total
-        header["crc_ok"] = not self.integrity or crc == header.get("crc")
-        return length
+        return BulkChunk(region, page, count, buf, release,
+                         not self.integrity or crc == header.get("crc"), length, holes)
 
     def _corrupt(self, region: int, page: int, count: int, lane: str) -> None:
         """A payload failed its checksum: ask again, a few times, then give up on the page."""
@@ -941,31 +955,11 @@ class FaultLoop:
             return self._fast.asked(region, page)
         return self._outstanding.get((region, page))
 
-    def _bulk_item(self, item: tuple[object, ...]) -> None:
-        self._last_progress = time.monotonic()
-        header, buf, release = item
-        assert isinstance(header, dict)
-        if buf is None:
-            self._frame(header, 0, memoryview(b""), "bulk")
-            return
-        assert isinstance(buf, bytearray) and callable(release)
-        try:
-            length = protocol.peer_int(header, "len")
-            crc_ok = header.pop("crc_ok", None)
-            header.pop("holes", None)  # a verified run is sliced (and its zeros counted)
-            self._frame(header, buffer_address(buf), memoryview(buf)[:length], "bulk",
-                        crc_ok if isinstance(crc_ok, bool) else None)
-        finally:
-            release(buf)
-
-    def _installable_in(self, header: protocol.Message, holes: object) -> int:
+    def _installable_in(self, chunk: BulkChunk) -> int:
         """How many pages of a bulk run's holes (zero at the source) are not here yet:
         the run's install puts zeros there, and they count as zero pages."""
-        if not isinstance(holes, list) or not holes:
-            return 0
-        region, page, _count = self._run_of(header, expanded=False)
-        return sum(n for off, k in holes
-                   for _start, n in self.pages.installable_runs(region, page + off, k))
+        return sum(n for off, k in chunk.holes
+                   for _start, n in self.pages.installable_runs(chunk.region, chunk.page + off, k))
 
     # ------------------------------------------------------------ installs
 
@@ -1044,23 +1038,39 @@ class FaultLoop:
     def _install_zero(self, r: int, page: int, count: int, lane: str) -> None:
         region = self.regions[r]
         for start, n in list(self.pages.installable_runs(r, page, count)):
+            self._zero_pages(region, start, n, lane)
+
+    def _zero_pages(self, region: ImportRegion, start: int, count: int, lane: str) -> None:
+        """Zero one installable run, as _install_run copies one: a partial call counts
+        the pages it zeroed (as the C loop does), a present page counts as present."""
+        ps = region.page_size
+        while count:
             try:
-                self._zero_run(region, start, n)
+                self._zero_run(region, start, count)
             except RangeGone:
-                self._range_gone(region, start, n,
-                                 lambda p, k: self._install_zero(r, p, k, lane))
-                continue
+                self._range_gone(region, start, count,
+                                 lambda p, k: self._install_zero(region.index, p, k, lane))
+                return
             except AlreadyPresent as e:
-                done = e.done // region.page_size
-                self._installed(region, start, done + 1, lane, "zeropage")
-                if n > done + 1:
-                    self._install_zero(r, start + done + 1, n - done - 1, lane)
-                continue
-            except Retry:
-                self._deferred.append((r, start, n, b"", lane))
-                continue
-            self._installed(region, start, n, lane, "zeropage")
-            self.counters.pages_zero += n
+                done = e.done // ps
+                self._zeroed(region, start, done, lane)
+                self._installed(region, start + done, 1, lane, "present")
+                skip = done + 1
+            except Retry as e:
+                done = e.done // ps
+                self._zeroed(region, start, done, lane)
+                if not done:  # the address space is changing: read the pending event first
+                    self._deferred.append((region.index, start, count, b"", lane))
+                    return
+                skip = done
+            else:
+                self._zeroed(region, start, count, lane)
+                return
+            start, count = start + skip, count - skip
+
+    def _zeroed(self, region: ImportRegion, start: int, count: int, lane: str) -> None:
+        self._installed(region, start, count, lane, "zeropage")
+        self.counters.pages_zero += count
 
     def _zero_run(self, region: ImportRegion, page: int, count: int) -> None:
         ps = region.page_size
@@ -1069,7 +1079,11 @@ class FaultLoop:
             uffd.continue_(region.uffd, region.addr + page * ps, count * ps)
         elif region.hugetlb:  # UFFDIO_ZEROPAGE does not support hugetlb
             for i in range(count):
-                uffd.copy(region.uffd, region.addr + (page + i) * ps, self._zeroaddr, ps)
+                try:
+                    uffd.copy(region.uffd, region.addr + (page + i) * ps, self._zeroaddr, ps)
+                except (AlreadyPresent, Retry) as e:
+                    e.done += i * ps  # what this run did, not this one page's call
+                    raise
         else:
             uffd.zeropage(region.uffd, region.addr + page * ps, count * ps)
 

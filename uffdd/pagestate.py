@@ -65,6 +65,11 @@ class PageMap:
             self._count(state, moved)
         return moved
 
+    def installed_in_place(self, count: int) -> None:
+        """The C engine, which shares ``states``, moved ``count`` pages from absent or
+        requested to INSTALLED by writing their bytes: bring the totals along."""
+        self._count(INSTALLED, count)
+
     def _count(self, state: int, delta: int) -> None:
         if state in _DONE:
             self.done += delta

@@ -612,15 +612,15 @@ class ImportSession(SessionBase):
             if kind == "data":
                 buf = _take_buffer(pool, fs)
                 try:  # pages land in place, holes zeroed, CRC checked (see FaultLoop)
-                    length = self.loop.receive_bulk_data(fs, header, buf, native)
+                    chunk = self.loop.receive_bulk_data(fs, header, buf, pool.put, native)
                 except BaseException:
                     pool.put(buf)
                     raise
-                self.bytes_bulk += length
-                self.metrics.received("bulk", length)
-                self.loop.bulk_put((header, buf, pool.put))
+                self.bytes_bulk += chunk.received
+                self.metrics.received("bulk", chunk.received)
+                self.loop.bulk_put(chunk)
             elif kind in ("zero", "lost", "end", "cancel"):
-                self.loop.bulk_put((header, None, None))
+                self.loop.bulk_put(header)
             else:
                 raise ProtocolError(f"unexpected frame on a bulk lane: {kind!r}")
 

@@ -84,7 +84,7 @@ struct fp_imp_io {
 	uint32_t dirty;
 	uint64_t installed_delta;
 	uint64_t faults[4]; /* missing-read, missing-write, minor-read, minor-write */
-	uint64_t copy_pages, continue_pages, zero_pages;
+	uint64_t copy_pages, continue_pages, zero_pages; /* pages installed, partial runs too */
 	uint64_t demand_pages, bytes_demand;
 	uint64_t hist[N_HOW][N_BUCKETS];
 	double hist_sum[N_HOW];
@@ -404,7 +404,9 @@ static int install_run(struct fp_imp *s, struct region *rg, uint64_t page, uint6
 		}
 		struct uffdio_continue c = {.range = {.start = dst, .len = count * ps}};
 		if (ioctl(rg->uffd, UFFDIO_CONTINUE, &c) < 0) {
+			/* a partial run: the pages before the one that stopped it went in */
 			*done = c.mapped > 0 ? (uint64_t)c.mapped / ps : 0;
+			s->io.continue_pages += *done;
 			return -1;
 		}
 		s->io.continue_pages += count;
@@ -413,6 +415,7 @@ static int install_run(struct fp_imp *s, struct region *rg, uint64_t page, uint6
 					.len = count * ps};
 		if (ioctl(rg->uffd, UFFDIO_COPY, &c) < 0) {
 			*done = c.copy > 0 ? (uint64_t)c.copy / ps : 0;
+			s->io.copy_pages += *done;
 			return -1;
 		}
 		s->io.copy_pages += count;
@@ -438,12 +441,14 @@ static int zero_run(struct fp_imp *s, struct region *rg, uint64_t page, uint64_t
 		struct uffdio_continue c = {.range = {.start = dst, .len = count * ps}};
 		if (ioctl(rg->uffd, UFFDIO_CONTINUE, &c) < 0) {
 			*done = c.mapped > 0 ? (uint64_t)c.mapped / ps : 0;
+			s->io.zero_pages += *done;
 			return -1;
 		}
 	} else {
 		struct uffdio_zeropage z = {.range = {.start = dst, .len = count * ps}};
 		if (ioctl(rg->uffd, UFFDIO_ZEROPAGE, &z) < 0) {
 			*done = z.zeropage > 0 ? (uint64_t)z.zeropage / ps : 0;
+			s->io.zero_pages += *done;
 			return -1;
 		}
 	}
