@@ -316,9 +316,9 @@ def vmm_death(rig: Rig, memory: str, which: str = "dest") -> tuple[bool, str]:
 
     The daemon whose VMM died cancels its session (the VMM's connection closed) and
     tells the other side with a 'cancel' frame on the demand lane; the other daemon
-    ends its session too and its VMM gets a 'failed' event (the destination VMM stops
-    the guest, with exit status 3). Neither daemon may keep an fd or a guest-RAM
-    mapping it did not hold before.
+    ends its session too and its VMM gets a terminal event: 'failed' for the destination
+    VMM (it stops the guest, with exit status 3), 'cancelled' for the source VMM.
+    Neither daemon may keep an fd or a guest-RAM mapping it did not hold before.
     """
     before = {d.name: (held(d), memfd_mappings(d)) for d in (rig.dst, rig.src)}
     m = rig.start_migration(memory=memory)
@@ -335,7 +335,8 @@ def vmm_death(rig: Rig, memory: str, which: str = "dest") -> tuple[bool, str]:
     src_st = rig.status("source", m.session) or {}
     told_st = src_st if which == "dest" else dst_st
     ok = (not any(leaks.values()) and dst_st.get("state") in ("cancelled", "failed")
-          and src_st.get("state") in ("cancelled", "failed") and told.get("event") == "failed"
+          and src_st.get("state") in ("cancelled", "failed")
+          and told.get("event") in ("failed", "cancelled")
           and "cancelled the session" in str(told_st.get("reason")))
     leaked = "; ".join(f"{k} {v}" for k, v in leaks.items() if v) or "nothing leaked"
     return ok, (f"{leaked}; dest session {dst_st.get('state')}, source session "
