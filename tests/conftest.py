@@ -8,15 +8,58 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from uffdd import _fastpath
+from uffdd import _fastpath, schema
 from uffdd.lab import harness
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# The VMM contract (uffdd/schema.py) is enforced in every process the suite starts, which
+# inherit these: a daemon records each reply or event it sends that violates its
+# definition, and uffdd.client (in the test itself or in a VMM child) raises on, and
+# records, each frame it receives that does. The autouse fixture below fails the test
+# during which a violation was recorded.
+os.environ["UFFDD_STRICT_SCHEMA"] = "1"
+_SCHEMA_LOG = Path(tempfile.mkdtemp(prefix="uffdd-schema-")) / "violations.jsonl"
+os.environ["UFFDD_SCHEMA_LOG"] = str(_SCHEMA_LOG)
+
+
+def _schema_log_size() -> int:
+    try:
+        return _SCHEMA_LOG.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def wire_conformance() -> Iterator[None]:
+    """Fail the test if any frame a daemon sent during it violates uffdd/schema.py."""
+    start = _schema_log_size()
+    yield
+    if _schema_log_size() > start:
+        with _SCHEMA_LOG.open(encoding="utf-8") as f:
+            f.seek(start)
+            seen = f.read()
+        pytest.fail("frames that violate their definition in uffdd/schema.py:\n" + seen,
+                    pytrace=False)
+
+
+def check_frame(body: dict[str, object], op: str | None = None) -> dict[str, object]:
+    """For raw-socket test clients: raise if a frame the daemon sent violates the schema.
+
+    ``op``: the request a reply answers, when known (its own fields are then checked).
+    A test that sends garbage on purpose still gets schema-valid replies.
+    """
+    problems = schema.check_message(body, op)
+    if problems:
+        schema.record("raw test client", problems, body)
+        raise schema.SchemaViolation("; ".join(problems))
+    return body
 
 
 def require(condition: bool, reason: str) -> None:

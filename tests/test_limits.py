@@ -22,7 +22,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from tests.conftest import Pair, assert_byte_exact
+from tests.conftest import Pair, assert_byte_exact, check_frame
 from tests.test_security import Daemons, refused_count, session_status
 from uffdd import peer, protocol
 from uffdd.client import Client, ClientError, MemoryRegion
@@ -118,7 +118,7 @@ def test_oversized_api_frame(daemons: Daemons) -> None:
         s.sendall(struct.pack(">I", 65537) + b"\x80" * 1024)
         data = read_all(s)
     (length,) = struct.unpack(">I", data[:4])
-    reply = msgpack.unpackb(data[4 : 4 + length])
+    reply = check_frame(msgpack.unpackb(data[4 : 4 + length]))
     assert reply["ok"] is False and reply["error"] == "frame-too-large", reply
     assert len(data) == 4 + length  # one error frame, then the connection is closed
     wait_count(pair.dst, "frame-too-large", before)

@@ -18,7 +18,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from tests.conftest import Pair
+from tests.conftest import Pair, check_frame
 from uffdd._linux import uffd
 from uffdd._linux.mem import buffer_address
 
@@ -31,6 +31,7 @@ class RawClient:
         self.sock.settimeout(20)
         self.sock.connect(path)
         self.buf = b""
+        self.ops: dict[int, str] = {}  # id -> op of requests sent, to check their replies
 
     def close(self) -> None:
         self.sock.close()
@@ -41,6 +42,9 @@ class RawClient:
         self.sock.sendmsg([data], anc)
 
     def send(self, body: object, fds: list[int] | None = None) -> None:
+        if isinstance(body, dict) and isinstance(body.get("id"), int) \
+                and isinstance(body.get("op"), str):
+            self.ops[body["id"]] = body["op"]
         data = msgpack.packb(body, use_bin_type=True)
         self.send_raw(struct.pack(">I", len(data)) + data, fds)
 
@@ -53,7 +57,8 @@ class RawClient:
         n = struct.unpack(">I", self.buf[:4])[0]
         body = msgpack.unpackb(self.buf[4 : 4 + n])
         self.buf = self.buf[4 + n :]
-        return body
+        op = self.ops.pop(body["id"], None) if isinstance(body.get("id"), int) else None
+        return check_frame(body, op)  # the daemon's frames match uffdd/schema.py
 
     def reply(self) -> dict[str, object]:
         """The next reply, skipping events."""
@@ -235,7 +240,8 @@ def test_minor_mode_needs_the_memory_fd(running: Pair) -> None:
     imp = {"op": "import", "id": 2, "session": "minor", "token": TOKEN, "peer": "127.0.0.1:1",
            "regions": [{"gpa": 0, "addr": buffer_address(ram), "size": 1 << 20,
                         "page_size": 4096, "uffd": 0, "mode": "minor"}]}
-    _refused(c.request(imp, [ufd]), "bad-region", "minor", "fd")
+    # A malformed request (issue 14: was bad-region): nothing about the memory is wrong.
+    _refused(c.request(imp, [ufd]), "bad-request", "minor", "fd")
     c.close()
     os.close(ufd)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from tests.conftest import Pair, _check_logs, assert_byte_exact, require
+from tests.conftest import Pair, _check_logs, assert_byte_exact, check_frame, require
 from uffdd import peer, tls
 from uffdd.client import Client, ClientError
 from uffdd.errors import AuthError, PeerUnavailable, ProtocolError
@@ -356,8 +356,8 @@ def _as_nobody(socket_path: str, session: str) -> dict[str, dict[str, object]]:
                           text=True, timeout=60, cwd="/")
     assert done.returncode == 0, done.stderr
     raw: dict[str, str] = json.loads(done.stdout.strip().splitlines()[-1])
-    return {op: (msgpack.unpackb(bytes.fromhex(v)) if not v.startswith("closed") else
-                 {"closed": v}) for op, v in raw.items()}
+    return {op: (check_frame(msgpack.unpackb(bytes.fromhex(v)), op.split("-")[0])
+                 if not v.startswith("closed") else {"closed": v}) for op, v in raw.items()}
 
 
 def test_vmm_from_a_disallowed_uid_is_refused(shared_dir: Path, daemons: Daemons) -> None:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import trio
 
-from uffdd import handover, metrics, protocol, strategies
+from uffdd import handover, metrics, protocol, schema, strategies
 from uffdd._linux import scm, sdnotify
 from uffdd._linux.fds import OwnedFds
 from uffdd._linux.mem import Mapping
@@ -95,10 +95,15 @@ class Connection:
         api = self.daemon.config.api
         return self.cred.uid in api.allowed_uids or self.cred.gid in api.allowed_gids
 
-    async def send(self, message: protocol.Message) -> None:
-        """Write one frame whole within limits.send_timeout, else drop the connection."""
+    async def send(self, message: protocol.Message, op: object = None) -> None:
+        """Write one frame whole within limits.send_timeout, else drop the connection.
+
+        Every reply (to ``op``) and event is checked against its definition first
+        (:func:`check_outgoing`).
+        """
         if self.closed:
             raise trio.ClosedResourceError("connection closed")
+        check_outgoing(message, op)
         data = protocol.pack(message)
         timeout = self.daemon.config.limits.send_timeout
         with trio.move_on_after(timeout) as scope:
@@ -189,7 +194,7 @@ class Connection:
     async def _write_events(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             async for event in self._outbox_out:
-                await self.send(event)
+                await self.send(event)  # an event: checked as one
 
     def _queue_event(self, event: protocol.Message) -> None:
         try:
@@ -308,7 +313,7 @@ class Connection:
             if isinstance(fds, list):
                 scm.close_all(fds)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await self.send(reply)
+            await self.send(reply, op)
 
     async def _reply(self, body: protocol.Message, fds: list[int] | _Refused
                      ) -> protocol.Message:
@@ -337,6 +342,29 @@ class Connection:
         if self.closed:
             raise trio.ClosedResourceError("connection closed")
         self._queue_event(event)
+
+
+#: Violations already logged (outside strict mode each is logged once, not per frame).
+_REPORTED: set[str] = set()
+
+
+def check_outgoing(message: protocol.Message, op: object = None) -> None:
+    """Check a reply to ``op`` (or an event) against uffdd.schema before it is sent.
+
+    A violation is a daemon bug: logged as an internal error, and recorded for the test
+    suite (``UFFDD_SCHEMA_LOG``), which fails the test that caused it. The frame is still
+    sent (the VMM's client decides what an unknown field means to it).
+    """
+    known = op if isinstance(op, str) and op in schema.REPLIES else None
+    problems = schema.check_message(message, known)
+    if not problems:
+        return
+    schema.record("daemon", problems, message)
+    key = "; ".join(problems)
+    if schema.strict() or (key not in _REPORTED and len(_REPORTED) < 256):
+        _REPORTED.add(key)
+        log.error("internal error: a frame violates its definition in uffdd/schema.py: %s "
+                  "(frame: %.500r)", key, message)
 
 
 class _Truncated(Exception):

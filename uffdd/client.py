@@ -15,7 +15,8 @@ Errors the daemon reports are raised as :class:`ClientError` with its ``code``.
 With ``resilient=True`` a lost daemon connection (the daemon was restarted) is not an
 error: the client reconnects with capped exponential backoff and hands the daemon every
 session it created again, with the same fds (the VMM keeps its own copies), then goes on
-waiting. A session is forgotten once its ``completed`` or ``failed`` event arrived.
+waiting. A session is forgotten once its terminal event (``completed``, ``failed``,
+``cancelled``) arrived.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from uffdd import protocol
+from uffdd import protocol, schema
 from uffdd._linux import scm
 from uffdd.errors import UffddError
 
@@ -35,7 +36,7 @@ log = logging.getLogger("uffdd.client")
 
 _RESENT_OPS = ("export", "import")
 #: The events that end a session: exactly one of them, last (README, ``subscribe``).
-TERMINAL_EVENTS = ("completed", "failed", "cancelled")
+TERMINAL_EVENTS = schema.TERMINAL_EVENTS
 
 class ClientError(UffddError):
     """The daemon refused a request (``code`` as in README, wire protocol) or the link broke."""
@@ -97,6 +98,7 @@ class Client:
         self._next_id = 1
         self._events: deque[dict[str, Any]] = deque()
         self._buf = bytearray()
+        self._ops: dict[int, str] = {}  # id -> op of the requests not answered yet
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -232,7 +234,7 @@ class Client:
             event = self.next_event(left)
             if event is None:
                 raise ClientError("timeout", f"session {session} did not finish in time")
-            if event.get("session") == session and event["event"] in TERMINAL_EVENTS:
+            if event.get("session") == session and event["event"] in schema.TERMINAL_EVENTS:
                 return event
 
     # -- plumbing
@@ -267,6 +269,7 @@ class Client:
         while True:
             self._sock.close()
             self._buf.clear()
+            self._ops.clear()
             try:
                 self._sock = self._connect()
                 for body, fds in list(self._sessions.values()):
@@ -297,7 +300,7 @@ class Client:
 
     def _forget(self, event: dict[str, Any]) -> None:
         """A final event: the session must not be handed over again."""
-        if event.get("event") in TERMINAL_EVENTS:
+        if event.get("event") in schema.TERMINAL_EVENTS:
             self._sessions.pop(str(event.get("session")), None)
 
     def _request_once(self, body: dict[str, Any], fds: list[int] | None = None
@@ -305,6 +308,7 @@ class Client:
         req_id = self._next_id
         self._next_id += 1
         body = {**body, "id": req_id}
+        self._ops[req_id] = str(body.get("op"))
         try:
             scm.send_with_fds(self._sock, protocol.pack(body), fds or [])
         except OSError as e:
@@ -353,6 +357,13 @@ class Client:
             return None
         body = protocol.unpack_body(bytes(self._buf[4 : 4 + length]))
         del self._buf[: 4 + length]
+        op = None
+        req_id = body.get("id")
+        if "event" not in body and isinstance(req_id, int):
+            op = self._ops.pop(req_id, None)
+        # UFFDD_STRICT_SCHEMA=1 (the test suite): a frame that does not match its
+        # definition in uffdd.schema is an error here, in whichever test received it.
+        schema.validate_received(body, op)
         return body
 
 

@@ -2,8 +2,8 @@
 
 VMM API frames: ``u32 big-endian length`` + msgpack map. Peer frames: ``u32 big-endian
 header length`` + msgpack header map + ``header["len"]`` raw payload bytes. Requests are
-checked against small schemas here, so the daemon's handlers only ever see well-typed
-values, and every refusal names the field that is wrong.
+checked here against their definition in uffdd.schema, so the daemon's handlers only ever
+see well-typed values, and every refusal names the field that is wrong.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Final
 
 import msgpack
 
+from uffdd import schema
 from uffdd.errors import ProtocolError, RequestError
 
 LENGTH: Final = struct.Struct(">I")
@@ -59,106 +60,18 @@ def check_length(length: int, limit: int) -> None:
         raise RequestError("frame-too-large", f"frame of {length} bytes exceeds limit {limit}")
 
 
-# ---------------------------------------------------------------- schemas
+# ---------------------------------------------------------------- requests
 
-_INT = (int,)
-_STR = (str,)
-_NUM = (int, float)
-_TOKEN = (bytes, str)
-_LIST = (list,)
-
-Schema = dict[str, tuple[tuple[type, ...], bool]]
-
-_EXPORT_REGION: Final[Schema] = {
-    "gpa": (_INT, True),
-    "size": (_INT, True),
-    "page_size": (_INT, True),
-    "fd": (_INT, False),
-    "offset": (_INT, False),
-    "addr": (_INT, False),
-}
-_IMPORT_REGION: Final[Schema] = {
-    "gpa": (_INT, True),
-    "addr": (_INT, True),
-    "size": (_INT, True),
-    "page_size": (_INT, True),
-    "uffd": (_INT, True),
-    "mode": (_STR, True),
-    "fd": (_INT, False),
-    "offset": (_INT, False),
-}
-_BASE: Final[Schema] = {"op": (_STR, True), "id": (_INT, True)}
-REQUESTS: Final[dict[str, Schema]] = {
-    "export": {
-        **_BASE,
-        "session": (_STR, True),
-        "token": (_TOKEN, True),
-        "pid": (_INT, False),
-        "regions": (_LIST, True),
-    },
-    "import": {
-        **_BASE,
-        "session": (_STR, True),
-        "token": (_TOKEN, True),
-        "peer": (_STR, True),
-        "strategy": (_STR, False),
-        "policy": (_STR, False),
-        "deadline": (_NUM, False),
-        "present": (_STR, False),
-        "regions": (_LIST, True),
-    },
-    "status": {**_BASE, "session": (_STR, False)},
-    "subscribe": {**_BASE, "session": (_STR, True)},
-    "cancel": {**_BASE, "session": (_STR, True)},
-    "resolve": {
-        **_BASE,
-        "session": (_STR, True),
-        "vcpu": (_INT, True),
-        "gpa": (_INT, False),
-        "addr": (_INT, False),
-        "size": (_INT, True),
-        "access": (_STR, True),
-        "flags": (_INT, False),
-    },
-    "inject": {
-        **_BASE,
-        "session": (_STR, True),
-        "lose": (_LIST, False),
-        "corrupt": (_INT, False),
-    },
-    "populate-failed": {
-        **_BASE,
-        "session": (_STR, True),
-        "vcpu": (_INT, True),
-        "gpa": (_INT, False),
-        "addr": (_INT, False),
-        "errno": (_INT, True),
-    },
-}
+#: Every request's fields (uffdd.schema is the one definition; re-exported by op).
+REQUESTS: Final = schema.REQUESTS
 
 
-def _type_name(types: tuple[type, ...]) -> str:
-    return " or ".join(t.__name__ for t in types)
-
-
-def check_fields(body: Mapping[str, object], schema: Schema, where: str) -> None:
-    """Refuse missing, extra or wrongly typed fields, naming the first bad one."""
-    for key in body:
-        if key not in schema:
-            raise RequestError("bad-request", f"{where}: unknown field {key!r}")
-    for key, (types, required) in schema.items():
-        if key not in body:
-            if required:
-                raise RequestError("bad-request", f"{where}: missing field {key!r}")
-            continue
-        value = body[key]
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise RequestError(
-                "bad-request",
-                f"{where}: field {key!r} must be {_type_name(types)}, not {type(value).__name__}",
-            )
-        if isinstance(value, int) and value < 0:
-            raise RequestError("bad-request", f"{where}: field {key!r} must not be negative")
+def check_fields(body: Mapping[str, object], fields: Sequence[schema.Field], where: str
+                 ) -> None:
+    """Refuse missing, extra, wrongly typed or out-of-enum fields, naming the first bad one."""
+    problems = schema.check_fields(body, fields, where)
+    if problems:
+        raise RequestError("bad-request", problems[0])
 
 
 def check_request(body: Message) -> str:
@@ -166,10 +79,10 @@ def check_request(body: Message) -> str:
     op = body.get("op")
     if not isinstance(op, str):
         raise RequestError("bad-request", "request: missing field 'op' (a string)")
-    schema = REQUESTS.get(op)
-    if schema is None:
+    fields = REQUESTS.get(op)
+    if fields is None:
         raise RequestError("bad-request", f"request: unknown op {op!r}")
-    check_fields(body, schema, op)
+    check_fields(body, fields, op)
     session = body.get("session")
     if isinstance(session, str) and not SESSION_RE.fullmatch(session):
         raise RequestError("bad-request", f"{op}: session id must match {SESSION_RE.pattern}")
@@ -216,10 +129,10 @@ PRESENT_KEEP: Final = "keep"  # they hold valid data (VMM precopy, or a re-impor
 PRESENT_VALUES: Final = (PRESENT_NONE, PRESENT_KEEP)
 
 
-def _region(raw: object, schema: Schema, where: str) -> Mapping[str, object]:
+def _region(raw: object, fields: Sequence[schema.Field], where: str) -> Mapping[str, object]:
     if not isinstance(raw, dict):
         raise RequestError("bad-request", f"{where}: must be a map")
-    check_fields(raw, schema, where)
+    check_fields(raw, fields, where)
     return raw
 
 
@@ -240,11 +153,11 @@ def parse_regions(raw: object, *, role: str, limit: int | None = None) -> list[R
     if limit is not None and len(raw) > limit:
         raise RequestError("limit", f"{len(raw)} regions in one request, more than "
                            f"{limit} (limits.max_regions_per_request)")
-    schema = _IMPORT_REGION if role == "import" else _EXPORT_REGION
+    fields = schema.IMPORT_REGION if role == "import" else schema.EXPORT_REGION
     specs: list[RegionSpec] = []
     for i, item in enumerate(raw):
         where = f"regions[{i}]"
-        r = _region(item, schema, where)
+        r = _region(item, fields, where)
         spec = RegionSpec(
             gpa=_int(r, "gpa"),
             size=_int(r, "size"),
@@ -274,10 +187,10 @@ def _check_region_shape(r: RegionSpec, where: str, role: str) -> None:
     if r.size > ADDRESS_SPACE_LIMIT or r.addr + r.size > ADDRESS_SPACE_LIMIT:
         raise RequestError("bad-region", f"{where}: size {r.size:#x} at addr {r.addr:#x} lies "
                            f"beyond any process's address space ({ADDRESS_SPACE_LIMIT:#x})")
-    if role == "import" and r.mode not in ("missing", "minor"):
-        raise RequestError("bad-region", f"{where}: mode must be 'missing' or 'minor'")
+    if role == "import" and r.mode not in schema.MODES:  # check_fields refused it already
+        raise RequestError("bad-request", f"{where}: mode must be 'missing' or 'minor'")
     if role == "import" and r.mode == "minor" and r.fd < 0:
-        raise RequestError("bad-region", f"{where}: mode 'minor' needs the memory fd ('fd')")
+        raise RequestError("bad-request", f"{where}: mode 'minor' needs the memory fd ('fd')")
 
 
 def _check_overlaps(specs: list[RegionSpec]) -> None:
@@ -293,9 +206,10 @@ def _check_overlaps(specs: list[RegionSpec]) -> None:
 
 
 def error_reply(req_id: object, code: str, message: str) -> Message:
-    """The error reply of the VMM API."""
-    return {"id": req_id if isinstance(req_id, int) else None, "ok": False,
-            "error": code, "message": message}
+    """The error reply of the VMM API: ``id`` is nil unless the request had a usable one
+    (an int >= 0, not a bool), so a client never sees back a value it did not mean."""
+    usable = isinstance(req_id, int) and not isinstance(req_id, bool) and req_id >= 0
+    return {"id": req_id if usable else None, "ok": False, "error": code, "message": message}
 
 
 # ---------------------------------------------------------------- peer frames
