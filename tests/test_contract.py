@@ -16,13 +16,14 @@ import re
 import secrets
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from tests.conftest import check_frame
+from tests.conftest import Pair, assert_byte_exact, check_frame
 from uffdd import api, metrics, schema
 from uffdd.client import Client, ClientError, MemoryRegion
 from uffdd.lab import harness
@@ -279,3 +280,66 @@ def test_no_file_cites_a_document_that_is_not_in_the_repository() -> None:
                         or name in ("README.md",)):
                     missing.append(f"{path.relative_to(ROOT)}: {name}")
     assert not missing, missing
+
+
+def test_import_before_export_waits_for_the_export(pair: Pair) -> None:
+    """An import whose source has no export yet keeps asking until its deadline; the
+    export made meanwhile is found, and the migration completes byte-exact."""
+    session, token = f"early-{secrets.token_hex(3)}", secrets.token_hex(16)
+    common = ["--session", session, "--token", token, "--memory", "16M", "--backing",
+              "shmem", "--seed", "7"]
+    dst = harness.start_vmm(harness.python_vmm(
+        "dest", *common, "--socket", pair.dst.api_socket, "--peer", pair.src.peer),
+        "dest", pair.workdir)
+    # Wait (bounded) until the source has refused the destination at least once: the
+    # import is running, and the export does not exist yet.
+    give_up = time.monotonic() + 60
+    while "source refused" not in pair.dst.log_text():
+        assert dst.proc.poll() is None, dst.stderr()
+        assert time.monotonic() < give_up, "the destination never dialled the source"
+        time.sleep(0.05)
+    with Client(pair.dst.api_socket) as c:
+        (entry,) = c.status(session)
+        assert entry["state"] == "connecting", entry
+    ready = pair.workdir / f"{session}.ready"
+    src = harness.start_vmm(harness.python_vmm(
+        "source", *common, "--socket", pair.src.api_socket, "--ready-file", str(ready)),
+        "source", pair.workdir, ready)
+    assert_byte_exact(dst.result(300), src.result(60))
+
+
+def test_ended_sessions_stay_in_status_and_do_not_count(tmp_path: Path) -> None:
+    """With limits.max_sessions = 1, sessions can be made one after another: an ended one
+    does not count. status keeps the last 64 that ended (registry.KEEP_FINISHED)."""
+    d = harness.start_daemon(tmp_path, "one", config="[limits]\nmax_sessions = 1\n")
+    mem = os.memfd_create("contract-ram", os.MFD_CLOEXEC)
+    os.ftruncate(mem, 1 << 16)
+    try:
+        with Client(d.api_socket, timeout=20) as c:
+            for i in range(66):
+                session = f"ended-{i}"
+                give_up = time.monotonic() + 30
+                while True:  # the previous one's task may still be releasing it
+                    try:
+                        c.export_session(session, secrets.token_bytes(16),
+                                         [MemoryRegion(gpa=0, size=1 << 16, fd=mem)])
+                        break
+                    except ClientError as e:
+                        assert e.code == "limit" and time.monotonic() < give_up, e
+                        time.sleep(0.01)
+                with pytest.raises(ClientError) as refused:  # the running one counts
+                    c.export_session("one-too-many", secrets.token_bytes(16),
+                                     [MemoryRegion(gpa=0, size=1 << 16, fd=mem)])
+                assert refused.value.code == "limit"
+                c.cancel(session)
+                c.wait_finished(session, timeout=20)
+            give_up = time.monotonic() + 30
+            while len(entries := c.status()) != 64 or entries[-1]["session"] != "ended-65":
+                assert time.monotonic() < give_up, [e["session"] for e in entries]
+                time.sleep(0.01)
+            assert [e["session"] for e in entries] == [f"ended-{i}" for i in range(2, 66)]
+            assert {e["state"] for e in entries} == {"cancelled"}
+    finally:
+        os.close(mem)
+        assert d.stop() == 0
+    assert "Traceback" not in d.log_text()
