@@ -338,20 +338,7 @@ STATUS_ENTRY: Final = (
 #: field may be missing, or present on a role it is not defined for. The check enforces
 #: each rule in full once its pair is removed from here. Messages are "status" (an entry)
 #: and "event:KIND".
-PENDING: Final[frozenset[tuple[str, str]]] = frozenset({
-    ("status", "poisoned"),  # new
-    ("status", "faults"),  # export entries do not carry it yet
-    ("status", "strategy"),  # export entries still carry "" (import only)
-    ("status", "policy"),  # export entries still carry "" (import only)
-    ("event:completed", "pages_installed"),  # new
-    ("event:completed", "poisoned"),  # new
-    ("event:completed", "pages_total"),  # a replayed `completed` lacks it
-    ("event:completed", "pages_poisoned"),  # a replayed `completed` lacks it
-    ("event:failed", "pages_total"),  # new in failed
-    ("event:failed", "pages_installed"),
-    ("event:failed", "pages_poisoned"),
-    ("event:failed", "poisoned"),
-})
+PENDING: Final[frozenset[tuple[str, str]]] = frozenset()
 
 
 # ---------------------------------------------------------------- checking
