@@ -67,7 +67,7 @@ static void print_verdict(const char *what, const struct uffdd_verdict *v)
 
 static void print_event(const struct uffdd_event *ev)
 {
-	static const char *const kinds[] = { "?", "progress", "completed", "failed" };
+	static const char *const kinds[] = { "?", "progress", "completed", "failed", "cancelled" };
 	printf("{\"call\": \"event\", \"event\": \"%s\", \"session\": ", kinds[ev->kind]);
 	json_str(ev->session);
 	printf(", \"pages_total\": %llu, \"pages_installed\": %llu, \"pages_poisoned\": %llu, "
