@@ -16,6 +16,8 @@ import re
 import secrets
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -343,3 +345,14 @@ def test_ended_sessions_stay_in_status_and_do_not_count(tmp_path: Path) -> None:
         os.close(mem)
         assert d.stop() == 0
     assert "Traceback" not in d.log_text()
+
+
+def test_shipped_config_starts_as_it_is() -> None:
+    """deploy/uffdd.toml, unedited, passes every start-up check of `serve` (its TLS lines
+    are commented out; its first lines say what to supply for migrations off this host)."""
+    shipped = ROOT / "deploy" / "uffdd.toml"
+    head = "\n".join(shipped.read_text().splitlines()[:8])
+    assert "without certificates" in head and "certificate" in head, head
+    done = subprocess.run([sys.executable, "-m", "uffdd", "serve", "--config", str(shipped),
+                           "--check-config"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -239,9 +239,8 @@ REPLIES: Final[dict[str, tuple[Field, ...]]] = {
 _C: Final[dict[str, Field]] = {c.name: c for c in (
     _f("pages_total", "uint", True, "pages of the session's regions", units=PAGES),
     _f("pages_installed", "uint", True, "pages in guest RAM", units=PAGES, by_role={
-        IMPORT: "pages installed in guest RAM (demand, background, zero, adopted present, "
-                "and pages the VMM discarded); pages_total at `completed` less "
-                "pages_poisoned and pages_unmapped",
+        IMPORT: "pages installed in guest RAM (on demand, by the stream, as zero, adopted "
+                "as present), and pages the VMM discarded (which need no data)",
         EXPORT: "pages sent to the destination so far; at `completed` the destination's "
                 "final pages_installed (it reports its tallies when done)"}),
     _f("pages_demand", "uint", True, "pages asked for", units=PAGES, by_role={
