@@ -337,7 +337,10 @@ def vmm_death(rig: Rig, memory: str, which: str = "dest") -> tuple[bool, str]:
     ok = (not any(leaks.values()) and dst_st.get("state") in ("cancelled", "failed")
           and src_st.get("state") in ("cancelled", "failed")
           and told.get("event") in ("failed", "cancelled")
-          and "cancelled the session" in str(told_st.get("reason")))
+          # The daemon may see the VMM's connection close first (a cancel) or its fault
+          # loop see the VMM gone (a failure): the other side is told which it was.
+          and any(why in str(told_st.get("reason"))
+                  for why in ("cancelled the session", "session failed")))
     leaked = "; ".join(f"{k} {v}" for k, v in leaks.items() if v) or "nothing leaked"
     return ok, (f"{leaked}; dest session {dst_st.get('state')}, source session "
                 f"{src_st.get('state')}; {'source' if which == 'dest' else 'destination'} "
