@@ -88,8 +88,13 @@ class Connection:
         self.closed = False
         self.dropped = False  # closed by us for not reading: its sessions go on
         self.in_flight = 0  # resolve requests of this connection not answered yet
-        self._outbox_in, self._outbox_out = trio.open_memory_channel[protocol.Message](_OUTBOX)
+        # Every reply and event of a served connection goes out through this one queue and
+        # its one writer, so the VMM reads them in the order they were made (README,
+        # "Order of replies and events"): a reply after each event queued before it.
+        self._outbox_in, self._outbox_out = trio.open_memory_channel[
+            tuple[protocol.Message, object, trio.Event | None]](_OUTBOX)
         self._scope: trio.CancelScope | None = None  # the connection's nursery, once serving
+        self._written = trio.Event()  # the writer has ended (its queue closed and drained)
 
     def allowed(self) -> bool:
         api = self.daemon.config.api
@@ -146,6 +151,11 @@ class Connection:
                     return
                 nursery.start_soon(self._write_events)
                 await self._serve(nursery)
+                # The VMM is done sending: what is queued for it still goes out (bounded
+                # as any send), then the connection ends.
+                self._outbox_in.close()
+                with trio.move_on_after(self.daemon.config.limits.send_timeout):
+                    await self._written.wait()
                 nursery.cancel_scope.cancel()
         except* (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass  # the VMM went away (or was dropped): its sessions are dealt with below
@@ -192,13 +202,19 @@ class Connection:
                 await self._handle(body, fds)
 
     async def _write_events(self) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            async for event in self._outbox_out:
-                await self.send(event)  # an event: checked as one
+        try:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                     OSError):
+                async for message, op, sent in self._outbox_out:
+                    await self.send(message, op)  # checked as a reply to op, or an event
+                    if sent is not None:
+                        sent.set()
+        finally:
+            self._written.set()
 
     def _queue_event(self, event: protocol.Message) -> None:
         try:
-            self._outbox_in.send_nowait(event)
+            self._outbox_in.send_nowait((event, None, None))
         except trio.WouldBlock:
             self.drop(f"{_OUTBOX} events are waiting for it to read")
             raise trio.BrokenResourceError("VMM stopped reading") from None
@@ -313,7 +329,22 @@ class Connection:
             if isinstance(fds, list):
                 scm.close_all(fds)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await self.send(reply, op)
+            await self._send_in_order(reply, op)
+
+    async def _send_in_order(self, reply: protocol.Message, op: object) -> None:
+        """Send a reply behind the events made before it, through the one writer, and
+        wait until it is written: the next request is read only then, as before, so a
+        VMM that stops reading stops being read (and is dropped by the writer's send,
+        at limits.send_timeout)."""
+        sent = trio.Event()
+        timeout = self.daemon.config.limits.send_timeout
+        with trio.move_on_after(timeout) as scope:
+            await self._outbox_in.send((reply, op, sent))
+        if scope.cancelled_caught:
+            self.drop(f"{_OUTBOX} frames waited {timeout:g}s for it to read "
+                      "(limits.send_timeout)")
+            return
+        await _first_set(sent, self._written)  # the writer may end first (a drop)
 
     async def _reply(self, body: protocol.Message, fds: list[int] | _Refused
                      ) -> protocol.Message:
@@ -365,6 +396,16 @@ def check_outgoing(message: protocol.Message, op: object = None) -> None:
         _REPORTED.add(key)
         log.error("internal error: a frame violates its definition in uffdd/schema.py: %s "
                   "(frame: %.500r)", key, message)
+
+
+async def _first_set(*events: trio.Event) -> None:
+    """Return when any of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+            async def wait(e: trio.Event = event) -> None:
+                await e.wait()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(wait)
 
 
 class _Truncated(Exception):
