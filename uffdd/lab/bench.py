@@ -520,7 +520,9 @@ class Bench:
 
     def _migration_run(self, memory: int, *, threads: int) -> Result:
         d, st, usage, r = self._vmsim_run(background=True, memory=memory, threads=threads)
-        return {"seconds": d["seconds"], "blocked_seconds_total": r["blocked_s"],
+        # seconds: the VMM's whole run; migration_seconds: import accepted -> completed
+        return {"seconds": d["seconds"], "migration_seconds": st.get("elapsed_seconds"),
+                "blocked_seconds_total": r["blocked_s"],
                 "daemon_p50_us": st.get("demand_latency_p50_us"),
                 "daemon_p99_us": st.get("demand_latency_p99_us"),
                 "touch_p99_us": d["fault_latency_p99_us"],
@@ -580,7 +582,8 @@ class Bench:
             raise BenchError(f"kvm migration not verified: {r.get('error') or r.get('reason')}")
         dest = r.get("dest") or {}
         return {"memory_mib": mem >> 20, "vcpus": 2, "order": "rand", "uffdd": {
-            "seconds": r.get("seconds"), "daemon_p50_us": r.get("fault_latency_p50_us"),
+            "seconds": r.get("seconds"), "migration_seconds": r.get("migration_seconds"),
+            "daemon_p50_us": r.get("fault_latency_p50_us"),
             "daemon_p99_us": r.get("fault_latency_p99_us"), "faults": r.get("faults"),
             "vcpu_seconds": dest.get("vcpu_seconds")}}
 
@@ -738,7 +741,9 @@ def _scenario_rows(name: str, s: Result) -> list[tuple[str, str, object, object,
     elif name == "bulk":
         rows.append((name, "GB/s", u.get("gb_per_s"), ref.get("GBps"), s.get("ratio")))
     elif name == "migration":
-        rows.append((name, "seconds", u.get("seconds"), None, None))
+        rows.append((name, "seconds (whole run)", u.get("seconds"), None, None))
+        rows.append((name, "migration s (import->completed)", u.get("migration_seconds"),
+                     None, None))
         rows.append((name, "vCPU blocked s (sum)", u.get("blocked_seconds_total"), None, None))
         rows.append((name, "p50 / p99 µs (daemon)",
                      _slash(u.get("daemon_p50_us"), u.get("daemon_p99_us")), None, None))
@@ -767,7 +772,9 @@ def _scenario_rows(name: str, s: Result) -> list[tuple[str, str, object, object,
 
         rows.extend(versus_qemu.table_rows(s))
     elif name == "kvm":
-        rows.append((name, "seconds", u.get("seconds"), None, None))
+        rows.append((name, "seconds (whole run)", u.get("seconds"), None, None))
+        rows.append((name, "migration s (import->completed)", u.get("migration_seconds"),
+                     None, None))
         rows.append((name, "p50 / p99 µs (daemon)",
                      _slash(u.get("daemon_p50_us"), u.get("daemon_p99_us")), None, None))
     return rows
