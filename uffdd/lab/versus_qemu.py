@@ -354,7 +354,8 @@ def uffdd_postcopy(bench: Bench, testvm: Path, kernel: Path, append: str, memory
         "stopped_to_import_s": round(float(d["t_accepted"]) - t_stop, 3),
         "dest_vmm_start_s": round(t_dest_ready - t_start, 3),
         "boot_and_write_s": round(float(exported["t_written"]) - t_source_start, 3),
-        "guest_verify_s": round(float(d["t_verdict"]) - float(d["t_go"]), 3),
+        "guest_verify_s": (round(float(d["t_verdict"]) - float(d["t_go"]), 3)
+                           if d.get("t_verdict") and d.get("t_go") else None),
         "hash_s": d.get("hash_seconds"),
         "usage": usage,
         "guest": verdict, "ram_hash_match": ram_match,
