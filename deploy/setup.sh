@@ -7,7 +7,8 @@
 # Installs the Debian packages the project needs (build tools and msgpack-c for
 # native/, promtool and systemd-analyze for the deployment-file checks, openssl
 # for the TLS tests; dpkg-dev, debhelper and lintian for deploy/build-deb.sh,
-# debootstrap and systemd-nspawn for the real-systemd test of the package),
+# debootstrap and systemd-nspawn for the real-systemd test of the package;
+# qemu-system-x86 for the bench's versus-qemu scenario and its test),
 # creates .venv with uffdd and its test tools, builds native/.
 set -euo pipefail
 
@@ -16,7 +17,7 @@ ROOT=$(pwd)
 VENV="$ROOT/.venv"
 DEBS=(build-essential pkg-config libmsgpack-dev python3 python3-venv python3-dev zlib1g-dev
       openssl prometheus systemd iproute2 util-linux
-      dpkg-dev debhelper lintian debootstrap systemd-container)
+      dpkg-dev debhelper lintian debootstrap systemd-container qemu-system-x86)
 
 want="${1:-}"
 case "$want" in

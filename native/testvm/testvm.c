@@ -1563,6 +1563,10 @@ static int run_dest(void)
 }
 #endif
 
+#ifndef TESTVM_NO_LIBUFFDD
+#include "multiboot.c" /* --kernel: a multiboot guest, migrated with its CPU state */
+#endif
+
 /* ---- main --------------------------------------------------------------- */
 static void usage(FILE *f)
 {
@@ -1579,7 +1583,9 @@ static void usage(FILE *f)
 		"                    [--strategy NAME] [--policy crash|poison] [--deadline SECONDS]\n"
 		"                    [--no-mce]\n"
 		"common: [--timeout SECONDS] (default 300; 0 = none)\n"
-		"        [--long] (64-bit long-mode guest instead of 32-bit protected mode)\n");
+		"        [--long] (64-bit long-mode guest instead of 32-bit protected mode)\n"
+		"        [--kernel ELF [--append CMDLINE]] (source/dest: boot a multiboot v1 guest,\n"
+		"        native/guest/; dest reads the source's CPU state from stdin)\n");
 }
 
 static int hexval(int c)
@@ -1630,7 +1636,8 @@ int main(int argc, char **argv)
 	prog_role = cmd;
 	enum { O_SOCKET = 256, O_SESSION, O_TOKEN, O_PEER, O_MEMORY, O_BACKING, O_VCPUS, O_SEED,
 	       O_ORDER, O_EXITS, O_MODE, O_LOCAL, O_EXPECT, O_EXPECT_FILE, O_STRATEGY, O_POLICY,
-	       O_DEADLINE, O_TIMEOUT, O_MCE, O_CORRUPT, O_MCE_PAGE, O_POISON_PAGE, O_LOSE, O_LONG, O_HELP };
+	       O_DEADLINE, O_TIMEOUT, O_MCE, O_CORRUPT, O_MCE_PAGE, O_POISON_PAGE, O_LOSE, O_LONG, O_HELP,
+	       O_MB_KERNEL, O_MB_APPEND };
 	static const struct option lo[] = {
 		{"socket", required_argument, 0, O_SOCKET},
 		{"session", required_argument, 0, O_SESSION},
@@ -1657,6 +1664,8 @@ int main(int argc, char **argv)
 		{"lose-pages", required_argument, 0, O_LOSE},
 		{"long", no_argument, 0, O_LONG},
 		{"help", no_argument, 0, O_HELP},
+		{"kernel", required_argument, 0, O_MB_KERNEL},
+		{"append", required_argument, 0, O_MB_APPEND},
 		{0, 0, 0, 0}};
 	int c;
 	optind = 2;
@@ -1700,6 +1709,10 @@ int main(int argc, char **argv)
 		case O_LOSE: opt.lose_pages = strtoull(optarg, NULL, 0); break;
 		case O_LONG: opt.long_mode = 1; break;
 		case O_HELP: usage(stdout); return 0;
+#ifndef TESTVM_NO_LIBUFFDD
+		case O_MB_KERNEL: mb_kernel_path = optarg; break;
+		case O_MB_APPEND: mb_append = optarg; break;
+#endif
 		default: usage(stderr); return 2;
 		}
 	}
@@ -1730,11 +1743,17 @@ int main(int argc, char **argv)
 		parse_token(opt.token_hex);
 #endif
 	}
+#ifndef TESTVM_NO_LIBUFFDD
+	if (mb_kernel_path && opt.role == ROLE_SELFTEST)
+		fatal("--kernel: source and dest only");
+#endif
 	install_sigbus_handler();
 	start_watchdog();
 	if (opt.role == ROLE_SELFTEST)
 		return run_selftest();
 #ifndef TESTVM_NO_LIBUFFDD
+	if (mb_kernel_path)
+		return opt.role == ROLE_SOURCE ? mb_run_source() : mb_run_dest();
 	if (opt.role == ROLE_SOURCE)
 		return run_source();
 	return run_dest();

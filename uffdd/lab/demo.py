@@ -164,6 +164,7 @@ def _migrate(args: argparse.Namespace, vmm: str, seed: int, workdir: Path,
     source, expect = _start_source(vmm, args, common, src, workdir)
     lost = _lose_pages(args, src, session, seed)
     t0 = time.monotonic()
+    wall0 = time.time()
     dest_args = [*common, "--socket", dst.api_socket, "--peer", src.peer, "--order", args.order]
     dest = harness.start_vmm(_dest_cmd(vmm, args, dest_args, expect), "dest", workdir)
     try:
@@ -177,7 +178,30 @@ def _migrate(args: argparse.Namespace, vmm: str, seed: int, workdir: Path,
                 p.kill()
                 p.wait(10)
     status = _final_status(dst, session) or status
-    return _combine(args, vmm, dest_result, source_result, status, seconds, lost)
+    result = _combine(args, vmm, dest_result, source_result, status, seconds, lost)
+    result.update(_phases(status, dest_result, wall0, seconds))
+    return result
+
+
+def _phases(status: dict[str, object], dest: dict[str, object], wall0: float,
+            seconds: float) -> dict[str, object]:
+    """The migration's own time apart from the rest of the run.
+
+    ``migration_seconds`` is the destination daemon's session time: import accepted ->
+    completed. ``seconds`` (the whole run) adds the destination VMM's start, its guest's
+    work (which overlaps the migration) and its verification after it.
+    """
+    started, elapsed = status.get("started"), status.get("elapsed_seconds")
+    if not isinstance(started, int | float) or not isinstance(elapsed, int | float):
+        return {"migration_seconds": None}
+    guest = dest.get("vcpu_seconds", dest.get("touch_seconds"))
+    return {
+        "migration_seconds": round(float(elapsed), 3),
+        "vmm_start_seconds": round(max(0.0, float(started) - wall0), 3),
+        "guest_seconds": guest if isinstance(guest, int | float) else None,
+        "after_completion_seconds": round(
+            max(0.0, seconds - (float(started) - wall0) - float(elapsed)), 3),
+    }
 
 
 def _tool(vmm: str) -> str:
@@ -376,12 +400,25 @@ def _summary(r: dict[str, object], say: _Say) -> None:
     say(f"  poisoned pages     {r.get('pages_poisoned')} "
         f"(lost on purpose: {r.get('pages_lost_injected')})")
     say(f"  bytes received     {r.get('bytes_received')}")
-    say(f"  time               {secs:.2f} s ({mib / secs if secs else 0:.0f} MiB/s)")
+    mig = r.get("migration_seconds")
+    if isinstance(mig, int | float) and mig > 0:
+        say(f"  migration          {mig:.2f} s ({mib / mig:.0f} MiB/s), import accepted -> "
+            f"completed")
+        say(f"  whole run          {secs:.2f} s: destination VMM start "
+            f"{_secs(r.get('vmm_start_seconds'))}, guest's work {_secs(r.get('guest_seconds'))} "
+            f"(overlaps the migration), {_secs(r.get('after_completion_seconds'))} after "
+            f"completion (the guest's rest and the VMM's verification)")
+    else:
+        say(f"  time               {secs:.2f} s ({mib / secs if secs else 0:.0f} MiB/s)")
     say(f"  fault latency      p50 {r.get('fault_latency_p50_us')} us, "
         f"p99 {r.get('fault_latency_p99_us')} us (fault seen -> page installed)")
     good = "yes: every byte matched" + (" (poisoned pages left out)" if r.get("pages_poisoned")
                                         else "")
     say(f"  verified           {good if r.get('verified') else 'NO'}")
+
+
+def _secs(v: object) -> str:
+    return f"{float(v):.2f} s" if isinstance(v, int | float) else "-"
 
 
 def _rmtree(path: Path) -> None:
