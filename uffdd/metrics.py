@@ -18,6 +18,11 @@ Per-session series (``uffdd_session_*``) carry ``session`` and ``role``: a daemo
 hold an import and an export of the same session id at once (a loopback migration),
 and without ``role`` the two would overwrite each other and the first ``close()`` would
 delete the other's series.
+
+Size: over 500 lines on purpose. Most of it is the metric definitions with their help
+text and bounded label values, which belong in one place (the README's Metrics section
+is checked against them); split by metric family, an operator would have to read
+several files to learn what one label may hold.
 """
 
 from __future__ import annotations

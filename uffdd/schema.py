@@ -11,6 +11,10 @@ holds the README equal to that text).
 
 Units: every ``pages_*`` counter counts pages of the region's own page size (a 2 MiB
 hugetlb page counts once), and a session's counters add up its regions.
+
+Size: over 500 lines on purpose: it is the contract, every field of every frame with
+its meaning, and it is one file so that the README's reference is generated from one
+place and a reviewer sees a change to the contract in one diff.
 """
 
 from __future__ import annotations

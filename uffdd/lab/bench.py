@@ -8,6 +8,10 @@ so ratios from one invocation mean more than absolute figures; ``--repeat`` take
 
 Each scenario starts a fresh pair of daemons, so the CPU time and peak RSS read from
 /proc at its end belong to that scenario alone.
+
+Size: over 500 lines: the scenarios share one ``Bench`` (daemon pairs, the yardstick,
+medians, the table); the ones with machinery of their own live apart
+(``bench_concurrent``, ``versus_qemu``).
 """
 
 from __future__ import annotations
