@@ -49,10 +49,11 @@ def write_snapshot(path: Path, size: int, seed: int = 7) -> None:
 class StandIn:
     """The stand-in process and its JSON lines (each read within a deadline)."""
 
-    def __init__(self, handover: str, snapshot: Path, sizes: tuple[int, ...] = REGIONS):
+    def __init__(self, handover: str, snapshot: Path, sizes: tuple[int, ...] = REGIONS,
+                 *extra: str):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.fc_standin", "--socket", handover,
-             "--snapshot", str(snapshot), "--regions", ",".join(map(str, sizes))],
+             "--snapshot", str(snapshot), "--regions", ",".join(map(str, sizes)), *extra],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=False)
         self._buf = b""
 
@@ -134,18 +135,20 @@ def prepare(client: Client, session: str, **source: object) -> str:
     return path
 
 
-def restore(client: Client, session: str, handover: str, snapshot: Path) -> StandIn:
+def restore(client: Client, session: str, handover: str, snapshot: Path,
+            *extra: str) -> StandIn:
     """The stand-in's handover and a byte-exact restore, up to 'completed'."""
-    fc = StandIn(handover, snapshot)
+    fc = StandIn(handover, snapshot, REGIONS, *extra)
+    page = (2 << 20) if "--hugetlb" in extra else PAGE
     try:
         sent = fc.line()
         event = next_event(client, "handover")
         assert event["pid"] == sent["pid"] and event["regions"] == len(REGIONS)
         verified = fc.line()
         assert verified == {"event": "verified", "mismatches": 0,
-                            "pages": sum(REGIONS) // PAGE}
+                            "pages": sum(REGIONS) // page, "unreadable": []}
         completed = next_event(client, "completed")
-        assert completed["pages_total"] == sum(REGIONS) // PAGE
+        assert completed["pages_total"] == sum(REGIONS) // page
     except BaseException:
         fc.close()
         raise
@@ -210,6 +213,24 @@ def test_local_file_restore_is_byte_exact_and_resident(
             fc.close()
 
 
+def test_local_restore_of_hugetlb_guest_ram(fc_daemon: harness.DaemonProcess,
+                                             snapshot: Path, hugepages: None) -> None:
+    """Firecracker with 2 MiB pages: installs and the resident zero-fill are whole
+    huge pages (UFFDIO_COPY of zeros: hugetlb has no UFFDIO_ZEROPAGE)."""
+    with Client(fc_daemon.api_socket) as client:
+        handover = prepare(client, "fc-huge", file=str(snapshot))
+        fc = restore(client, "fc-huge", handover, snapshot, "--hugetlb")
+        try:
+            wait_status(client, "fc-huge", "resident", True)
+            assert fc.command(f"balloon 0 {2 << 20} {2 << 20}") == {"event": "balloon",
+                                                                   "zeros": True}
+            assert client.status("fc-huge")[0]["resident_faults"] >= 1
+            fc.command("exit")
+            wait_status(client, "fc-huge", "handover_state", "ended")
+        finally:
+            fc.close()
+
+
 def test_remote_restore_from_a_source_daemon_is_byte_exact(tmp_path: Path,
                                                            snapshot: Path) -> None:
     src = harness.start_daemon(tmp_path, "source")
@@ -240,6 +261,77 @@ def test_remote_restore_from_a_source_daemon_is_byte_exact(tmp_path: Path,
         codes = (src.stop(), dst.stop())
     _check_logs(src, dst)
     assert codes == (0, 0)
+
+
+@pytest.fixture
+def lossy_pair(tmp_path: Path) -> Iterator[tuple[harness.DaemonProcess, harness.DaemonProcess]]:
+    """A source daemon with fault injection, a destination that kills at once."""
+    src = harness.start_daemon(tmp_path, "source", extra=["--enable-fault-injection"])
+    dst = harness.start_daemon(tmp_path, "dest", config=(
+        f'[api]\nhandover_dir = "{tmp_path}/ho"\n[session]\nkill_grace = 0.2\n'))
+    try:
+        yield src, dst
+    finally:
+        codes = (src.stop(), dst.stop())
+    _check_logs(src, dst)
+    assert codes == (0, 0)
+
+
+def _export_losing(source: Client, session: str, token: bytes, snapshot: Path,
+                   lost_offset: int) -> None:
+    fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        source.export_session(session, token, [
+            MemoryRegion(gpa=off, size=size, page_size=PAGE, fd=fd, offset=off)
+            for off, size in zip((0, REGIONS[0]), REGIONS, strict=True)])
+    finally:
+        os.close(fd)
+    source.request({"op": "inject", "session": session, "lose": [lost_offset // PAGE]})
+
+
+def test_crash_policy_kills_firecracker_on_a_lost_page(
+        lossy_pair: tuple[harness.DaemonProcess, harness.DaemonProcess],
+        snapshot: Path) -> None:
+    src, dst = lossy_pair
+    token = secrets.token_bytes(16)
+    with Client(src.api_socket) as source, Client(dst.api_socket) as client:
+        _export_losing(source, "fc-crash", token, snapshot, REGIONS[0] + 5 * PAGE)
+        handover = prepare(client, "fc-crash", peer=src.peer, token=token, policy="crash")
+        fc = StandIn(handover, snapshot)
+        try:
+            pid = fc.line()["pid"]
+            next_event(client, "handover")
+            failed = next_event(client, "failed")
+            assert "lost" in failed["reason"] or "cannot read" in failed["reason"], failed
+            assert fc.proc.wait(TIMEOUT) == -9  # SIGKILL, from the daemon
+        finally:
+            fc.close()
+        assert f"VMM pid={pid} still running" in dst.log_text()
+
+
+def test_poison_policy_poisons_the_lost_page_and_goes_resident(
+        lossy_pair: tuple[harness.DaemonProcess, harness.DaemonProcess],
+        snapshot: Path) -> None:
+    src, dst = lossy_pair
+    token = secrets.token_bytes(16)
+    lost = REGIONS[0] + 5 * PAGE
+    with Client(src.api_socket) as source, Client(dst.api_socket) as client:
+        _export_losing(source, "fc-poison", token, snapshot, lost)
+        handover = prepare(client, "fc-poison", peer=src.peer, token=token, policy="poison")
+        fc = StandIn(handover, snapshot, REGIONS, "--careful")
+        try:
+            fc.line()
+            next_event(client, "handover")
+            verified = fc.line()
+            assert verified["mismatches"] == 0 and verified["unreadable"] == [lost], verified
+            completed = next_event(client, "completed")
+            assert completed["pages_poisoned"] == 1
+            assert completed["outcome"] == "completed-with-poisoned-pages"
+            wait_status(client, "fc-poison", "resident", True)
+            fc.command("exit")
+            wait_status(client, "fc-poison", "handover_state", "ended")
+        finally:
+            fc.close()
 
 
 # ---------------------------------------------------------------- refusals

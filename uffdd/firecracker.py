@@ -68,7 +68,7 @@ from uffdd.errors import (
 from uffdd.exporter import ExportRegion, open_file_region
 from uffdd.faultloop import ImportRegion
 from uffdd.registry import Registry
-from uffdd.session import ExportSession, ImportSession
+from uffdd.session import ExportSession, ImportSession, latency_percentiles
 
 log = logging.getLogger("uffdd.firecracker")
 
@@ -289,6 +289,8 @@ class FirecrackerSession(ImportSession):
     _fc_pidfd: int | None = field(default=None, init=False, repr=False)
     _last_refusal: str = field(default="", init=False, repr=False)
     _final_sent: bool = field(default=False, init=False, repr=False)
+    _latency_at_completion: tuple[float | None, float | None] | None = field(
+        default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -441,8 +443,12 @@ class FirecrackerSession(ImportSession):
             for i, spec in enumerate(specs):
                 where = f"mapping[{i}]"
                 hugetlb = spec.page_size != 4096
+                # Firecracker asks UFFDIO_API for EVENT_REMOVE only. UFFD_FEATURE_POISON
+                # is a feature bit for detection: UFFDIO_POISON works without it (the
+                # kernel lists it among the range's ioctls, which verify_import checks
+                # under the poison policy), so it is not required here.
                 handover.check_uffd(fd, where, handover.needed_features(
-                    "missing", hugetlb, self.policy))
+                    "missing", hugetlb, "crash"))
                 claims.append(handover.ImportClaim(where, spec, fd, -1, hugetlb))
             checks = await trio.to_thread.run_sync(handover.verify_import, pid, claims,
                                                    self.policy, False)
@@ -544,7 +550,7 @@ class FirecrackerSession(ImportSession):
             n.start_soon(exited)
         self._vmm_gone_why = why
         self._vmm_gone.set()
-        if not self.resident:
+        if not self.resident and not self._completed.is_set():  # completion wins a tie
             self.set_state("cancelled", f"{why} before the restore completed")
 
     # -- completion and the resident state
@@ -561,6 +567,15 @@ class FirecrackerSession(ImportSession):
         self.loop.stop_threadsafe()
         await self._loop_ended.wait()
         self._report_progress()
+        # What stays is what a resident session needs: the page states, the counters,
+        # the uffd. The fault loop's buffers and latency samples go (status keeps the
+        # percentiles as they were at completion), and so does the crash policy's
+        # pidfd: a completed session kills nobody.
+        self.loop.release_buffers()
+        samples = self.loop.counters.latencies_us
+        self._latency_at_completion = latency_percentiles(list(samples))
+        del samples[:]
+        self._close_pidfd()
         if self._vmm_gone.is_set():  # gone meanwhile: nothing left to serve
             self.set_state("completed", outcome)
             return
@@ -594,6 +609,7 @@ class FirecrackerSession(ImportSession):
                 for ev in events:
                     if isinstance(ev, uffd.PageFault):
                         pending.append(ev.address)
+                        self.metrics.fault("missing", "write" if ev.write else "read")
                     elif isinstance(ev, uffd.Remove):
                         self.resident_removes += 1
                         log.debug("session=%s resident: removed [%#x, %#x)", self.session_id,
@@ -627,7 +643,6 @@ class FirecrackerSession(ImportSession):
                     self._vmm_gone_why = "Firecracker's address space is gone"
                     self._vmm_gone.set()
                     return
-                self.metrics.fault("missing", "read")
             pending = retry
             if pending:  # the remove's madvise has not finished yet: yield, then retry
                 await trio.sleep(0.001)
@@ -642,7 +657,11 @@ class FirecrackerSession(ImportSession):
                                    "resident_faults": self.resident_faults,
                                    "resident_removes": self.resident_removes}
         if self._attached:
-            return {**super().status(), **extra}
+            status = {**super().status(), **extra}
+            if self._latency_at_completion is not None:
+                p50, p99 = self._latency_at_completion
+                status.update(demand_latency_p50_us=p50, demand_latency_p99_us=p99)
+            return status
         return {"session": self.session_id, "role": "import", "state": self.state,
                 "pages_total": 0, "pages_installed": 0, "pages_demand": 0,
                 "pages_background": 0, "pages_zero": 0, "pages_poisoned": 0,

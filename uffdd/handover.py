@@ -151,14 +151,14 @@ def check_uffd(fd: int, where: str, needed: int) -> None:
 
 
 def is_plain_file(fd: int) -> bool:
-    """True for a regular file of a disk filesystem (a snapshot memory file), False for
-    shmem, memfds and hugetlbfs: those answer F_GET_SEALS (every shmem file has seals,
-    F_SEAL_SEAL at least), other filesystems refuse it (EINVAL)."""
+    """True for a regular file that is neither a memfd nor on hugetlbfs: a snapshot
+    memory file (on disk, or on tmpfs), which has no page size of its own."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode) or is_hugetlb_fd(fd):
+        return False
     try:
-        fcntl.fcntl(fd, _F_GET_SEALS)
-    except OSError as e:
-        return e.errno == errno.EINVAL and stat.S_ISREG(os.fstat(fd).st_mode)
-    return False
+        return not os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+    except OSError:
+        return False
 
 
 def check_file_region(fd: int, spec: protocol.RegionSpec, where: str) -> None:
