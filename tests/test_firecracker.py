@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import _check_logs
+from tests.conftest import _check_logs, require
+from uffdd import _fastpath
 from uffdd._linux import uffd
 from uffdd._linux.mem import buffer_address
 from uffdd.client import Client, MemoryRegion
@@ -30,6 +31,7 @@ from uffdd.errors import RequestError
 from uffdd.firecracker import parse_mappings
 from uffdd.lab import harness
 from uffdd.lab.pyvmm import PAGE, page_pattern
+from uffdd.status import render_status_table
 
 ROOT = Path(__file__).resolve().parent.parent
 REGIONS = (4 << 20, 2 << 20)  # two regions, as Firecracker has above 3 GiB of guest RAM
@@ -110,8 +112,17 @@ def wait_status(client: Client, session: str, key: str, value: object,
 
 
 @pytest.fixture
-def fc_daemon(tmp_path: Path) -> Iterator[harness.DaemonProcess]:
-    d = harness.start_daemon(tmp_path, "fc", config=f'[api]\nhandover_dir = "{tmp_path}/ho"\n')
+def fc_daemon(request: pytest.FixtureRequest, tmp_path: Path
+              ) -> Iterator[harness.DaemonProcess]:
+    """A daemon with its handover sockets under tmp_path; parametrize it indirectly
+    with "python" for the Python fault loop (default: the C one, which must be built)."""
+    config = f'[api]\nhandover_dir = "{tmp_path}/ho"\n'
+    if getattr(request, "param", "c") == "python":
+        config += '[peer]\nfastpath = "off"\n'
+    else:
+        require(_fastpath.load("auto") is not None,
+                "libuffdd_fastpath is not built (make -C native)")
+    d = harness.start_daemon(tmp_path, "fc", config=config)
     try:
         yield d
     finally:
@@ -181,17 +192,22 @@ def test_mappings_become_import_regions() -> None:
 # ---------------------------------------------------------------- restores
 
 
+@pytest.mark.parametrize("fc_daemon", ["c", "python"], indirect=True)
 def test_local_file_restore_is_byte_exact_and_resident(
         fc_daemon: harness.DaemonProcess, snapshot: Path) -> None:
-    with Client(fc_daemon.api_socket) as client:
-        handover = prepare(client, "fc-local", file=str(snapshot))
-        status = client.status("fc-local")[0]
+    with Client(fc_daemon.api_socket) as orchestrator:
+        handover = prepare(orchestrator, "fc-local", file=str(snapshot))
+        status = orchestrator.status("fc-local")[0]
         assert status["handover_state"] == "waiting" and status["state"] == "connecting"
-        fc = restore(client, "fc-local", handover, snapshot)
-        try:
+        assert "fc-local" in render_status_table([status])
+        fc = restore(orchestrator, "fc-local", handover, snapshot)
+    try:
+        # The orchestrator may go once the restore completed: the VM lives on.
+        with Client(fc_daemon.api_socket) as client:
             status = wait_status(client, "fc-local", "resident", True)
             assert status["state"] == "completed" and status["source"] == "file"
             assert status["vmm_pid"] == fc.proc.pid
+            assert "completed" in render_status_table([status])
             # A balloon inflate and deflate after completion: the range reads as zeros.
             assert fc.command(f"balloon 0 {64 * PAGE} {32 * PAGE}") == {
                 "event": "balloon", "zeros": True}
@@ -209,8 +225,8 @@ def test_local_file_restore_is_byte_exact_and_resident(
             assert status["resident"] is False and status["state"] == "completed"
             assert not os.path.exists(handover)
             assert fc.command("exit") == {"event": "exit"}
-        finally:
-            fc.close()
+    finally:
+        fc.close()
 
 
 def test_local_restore_of_hugetlb_guest_ram(fc_daemon: harness.DaemonProcess,
@@ -364,7 +380,14 @@ def test_refusals_leave_the_session_ready(fc_daemon: harness.DaemonProcess,
     """Each bad handover is refused (connection closed, an event, a log line) and a
     correct one afterwards restores byte-exact; a second connection is refused too."""
     with Client(fc_daemon.api_socket) as client:
-        handover = prepare(client, "fc-refusals", file=str(snapshot))
+        # The snapshot file sent as an fd: the daemon opens no path for the client.
+        fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            reply = client.request({"op": "prepare", "session": "fc-refusals", "fd": 0,
+                                    "handover_deadline": 30}, [fd])
+        finally:
+            os.close(fd)
+        handover = str(reply["handover"])
         good_uffd, ram, addr = _own_uffd(uffd.FEATURE_EVENT_REMOVE)
         bare_uffd, ram2, addr2 = _own_uffd(0)
         ok_region = {"base_host_virt_addr": addr, "size": 4 * PAGE, "offset": 0,

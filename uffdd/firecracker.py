@@ -303,6 +303,12 @@ class FirecrackerSession(ImportSession):
 
     # -- lifetime
 
+    def hand_over(self) -> None:
+        """A service-manager stop leaves nothing to the next daemon: Firecracker hands
+        its uffd over once, so the session ends here, and the orchestrator hears why."""
+        self.set_state("cancelled", "daemon stopping: a Firecracker session cannot be "
+                       "taken over by the next daemon")
+
     def _start(self, nursery: trio.Nursery) -> None:
         nursery.start_soon(self._handover_phase, nursery)
 
@@ -695,6 +701,9 @@ def prepare(config: Config, registry: Registry, cred: scm.PeerCred, request: Pre
             deadline=request.deadline, handover=path,
             handover_deadline=request.handover_deadline, listener=listener,
             file_fd=request.file_fd, registry=registry, own_peer=own_peer,
+            # Firecracker hands its uffd over once: a restarted daemon could not use a
+            # stored copy (it has no region table), so none is kept there.
+            use_fdstore=False,
             source="file" if request.file_fd >= 0 else "peer")
     except BaseException:
         listener.close()

@@ -266,6 +266,9 @@ class ImportSession(SessionBase):
     #: another id than this import ("" : the same). uffdd.firecracker's local file
     #: source is an export with a random id, so that no tenant can squat on it.
     peer_session: str = ""
+    #: Keep the uffds in the service manager's fd store (a restarted daemon gets them
+    #: back and the VMM re-imports). Off where no VMM can re-import (uffdd.firecracker).
+    use_fdstore: bool = True
     pages: PageMap = field(init=False)
     loop: FaultLoop = field(init=False)
     link: str = "down"
@@ -360,7 +363,7 @@ class ImportSession(SessionBase):
     def _start(self, nursery: trio.Nursery) -> None:
         # Under systemd the service manager keeps copies of the VMM's fds, so a
         # restarted daemon has them back even before the VMM reconnects.
-        self._fdstored = bool(self.fds) and sdnotify.store_fds(
+        self._fdstored = bool(self.fds) and self.use_fdstore and sdnotify.store_fds(
             fdstore_name(self.session_id), list(self.fds))
         self._open_pidfd()
         nursery.start_soon(self._fault_thread)
