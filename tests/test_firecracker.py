@@ -418,11 +418,11 @@ def test_refusals_leave_the_session_ready(fc_daemon: harness.DaemonProcess,
             ram2.close()
         fc = restore(client, "fc-refusals", handover, snapshot)
         try:
-            # A second connection while the session has its Firecracker: refused.
+            # A second connection while the session has its Firecracker: refused (logged
+            # and counted; no event comes after the terminal 'completed').
             assert _attempt(handover, json.dumps([ok_region]).encode(), []) == b""
-            event = next_event(client, "handover-refused")
-            assert "second connection" in event["reason"]
-            assert client.status("fc-refusals")[0]["resident"] is True
+            status = wait_status(client, "fc-refusals", "handover_refusals", 6)
+            assert status["resident"] is True
         finally:
             fc.close()
         wait_status(client, "fc-refusals", "handover_state", "ended")

@@ -53,6 +53,7 @@ import trio
 
 from uffdd import handover, metrics, protocol, strategies
 from uffdd._linux import scm, uffd
+from uffdd._linux.fds import OwnedFds
 from uffdd._linux.mem import buffer_address
 from uffdd.config import Config, split_host_port
 from uffdd.errors import (
@@ -288,7 +289,6 @@ class FirecrackerSession(ImportSession):
     _fc_sock: trio.socket.SocketType | None = field(default=None, init=False, repr=False)
     _fc_pidfd: int | None = field(default=None, init=False, repr=False)
     _last_refusal: str = field(default="", init=False, repr=False)
-    _final_sent: bool = field(default=False, init=False, repr=False)
     _latency_at_completion: tuple[float | None, float | None] | None = field(
         default=None, init=False, repr=False)
 
@@ -354,12 +354,6 @@ class FirecrackerSession(ImportSession):
         self._fc_pidfd = None
         self.file_fd = -1
         super()._release()
-
-    async def _after_release(self) -> None:
-        if self._final_sent:  # resident: 'completed' went out when it was
-            self._close_pidfd()
-            return
-        await super()._after_release()
 
     # -- waiting for Firecracker
 
@@ -471,7 +465,7 @@ class FirecrackerSession(ImportSession):
                    for i, (c, check) in enumerate(zip(claims, checks, strict=True))]
         # From here on the session owns the uffd, the socket and the pidfd, and the
         # handover deadline no longer applies: it is shielded from it.
-        self.fds = [fd]
+        self.fds = OwnedFds([fd])
         self._fc_sock = conn
         self._fc_pidfd = pidfd
         self.vmm_pid = pid
@@ -505,7 +499,7 @@ class FirecrackerSession(ImportSession):
             regions: list[ExportRegion] = [open_file_region(i, spec, fd)
                                            for i, spec in enumerate(export_specs(specs))]
             export = ExportSession(export_id, "export", token, self.owner_pid, self.config,
-                                   regions=regions, fds=[fd])
+                                   regions=regions, fds=OwnedFds([fd]))
         except BaseException:
             os.close(fd)
             raise
@@ -587,7 +581,7 @@ class FirecrackerSession(ImportSession):
             return
         self.resident = True
         self.set_state("completed", outcome)
-        self._final_sent = True
+        # The terminal event goes out now, not at the end: the VM runs on for days.
         await self.emit(self._completed_event())
         try:
             await self._serve_resident()
@@ -676,7 +670,7 @@ class FirecrackerSession(ImportSession):
                 "demand_latency_p50_us": None, "demand_latency_p99_us": None,
                 "peer": self.peer_address, "link": self.link, "reconnects": 0,
                 "strategy": self.strategy.name, "policy": self.policy,
-                "reason": self.reason, "loop": None, **extra}
+                "reason": self.reason, "loop": None, "poisoned": [], **extra}
 
 
 def _peer_pid(conn: trio.socket.SocketType) -> int:

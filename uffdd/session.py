@@ -277,7 +277,8 @@ class ImportSession(SessionBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.pages = PageMap([])
+        self.pages = PageMap([])  # attach_regions builds these
+        self._by_gpa: list[ImportRegion] = []
         self._token = trio.lowlevel.current_trio_token()
         self._link_lost = trio.Event()
         self._completed = trio.Event()
