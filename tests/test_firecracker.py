@@ -12,9 +12,11 @@ import mmap
 import os
 import secrets
 import select
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ from tests.conftest import _check_logs, require
 from uffdd import _fastpath
 from uffdd._linux import uffd
 from uffdd._linux.mem import buffer_address
-from uffdd.client import Client, MemoryRegion
+from uffdd.client import Client, ClientError, MemoryRegion
 from uffdd.errors import RequestError
 from uffdd.firecracker import parse_mappings
 from uffdd.lab import harness
@@ -447,8 +449,6 @@ def test_no_handover_by_the_deadline_fails_with_the_reason(
 
 def test_prepare_refuses_bad_requests(fc_daemon: harness.DaemonProcess, snapshot: Path,
                                       tmp_path: Path) -> None:
-    from uffdd.client import ClientError
-
     with Client(fc_daemon.api_socket) as client:
         for body, code in (
             ({"file": str(snapshot), "peer": "127.0.0.1:1"}, "bad-request"),
@@ -466,3 +466,60 @@ def test_prepare_refuses_bad_requests(fc_daemon: harness.DaemonProcess, snapshot
         with pytest.raises(ClientError) as e:
             client.request({"op": "prepare", "session": "fc-twice", "file": str(snapshot)})
         assert e.value.code == "session-exists"
+
+
+def _prepare_as_nobody(api_socket: str, session: str, path: Path) -> dict[str, Any]:
+    """A forked child as uid/gid 65534 sends prepare naming ``path``; its reply or error."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                with Client(api_socket) as c:
+                    reply: dict[str, Any] = c.request({"op": "prepare", "session": session,
+                                                       "file": str(path)})
+            except ClientError as e:
+                reply = {"error": e.code, "message": e.message}
+            os.write(w, json.dumps(reply).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data
+    return dict(json.loads(data))
+
+
+def test_a_client_names_only_files_it_may_read() -> None:
+    """The daemon opens 'file' for the client, so it refuses what the client could not
+    read itself (it runs as root; the client does not)."""
+    require(os.geteuid() == 0, "needs root to run a client under another uid")
+    shared = Path(tempfile.mkdtemp(prefix="uffdd-fc-"))
+    try:
+        shared.chmod(0o755)
+        d = harness.start_daemon(shared, "fc", config=(
+            f'[api]\nsocket_mode = "0666"\nallowed_uids = [0, 65534]\n'
+            f'handover_dir = "{shared}/ho"\n'))
+        try:
+            private, public = shared / "private.mem", shared / "public.mem"
+            for path, mode in ((private, 0o600), (public, 0o644)):
+                write_snapshot(path, 4 * PAGE)
+                path.chmod(mode)
+            refused = _prepare_as_nobody(d.api_socket, "fc-private", private)
+            assert refused["error"] == "unauthorized", refused
+            assert "may not read" in refused["message"]
+            allowed = _prepare_as_nobody(d.api_socket, "fc-public", public)
+            assert str(allowed.get("handover", "")).endswith("/fc-public.sock"), allowed
+        finally:
+            code = d.stop()
+        _check_logs(d)
+        assert code == 0
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
