@@ -51,7 +51,7 @@ from typing import Final
 
 import trio
 
-from uffdd import handover, metrics, protocol, strategies
+from uffdd import handover, metrics, peer, protocol, strategies
 from uffdd._linux import scm, uffd
 from uffdd._linux.fds import OwnedFds
 from uffdd._linux.mem import buffer_address
@@ -670,7 +670,8 @@ class FirecrackerSession(ImportSession):
                 "demand_latency_p50_us": None, "demand_latency_p99_us": None,
                 "peer": self.peer_address, "link": self.link, "reconnects": 0,
                 "strategy": self.strategy.name, "policy": self.policy,
-                "reason": self.reason, "loop": None, "poisoned": [], **extra}
+                "reason": self.reason, "poisoned": [], **extra,
+                "loop": "c" if peer.demand_library(self.config.peer) is not None else "python"}
 
 
 def _peer_pid(conn: trio.socket.SocketType) -> int:
