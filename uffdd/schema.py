@@ -93,8 +93,8 @@ ERRORS: Final[dict[str, str]] = {
                "needs (the message names it), has `EVENT_FORK`, or whose region is registered "
                "by another uffd; a memory fd that is not a memory file, is sealed against "
                "writes (`F_SEAL_WRITE`), or is read-only in minor mode; fds sent with a "
-               "request other than `import`/`export`; more than `limits.max_fds_per_request` "
-               "in one frame",
+               "request other than `import`/`export`/`prepare`; more than "
+               "`limits.max_fds_per_request` in one frame",
     "bad-region": "region not page aligned, overlapping another, zero size, beyond any "
                   "address space (> 2^57 bytes), or outside its memory fd; not mapped in the "
                   "VMM (the message gives the first unmapped address), not registered in its "
@@ -129,7 +129,8 @@ EXPORT_REGION: Final = (
        units="bytes"),
     _f("page_size", "uint", True, "4096, or 2097152 for hugetlb memory", units="bytes"),
     _f("fd", "uint", False, "memfd mode: index of the memory fd (memfd or hugetlb memfd) in "
-       "the frame's fds"),
+       "the frame's fds; or of a regular file (a snapshot's memory file, read with pread "
+       "only, any page_size)"),
     _f("offset", "uint", False, "memfd mode: offset of the region in `fd` (default 0)",
        units="bytes"),
     _f("addr", "uint", False, "pid mode: the region's address in process `pid`"),
