@@ -17,13 +17,13 @@ from typing import Protocol
 
 import trio
 
-from uffdd import handover, metrics, protocol, schema, strategies
+from uffdd import firecracker, handover, metrics, protocol, schema, strategies
 from uffdd._linux import scm, sdnotify
 from uffdd._linux.fds import OwnedFds
 from uffdd._linux.mem import Mapping
 from uffdd.config import Config, is_host_port
 from uffdd.errors import ProtocolError, RequestError, UffddError
-from uffdd.exporter import ExportRegion, open_memfd_region
+from uffdd.exporter import ExportRegion, open_file_region, open_memfd_region
 from uffdd.faultloop import ImportRegion
 from uffdd.registry import Registry
 from uffdd.session import ExportSession, ImportSession, SessionBase, fdstore_name
@@ -34,7 +34,7 @@ Handler = Callable[["Connection", protocol.Message, list[int]], Awaitable[protoc
 
 
 #: The only requests that carry fds; fds sent with any other are refused (bad-fds).
-FD_OPS = frozenset({"import", "export"})
+FD_OPS = frozenset({"import", "export", "prepare"})
 #: Events queued for one connection's writer before it is dropped as not reading.
 _OUTBOX = 1024
 _RECV_CHUNK = 65536  # bytes asked per recvmsg: a frame sent in tiny pieces costs no more
@@ -51,6 +51,7 @@ class Host(Protocol):
     sessions: Registry
     client_in_flight: dict[int, int]  # pid -> resolve requests in flight
     stored_fds: dict[str, list[int]]  # session id -> fds from the fd store
+    peer_port: int  # the peer listener's port (0: none)
 
     @property
     def nursery(self) -> trio.Nursery: ...
@@ -481,12 +482,19 @@ async def handle_export(
             if spec.fd < 0:
                 raise RequestError("bad-fds", f"regions[{i}]: needs 'fd' (or give 'pid')")
         _used_fds(specs, fds, "fd")
+        # A memfd (or shmem, hugetlbfs file), or a plain file: a snapshot's memory file
+        # (Firecracker's PUT /snapshot/create), read with pread only.
+        plain = {spec.fd: handover.is_plain_file(fds[spec.fd]) for spec in specs}
         for i, spec in enumerate(specs):  # every fd checked before any is mapped
-            handover.check_memfd(fds[spec.fd], spec, f"regions[{i}]", writes=False)
+            if plain[spec.fd]:
+                handover.check_file_region(fds[spec.fd], spec, f"regions[{i}]")
+            else:
+                handover.check_memfd(fds[spec.fd], spec, f"regions[{i}]", writes=False)
         daemon.sessions.check_new_session("export", session_id)
         try:
             for i, spec in enumerate(specs):
-                regions.append(open_memfd_region(i, spec, fds[spec.fd]))
+                opener = open_file_region if plain[spec.fd] else open_memfd_region
+                regions.append(opener(i, spec, fds[spec.fd]))
         except BaseException:
             for region in regions:
                 region.close()
@@ -555,6 +563,68 @@ async def handle_import(
         raise
     await daemon.start_session(session, conn)
     return {"session": session_id, "pages": session.pages.total}
+
+
+async def handle_prepare(
+    conn: Connection, body: protocol.Message, fds: list[int]
+) -> protocol.Message:
+    """An import without fds: its uffd and regions come from Firecracker's handover
+    socket, whose path the reply names (uffdd.firecracker)."""
+    daemon = conn.daemon
+    session_id = str(body["session"])
+    sources = [key for key in ("peer", "file", "fd") if key in body]
+    if len(sources) != 1:
+        raise RequestError("bad-request", "prepare: give exactly one page source: 'peer' "
+                           "(HOST:PORT of the source daemon), 'file' (the snapshot memory "
+                           "file's path) or 'fd' (the snapshot file sent with the request)")
+    if sources != ["fd"] and fds:
+        raise RequestError("bad-fds", "prepare: fds came with the request, but only 'fd' "
+                           "takes one")
+    defaults = daemon.config.session
+    strategy = _strategy(str(body.get("strategy", defaults.strategy)))
+    policy = str(body.get("policy", defaults.policy))
+    if policy not in ("crash", "poison"):
+        raise RequestError("bad-request", "prepare: field 'policy' must be 'crash' or 'poison'")
+    deadline = float(body.get("deadline", defaults.deadline))  # type: ignore[arg-type]
+    if not 0 < deadline <= 86400:
+        raise RequestError("bad-request", "prepare: field 'deadline' must be in (0, 86400] "
+                           "seconds")
+    wait = float(body.get("handover_deadline",  # type: ignore[arg-type]
+                          firecracker.DEFAULT_HANDOVER_DEADLINE))
+    if not 0 < wait <= 86400:
+        raise RequestError("bad-request", "prepare: field 'handover_deadline' must be in "
+                           "(0, 86400] seconds")
+    peer_address = ""
+    token = b""
+    if "peer" in body:
+        peer_address = str(body["peer"])
+        if not is_host_port(peer_address):
+            raise RequestError("bad-request", "prepare: field 'peer' must be HOST:PORT")
+        if "token" not in body:
+            raise RequestError("bad-request", "prepare: 'peer' needs the export's 'token'")
+        token = protocol.token_bytes(body["token"])
+        handover.check_peer_security(daemon.config.peer, peer_address)
+    daemon.sessions.check_new_session("import", session_id)
+    file_fd = -1
+    if "fd" in body:
+        if body["fd"] != 0 or len(fds) != 1:
+            raise RequestError("bad-fds", "prepare: 'fd' is 0, with one fd sent: the file")
+        firecracker.check_snapshot_fd(fds[0])
+        file_fd = fds.pop()
+    elif "file" in body:
+        file_fd = firecracker.open_snapshot(str(body["file"]), conn.cred)
+    try:
+        session = firecracker.prepare(
+            daemon.config, daemon.sessions, conn.cred,
+            firecracker.Prepared(session_id, token, peer_address, file_fd, policy, deadline,
+                                 wait),
+            strategy, lambda: firecracker.own_peer_address(daemon.config, daemon.peer_port))
+    except BaseException:
+        if file_fd >= 0:
+            os.close(file_fd)
+        raise
+    await daemon.start_session(session, conn)
+    return {"session": session_id, "handover": session.handover}
 
 
 def _drop_stored_fds(daemon: Host, session_id: str) -> None:
@@ -778,6 +848,7 @@ HANDLERS: dict[str, Handler] = {
     "inject": handle_inject,
     "export": handle_export,
     "import": handle_import,
+    "prepare": handle_prepare,
     "status": handle_status,
     "subscribe": handle_subscribe,
     "cancel": handle_cancel,

@@ -29,6 +29,9 @@ class ApiConfig:
     # Owner and group of the socket file (name or number; "" keeps the daemon's).
     socket_owner: str = ""
     socket_group: str = ""
+    # Firecracker handovers (op "prepare"): one socket per prepared session,
+    # <handover_dir>/<session>.sock, with the API socket's mode, owner and group.
+    handover_dir: str = "/run/uffdd/handover"
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,8 @@ def _check_semantics(config: Config, source: str) -> None:
         int(config.api.socket_mode, 8)
     except ValueError:
         raise ConfigError(f"{source}: key 'api.socket_mode' must be an octal string") from None
+    if not config.api.handover_dir.startswith("/"):
+        raise ConfigError(f"{source}: key 'api.handover_dir' must be an absolute path")
     for key in ("peer.listen", "metrics.listen"):
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)

@@ -932,6 +932,13 @@ def open_memfd_region(index: int, spec: protocol.RegionSpec, fd: int) -> ExportR
     return region
 
 
+def open_file_region(index: int, spec: protocol.RegionSpec, fd: int) -> ExportRegion:
+    """Prepare to read one region of a plain file (a snapshot's memory file): with pread
+    only, never a mapping, so a file truncated under the export costs the pages past
+    its end (a short read: a lost page, the importer's policy) and never the daemon."""
+    return ExportRegion(index, spec.gpa, spec.size, spec.page_size, fd=fd, offset=spec.offset)
+
+
 def _seal_shrink(fd: int) -> bool:
     try:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
@@ -949,5 +956,5 @@ def link_error(e: BaseException) -> str:
     return repr(e)
 
 
-__all__ = ["ExportRegion", "ExportState", "link_error", "open_memfd_region", "serve_bulk",
-           "serve_demand"]
+__all__ = ["ExportRegion", "ExportState", "link_error", "open_file_region", "open_memfd_region",
+           "serve_bulk", "serve_demand"]

@@ -230,6 +230,11 @@ class FaultLoop:
         self._control.put(("stop",))
         self._kick()
 
+    def release_buffers(self) -> None:
+        """After ``run`` returned: give the demand receive buffer's pages back (8 MiB).
+        A resident session (uffdd.firecracker) keeps the loop for its counters only."""
+        mem.give_back(self._rx)
+
     def attach_demand_threadsafe(self, sock: socket.socket | None) -> None:
         """Hand the fault thread a (new) demand-lane socket, or None when the link is down."""
         self._control.put(("demand", sock))

@@ -150,6 +150,31 @@ def check_uffd(fd: int, where: str, needed: int) -> None:
                            "daemon cannot serve a forked child's uffd; do not request it")
 
 
+def is_plain_file(fd: int) -> bool:
+    """True for a regular file that is neither a memfd nor on hugetlbfs: a snapshot
+    memory file (on disk, or on tmpfs), which has no page size of its own."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode) or is_hugetlb_fd(fd):
+        return False
+    try:
+        return not os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
+    except OSError:
+        return False
+
+
+def check_file_region(fd: int, spec: protocol.RegionSpec, where: str) -> None:
+    """An export's region read from a plain file (a Firecracker snapshot's memory file).
+
+    It is read with pread only, never mapped (a file truncated under a mapping would
+    SIGBUS the daemon; a short pread is a lost page). The file has no page size of its
+    own: the region's page_size is the guest's. Its size is checked now; a file that
+    shrinks later costs the pages past its new end, not the daemon.
+    """
+    size = os.fstat(fd).st_size
+    if spec.offset + spec.size > size:
+        raise RequestError("bad-region", f"{where}: region ends at {spec.offset + spec.size} "
+                           f"but the file is {size} bytes")
+
+
 def check_memfd(fd: int, spec: protocol.RegionSpec, where: str, *, writes: bool) -> bool:
     """The fd is a memory file that holds the region; returns 'is hugetlb'.
 
@@ -158,7 +183,8 @@ def check_memfd(fd: int, spec: protocol.RegionSpec, where: str, *, writes: bool)
     """
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-        raise RequestError("bad-fds", f"{where}: fd is not a memory file (memfd)")
+        raise RequestError("bad-fds", f"{where}: fd is not a memory file (memfd) or a "
+                           "regular file")
     if spec.offset + spec.size > st.st_size:
         raise RequestError("bad-region", f"{where}: region ends at {spec.offset + spec.size} "
                            f"but the memory fd is {st.st_size} bytes")

@@ -97,8 +97,8 @@ ERRORS: Final[dict[str, str]] = {
                "needs (the message names it), has `EVENT_FORK`, or whose region is registered "
                "by another uffd; a memory fd that is not a memory file, is sealed against "
                "writes (`F_SEAL_WRITE`), or is read-only in minor mode; fds sent with a "
-               "request other than `import`/`export`; more than `limits.max_fds_per_request` "
-               "in one frame",
+               "request other than `import`/`export`/`prepare`; more than "
+               "`limits.max_fds_per_request` in one frame",
     "bad-region": "region not page aligned, overlapping another, zero size, beyond any "
                   "address space (> 2^57 bytes), or outside its memory fd; not mapped in the "
                   "VMM (the message gives the first unmapped address), not registered in its "
@@ -133,7 +133,8 @@ EXPORT_REGION: Final = (
        units="bytes"),
     _f("page_size", "uint", True, "4096, or 2097152 for hugetlb memory", units="bytes"),
     _f("fd", "uint", False, "memfd mode: index of the memory fd (memfd or hugetlb memfd) in "
-       "the frame's fds"),
+       "the frame's fds; or of a regular file (a snapshot's memory file, read with pread "
+       "only, any page_size)"),
     _f("offset", "uint", False, "memfd mode: offset of the region in `fd` (default 0)",
        units="bytes"),
     _f("addr", "uint", False, "pid mode: the region's address in process `pid`"),
@@ -175,6 +176,22 @@ REQUESTS: Final[dict[str, tuple[Field, ...]]] = {
                   values=PRESENT),
                _f("regions", "regions", True, "the destination guest RAM (import region "
                   "table)")),
+    "prepare": (_OP, _ID, _SESSION,
+                _f("file", "str", False, "page source: the snapshot memory file on this "
+                   "host (absolute path; the client must be able to read it)"),
+                _f("fd", "uint", False, "page source: `0`, the snapshot memory file sent as "
+                   "the request's one fd"),
+                _f("peer", "str", False, "page source: HOST:PORT of the source daemon that "
+                   "exports the snapshot file"),
+                _f("token", "token", False, "with `peer`: the export's secret; ignored "
+                   "otherwise"),
+                _f("strategy", "str", False, "vCPU-exit strategy (default "
+                   "`session.strategy`)"),
+                _f("policy", "str", False, "failure policy (default `session.policy`)",
+                   values=POLICIES),
+                _f("deadline", "float", False, "as for `import`", units="seconds"),
+                _f("handover_deadline", "float", False, "how long to wait for a valid "
+                   "Firecracker handover (default 60), in (0, 86400]", units="seconds")),
     "status": (_OP, _ID, _f("session", "str", False, "only this session (default: every "
                             "session this connection may see)")),
     "subscribe": (_OP, _ID, _SESSION),
@@ -228,6 +245,9 @@ REPLIES: Final[dict[str, tuple[Field, ...]]] = {
                _f("pages", "uint", True, "pages of the session", units=PAGES)),
     "import": (_f("session", "str", True, "the session id"),
                _f("pages", "uint", True, "pages of the session", units=PAGES)),
+    "prepare": (_f("session", "str", True, "the session id"),
+                _f("handover", "str", True, "the session's handover socket: Firecracker's "
+                   "`backend_path`")),
     "status": (_f("sessions", "sessions", True, "one status entry per session"),),
     "subscribe": (),
     "cancel": (),
@@ -299,6 +319,14 @@ EVENTS: Final[dict[str, tuple[Field, ...]]] = {
                   *_counters(*_TERMINAL_COUNTERS)),
     "failed": (_EVENT, _EV_SESSION, _REASON, *_counters(*_TERMINAL_COUNTERS)),
     "cancelled": (_EVENT, _EV_SESSION, _REASON, *_counters(*_TERMINAL_COUNTERS)),
+    "handover": (_EVENT, _EV_SESSION,
+                 _f("pid", "uint", True, "Firecracker's pid (SO_PEERCRED)"),
+                 _f("regions", "uint", True, "regions it handed over"),
+                 _f("pages", "uint", True, "pages of those regions", units=PAGES)),
+    "handover-refused": (_EVENT, _EV_SESSION,
+                         _f("pid", "uint", True, "the connecting process (SO_PEERCRED; 0 "
+                            "if unknown)"),
+                         _REASON),
     "peer-refused": (_EVENT, _EV_SESSION,
                      _f("refusals", "uint", True, "wrong-token connections for this export "
                         "since it started (`peer-refused` is sent for exports only)"),
@@ -335,6 +363,23 @@ STATUS_ENTRY: Final = (
        "the Python fallback", values=LOOPS),
     _f("strategy", "str", True, "the vCPU-exit strategy", roles=IMPORT),
     _f("policy", "str", True, "the failure policy", roles=IMPORT, values=POLICIES),
+    # A prepared (Firecracker) import only:
+    _f("handover", "str", False, "`prepare`: the handover socket", roles=IMPORT),
+    _f("handover_state", "str", False, "`prepare`: waiting for Firecracker, accepted, or "
+       "ended (Firecracker closed its socket or exited, or the session ended)",
+       roles=IMPORT, values=("waiting", "accepted", "ended")),
+    _f("vmm_pid", "uint", False, "`prepare`: Firecracker's pid once handed over",
+       roles=IMPORT, nullable=True),
+    _f("resident", "bool", False, "`prepare`: completed, and still serving the guest's "
+       "faults after balloon removes (zero pages) until Firecracker exits", roles=IMPORT),
+    _f("source", "str", False, "`prepare`: the page source", roles=IMPORT,
+       values=("file", "peer")),
+    _f("handover_refusals", "uint", False, "`prepare`: handover attempts refused",
+       roles=IMPORT),
+    _f("resident_faults", "uint", False, "`prepare`: faults zero-filled while resident",
+       roles=IMPORT),
+    _f("resident_removes", "uint", False, "`prepare`: UFFD_EVENT_REMOVEs read while "
+       "resident", roles=IMPORT),
 )
 
 #: Rules the daemon does not meet yet (issue 14 is landing): (message, field) pairs whose

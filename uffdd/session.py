@@ -257,6 +257,18 @@ class ImportSession(SessionBase):
     deadline: float = 30.0
     fds: OwnedFds = field(default_factory=OwnedFds)
     adopt_present: bool = False  # import "present": "keep" (or a re-import from the fd store)
+    #: The process whose memory the uffds serve, when it is not the API client that
+    #: created the session (Firecracker's handover: the orchestrator owns the session,
+    #: Firecracker is the VMM). 0: the owner is the VMM. Its pidfd is what the crash
+    #: policy kills.
+    vmm_pid: int = 0
+    #: The session id the link names in its handshake, when the source's export has
+    #: another id than this import ("" : the same). uffdd.firecracker's local file
+    #: source is an export with a random id, so that no tenant can squat on it.
+    peer_session: str = ""
+    #: Keep the uffds in the service manager's fd store (a restarted daemon gets them
+    #: back and the VMM re-imports). Off where no VMM can re-import (uffdd.firecracker).
+    use_fdstore: bool = True
     pages: PageMap = field(init=False)
     loop: FaultLoop = field(init=False)
     link: str = "down"
@@ -265,7 +277,8 @@ class ImportSession(SessionBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.pages = PageMap([r.pages for r in self.regions])
+        self.pages = PageMap([])  # attach_regions builds these
+        self._by_gpa: list[ImportRegion] = []
         self._token = trio.lowlevel.current_trio_token()
         self._link_lost = trio.Event()
         self._completed = trio.Event()
@@ -273,6 +286,18 @@ class ImportSession(SessionBase):
         self._pidfd: int | None = None  # the VMM, under the crash policy (see _open_pidfd)
         self._dialer: _Dialer | None = None  # the connection attempt in progress
         self._link_error: str | None = None  # why the last attempt to link failed
+        self._attached = False
+        if self.regions:
+            self.attach_regions(self.regions)
+
+    def attach_regions(self, regions: list[ImportRegion]) -> None:
+        """Build the page state and the fault loop for ``regions`` (before ``_start``).
+
+        At construction for an ``import``; later for a session prepared without its
+        regions (uffdd.firecracker: they come with Firecracker's handover).
+        """
+        self.regions = regions
+        self.pages = PageMap([r.pages for r in self.regions])
         self.loop = FaultLoop(
             self.regions, self.pages, notify=self._notify_threadsafe, metrics=self.metrics,
             deadline=self.deadline, policy=self.policy, integrity=self.config.peer.integrity,
@@ -280,12 +305,19 @@ class ImportSession(SessionBase):
         self.loop.stall_timeout = self.config.peer.stall_timeout
         self.loop.spin_s = self.config.peer.spin_us / 1e6
         self.loop.fastpath = peer.demand_library(self.config.peer)
-        self.loop.vmm_pid = self.owner_pid
+        self.loop.vmm_pid = self.vmm
         self.loop.adopt_present = self.adopt_present  # "keep" (or a re-import): adopt them
         self._by_gpa = sorted(self.regions, key=lambda r: r.gpa)
+        self._attached = True
+
+    @property
+    def vmm(self) -> int:
+        """The pid of the VMM whose memory this session fills."""
+        return self.vmm_pid or self.owner_pid
 
     def set_state(self, state: str, reason: str | None = None) -> None:
-        if state in ("failed", "cancelled") and not self.finished and not self.handed_over:
+        if (state in ("failed", "cancelled") and not self.finished and not self.handed_over
+                and self._attached):
             # The fault thread tells the source on its way out (a 'cancel' frame), so
             # the source VMM learns at once that its guest will not be needed.
             self.loop.cancel_reason = reason or state
@@ -332,7 +364,7 @@ class ImportSession(SessionBase):
     def _start(self, nursery: trio.Nursery) -> None:
         # Under systemd the service manager keeps copies of the VMM's fds, so a
         # restarted daemon has them back even before the VMM reconnects.
-        self._fdstored = bool(self.fds) and sdnotify.store_fds(
+        self._fdstored = bool(self.fds) and self.use_fdstore and sdnotify.store_fds(
             fdstore_name(self.session_id), list(self.fds))
         self._open_pidfd()
         nursery.start_soon(self._fault_thread)
@@ -423,9 +455,9 @@ class ImportSession(SessionBase):
         if self.policy != "crash":
             return
         try:
-            self._pidfd = os.pidfd_open(self.owner_pid)
+            self._pidfd = os.pidfd_open(self.vmm)
         except OSError as e:  # already gone: there is nothing to kill later
-            log.info("session=%s VMM pid=%d: no pidfd (%s)", self.session_id, self.owner_pid, e)
+            log.info("session=%s VMM pid=%d: no pidfd (%s)", self.session_id, self.vmm, e)
 
     def _close_pidfd(self) -> None:
         pidfd, self._pidfd = self._pidfd, None
@@ -445,7 +477,7 @@ class ImportSession(SessionBase):
             await trio.lowlevel.wait_readable(pidfd)  # readable: the VMM has exited
             return
         log.error("session=%s VMM pid=%d still running %.1fs after failure%s: killing it",
-                  self.session_id, self.owner_pid, trio.current_time() - start,
+                  self.session_id, self.vmm, trio.current_time() - start,
                   " (the daemon is stopping)" if self._hurry_by is not None else "")
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
@@ -531,7 +563,8 @@ class ImportSession(SessionBase):
         demand = peer.FrameSocket(peer.connect(self.peer_address, timeout, self.config.peer,
                                                dialer.opened))
         dialer.own(demand.sock)
-        shapes = peer.client_handshake(demand, self.session_id, self.token, "demand")
+        link_id = self.peer_session or self.session_id
+        shapes = peer.client_handshake(demand, link_id, self.token, "demand")
         rtt = (time.monotonic() - t0) / 3
         self._check_shapes(demand, shapes)
         bulks = []
@@ -539,7 +572,7 @@ class ImportSession(SessionBase):
             fs = peer.FrameSocket(peer.connect(self.peer_address, timeout, self.config.peer,
                                                dialer.opened))
             dialer.own(fs.sock)
-            peer.client_handshake(fs, self.session_id, self.token, "bulk")
+            peer.client_handshake(fs, link_id, self.token, "bulk")
             self._send_have(fs)
             bulks.append(fs)
         for sock in (demand.sock, *(fs.sock for fs in bulks)):

@@ -1,0 +1,710 @@
+"""Firecracker's UFFD handover: an import prepared without fds, completed by Firecracker.
+
+Firecracker restores a snapshot with ``"mem_backend": {"backend_type": "Uffd",
+"backend_path": <socket>}``: it maps guest RAM anonymous and private, creates a
+userfaultfd (O_CLOEXEC | O_NONBLOCK, UFFDIO_API with UFFD_FEATURE_EVENT_REMOVE),
+registers every region MISSING, connects to the socket and makes one ``sendmsg``: a
+JSON array of ``GuestRegionUffdMapping`` and, as SCM_RIGHTS, the uffd. It never reads
+or writes the socket again and never unregisters.
+
+So an orchestrator first ``prepare``\\ s the session (page source, policy, strategy); the
+daemon answers with a handover socket, ``<api.handover_dir>/<session>.sock``. One socket
+per session, not one for all: Firecracker sends no session id, so a shared socket
+could only tell sessions apart by guessing from the payload; per session, the socket's
+path *is* the session, its permissions can be set per VM (a jailer's uid), and nothing
+has to be demultiplexed.
+
+The payload is checked as strictly as any ``import`` (uffdd.handover), and the region
+table against the page source. A malformed payload, a connection with no fd or more
+than one, regions past the end of the file, a uffd without EVENT_REMOVE, a second
+connection after a good one: each is refused (logged once, the connection closed, a
+``handover-refused`` event), and the session waits for a correct handover until its
+``handover_deadline``.
+
+Page sources: ``peer`` (the source host's uffdd exports the snapshot file: a regular
+file as an export region) or ``file`` (the snapshot memory file on this host). The
+file is served by this very daemon over loopback: an internal export session with a
+random id and token, so demand first, the background stream, zero markers, integrity
+and deadlines are the one engine's, unchanged.
+
+Firecracker's uffd stays registered for the VM's whole life: after ``completed`` the
+session goes *resident*. Its fault thread stops; one Trio task waits for the uffd to
+become readable and answers what a balloon's inflate and deflate cause (a remove, then
+faults in the removed range) with zero pages, never source data. It ends when
+Firecracker's socket reaches EOF or Firecracker exits (its pidfd).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import logging
+import os
+import pwd
+import secrets
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import trio
+
+from uffdd import handover, metrics, peer, protocol, strategies
+from uffdd._linux import scm, uffd
+from uffdd._linux.fds import OwnedFds
+from uffdd._linux.mem import buffer_address
+from uffdd.config import Config, split_host_port
+from uffdd.errors import (
+    AlreadyPresent,
+    ConfigError,
+    KernelError,
+    ProtocolError,
+    RangeGone,
+    RequestError,
+    Retry,
+    TargetGone,
+)
+from uffdd.exporter import ExportRegion, open_file_region
+from uffdd.faultloop import ImportRegion
+from uffdd.registry import Registry
+from uffdd.session import ExportSession, ImportSession, latency_percentiles
+
+log = logging.getLogger("uffdd.firecracker")
+
+#: Firecracker's payload is a few hundred bytes; one recvmsg of this much takes it whole.
+PAYLOAD_MAX: Final = 64 * 1024
+#: Ancillary room for this many fds, so that "more than one" is seen, not truncated.
+_FDS_ROOM: Final = 8
+#: How long a connection may take to send its payload before it is refused.
+RECV_TIMEOUT: Final = 5.0
+SUN_PATH_MAX: Final = 107
+DEFAULT_HANDOVER_DEADLINE: Final = 60.0
+_MSG_BATCH: Final = 64
+#: A handover refusal names the reason (for the log, the event and the final failure).
+_REASON_MAX: Final = 300
+
+
+# ---------------------------------------------------------------- the payload
+
+
+def parse_mappings(payload: bytes, limit: int) -> list[protocol.RegionSpec]:
+    """Firecracker's JSON array of GuestRegionUffdMapping as import regions.
+
+    gpa is ``offset`` (the snapshot file's offset space, the same on the source side),
+    addr ``base_host_virt_addr``; ``page_size`` (or the deprecated ``page_size_kib``,
+    which is in bytes despite its name); unknown fields are ignored. The result has
+    passed every shape check of an import's region table (protocol.parse_regions).
+    """
+    try:
+        raw = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RequestError("bad-request", f"the payload is not JSON: {e}") from None
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("bad-request", "the payload must be a non-empty JSON array of "
+                           "GuestRegionUffdMapping")
+    table: list[dict[str, object]] = []
+    for i, item in enumerate(raw[: limit + 1]):
+        if not isinstance(item, dict):
+            raise RequestError("bad-request", f"mapping[{i}] is not an object")
+        page_size = item.get("page_size", item.get("page_size_kib"))
+        fields = {"base_host_virt_addr": item.get("base_host_virt_addr"),
+                  "size": item.get("size"), "offset": item.get("offset"),
+                  "page_size": page_size}
+        for name, value in fields.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise RequestError("bad-request", f"mapping[{i}]: '{name}' must be an "
+                                   "integer >= 0")
+        table.append({"gpa": fields["offset"], "addr": fields["base_host_virt_addr"],
+                      "size": fields["size"], "page_size": fields["page_size"],
+                      "uffd": 0, "mode": "missing"})
+    return protocol.parse_regions(table, role="import", limit=limit)
+
+
+def export_specs(specs: list[protocol.RegionSpec]) -> list[protocol.RegionSpec]:
+    """The export regions that serve ``specs`` from the snapshot file (gpa = offset)."""
+    return [protocol.RegionSpec(gpa=s.gpa, size=s.size, page_size=s.page_size, fd=0,
+                                offset=s.gpa) for s in specs]
+
+
+# ---------------------------------------------------------------- prepare
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A checked ``prepare`` request (api.handle_prepare parses the common fields)."""
+
+    session_id: str
+    token: bytes
+    peer: str  # "" with a file source
+    file_fd: int  # -1 with a peer source; owned by the session once created
+    policy: str
+    deadline: float
+    handover_deadline: float
+
+
+def open_snapshot(path: str, cred: scm.PeerCred) -> int:
+    """Open the snapshot file a client names, as that client could (not as root).
+
+    The daemon opens it for the client, so it checks what the kernel would have checked
+    for the client, for the file itself: root or the daemon's own uid, the file's
+    owner, its group (the client's primary gid) or everyone, with read permission.
+    A client that cannot be described so sends the file as an fd instead.
+    """
+    if not os.path.isabs(path):
+        raise RequestError("bad-request", "prepare: 'file' must be an absolute path")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError as e:
+        raise RequestError("bad-request", f"prepare: cannot open {path}: {e.strerror}"
+                           ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RequestError("bad-request", f"prepare: {path} is not a regular file")
+        if not _may_read(cred, st):
+            raise RequestError("unauthorized", f"prepare: uid {cred.uid} / gid {cred.gid} "
+                               f"may not read {path}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _may_read(cred: scm.PeerCred, st: os.stat_result) -> bool:
+    if cred.uid in (0, os.geteuid()):
+        return True
+    if st.st_uid == cred.uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid == cred.gid:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
+
+
+def check_snapshot_fd(fd: int) -> None:
+    """A snapshot file sent as an fd: a regular file, open for reading."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise RequestError("bad-fds", "prepare: the fd is not a regular file")
+    import fcntl  # here: only this check needs it
+
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+        raise RequestError("bad-fds", "prepare: the file fd is open write-only")
+
+
+def handover_path(config: Config, session_id: str) -> str:
+    path = os.path.join(config.api.handover_dir, f"{session_id}.sock")
+    if len(path.encode()) > SUN_PATH_MAX:
+        raise RequestError("bad-request", f"prepare: the handover socket path {path!r} is "
+                           f"longer than a Unix socket allows ({SUN_PATH_MAX} bytes): use a "
+                           "shorter session id or api.handover_dir")
+    return path
+
+
+def listen_handover(config: Config, path: str) -> socket.socket:
+    """Bind the session's handover socket with the API socket's mode, owner and group."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise RequestError("bad-request", f"prepare: {path} exists and is not a socket")
+        # Left by a session of an earlier daemon (ids of running imports are unique).
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old_umask = os.umask(0o177)  # no window in which the socket is world-accessible
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise RequestError("internal", f"prepare: cannot bind {path}: {e.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    try:
+        os.chmod(path, int(config.api.socket_mode, 8))
+        _chown(path, config.api.socket_owner, config.api.socket_group)
+        sock.listen(4)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return sock
+
+
+def _chown(path: str, owner: str, group: str) -> None:
+    """api.socket_owner / api.socket_group (names or numbers), as for the API socket."""
+    if not owner and not group:
+        return
+    try:
+        uid = -1 if not owner else int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
+        gid = -1 if not group else int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError as e:
+        raise ConfigError(f"api.socket_owner / api.socket_group: no such user or group {e}"
+                          ) from None
+    os.chown(path, uid, gid)
+
+
+def own_peer_address(config: Config, port: int) -> str:
+    """Where this daemon's own peer listener is reached from this host."""
+    if not config.peer.listen or not port:
+        raise RequestError("bad-request", "prepare: a 'file' source is served through this "
+                           "daemon's peer listener, and peer.listen is off")
+    host, _port = split_host_port(config.peer.listen)
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ---------------------------------------------------------------- the session
+
+
+class _Refusal(Exception):
+    """One handover connection is refused (the session goes on waiting)."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason[:_REASON_MAX]
+
+
+@dataclass
+class FirecrackerSession(ImportSession):
+    """An import whose uffd and regions come from Firecracker's handover socket."""
+
+    handover: str = ""  # the socket path
+    handover_deadline: float = DEFAULT_HANDOVER_DEADLINE
+    listener: socket.socket | None = None  # bound and listening; owned from here on
+    file_fd: int = -1  # the local snapshot file (source "file"); -1 for "peer"
+    registry: Registry | None = None  # for the internal export of a file source
+    own_peer: Callable[[], str] | None = None  # this daemon's peer address (file source)
+    source: str = "peer"  # or "file"
+    handover_state: str = "waiting"  # waiting | accepted | ended
+    resident: bool = False
+    refusals: int = 0
+    resident_faults: int = 0  # faults zero-filled in the resident state
+    resident_removes: int = 0  # UFFD_EVENT_REMOVEs read in the resident state
+    _fc_sock: trio.socket.SocketType | None = field(default=None, init=False, repr=False)
+    _fc_pidfd: int | None = field(default=None, init=False, repr=False)
+    _last_refusal: str = field(default="", init=False, repr=False)
+    _latency_at_completion: tuple[float | None, float | None] | None = field(
+        default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._handed = trio.Event()
+        self._loop_ended = trio.Event()
+        self._vmm_gone = trio.Event()  # Firecracker's socket reached EOF or it exited
+        self._vmm_gone_why = ""
+        self._link_scope = trio.CancelScope()
+        self._progress_scope = trio.CancelScope()
+
+    # -- lifetime
+
+    def hand_over(self) -> None:
+        """A service-manager stop leaves nothing to the next daemon: Firecracker hands
+        its uffd over once, so the session ends here, and the orchestrator hears why."""
+        self.set_state("cancelled", "daemon stopping: a Firecracker session cannot be "
+                       "taken over by the next daemon")
+
+    def _start(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._handover_phase, nursery)
+
+    async def _until_end(self) -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(self._complete_then_reside)
+            await self._done.wait()
+            if self.resident:
+                await self._vmm_gone.wait()
+                log.info("session=%s resident session ended: %s", self.session_id,
+                         self._vmm_gone_why)
+            n.cancel_scope.cancel()
+
+    async def _fault_thread(self) -> None:
+        try:
+            await super()._fault_thread()
+        finally:
+            self._loop_ended.set()
+
+    async def _link_supervisor(self) -> None:
+        with self._link_scope:
+            await super()._link_supervisor()
+
+    async def _progress_loop(self) -> None:
+        with self._progress_scope:
+            await super()._progress_loop()
+
+    def _release(self) -> None:
+        self.handover_state = "ended" if self._attached else self.handover_state
+        self.resident = False
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.handover)
+        if self._fc_sock is not None:
+            self._fc_sock.close()
+            self._fc_sock = None
+        for fd in (self._fc_pidfd, self.file_fd):
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fc_pidfd = None
+        self.file_fd = -1
+        super()._release()
+
+    # -- waiting for Firecracker
+
+    async def _handover_phase(self, nursery: trio.Nursery) -> None:
+        assert self.listener is not None
+        lsock = trio.socket.from_stdlib_socket(self.listener)
+        with trio.move_on_after(self.handover_deadline):
+            while True:
+                conn, _addr = await lsock.accept()
+                if await self._try(conn, nursery):
+                    break
+        if not self._handed.is_set():
+            why = f"; the last refusal: {self._last_refusal}" if self._last_refusal else ""
+            self.set_state("failed", f"no valid Firecracker handover on {self.handover} "
+                           f"within {self.handover_deadline:g}s (handover_deadline){why}")
+            return
+        # Later connections: refused, logged, the session goes on.
+        while True:
+            conn, _addr = await lsock.accept()
+            with conn:
+                pid = _peer_pid(conn)
+                with contextlib.suppress(_Refusal):  # read it (its fds closed), no reset
+                    _payload, fd = await self._receive(conn)
+                    os.close(fd)
+                await self._refused(pid, "bad-request", "the session already has its "
+                                    "Firecracker handover (a second connection)")
+
+    async def _try(self, conn: trio.socket.SocketType, nursery: trio.Nursery) -> bool:
+        """One connection: True if it was a valid handover (the session now runs)."""
+        pid = _peer_pid(conn)
+        fd = -1
+        try:
+            payload, fd = await self._receive(conn)
+            await self._take(conn, pid, payload, fd, nursery)
+        except BaseException as e:
+            if fd >= 0 and fd not in self.fds:  # not taken over by the session
+                os.close(fd)
+            if conn is not self._fc_sock:
+                conn.close()
+            if not isinstance(e, _Refusal):
+                raise
+            await self._refused(pid, e.code, e.reason)
+            return False
+        return True
+
+    async def _refused(self, pid: int, code: str, reason: str) -> None:
+        self.refusals += 1
+        self._last_refusal = reason
+        metrics.refused(code if code in metrics.REFUSED_REASONS else "bad-request")
+        log.warning("session=%s refused a Firecracker handover from pid=%d: %s",
+                    self.session_id, pid, reason)
+        await self.emit({"event": "handover-refused", "session": self.session_id,
+                         "pid": pid, "reason": reason})
+
+    async def _receive(self, conn: trio.socket.SocketType) -> tuple[bytes, int]:
+        """ONE recvmsg: the payload and exactly one fd, or a refusal (every fd closed).
+
+        Firecracker makes one sendmsg of a few hundred bytes; the ancillary room is for
+        several fds, so that two are seen (and refused), not cut off."""
+        with trio.move_on_after(RECV_TIMEOUT):
+            data, anc, flags, _addr = await conn.recvmsg(PAYLOAD_MAX,
+                                                         scm.fd_control_space(_FDS_ROOM))
+            try:
+                fds = scm.parse_fds(anc, flags)  # closes what it got on a problem
+            except ProtocolError as e:
+                raise _Refusal("bad-fds", str(e)) from None
+            if len(fds) != 1:
+                scm.close_all(fds)
+                raise _Refusal("bad-fds", f"{len(fds)} fds came with the payload: "
+                               "Firecracker sends exactly one, the userfaultfd")
+            return data, fds[0]
+        raise _Refusal("bad-request", f"no payload came within {RECV_TIMEOUT:g}s")
+
+    async def _take(self, conn: trio.socket.SocketType, pid: int, payload: bytes, fd: int,
+                    nursery: trio.Nursery) -> None:
+        """Check everything; on success the session owns ``fd`` and ``conn`` and runs."""
+        limits = self.config.limits
+        try:
+            specs = parse_mappings(payload, limits.max_regions_per_request)
+            registry = self.registry
+            assert registry is not None
+            handover.check_pages(specs, limits, registry.running_pages())
+            if self.file_fd >= 0:
+                for i, spec in enumerate(export_specs(specs)):
+                    handover.check_file_region(self.file_fd, spec, f"mapping[{i}]")
+            claims = []
+            for i, spec in enumerate(specs):
+                where = f"mapping[{i}]"
+                hugetlb = spec.page_size != 4096
+                # Firecracker asks UFFDIO_API for EVENT_REMOVE only. UFFD_FEATURE_POISON
+                # is a feature bit for detection: UFFDIO_POISON works without it (the
+                # kernel lists it among the range's ioctls, which verify_import checks
+                # under the poison policy), so it is not required here.
+                handover.check_uffd(fd, where, handover.needed_features(
+                    "missing", hugetlb, "crash"))
+                claims.append(handover.ImportClaim(where, spec, fd, -1, hugetlb))
+            checks = await trio.to_thread.run_sync(handover.verify_import, pid, claims,
+                                                   self.policy, False)
+            handover.check_pages(specs, limits, registry.running_pages())
+        except RequestError as e:
+            raise _Refusal(e.code, e.message) from None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as e:
+            raise _Refusal("bad-request", f"Firecracker pid {pid} is gone ({e.strerror})"
+                           ) from None
+        regions = [ImportRegion(i, c.spec.gpa, c.spec.addr, c.spec.size, c.spec.page_size,
+                                fd, "missing", hugetlb=check.hugetlb)
+                   for i, (c, check) in enumerate(zip(claims, checks, strict=True))]
+        # From here on the session owns the uffd, the socket and the pidfd, and the
+        # handover deadline no longer applies: it is shielded from it.
+        self.fds = OwnedFds([fd])
+        self._fc_sock = conn
+        self._fc_pidfd = pidfd
+        self.vmm_pid = pid
+        self._handed.set()
+        with trio.CancelScope(shield=True):
+            if self.file_fd >= 0:
+                await self._start_file_export(specs, nursery)
+            self.attach_regions(regions)
+            self.handover_state = "accepted"
+            log.info("session=%s Firecracker pid=%d handed over %d regions (%d pages), "
+                     "source %s", self.session_id, pid, len(regions), self.pages.total,
+                     self.source)
+            nursery.start_soon(self._watch_firecracker)
+            ImportSession._start(self, nursery)
+            await self.emit({"event": "handover", "session": self.session_id, "pid": pid,
+                             "regions": len(regions), "pages": self.pages.total})
+
+    async def _start_file_export(self, specs: list[protocol.RegionSpec],
+                                 nursery: trio.Nursery) -> None:
+        """The local file, served by this daemon to itself: an internal export session.
+
+        Its id and token are random (no tenant can guess, squat on or join it); it is
+        owned by the preparing client and lives inside this session's nursery.
+        """
+        assert self.registry is not None and self.own_peer is not None
+        address = self.own_peer()
+        export_id = f"fc-file-{secrets.token_hex(8)}"
+        token = secrets.token_bytes(32)
+        fd = os.dup(self.file_fd)
+        try:
+            regions: list[ExportRegion] = [open_file_region(i, spec, fd)
+                                           for i, spec in enumerate(export_specs(specs))]
+            export = ExportSession(export_id, "export", token, self.owner_pid, self.config,
+                                   regions=regions, fds=OwnedFds([fd]))
+        except BaseException:
+            os.close(fd)
+            raise
+        self.peer_address = address
+        self.peer_session = export_id
+        self.token = token
+        await nursery.start(self._run_internal_export, export)
+
+    async def _run_internal_export(self, export: ExportSession, *,
+                                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                                   ) -> None:
+        registry = self.registry
+        assert registry is not None
+        registry.add(export)
+        try:
+            await export.run(task_status=task_status)
+        finally:
+            if not export.finished:
+                export.set_state("cancelled", f"its import session {self.session_id} ended")
+            registry.finish(export)
+
+    async def _watch_firecracker(self) -> None:
+        """Firecracker's socket reaching EOF, or its exit (pidfd): the session ends."""
+        sock, pidfd = self._fc_sock, self._fc_pidfd
+        assert sock is not None and pidfd is not None
+        why = ""
+        async with trio.open_nursery() as n:
+            async def eof() -> None:
+                nonlocal why
+                while True:  # Firecracker never writes; anything it does is dropped
+                    try:
+                        data = await sock.recv(4096)
+                    except OSError as e:
+                        why = f"its handover socket failed ({e.strerror})"
+                        break
+                    if not data:
+                        why = "Firecracker closed its handover socket"
+                        break
+                n.cancel_scope.cancel()
+
+            async def exited() -> None:
+                nonlocal why
+                await trio.lowlevel.wait_readable(pidfd)
+                why = why or f"Firecracker (pid {self.vmm_pid}) exited"
+                n.cancel_scope.cancel()
+
+            n.start_soon(eof)
+            n.start_soon(exited)
+        self._vmm_gone_why = why
+        self._vmm_gone.set()
+        if not self.resident and not self._completed.is_set():  # completion wins a tie
+            self.set_state("cancelled", f"{why} before the restore completed")
+
+    # -- completion and the resident state
+
+    async def _complete_then_reside(self) -> None:
+        await self._completed.wait()
+        await self._send_done()
+        outcome = "completed-with-poisoned-pages" if self.pages.poisoned else "completed"
+        # Firecracker never unregisters: stop what a completed import no longer needs
+        # (the link, progress events, the fault thread), then serve removes and the
+        # faults after them here, with one wait.
+        self._link_scope.cancel()
+        self._progress_scope.cancel()
+        self.loop.stop_threadsafe()
+        await self._loop_ended.wait()
+        self._report_progress()
+        # What stays is what a resident session needs: the page states, the counters,
+        # the uffd. The fault loop's buffers and latency samples go (status keeps the
+        # percentiles as they were at completion), and so does the crash policy's
+        # pidfd: a completed session kills nobody.
+        self.loop.release_buffers()
+        samples = self.loop.counters.latencies_us
+        self._latency_at_completion = latency_percentiles(list(samples))
+        del samples[:]
+        self._close_pidfd()
+        if self._vmm_gone.is_set():  # gone meanwhile: nothing left to serve
+            self.set_state("completed", outcome)
+            return
+        self.resident = True
+        self.set_state("completed", outcome)
+        # The terminal event goes out now, not at the end: the VM runs on for days.
+        await self.emit(self._completed_event())
+        try:
+            await self._serve_resident()
+        except (KernelError, OSError) as e:
+            log.error("session=%s resident session stopped: %s", self.session_id, e)
+            self._vmm_gone_why = f"the uffd failed: {e}"
+            self._vmm_gone.set()
+
+    async def _serve_resident(self) -> None:
+        """Zero-fill every fault after completion: only a range the guest removed
+        (balloon inflate, free page reporting) can fault again, and it must read as
+        zeros. One blocking wait on the uffd; no timer, no spinning."""
+        fd = self.regions[0].uffd
+        buf = bytearray(uffd.MSG_SIZE * _MSG_BATCH)
+        zero: bytearray | None = None
+        for region in self.regions:  # a thread the fault loop left waiting faults again
+            with contextlib.suppress(RangeGone, Retry):
+                uffd.wake(fd, region.addr, region.size)
+        pending: list[int] = []
+        while True:
+            if not pending:
+                await trio.lowlevel.wait_readable(fd)
+            while True:
+                events = uffd.read_events(fd, buf)
+                for ev in events:
+                    if isinstance(ev, uffd.PageFault):
+                        pending.append(ev.address)
+                        self.metrics.fault("missing", "write" if ev.write else "read")
+                    elif isinstance(ev, uffd.Remove):
+                        self.resident_removes += 1
+                        log.debug("session=%s resident: removed [%#x, %#x)", self.session_id,
+                                  ev.start, ev.end)
+                if len(events) < _MSG_BATCH:
+                    break
+            retry: list[int] = []
+            for address in pending:
+                hit = next((r for r in self.regions if r.contains(address)), None)
+                if hit is None:
+                    log.warning("session=%s resident: fault outside every region addr=%#x",
+                                self.session_id, address)
+                    continue
+                page = address - (address - hit.addr) % hit.page_size
+                try:
+                    if hit.hugetlb:  # no UFFDIO_ZEROPAGE on hugetlb: copy zeros
+                        if zero is None:
+                            zero = bytearray(hit.page_size)
+                        uffd.copy(fd, page, buffer_address(zero), hit.page_size)
+                    else:
+                        uffd.zeropage(fd, page, hit.page_size)
+                    self.resident_faults += 1
+                except AlreadyPresent:
+                    with contextlib.suppress(RangeGone, Retry):
+                        uffd.wake(fd, page, hit.page_size)
+                except Retry:  # a remove is pending: read it, then install again
+                    retry.append(address)
+                except RangeGone:
+                    pass  # unmapped since: nobody waits there
+                except TargetGone:
+                    self._vmm_gone_why = "Firecracker's address space is gone"
+                    self._vmm_gone.set()
+                    return
+            pending = retry
+            if pending:  # the remove's madvise has not finished yet: yield, then retry
+                await trio.sleep(0.001)
+
+    # -- status
+
+    def status(self) -> protocol.Message:
+        extra: protocol.Message = {"handover": self.handover,
+                                   "handover_state": self.handover_state,
+                                   "vmm_pid": self.vmm_pid or None, "resident": self.resident,
+                                   "source": self.source, "handover_refusals": self.refusals,
+                                   "resident_faults": self.resident_faults,
+                                   "resident_removes": self.resident_removes}
+        if self._attached:
+            status = {**super().status(), **extra}
+            if self._latency_at_completion is not None:
+                p50, p99 = self._latency_at_completion
+                status.update(demand_latency_p50_us=p50, demand_latency_p99_us=p99)
+            return status
+        return {"session": self.session_id, "role": "import", "state": self.state,
+                "pages_total": 0, "pages_installed": 0, "pages_demand": 0,
+                "pages_background": 0, "pages_zero": 0, "pages_poisoned": 0,
+                "pages_unmapped": 0, "bytes_received": 0, "bytes_sent": 0, "faults": 0,
+                "started": self.started, "elapsed_seconds": self.elapsed(),
+                "demand_latency_p50_us": None, "demand_latency_p99_us": None,
+                "peer": self.peer_address, "link": self.link, "reconnects": 0,
+                "strategy": self.strategy.name, "policy": self.policy,
+                "reason": self.reason, "poisoned": [], **extra,
+                "loop": "c" if peer.demand_library(self.config.peer) is not None else "python"}
+
+
+def _peer_pid(conn: trio.socket.SocketType) -> int:
+    try:
+        return scm.peer_cred(conn).pid  # type: ignore[arg-type]
+    except OSError:
+        return 0
+
+
+def prepare(config: Config, registry: Registry, cred: scm.PeerCred, request: Prepared,
+            strategy: strategies.Strategy, own_peer: Callable[[], str]) -> FirecrackerSession:
+    """Create the session and its handover socket (the caller starts it)."""
+    registry.check_new_session("import", request.session_id)
+    path = handover_path(config, request.session_id)
+    if request.file_fd >= 0:
+        own_peer()  # refused now, not at the handover, when there is no peer listener
+    listener = listen_handover(config, path)
+    try:
+        return FirecrackerSession(
+            request.session_id, "import", request.token, cred.pid, config,
+            peer_address=request.peer, strategy=strategy, policy=request.policy,
+            deadline=request.deadline, handover=path,
+            handover_deadline=request.handover_deadline, listener=listener,
+            file_fd=request.file_fd, registry=registry, own_peer=own_peer,
+            # Firecracker hands its uffd over once: a restarted daemon could not use a
+            # stored copy (it has no region table), so none is kept there.
+            use_fdstore=False,
+            source="file" if request.file_fd >= 0 else "peer")
+    except BaseException:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+
+
+__all__ = ["FirecrackerSession", "Prepared", "parse_mappings", "prepare"]
