@@ -19,7 +19,8 @@
  *      is kept;
  *   5. (the handler learns our pid from SO_PEERCRED: nothing to do here);
  *   6. --balloon: madvise(MADV_DONTNEED) of a range mid-restore, as balloon
- *      inflation does; it must read back as zeros.
+ *      inflation does; it must read back as zeros (with --hold, "balloon" on
+ *      stdin does the same at any later time).
  *
  * Differences from the real Firecracker are listed in native/testvm/README.md.
  * Page contents are the testvm pattern, written by `uffdd-testvm write-snapshot`.
@@ -44,7 +45,7 @@ static struct {
 	int regions;
 	int hugetlb;
 	struct fc_range balloon, late_balloon;
-	int wait_go;
+	int wait_go, hold;
 	double go_timeout;
 } fc = {.regions = 1, .go_timeout = 60};
 
@@ -281,12 +282,59 @@ static void fc_verify(int snap, uint64_t off0, uint64_t len, int late, struct fc
 	}
 }
 
+/* Read one command line from stdin (EOF: ""); gives up after the --timeout watchdog. */
+static int fc_read_line(char *line, size_t n)
+{
+	size_t got = 0;
+	while (got + 1 < n) {
+		ssize_t r = read(0, line + got, 1);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0 || line[got] == '\n')
+			break;
+		got++;
+	}
+	line[got] = 0;
+	return (int)got;
+}
+
+/*
+ * --hold: stay alive like a running Firecracker (socket and uffd open) and obey
+ * stdin: "balloon OFF:LEN" drops a range with MADV_DONTNEED and reads it back,
+ * which must give zeros however late it comes (the handler's resident state);
+ * "quit" or EOF exits.
+ */
+static void fc_hold(int snap)
+{
+	char line[128];
+	while (fc_read_line(line, sizeof(line)) > 0) {
+		if (!strncmp(line, "balloon ", 8)) {
+			fc_parse_range(line + 8, &fc.late_balloon, "balloon");
+			fc_check_range(&fc.late_balloon, "balloon");
+			if (madvise(guest.host + fc.late_balloon.off, fc.late_balloon.len, MADV_DONTNEED))
+				fatal_errno("madvise(MADV_DONTNEED) balloon");
+			struct fc_check ck = {0, 0, 0, -1, -1};
+			double t = now_s();
+			fc_verify(snap, fc.late_balloon.off, fc.late_balloon.len, 1, &ck);
+			printf("{\"role\":\"firecracker\",\"event\":\"balloon\",\"pages\":%" PRIu64
+			       ",\"zero_pages\":%" PRIu64 ",\"mismatches\":%" PRIu64 ",\"unreadable\":%"
+			       PRIu64 ",\"seconds\":%.3f}\n", fc.late_balloon.len / PAGE, ck.zero_pages,
+			       ck.mismatched, ck.unreadable, now_s() - t);
+			fflush(stdout);
+		} else if (!strcmp(line, "quit")) {
+			return;
+		} else {
+			fatal("--hold: unknown command '%s'", line);
+		}
+	}
+}
+
 static void fc_usage(FILE *f)
 {
 	fprintf(f,
 		"usage: uffdd-testvm firecracker --handover SOCKET --snapshot FILE [--regions N]\n"
 		"           [--vcpus K] [--hugetlb] [--seed S] [--order seq|rand] [--long]\n"
-		"           [--balloon OFF:LEN] [--late-balloon OFF:LEN] [--wait-go] [--timeout S]\n");
+		"           [--balloon OFF:LEN] [--wait-go] [--hold] [--timeout S]\n");
 }
 
 static int fc_main(int argc, char **argv)
@@ -294,7 +342,7 @@ static int fc_main(int argc, char **argv)
 	prog_role = "firecracker";
 	opt.role = ROLE_FIRECRACKER;
 	enum { F_HANDOVER = 256, F_SNAPSHOT, F_REGIONS, F_VCPUS, F_HUGETLB, F_SEED, F_ORDER,
-	       F_LONG, F_BALLOON, F_LATE_BALLOON, F_WAIT_GO, F_TIMEOUT, F_HELP };
+	       F_LONG, F_BALLOON, F_HOLD, F_WAIT_GO, F_TIMEOUT, F_HELP };
 	static const struct option lo[] = {
 		{"handover", required_argument, 0, F_HANDOVER},
 		{"snapshot", required_argument, 0, F_SNAPSHOT},
@@ -305,7 +353,7 @@ static int fc_main(int argc, char **argv)
 		{"order", required_argument, 0, F_ORDER},
 		{"long", no_argument, 0, F_LONG},
 		{"balloon", required_argument, 0, F_BALLOON},
-		{"late-balloon", required_argument, 0, F_LATE_BALLOON},
+		{"hold", no_argument, 0, F_HOLD},
 		{"wait-go", no_argument, 0, F_WAIT_GO},
 		{"timeout", required_argument, 0, F_TIMEOUT},
 		{"help", no_argument, 0, F_HELP},
@@ -327,7 +375,7 @@ static int fc_main(int argc, char **argv)
 			break;
 		case F_LONG: opt.long_mode = 1; break;
 		case F_BALLOON: fc_parse_range(optarg, &fc.balloon, "--balloon"); break;
-		case F_LATE_BALLOON: fc_parse_range(optarg, &fc.late_balloon, "--late-balloon"); break;
+		case F_HOLD: fc.hold = 1; break;
 		case F_WAIT_GO: fc.wait_go = 1; break;
 		case F_TIMEOUT: opt.timeout = atof(optarg); break;
 		case F_HELP: fc_usage(stdout); return 0;
@@ -390,7 +438,6 @@ static int fc_main(int argc, char **argv)
 	guest.page_size = pg;
 	guest.memfd = -1;
 	fc_check_range(&fc.balloon, "--balloon");
-	fc_check_range(&fc.late_balloon, "--late-balloon");
 
 	/* Step 2. */
 	const char *uffd_from;
@@ -411,8 +458,8 @@ static int fc_main(int argc, char **argv)
 		struct pollfd pfd = {.fd = 0, .events = POLLIN};
 		int pr = poll(&pfd, 1, (int)(fc.go_timeout * 1000));
 		char line[64];
-		if (pr <= 0 || read(0, line, sizeof(line)) <= 0)
-			fatal("--wait-go: no go on stdin within %.0f s", fc.go_timeout);
+		if (pr <= 0 || fc_read_line(line, sizeof(line)) <= 0 || strcmp(line, "go"))
+			fatal("--wait-go: no \"go\" line on stdin within %.0f s", fc.go_timeout);
 	}
 
 	/* Step 6, mid-restore: the first page of the range is faulted in (so it held
@@ -446,20 +493,6 @@ static int fc_main(int argc, char **argv)
 	fc_verify(snap, 0, total, 0, &ck);
 	double verify_s = now_s() - t_verify;
 
-	/* After every page is present, the balloon still works: drop a range again
-	 * and read it back (the handler has to zero-fill it, or this read hangs). */
-	if (fc.late_balloon.set) {
-		if (madvise(guest.host + fc.late_balloon.off, fc.late_balloon.len, MADV_DONTNEED))
-			fatal_errno("madvise(MADV_DONTNEED) --late-balloon");
-		struct fc_check late = {0, 0, 0, -1, -1};
-		fc_verify(snap, fc.late_balloon.off, fc.late_balloon.len, 1, &late);
-		ck.mismatched += late.mismatched;
-		ck.unreadable += late.unreadable;
-		if (ck.first_mismatch < 0)
-			ck.first_mismatch = late.first_mismatch;
-		if (ck.first_unreadable < 0)
-			ck.first_unreadable = late.first_unreadable;
-	}
 	uint64_t balloon_pages = (fc.balloon.set ? fc.balloon.len / PAGE : 0);
 	int guest_ok = t.mismatches == expected_guest_mismatches;
 	int ok = !t.crashed && guest_ok && ck.mismatched == 0 && ck.unreadable == 0 &&
@@ -489,8 +522,11 @@ static int fc_main(int argc, char **argv)
 			" of %" PRIu64 " ballooned pages zero\n", ck.mismatched, ck.first_mismatch,
 			ck.unreadable, ck.first_unreadable, t.mismatches, expected_guest_mismatches,
 			t.mce_count, ck.zero_pages, balloon_pages);
+	int rc = t.crashed ? 2 : ok ? 0 : 1;
+	if (fc.hold)
+		fc_hold(snap);
 	/* Firecracker closes the socket and the uffd only when it exits: so do we. */
 	(void)sock;
 	(void)uffd;
-	return t.crashed ? 2 : ok ? 0 : 1;
+	return rc;
 }
