@@ -183,8 +183,7 @@ def restore(testvm: Path, dest: harness.DaemonProcess, snapshot: Path, workdir: 
     handover = prepare(client, session, **(source or {"file": str(snapshot)}))
     vm = StandIn(testvm, handover, snapshot, seed, ["--hold", *args], workdir)
     try:
-        first = vm.line()
-        assert first is not None and first["event"] == "handover", vm.stderr()
+        accepted(client, session, vm)
         result = vm.line()
         assert result is not None, vm.stderr()
         ev = wait_event(client, session, ("completed", "failed"))
@@ -194,6 +193,16 @@ def restore(testvm: Path, dest: harness.DaemonProcess, snapshot: Path, workdir: 
         client.close()
         raise
     return result, vm, client, session
+
+
+def accepted(client: Client, session: str, vm: StandIn) -> None:
+    """The daemon took the handover (a refusal fails here, not at the vCPUs' timeout)."""
+    first = vm.line()
+    assert first is not None and first["event"] == "handover", vm.stderr()
+    ev = wait_event(client, session, ("handover", "handover-refused"))
+    assert ev["event"] == "handover", ev
+    assert ev["pid"] == vm.proc.pid == first["pid"], ev  # SO_PEERCRED
+    assert ev["regions"] == first["regions"] and ev["pages"] == first["pages"], (ev, first)
 
 
 def assert_byte_exact(result: dict[str, Any], pages: int) -> None:
@@ -345,8 +354,7 @@ def test_lost_page_under_crash_kills_firecracker(testvm: Path, source: harness.D
                        deadline=5)
     vm = StandIn(testvm, handover, snap, 13, ["--vcpus", "2"], tmp_path)
     try:
-        first = vm.line()
-        assert first is not None and first["event"] == "handover", vm.stderr()
+        accepted(client, session, vm)
         ev = wait_event(client, session, ("completed", "failed"))
         assert ev["event"] == "failed", ev
         assert vm.proc.wait(TIMEOUT) == -signal.SIGKILL, vm.stderr()
@@ -370,8 +378,7 @@ def test_lost_page_under_poison_is_a_memory_error(testvm: Path, source: harness.
                        deadline=5)
     vm = StandIn(testvm, handover, snap, 17, ["--vcpus", "1", "--hold"], tmp_path)
     try:
-        first = vm.line()
-        assert first is not None and first["event"] == "handover", vm.stderr()
+        accepted(client, session, vm)
         result = vm.line()
         assert result is not None, vm.stderr()
         assert result["verified"] is False
