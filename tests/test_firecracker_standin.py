@@ -22,6 +22,7 @@ import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -394,3 +395,22 @@ def test_lost_page_under_poison_is_a_memory_error(testvm: Path, source: harness.
         vm.kill()
         client.close()
         src.close()
+
+
+def test_bench_scenario_reports_every_run(testvm: Path) -> None:
+    """``uffdd bench --scenario firecracker-restore`` restores for real and reports each
+    run's latencies and time to all pages; Firecracker's figures only as quoted text."""
+    proc = subprocess.run([sys.executable, "-m", "uffdd", "bench", "--quick", "--fc-mib", "8",
+                           "--scenario", "firecracker-restore", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads(proc.stdout)["scenarios"]["firecracker-restore"]
+    assert set(s["uffdd"]) == {"local_1vcpu", "local_4vcpu", "remote_4vcpu",
+                               "local_1vcpu_demand_only", "local_4vcpu_demand_only"}
+    for run in s["uffdd"].values():
+        assert run["memory_mib"] == 8 and run["all_present_s"] > 0
+        assert run["daemon_p50_us"] is not None and run["daemon_p99_us"] is not None
+    # demand only: every page was a fault
+    assert s["uffdd"]["local_1vcpu_demand_only"]["pages_demand"] == 8 * MIB // PAGE
+    assert isinstance(s["published_reference"], str)
+    assert "not measured" in s["published_reference"]
