@@ -172,7 +172,7 @@ def wait_event(client: Client, session: str, kinds: tuple[str, ...],
 
 
 def restore(testvm: Path, dest: harness.DaemonProcess, snapshot: Path, workdir: Path, *,
-            seed: int, args: list[str], session: str | None = None,
+            seed: int, args: list[str], session: str | None = None, page_size: int = PAGE,
             **source: Any) -> tuple[dict[str, Any], StandIn, Client, str]:
     """Prepare, start the stand-in, wait for its result and the session's completion.
 
@@ -184,7 +184,7 @@ def restore(testvm: Path, dest: harness.DaemonProcess, snapshot: Path, workdir: 
     handover = prepare(client, session, **(source or {"file": str(snapshot)}))
     vm = StandIn(testvm, handover, snapshot, seed, ["--hold", *args], workdir)
     try:
-        accepted(client, session, vm)
+        accepted(client, session, vm, page_size)
         result = vm.line()
         assert result is not None, vm.stderr()
         ev = wait_event(client, session, ("completed", "failed"))
@@ -196,14 +196,16 @@ def restore(testvm: Path, dest: harness.DaemonProcess, snapshot: Path, workdir: 
     return result, vm, client, session
 
 
-def accepted(client: Client, session: str, vm: StandIn) -> None:
+def accepted(client: Client, session: str, vm: StandIn, page_size: int = PAGE) -> None:
     """The daemon took the handover (a refusal fails here, not at the vCPUs' timeout)."""
     first = vm.line()
     assert first is not None and first["event"] == "handover", vm.stderr()
     ev = wait_event(client, session, ("handover", "handover-refused"))
     assert ev["event"] == "handover", ev
     assert ev["pid"] == vm.proc.pid == first["pid"], ev  # SO_PEERCRED
-    assert ev["regions"] == first["regions"] and ev["pages"] == first["pages"], (ev, first)
+    # the daemon counts pages of the regions' page size, the stand-in 4 KiB pages
+    assert ev["regions"] == first["regions"], (ev, first)
+    assert ev["pages"] == first["pages"] * PAGE // page_size, (ev, first)
 
 
 def assert_byte_exact(result: dict[str, Any], pages: int) -> None:
@@ -260,7 +262,8 @@ def test_restore_hugetlb_2m(testvm: Path, dest: harness.DaemonProcess, tmp_path:
     """MAP_HUGETLB regions: 2 MiB page_size in the handover, 2 MiB installs."""
     snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 32 * MIB, seed=7)
     result, vm, client, session = restore(testvm, dest, snap, tmp_path, seed=7,
-                                          args=["--vcpus", "4", "--regions", "2", "--hugetlb"])
+                                          args=["--vcpus", "4", "--regions", "2", "--hugetlb"],
+                                          page_size=2 * MIB)
     try:
         assert_byte_exact(result, 32 * MIB // PAGE)
         assert result["page_size"] == 2 * MIB
@@ -281,7 +284,8 @@ def test_balloon_mid_restore_reads_zeros(testvm: Path, dest: harness.DaemonProce
     snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 16 * MIB, seed=5)
     args = ["--vcpus", "2", "--regions", "2", "--balloon", "6M:4M"]
     result, vm, client, session = restore(testvm, dest, snap, tmp_path, seed=5,
-                                          args=args + (["--hugetlb"] if hugetlb else []))
+                                          args=args + (["--hugetlb"] if hugetlb else []),
+                                          page_size=2 * MIB if hugetlb else PAGE)
     try:
         assert_byte_exact(result, 16 * MIB // PAGE)
         assert result["balloon_pages"] == result["balloon_zero_pages"] == 4 * MIB // PAGE
