@@ -81,6 +81,20 @@ def dest(tmp_path: Path, handover_dir: Path) -> Iterator[harness.DaemonProcess]:
 
 
 @pytest.fixture
+def dest_demand_only(tmp_path: Path, handover_dir: Path) -> Iterator[harness.DaemonProcess]:
+    """A destination whose local file source streams nothing: pages arrive only when
+    faulted, so a restore is still under way for as long as the test wants."""
+    config = '[peer]\nlisten = "127.0.0.1:0"\nbackground = false\n' + _config(handover_dir)
+    d = harness.start_daemon(tmp_path, "destination", config=config)
+    try:
+        yield d
+    finally:
+        code = d.stop()
+        assert "Traceback" not in d.log_text(), d.log_text()[-6000:]
+        assert code == 0, d.log_text()[-3000:]
+
+
+@pytest.fixture
 def source(tmp_path: Path) -> Iterator[harness.DaemonProcess]:
     """A source host's daemon exporting the snapshot file (fault injection on)."""
     d = harness.start_daemon(tmp_path, "source", extra=["--enable-fault-injection"])
@@ -273,12 +287,14 @@ def test_restore_hugetlb_2m(testvm: Path, dest: harness.DaemonProcess, tmp_path:
 
 
 @pytest.mark.parametrize("hugetlb", [False, True])
-def test_balloon_mid_restore_reads_zeros(testvm: Path, dest: harness.DaemonProcess,
+def test_balloon_mid_restore_reads_zeros(testvm: Path, dest_demand_only: harness.DaemonProcess,
                                          tmp_path: Path, hugetlb: bool,
                                          request: pytest.FixtureRequest) -> None:
-    """MADV_DONTNEED of a range before the guest runs (after its first page arrived):
-    the guest and the VMM read zeros there, never the snapshot's bytes; and a balloon
-    inflation after ``completed`` (the resident state) also reads zeros."""
+    """MADV_DONTNEED of a range mid-restore, before the guest runs and after the range's
+    first page arrived: the guest and the VMM read zeros there, never the snapshot's
+    bytes; and a balloon inflation after ``completed`` (the resident state) also reads
+    zeros. Without a background stream the restore is surely under way at the drop."""
+    dest = dest_demand_only
     if hugetlb:
         request.getfixturevalue("hugepages")
     snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 16 * MIB, seed=5)
@@ -292,6 +308,7 @@ def test_balloon_mid_restore_reads_zeros(testvm: Path, dest: harness.DaemonProce
         assert result["guest_mismatches"] > 0  # the guest did read the ballooned pages
         # the first ballooned page had arrived (it held snapshot bytes) before the drop
         assert result["resident_before_balloon"] >= (2 * MIB if hugetlb else PAGE) // PAGE
+        assert result["resident_before_balloon"] < result["pages"] // 2  # mid-restore
         # completed: every page is present; now inflate again, across both regions
         vm.send("balloon 2M:12M")
         late = vm.line()
