@@ -68,42 +68,47 @@ def _config(handover_dir: Path) -> str:
     return f'[api]\nhandover_dir = "{handover_dir}"\n'
 
 
-@pytest.fixture
-def dest(tmp_path: Path, handover_dir: Path) -> Iterator[harness.DaemonProcess]:
-    """The destination host's daemon, the one Firecracker hands its uffd to."""
-    d = harness.start_daemon(tmp_path, "destination", config=_config(handover_dir))
+@contextlib.contextmanager
+def _daemon(tmp_path: Path, name: str, config: str,
+            extra: list[str] | None = None) -> Iterator[harness.DaemonProcess]:
+    d = harness.start_daemon(tmp_path, name, config=config, extra=extra)
     try:
         yield d
     finally:
         code = d.stop()
         assert "Traceback" not in d.log_text(), d.log_text()[-6000:]
         assert code == 0, d.log_text()[-3000:]
+
+
+@pytest.fixture
+def dest(tmp_path: Path, handover_dir: Path) -> Iterator[harness.DaemonProcess]:
+    """The destination host's daemon, the one Firecracker hands its uffd to."""
+    with _daemon(tmp_path, "destination", _config(handover_dir)) as d:
+        yield d
 
 
 @pytest.fixture
 def dest_demand_only(tmp_path: Path, handover_dir: Path) -> Iterator[harness.DaemonProcess]:
     """A destination whose local file source streams nothing: pages arrive only when
     faulted, so a restore is still under way for as long as the test wants."""
-    config = '[peer]\nlisten = "127.0.0.1:0"\nbackground = false\n' + _config(handover_dir)
-    d = harness.start_daemon(tmp_path, "destination", config=config)
-    try:
+    peer = '[peer]\nlisten = "127.0.0.1:0"\nbackground = false\n'
+    with _daemon(tmp_path, "destination", peer + _config(handover_dir)) as d:
         yield d
-    finally:
-        code = d.stop()
-        assert "Traceback" not in d.log_text(), d.log_text()[-6000:]
-        assert code == 0, d.log_text()[-3000:]
+
+
+@pytest.fixture
+def dest_quick_kill(tmp_path: Path, handover_dir: Path) -> Iterator[harness.DaemonProcess]:
+    """A destination that kills a failed session's VMM after 0.5 s, not the shipped 5 s."""
+    kill = "[session]\nkill_grace = 0.5\n"
+    with _daemon(tmp_path, "destination", kill + _config(handover_dir)) as d:
+        yield d
 
 
 @pytest.fixture
 def source(tmp_path: Path) -> Iterator[harness.DaemonProcess]:
     """A source host's daemon exporting the snapshot file (fault injection on)."""
-    d = harness.start_daemon(tmp_path, "source", extra=["--enable-fault-injection"])
-    try:
+    with _daemon(tmp_path, "source", "", ["--enable-fault-injection"]) as d:
         yield d
-    finally:
-        code = d.stop()
-        assert "Traceback" not in d.log_text(), d.log_text()[-6000:]
-        assert code == 0, d.log_text()[-3000:]
 
 
 def write_snapshot(testvm: Path, path: Path, memory: int, seed: int) -> Path:
@@ -365,9 +370,10 @@ LOST = 1234  # a page of the 16 MiB snapshot the source cannot read
 
 
 def test_lost_page_under_crash_kills_firecracker(testvm: Path, source: harness.DaemonProcess,
-                                                 dest: harness.DaemonProcess,
+                                                 dest_quick_kill: harness.DaemonProcess,
                                                  tmp_path: Path) -> None:
     """crash: the session fails and the daemon SIGKILLs Firecracker (pid from SO_PEERCRED)."""
+    dest = dest_quick_kill
     snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 16 * MIB, seed=13)
     token = secrets.token_bytes(16)
     src, session = _export_snapshot(source, snap, [(0, 16 * MIB)], token, [LOST])
