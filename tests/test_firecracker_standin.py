@@ -432,11 +432,14 @@ def test_bench_scenario_reports_every_run(testvm: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = json.loads(proc.stdout)["scenarios"]["firecracker-restore"]
-    assert set(s["uffdd"]) == {"local_1vcpu", "local_4vcpu", "remote_4vcpu",
+    assert set(s["uffdd"]) == {"local_stream_only", "local_1vcpu", "local_4vcpu",
+                               "remote_stream_only", "remote_4vcpu",
                                "local_1vcpu_demand_only", "local_4vcpu_demand_only"}
     for run in s["uffdd"].values():
         assert run["memory_mib"] == 8 and run["all_present_s"] > 0
         assert run["daemon_p50_us"] is not None and run["daemon_p99_us"] is not None
+    # the guest started after completed: the stream brought every page
+    assert s["uffdd"]["local_stream_only"]["pages_demand"] == 0
     # demand only: every page was a fault
     assert s["uffdd"]["local_1vcpu_demand_only"]["pages_demand"] == 8 * MIB // PAGE
     assert isinstance(s["published_reference"], str)

@@ -613,14 +613,18 @@ class Bench:
         try:
             with open(snap, "rb") as f, open(small, "wb") as g:
                 g.write(f.read(demand))
-            plan = (("local_1vcpu", 1, False, True, snap), ("local_4vcpu", 4, False, True, snap),
-                    ("remote_4vcpu", 4, True, True, snap),
-                    ("local_1vcpu_demand_only", 1, False, False, small),
-                    ("local_4vcpu_demand_only", 4, False, False, small))
-            for name, vcpus, remote, background, path in plan:
+            # name, vCPUs, remote, background stream, file, guest waits for completed
+            plan = (("local_stream_only", 1, False, True, snap, True),
+                    ("local_1vcpu", 1, False, True, snap, False),
+                    ("local_4vcpu", 4, False, True, snap, False),
+                    ("remote_stream_only", 4, True, True, snap, True),
+                    ("remote_4vcpu", 4, True, True, snap, False),
+                    ("local_1vcpu_demand_only", 1, False, False, small, False),
+                    ("local_4vcpu_demand_only", 4, False, False, small, False))
+            for name, vcpus, remote, background, path, idle in plan:
                 runs[name] = self.repeated(
-                    lambda v=vcpus, r=remote, b=background, f=path:  # type: ignore[misc]
-                    self._fc_run(testvm, f, seed, v, r, background=b))
+                    lambda v=vcpus, r=remote, b=background, f=path, i=idle:  # type: ignore[misc]
+                    self._fc_run(testvm, f, seed, v, r, background=b, idle_guest=i))
         finally:
             snap.unlink(missing_ok=True)
             small.unlink(missing_ok=True)
@@ -631,7 +635,7 @@ class Bench:
                 "published_reference": FC_ON_DEMAND_QUOTE}
 
     def _fc_run(self, testvm: Path, snap: Path, seed: int, vcpus: int, remote: bool, *,
-                background: bool) -> Result:
+                background: bool, idle_guest: bool) -> Result:
         self._n += 1
         name = f"fc{self._n}"
         handover_dir = self.workdir / f"{name}-ho"
@@ -665,7 +669,8 @@ class Bench:
                 body["file"] = str(snap)
             with Client(dst.api_socket, timeout=600) as c:
                 handover = c.request(body)["handover"]
-                return _fc_standin(c, testvm, str(handover), snap, seed, vcpus, session, dst)
+                return _fc_standin(c, testvm, str(handover), snap, seed, vcpus, session, dst,
+                                   idle_guest=idle_guest)
         finally:
             if exporter is not None:
                 exporter.close()
@@ -712,11 +717,15 @@ FC_ON_DEMAND_SHORT: Final = "on_demand, 256 MiB: 1 thr p50 48 / p99 75 µs; 4 th
 
 
 def _fc_standin(c: Client, testvm: Path, handover: str, snap: Path, seed: int, vcpus: int,
-                session: str, dst: harness.DaemonProcess) -> Result:
-    """Run the stand-in on a prepared session; its figures and the daemon's."""
+                session: str, dst: harness.DaemonProcess, *, idle_guest: bool) -> Result:
+    """Run the stand-in on a prepared session; its figures and the daemon's.
+
+    ``idle_guest``: the guest starts only after ``completed`` (the stream alone, without
+    the emulated vCPUs competing for this machine's two CPUs)."""
     proc = subprocess.Popen([str(testvm), "firecracker", "--handover", handover, "--snapshot",
                              str(snap), "--seed", str(seed), "--vcpus", str(vcpus),
-                             "--regions", "2", "--hold", "--timeout", "600"],
+                             "--regions", "2", "--hold", "--timeout", "600",
+                             *(["--wait-go"] if idle_guest else [])],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdin is not None
@@ -738,9 +747,16 @@ def _fc_standin(c: Client, testvm: Path, handover: str, snap: Path, seed: int, v
     try:
         line()  # the handover
         t_handover = time.monotonic()
-        result = line()
-        event = c.wait_finished(session, 600)
-        t_all = time.monotonic() - t_handover
+        if idle_guest:
+            event = c.wait_finished(session, 600)
+            t_all = time.monotonic() - t_handover
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            result = line()
+        else:
+            result = line()
+            event = c.wait_finished(session, 600)
+            t_all = time.monotonic() - t_handover
         status = _session_status(dst, session)
         if event.get("event") != "completed" or result.get("verified") is not True:
             raise BenchError(f"restore not byte-exact: {event} {result}")
