@@ -435,9 +435,10 @@ def test_bench_scenario_reports_every_run(testvm: Path) -> None:
     assert set(s["uffdd"]) == {"local_stream_only", "local_1vcpu", "local_4vcpu",
                                "remote_stream_only", "remote_4vcpu",
                                "local_1vcpu_demand_only", "local_4vcpu_demand_only"}
-    for run in s["uffdd"].values():
+    for name, run in s["uffdd"].items():
         assert run["memory_mib"] == 8 and run["all_present_s"] > 0
-        assert run["daemon_p50_us"] is not None and run["daemon_p99_us"] is not None
+        if "stream_only" not in name:  # there the guest faults nothing: no latencies
+            assert run["daemon_p50_us"] is not None and run["daemon_p99_us"] is not None
     # the guest started after completed: the stream brought every page
     assert s["uffdd"]["local_stream_only"]["pages_demand"] == 0
     # demand only: every page was a fault
