@@ -276,6 +276,7 @@ def test_restore_is_byte_exact(testvm: Path, dest: harness.DaemonProcess, tmp_pa
         vm.kill()
 
 
+@pytest.mark.hugetlb
 def test_restore_hugetlb_2m(testvm: Path, dest: harness.DaemonProcess, tmp_path: Path,
                             hugepages: None) -> None:
     """MAP_HUGETLB regions: 2 MiB page_size in the handover, 2 MiB installs."""
@@ -291,7 +292,7 @@ def test_restore_hugetlb_2m(testvm: Path, dest: harness.DaemonProcess, tmp_path:
         vm.kill()
 
 
-@pytest.mark.parametrize("hugetlb", [False, True])
+@pytest.mark.parametrize("hugetlb", [False, pytest.param(True, marks=pytest.mark.hugetlb)])
 def test_balloon_mid_restore_reads_zeros(testvm: Path, dest_demand_only: harness.DaemonProcess,
                                          tmp_path: Path, hugetlb: bool,
                                          request: pytest.FixtureRequest) -> None:
@@ -424,6 +425,7 @@ def test_lost_page_under_poison_is_a_memory_error(testvm: Path, source: harness.
         src.close()
 
 
+@pytest.mark.slow  # seven restores on fresh daemons: 5-20 s here
 def test_bench_scenario_reports_every_run(testvm: Path) -> None:
     """``uffdd bench --scenario firecracker-restore`` restores for real and reports each
     run's latencies and time to all pages; Firecracker's figures only as quoted text."""
