@@ -40,9 +40,11 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -184,7 +186,7 @@ static uint64_t parse_size(const char *s)
 
 /* ---- options ------------------------------------------------------------ */
 enum backing { BACK_ANON, BACK_SHMEM, BACK_HUGETLB };
-enum role { ROLE_SOURCE, ROLE_DEST, ROLE_SELFTEST };
+enum role { ROLE_SOURCE, ROLE_DEST, ROLE_SELFTEST, ROLE_FIRECRACKER };
 
 static struct {
 	enum role role;
@@ -1566,6 +1568,8 @@ static int run_dest(void)
 #ifndef TESTVM_NO_LIBUFFDD
 #include "multiboot.c" /* --kernel: a multiboot guest, migrated with its CPU state */
 #endif
+/* The Firecracker stand-in (issue 17) lives in its own file; it uses the VM above. */
+#include "fc_standin.c"
 
 /* ---- main --------------------------------------------------------------- */
 static void usage(FILE *f)
@@ -1582,6 +1586,8 @@ static void usage(FILE *f)
 		"                    [--mode missing|minor] [--expect-hash HEX | --expect-hash-file F]\n"
 		"                    [--strategy NAME] [--policy crash|poison] [--deadline SECONDS]\n"
 		"                    [--no-mce]\n"
+		"  uffdd-testvm firecracker --handover SOCKET --snapshot FILE ...  (README: Firecracker stand-in)\n"
+		"  uffdd-testvm write-snapshot --out FILE --memory M [--seed S]\n"
 		"common: [--timeout SECONDS] (default 300; 0 = none)\n"
 		"        [--long] (64-bit long-mode guest instead of 32-bit protected mode)\n"
 		"        [--kernel ELF [--append CMDLINE]] (source/dest: boot a multiboot v1 guest,\n"
@@ -1620,6 +1626,10 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	const char *cmd = argv[1];
+	if (!strcmp(cmd, "firecracker"))
+		return fc_main(argc, argv);
+	if (!strcmp(cmd, "write-snapshot"))
+		return fc_write_snapshot_main(argc, argv);
 	if (!strcmp(cmd, "source"))
 		opt.role = ROLE_SOURCE;
 	else if (!strcmp(cmd, "dest"))

@@ -7,10 +7,11 @@
 
 TESTVM      := $(BUILD)/uffdd-testvm
 TESTVM_SRCS := testvm/testvm.c testvm/guest.S
+TESTVM_DEPS := testvm/fc_standin.c
 
 all: $(TESTVM)
 
-$(TESTVM): $(TESTVM_SRCS) include/uffdd.h $(LIBUFFDD_A) testvm/testvm.mk
+$(TESTVM): $(TESTVM_SRCS) $(TESTVM_DEPS) include/uffdd.h $(LIBUFFDD_A) testvm/testvm.mk
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(STRICT) $(UFFDD_CPPFLAGS) -o $@ $(TESTVM_SRCS) $(UFFDD_LIBS)
 

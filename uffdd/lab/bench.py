@@ -25,6 +25,7 @@ import os
 import random
 import re
 import secrets
+import selectors
 import shutil
 import statistics
 import subprocess
@@ -42,7 +43,8 @@ from uffdd.client import Client, ClientError, GuestRegion
 from uffdd.lab import bench_concurrent, harness, twohost
 
 SCENARIOS: Final = ("demand-latency", "demand-latency-under-load", "fault-throughput", "bulk",
-                    "migration", "cost", "kvm", "concurrent", "versus-qemu")
+                    "migration", "cost", "kvm", "concurrent", "versus-qemu",
+                    "firecracker-restore")
 PAGE: Final = 4096
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 Result = dict[str, object]
@@ -100,6 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link", metavar="veth[,rate=R]", type=twohost.LinkSpec.parse, default=None,
                    help="put each daemon in its own network namespace, joined by a veth pair "
                         "(optionally shaped to rate R, e.g. 10gbit): two hosts on one machine")
+    p.add_argument("--fc-mib", type=int, default=None, metavar="MIB",
+                   help="guest size of the firecracker-restore scenario (default: 1024, "
+                        "32 with --quick)")
 
 
 def warm_memory(nbytes: int) -> None:
@@ -267,6 +272,7 @@ class Bench:
             "kvm": self.kvm,
             "concurrent": lambda: bench_concurrent.concurrent(self),
             "versus-qemu": self.versus_qemu,
+            "firecracker-restore": self.firecracker_restore,
         }
         for name in SCENARIOS:
             if name not in chosen:
@@ -590,6 +596,96 @@ class Bench:
             "vcpu_seconds": dest.get("vcpu_seconds")}}
 
 
+    # ---------------------------------------------------------- firecracker-restore
+
+    def firecracker_restore(self) -> Result:
+        """A Firecracker snapshot restore through the handover (issue 17), with the
+        stand-in ``uffdd-testvm firecracker`` on real KVM: the page source is the local
+        snapshot file, or the source host's uffdd over loopback."""
+        testvm = harness.native_tool("uffdd-testvm")
+        if not harness.kvm_usable() or testvm is None:
+            return {"skipped": "needs /dev/kvm and native/build/uffdd-testvm"}
+        mem = (int(self.args.fc_mib) << 20 if getattr(self.args, "fc_mib", None)
+               else FC_QUICK_BYTES if self.args.quick else FC_FULL_BYTES)
+        snap = self.workdir / "fc-snapshot.mem"
+        seed = random.randrange(1, 1 << 30)
+        made = subprocess.run([str(testvm), "write-snapshot", "--out", str(snap), "--memory",
+                               str(mem), "--seed", str(seed)], capture_output=True, text=True,
+                              timeout=600)
+        if made.returncode != 0:
+            raise BenchError(f"write-snapshot failed: {made.stderr[-500:]}")
+        # demand only (no background stream), like the example on_demand handler, on the
+        # first FC_DEMAND_BYTES of the file (every page a fault: at 1 GiB it takes minutes)
+        demand = min(mem, FC_DEMAND_BYTES)
+        small = self.workdir / "fc-snapshot-demand.mem"
+        runs: Result = {}
+        try:
+            with open(snap, "rb") as f, open(small, "wb") as g:
+                g.write(f.read(demand))
+            # name, vCPUs, remote, background stream, file, guest waits for completed
+            plan = (("local_stream_only", 1, False, True, snap, True),
+                    ("local_1vcpu", 1, False, True, snap, False),
+                    ("local_4vcpu", 4, False, True, snap, False),
+                    ("remote_stream_only", 4, True, True, snap, True),
+                    ("remote_4vcpu", 4, True, True, snap, False),
+                    ("local_1vcpu_demand_only", 1, False, False, small, False),
+                    ("local_4vcpu_demand_only", 4, False, False, small, False))
+            for name, vcpus, remote, background, path, idle in plan:
+                runs[name] = self.repeated(
+                    lambda v=vcpus, r=remote, b=background, f=path, i=idle:  # type: ignore[misc]
+                    self._fc_run(testvm, f, seed, v, r, background=b, idle_guest=i))
+        finally:
+            snap.unlink(missing_ok=True)
+            small.unlink(missing_ok=True)
+        return {"memory_mib": mem >> 20, "demand_only_memory_mib": demand >> 20, "regions": 2,
+                "order": "seq", "page_cache": "hot (the snapshot file was just written)",
+                "uffdd": runs,
+                "warm_restore": "not available (no recorded fault order in this daemon)"}
+
+    def _fc_run(self, testvm: Path, snap: Path, seed: int, vcpus: int, remote: bool, *,
+                background: bool, idle_guest: bool) -> Result:
+        self._n += 1
+        name = f"fc{self._n}"
+        handover_dir = self.workdir / f"{name}-ho"
+        handover_dir.mkdir()
+        # a local file is served by the destination's own export side: it reads background
+        peer = f"[peer]\nlisten = \"127.0.0.1:0\"\nbackground = {str(background).lower()}\n"
+        api = f'[api]\nhandover_dir = "{handover_dir}"\n'
+        dst = harness.start_daemon(self.workdir, f"{name}-destination", config=peer + api,
+                                   metrics=True)
+        src: harness.DaemonProcess | None = None
+        exporter: Client | None = None
+        session = f"bench-{secrets.token_hex(4)}"
+        body: dict[str, Any] = {"op": "prepare", "session": session}
+        try:
+            if remote:
+                src = harness.start_daemon(self.workdir, f"{name}-source", config=peer)
+                token = secrets.token_bytes(16)
+                exporter = Client(src.api_socket, timeout=600)
+                size = snap.stat().st_size
+                fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    half = size // 2 // PAGE * PAGE  # the stand-in's split into 2 regions
+                    table = [{"gpa": off, "size": n, "page_size": PAGE, "fd": 0, "offset": off}
+                             for off, n in ((0, half), (half, size - half))]
+                    exporter.request({"op": "export", "session": session, "token": token,
+                                      "regions": table}, [fd])
+                finally:
+                    os.close(fd)
+                body |= {"peer": src.peer, "token": token}
+            else:
+                body["file"] = str(snap)
+            with Client(dst.api_socket, timeout=600) as c:
+                handover = c.request(body)["handover"]
+                return _fc_standin(c, testvm, str(handover), snap, seed, vcpus, session, dst,
+                                   idle_guest=idle_guest)
+        finally:
+            if exporter is not None:
+                exporter.close()
+            dst.stop()
+            if src is not None:
+                src.stop()
+
 # ====================================================================== helpers
 
 
@@ -614,6 +710,81 @@ def _scrape(d: harness.DaemonProcess, metric: str) -> float | None:
         if line.startswith(metric + " "):
             return round(float(line.split()[1]), 3)
     return None
+
+
+FC_FULL_BYTES: Final = 1 << 30
+FC_QUICK_BYTES: Final = 32 << 20
+# The size at which Firecracker's example on_demand handler was measured (README, "Using
+# uffdd with Firecracker", quotes those figures; no Firecracker binary can be installed
+# here, so the bench measures only uffdd and types in no peer's figure).
+FC_DEMAND_BYTES: Final = 256 << 20
+
+
+def _fc_standin(c: Client, testvm: Path, handover: str, snap: Path, seed: int, vcpus: int,
+                session: str, dst: harness.DaemonProcess, *, idle_guest: bool) -> Result:
+    """Run the stand-in on a prepared session; its figures and the daemon's.
+
+    ``idle_guest``: the guest starts only after ``completed`` (the stream alone, without
+    the emulated vCPUs competing for this machine's two CPUs)."""
+    proc = subprocess.Popen([str(testvm), "firecracker", "--handover", handover, "--snapshot",
+                             str(snap), "--seed", str(seed), "--vcpus", str(vcpus),
+                             "--regions", "2", "--hold", "--timeout", "600",
+                             *(["--wait-go"] if idle_guest else [])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+
+    def line() -> Result:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if sel.select(max(0.0, deadline - time.monotonic())):
+                text = proc.stdout.readline() if proc.stdout else ""
+                if not text:
+                    raise BenchError(f"stand-in ended early (exit {proc.poll()})")
+                if text.startswith("{"):
+                    out: Result = json.loads(text)
+                    return out
+        raise BenchError("stand-in printed nothing in 600 s")
+
+    try:
+        line()  # the handover
+        t_handover = time.monotonic()
+        if idle_guest:
+            event = c.wait_finished(session, 600)
+            t_all = time.monotonic() - t_handover
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            result = line()
+        else:
+            result = line()
+            event = c.wait_finished(session, 600)
+            t_all = time.monotonic() - t_handover
+        status = _session_status(dst, session)
+        if event.get("event") != "completed" or result.get("verified") is not True:
+            raise BenchError(f"restore not byte-exact: {event} {result}")
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        sel.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        proc.stdout.close()
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+    return {"vcpus": vcpus, "memory_mib": snap.stat().st_size >> 20,
+            "all_present_s": round(t_all, 3),
+            "guest_seconds": result.get("vcpu_seconds"),
+            "restore_seconds": result.get("restore_seconds"),
+            "daemon_p50_us": status.get("demand_latency_p50_us"),
+            "daemon_p99_us": status.get("demand_latency_p99_us"),
+            "faults": status.get("faults"), "pages_demand": status.get("pages_demand"),
+            "pages_background": status.get("pages_background")}
 
 
 def _splitmix64(x: int) -> int:
@@ -773,6 +944,12 @@ def _scenario_rows(name: str, s: Result) -> list[tuple[str, str, object, object,
         from uffdd.lab import versus_qemu
 
         rows.extend(versus_qemu.table_rows(s))
+    elif name == "firecracker-restore":
+        for run, r in u.items():
+            rows.append((name, f"{run} p50 / p99 µs (daemon)",
+                         _slash(r.get("daemon_p50_us"), r.get("daemon_p99_us")), None, None))
+            rows.append((name, f"{run} all pages present s", r.get("all_present_s"), None, None))
+        rows.append((name, "warm restore", s.get("warm_restore"), None, None))
     elif name == "kvm":
         rows.append((name, "seconds (whole run)", u.get("seconds"), None, None))
         rows.append((name, "migration s (import->completed)", u.get("migration_seconds"),
