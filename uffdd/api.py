@@ -24,9 +24,10 @@ from uffdd._linux.mem import Mapping
 from uffdd.config import Config, is_host_port
 from uffdd.errors import ProtocolError, RequestError, UffddError
 from uffdd.exporter import ExportRegion, open_file_region, open_memfd_region
+from uffdd.exporter.session import ExportSession
 from uffdd.faultloop import ImportRegion
 from uffdd.registry import Registry
-from uffdd.session import ExportSession, ImportSession, SessionBase, fdstore_name
+from uffdd.session import ImportSession, SessionBase, fdstore_name
 
 log = logging.getLogger("uffdd.api")
 

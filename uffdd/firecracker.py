@@ -67,9 +67,10 @@ from uffdd.errors import (
     TargetGone,
 )
 from uffdd.exporter import ExportRegion, open_file_region
+from uffdd.exporter.session import ExportSession
 from uffdd.faultloop import ImportRegion
 from uffdd.registry import Registry
-from uffdd.session import ExportSession, ImportSession, latency_percentiles
+from uffdd.session import ImportSession, latency_percentiles
 
 log = logging.getLogger("uffdd.firecracker")
 

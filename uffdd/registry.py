@@ -13,7 +13,8 @@ from __future__ import annotations
 import trio
 
 from uffdd.errors import RequestError
-from uffdd.session import ExportSession, ImportSession, SessionBase
+from uffdd.exporter.session import ExportSession
+from uffdd.session import ImportSession, SessionBase
 
 #: Finished sessions kept for ``status`` and for a late ``subscribe``.
 KEEP_FINISHED = 64

@@ -1,4 +1,4 @@
-/* The source daemon's demand lane in C (uffdd/exporter.py: serve_demand is the reference).
+/* The source daemon's demand lane in C (uffdd/exporter/demand.py: serve_demand is the reference).
  *
  * uffdd_fp_export_demand() answers page requests {"t":"req","r","p","n"} read from the
  * lane's socket: every request already received goes into one batch (at most
