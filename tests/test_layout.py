@@ -5,9 +5,9 @@
 * No import cycles among the core modules: every import counts, at module level, inside
   ``if TYPE_CHECKING`` or inside a function, since each one is a dependency in the reader's
   head even when Python would tolerate the circle at run time.
-* The import side of the data path (faultloop, fastimport, pagestate) and the export side
-  (exporter) do not import each other: what both need lives below them (peer, protocol,
-  threads, metrics).
+* The import side of the data path (faultloop, engine, cengine, fastimport, pagestate) and
+  the export side (exporter) do not import each other: what both need lives below them
+  (peer, protocol, threads, metrics).
 * A document a module cites is in the repository (docs/architecture.md, not a file of
   the development machine).
 """
@@ -25,7 +25,8 @@ LAB = "uffdd.lab"
 #: The one core module allowed to import the lab, and only inside functions.
 LAB_DOOR = "uffdd.cli"
 #: Each side: these modules and packages, with every module inside a package.
-IMPORT_ROOTS = ("uffdd.faultloop", "uffdd.fastimport", "uffdd.pagestate")
+IMPORT_ROOTS = ("uffdd.faultloop", "uffdd.engine", "uffdd.cengine", "uffdd.fastimport",
+                "uffdd.pagestate")
 EXPORT_ROOTS = ("uffdd.exporter",)
 
 

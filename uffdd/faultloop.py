@@ -35,13 +35,17 @@ import time
 import zlib
 from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
-from uffdd import fastimport, pagestate, protocol
+from uffdd import cengine, engine, pagestate, protocol
 from uffdd._linux import mem, procmaps, uffd
-from uffdd._linux.mem import Mapping, TenantMemoryFault, buffer_address
+from uffdd._linux.mem import TenantMemoryFault, buffer_address
+from uffdd.engine import Counters as Counters
+from uffdd.engine import ImportEngine, PyEngine
+from uffdd.engine import ImportRegion as ImportRegion
 from uffdd.errors import AlreadyPresent, KernelError, ProtocolError, RangeGone, Retry, TargetGone
+from uffdd.fastimport import ImportIo
 from uffdd.metrics import SessionMetrics
 from uffdd.pagestate import PageMap
 from uffdd.peer import FrameSocket, PayloadNative
@@ -49,64 +53,17 @@ from uffdd.threads import use_short_switch_interval
 
 log = logging.getLogger("uffdd.import")
 
-_EPOLL_TIMEOUT: Final = 0.05
 _MSG_BATCH: Final = 64
-_LATENCY_SAMPLES: Final = 1 << 20
-# Bulk frames may be large (fewer hand-offs between threads); they are installed this
-# much per loop turn, so a vCPU's page never waits behind more than one slice's copy.
-_BULK_SLICE: Final = 256 << 10
-# The C loop's slices: small while vCPUs fault (a slice's first writes into memory the
-# hypervisor took back cost up to ~35 µs a page on these VMs: fault p99 under load was
-# 2.0-2.4 ms with 256 KiB slices, 0.9-1.3 ms with 64 KiB), large when no fault came for
-# _FAULTS_RECENT (fewer ioctls). The C install checks for a waiting fault between slices.
-_C_SLICE_FAULTING: Final = 256 << 10
-_C_SLICE_QUIET: Final = 2 << 20
+# Bulk frames may be large (fewer hand-offs between threads); they are installed a slice
+# per loop turn (the engine says how: ImportEngine.bulk_slice), so a vCPU's page never
+# waits behind more than one slice's copy. A fault this recent makes the slices small.
 _FAULTS_RECENT: Final = 0.01
-_CHECK_INTERVAL: Final = 0.01
+_CHECK_INTERVAL: Final = engine.CHECK_INTERVAL
 # How long a dropped demand lane is still read for the source's last frames (its
 # 'cancel' follows the close of its bulk lanes by a moment).
 _GOODBYE_WAIT: Final = 1.0
 # A kernel view of what is still registered is reused this long (ENOENT storms).
 _GONE_VIEW_TTL: Final = 1.0
-
-
-@dataclass(eq=False)
-class ImportRegion:
-    """A region of guest RAM in the destination VMM, as this daemon fills it."""
-
-    index: int
-    gpa: int
-    addr: int
-    size: int
-    page_size: int
-    uffd: int
-    mode: str  # "missing" | "minor"
-    alias: Mapping | None = None
-    hugetlb: bool = False
-
-    @property
-    def pages(self) -> int:
-        return self.size // self.page_size
-
-    def contains(self, address: int) -> bool:
-        return self.addr <= address < self.addr + self.size
-
-
-@dataclass
-class Counters:
-    """What the session reports in status and events (read by other threads)."""
-
-    pages_demand: int = 0
-    pages_background: int = 0
-    pages_zero: int = 0
-    faults: int = 0
-    bytes_demand: int = 0
-    wakes: int = 0
-    latencies_us: array = field(default_factory=lambda: array("f"))  # type: ignore[type-arg]
-
-    def record_latency(self, seconds: float) -> None:
-        if len(self.latencies_us) < _LATENCY_SAMPLES:
-            self.latencies_us.append(seconds * 1e6)
 
 
 @dataclass(eq=False)
@@ -155,6 +112,7 @@ class FaultLoop:
         deadline: float,
         policy: str,
         integrity: bool,
+        fastpath: ctypes.CDLL | None = None,
     ) -> None:
         self.regions = regions
         self.pages = pages
@@ -182,9 +140,6 @@ class FaultLoop:
         self._rxaddr = buffer_address(self._rx)
         self._rx_start = 0
         self._rx_end = 0
-        self._outbox = bytearray()
-        self._outstanding: dict[tuple[int, int], float] = {}
-        self._waiters: dict[tuple[int, int], list[tuple[int, float]]] = {}
         self._callbacks: dict[tuple[int, int], list[PageCallback]] = {}
         self._deferred: list[tuple[int, int, int, bytes, str]] = []
         self._zero = bytearray(max(r.page_size for r in regions))
@@ -209,12 +164,14 @@ class FaultLoop:
         self.spin_s = 0.0  # the session sets peer.spin_us
         self._active_at = 0.0  # last fault read, demand request sent or reply received
         self._bulk_slices: Iterator[bool] | None = None  # the bulk frame being installed
-        self._demand_mask = 0  # epoll events registered for the demand socket
         self._next_checks = 0.0  # deadlines and stalls are checked every _CHECK_INTERVAL
-        # The C loop (libuffdd_fastpath) for the common case, when the session gives it
-        # the library (plaintext lanes only); None runs the Python loop below.
-        self.fastpath: ctypes.CDLL | None = None
-        self._fast: fastimport.CImport | None = None
+        # The engine (engine.ImportEngine): the common case and the one table of
+        # outstanding requests. The C one (libuffdd_fastpath) when the session gives the
+        # library (plaintext lanes only): its state lives as long as run(), which makes
+        # it (_start_engine); until then, and without the library, the Python one.
+        self.fastpath = fastpath
+        self._engine: ImportEngine = PyEngine(self.pages, self.counters, self.metrics,
+                                              self._ep, self._wakefd, set(self._by_uffd))
         # The VMM's registered VMAs, as /proc/PID/smaps last said (see _range_gone).
         self._registered: list[tuple[int, int]] | None = None
         self._registered_at = 0.0
@@ -268,16 +225,9 @@ class FaultLoop:
         try:
             self._adopt_present_pages()
             self._check_complete()
-            if self.fastpath is not None:
-                self._start_fast(self.fastpath)
+            self._start_engine()
             while not self._stopping:
-                if self._fast is not None:
-                    self._fast_turn(self._fast)
-                else:
-                    # Bulk work waiting: only peek at faults and demand replies, so that
-                    # a vCPU's page never queues behind more than one bulk chunk.
-                    ready = self._poll(0) if self._bulk_backlog else self._wait()
-                    self._dispatch(ready)
+                self._turn()
                 self._bulk_step()
                 self._retry_deferred()
                 self._periodic_checks()
@@ -296,62 +246,55 @@ class FaultLoop:
             if self._demand is not None:
                 self._send_cancel()
                 self._demand.close()
-            if self._fast is not None:
-                self._fold(self._fast)
-                self._fast.close()
+            self._engine.close()
             self._ep.close()
             os.close(self._wakefd)
 
-    # ------------------------------------------------------------ the C loop
+    # ------------------------------------------------------------ the engine
 
-    def _start_fast(self, lib: ctypes.CDLL) -> None:
-        fast = fastimport.CImport(lib, self._ep.fileno(), self._wakefd, len(self.regions))
-        for r in self.regions:
-            fast.region(r.index, r.addr, r.size, r.page_size, r.uffd,
-                        r.alias.address if r.alias is not None else 0, r.hugetlb,
-                        buffer_address(self.pages.states[r.index]))
-        fast.io.rx = self._rxaddr
-        fast.io.rx_cap = len(self._rx)
-        fast.io.integrity = int(self.integrity)
-        fast.io.spin_s = self.spin_s
-        self._fast = fast
+    def _start_engine(self) -> None:
+        """The one decision: the C engine when the session gave the library."""
+        if self.fastpath is None:
+            return
+        self._engine = cengine.CEngine(
+            self.fastpath, self._ep.fileno(), self._wakefd, self.regions, self.pages,
+            self._rx, self.integrity, self.spin_s, self.counters, self.metrics,
+            self._progress)
         log.info("session=%s fault loop: C (libuffdd_fastpath)", self.metrics.session)
 
-    def _fast_turn(self, fast: fastimport.CImport) -> None:
-        """One call of the C loop, then whatever it handed back."""
-        io = fast.io
-        io.rx_start, io.rx_end = self._rx_start, self._rx_end
-        io.want_installed = 1 if self._callbacks else 0
-        io.remaining = self.pages.remaining
-        if self._bulk_backlog:
-            timeout = 0.0
-        else:
-            timeout = _CHECK_INTERVAL if fast.outstanding() else _EPOLL_TIMEOUT
-        why = fast.run(timeout)
-        self._rx_start, self._rx_end = io.rx_start, io.rx_end
-        self._fold(fast)
-        if why == fastimport.WAKE:
-            self._drain_wakefd()
-        elif why == fastimport.UFFD:
-            self._events(io.msg_fd, uffd.decode(bytes(io.msgs), io.nmsgs))
-        elif why == fastimport.FRAME:
-            self._frames_from_c()
-        elif why == fastimport.DEMAND:
-            self._demand_from_c(io.demand_mask, io.demand_errno)
-            io.demand_errno = 0
-        elif why == fastimport.INSTALLED:
-            self._installed_callbacks(io.y_region, io.y_page, io.y_count)
-        elif why == fastimport.ERROR:
-            _error_from_c(io)
+    def _turn(self) -> None:
+        """One turn of the engine, then whatever it handed back (engine.Yield)."""
+        self._rx_start, self._rx_end, handed = self._engine.run(
+            self._bulk_backlog, self._rx_start, self._rx_end, bool(self._callbacks),
+            self.pages.remaining)
+        for y in handed:
+            if y.kind == engine.WAKE:
+                self._drain_wakefd()
+            elif y.kind == engine.UFFD:
+                if y.events is None:
+                    self._read_uffd(y.a)
+                else:
+                    self._events(y.a, y.events)
+            elif y.kind == engine.DEMAND:
+                if self._demand is not None and y.a == self._demand.fileno():
+                    self._demand_io(y.b)
+                # else: a demand socket closed earlier in this batch; its event is stale.
+            elif y.kind == engine.LOST:
+                self._demand_ended(y.a, y.b)
+            elif y.kind == engine.FRAME:
+                self._engine_frame()
+            elif y.kind == engine.INSTALLED:
+                self._installed_callbacks(y.a, y.b, y.c)
+        self._flush_outbox()
 
-    def _frames_from_c(self) -> None:
-        """The frame at the head of rx is one the C loop leaves to Python."""
+    def _engine_frame(self) -> None:
+        """The frame at the head of rx is one the engine leaves to FaultLoop."""
         before = self._rx_start
         self._parse_demand()
         if self._rx_start == before and self._rx_end - self._rx_start == len(self._rx):
             raise ProtocolError("demand lane frame larger than the receive buffer")
 
-    def _demand_from_c(self, mask: int, err: int) -> None:
+    def _demand_ended(self, mask: int, err: int) -> None:
         if err:
             self._demand_lost(os.strerror(err))
         elif mask & (select.EPOLLERR | select.EPOLLHUP) and not mask & select.EPOLLIN:
@@ -365,55 +308,10 @@ class FaultLoop:
                 for cb in self._callbacks.pop((r, page), []):
                     cb(Outcome.INSTALLED, "")
 
-    def _fold(self, fast: fastimport.CImport) -> None:
-        """Move what the C loop counted into the page totals, counters and metrics."""
-        io = fast.io
-        dirty = io.dirty
-        if not dirty:
-            return
-        io.dirty = 0
-        c = self.counters
-        if dirty & fastimport.DIRTY_PAGES:
-            self.pages.installed_in_place(io.installed_delta)
-            c.pages_demand += io.demand_pages
-            c.pages_zero += io.zero_pages
-            for method, n in (("copy", io.copy_pages), ("continue", io.continue_pages),
-                              ("zeropage", io.zero_pages)):
-                if n:
-                    self.metrics.installed(method, n)
-            io.installed_delta = io.demand_pages = 0
-            io.copy_pages = io.continue_pages = io.zero_pages = 0
-        if dirty & fastimport.DIRTY_FAULTS:
-            for i, (mode, access) in enumerate(fastimport.FAULT_KINDS):
-                n = io.faults[i]
-                if n:
-                    c.faults += n
-                    self.metrics.faults(mode, access, n)
-                    io.faults[i] = 0
-        if dirty & fastimport.DIRTY_LATENCY:
-            self._fold_latency(io)
-        if dirty & fastimport.DIRTY_LANE:
-            if io.bytes_demand:
-                c.bytes_demand += io.bytes_demand
-                self.metrics.received("demand", io.bytes_demand)
-                io.bytes_demand = 0
-            self._last_progress = max(self._last_progress, io.last_progress)
-            self._active_at = max(self._active_at, io.active_at)
-
-    def _fold_latency(self, io: fastimport.ImportIo) -> None:
-        for h, how in enumerate(fastimport.HOW):
-            counts = list(io.hist[h])
-            if any(counts):
-                self.metrics.resolved_many(how, counts, io.hist_sum[h])
-        ctypes.memset(ctypes.addressof(io.hist), 0, ctypes.sizeof(io.hist))
-        ctypes.memset(ctypes.addressof(io.hist_sum), 0, ctypes.sizeof(io.hist_sum))
-        for i in range(io.ntids):
-            self.metrics.blocked(io.tids[i], io.tid_seconds[i])
-        io.ntids = 0
-        room = _LATENCY_SAMPLES - len(self.counters.latencies_us)
-        if room > 0:
-            self.counters.latencies_us.extend(io.samples_us[: min(room, io.nsamples)])
-        io.nsamples = 0
+    def _progress(self, last_progress: float, active_at: float) -> None:
+        """The engine saw the demand lane move (or a fault) at these times."""
+        self._last_progress = max(self._last_progress, last_progress)
+        self._active_at = max(self._active_at, active_at)
 
     def _send_cancel(self) -> None:
         """Tell the source the session is over (best effort, bounded): it can stop too."""
@@ -423,7 +321,7 @@ class FaultLoop:
         try:
             sock.settimeout(0.2)
             # Whatever is left of a half-sent request goes first, to keep the framing.
-            unsent = self._fast.outbox() if self._fast is not None else bytes(self._outbox)
+            unsent = self._engine.outbox()
             sock.sendall(unsent + protocol.pack_peer(
                 {"t": "cancel", "code": self.cancel_code, "reason": self.cancel_reason[:200]}))
             sock.shutdown(socket.SHUT_WR)
@@ -467,36 +365,12 @@ class FaultLoop:
                         self.pages.set(region.index, first + page, pagestate.INSTALLED)
                     page = flags.find(1, page + 1)
 
-    def _wait(self) -> list[tuple[int, int]]:
-        """The Python loop sleeps in epoll: it never spins (spinning from Python, with the
-        GIL shared by the bulk threads, measured slower; the C loop spins)."""
-        return self._poll(_EPOLL_TIMEOUT)
-
-    def _poll(self, timeout: float) -> list[tuple[int, int]]:
-        """epoll_wait; a failure is a KernelError, as the C loop reports it (ERROR)."""
-        try:
-            return self._ep.poll(timeout)
-        except OSError as e:
-            err = e.errno or errno.EIO
-            raise KernelError("epoll_wait", err, os.strerror(err)) from None
-
     def _periodic_checks(self) -> None:
         """Deadlines scan every outstanding page: not on every turn of a busy loop."""
         now = time.monotonic()
         if now >= self._next_checks:
             self._next_checks = now + _CHECK_INTERVAL
             self._check_deadlines()
-
-    def _dispatch(self, ready: list[tuple[int, int]]) -> None:
-        for fd, _mask in ready:
-            if fd == self._wakefd:
-                self._drain_wakefd()
-            elif self._demand is not None and fd == self._demand.fileno():
-                self._demand_io(_mask)
-            elif fd in self._by_uffd:
-                self._read_uffd(fd)
-            # else: a demand socket closed earlier in this batch; its event is stale.
-        self._flush_outbox()
 
     def _drain_wakefd(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -541,20 +415,15 @@ class FaultLoop:
             r, page, count = chunk.region, chunk.page, chunk.count
             ps = self.regions[r].page_size
             addr = buffer_address(chunk.buf)
-            if self._fast is not None:  # C slices, and stops only when a fault waits
-                pos, end = page, page + count
-                while pos < end:
-                    faulting = time.monotonic() - self._active_at < _FAULTS_RECENT
-                    piece = _C_SLICE_FAULTING if faulting else _C_SLICE_QUIET
-                    pos = self._install_data(r, pos, end - pos, addr + (pos - page) * ps,
-                                             "bulk", max(1, piece // ps))
-                    if pos < end:
-                        yield False
-                return
-            step = max(1, _BULK_SLICE // ps)
-            for off in range(0, count, step):
-                self._install_data(r, page + off, min(step, count - off), addr + off * ps, "bulk")
-                if off + step < count:
+            pos, end = page, page + count
+            while pos < end:
+                # (pages per call, and the slice within it at which the engine may stop
+                # early because a fault waits)
+                faulting = time.monotonic() - self._active_at < _FAULTS_RECENT
+                most, slice_pages = self._engine.bulk_slice(ps, faulting)
+                pos = self._install_data(r, pos, min(most, end - pos),
+                                         addr + (pos - page) * ps, "bulk", slice_pages)
+                if pos < end:
                     yield False
         finally:
             chunk.release(chunk.buf)
@@ -622,14 +491,8 @@ class FaultLoop:
             return
         page = (ev.address - region.addr) // region.page_size
         state = self.pages.get(region.index, page)
-        key = (region.index, page)
-        if state <= pagestate.REQUESTED and self._fast is not None:
-            self._fast.fault(region.index, page, ev.thread_id, now)
-        elif state == pagestate.ABSENT:
-            self._waiters.setdefault(key, []).append((ev.thread_id, now))
-            self._request(region.index, page, now)
-        elif state == pagestate.REQUESTED:
-            self._waiters.setdefault(key, []).append((ev.thread_id, now))
+        if state <= pagestate.REQUESTED:  # a waiter; an absent page is asked for
+            self._engine.fault(region.index, page, ev.thread_id, now)
         elif state in (pagestate.DISCARDED, pagestate.UNMAPPED):
             # UNMAPPED faulting: the VMM mapped and registered that range again (with
             # this uffd); what it holds is the VMM's, like a discarded page's.
@@ -641,13 +504,7 @@ class FaultLoop:
             self.metrics.resolved("background", time.monotonic() - now)
 
     def _request(self, region: int, page: int, now: float) -> None:
-        if self._fast is not None:
-            self._fast.request(region, page, now)
-            return
-        self.pages.set(region, page, pagestate.REQUESTED)
-        self._outstanding[(region, page)] = now
-        if self._demand is not None:
-            self._outbox += protocol.pack_peer({"t": "req", "r": region, "p": page, "n": 1})
+        self._engine.request(region, page, now)
 
     def _wake(self, region: ImportRegion, page: int) -> None:
         try:
@@ -669,9 +526,7 @@ class FaultLoop:
                 continue
             for page in range(first, last):
                 self.pages.set(region.index, page, pagestate.DISCARDED)
-                self._outstanding.pop((region.index, page), None)
-            if self._fast is not None:
-                self._fast.forget(region.index, first, last - first)
+            self._engine.forget(region.index, first, last - first)
             log.info("discard region=%d pages=%d..%d unmapped=%s", region.index, first, last,
                      ev.unmapped)
 
@@ -679,8 +534,7 @@ class FaultLoop:
         for region in self._by_uffd[fd]:
             if region.addr == ev.old and region.size == ev.length:
                 region.addr = ev.new
-                if self._fast is not None:
-                    self._fast.region_moved(region.index, ev.new)
+                self._engine.region_moved(region.index, ev.new)
                 self._by_uffd[fd].sort(key=lambda r: r.addr)
                 self._starts[fd] = [r.addr for r in self._by_uffd[fd]]
                 return
@@ -728,10 +582,8 @@ class FaultLoop:
             self._demand.close()
         self._demand = sock
         self._rx_start = self._rx_end = 0
-        self._outbox.clear()
-        if sock is None and self._fast is not None:
-            self._fast.set_demand(-1)
         if sock is None:
+            self._engine.set_demand(None)  # its unsent requests are dropped
             if self._link_down_since is None:
                 self._link_down_since = time.monotonic()
             return
@@ -739,13 +591,8 @@ class FaultLoop:
         self._last_progress = time.monotonic()
         sock.setblocking(False)
         self._ep.register(sock.fileno(), select.EPOLLIN)
-        self._demand_mask = select.EPOLLIN
-        if self._fast is not None:  # the C loop asks for its outstanding pages again
-            self._fast.set_demand(sock.fileno())
-            return
         # Every outstanding demand request is asked for again on the new link.
-        for region, page in self._outstanding:
-            self._outbox += protocol.pack_peer({"t": "req", "r": region, "p": page, "n": 1})
+        self._engine.set_demand(sock)
 
     def _read_what_arrived(self, sock: socket.socket) -> None:
         """Handle the frames already received, or about to be, on a lane being dropped.
@@ -796,22 +643,9 @@ class FaultLoop:
         self.notify("link-lost", why)
 
     def _flush_outbox(self) -> None:
-        if self._fast is not None:  # the C loop sends its outbox when it is called next
-            return
-        if not self._outbox or self._demand is None:
-            return
-        try:
-            n = self._demand.send(self._outbox)
-        except BlockingIOError:
-            n = 0
-        except OSError as e:
-            self._demand_lost(str(e))
-            return
-        del self._outbox[:n]
-        mask = select.EPOLLIN | (select.EPOLLOUT if self._outbox else 0)
-        if mask != self._demand_mask:  # a syscall per fault otherwise
-            self._ep.modify(self._demand.fileno(), mask)
-            self._demand_mask = mask
+        failed = self._engine.flush()
+        if failed is not None:
+            self._demand_lost(failed)
 
     def _demand_recv(self) -> None:
         sock = self._demand
@@ -956,9 +790,7 @@ class FaultLoop:
                 self._request(region, p, self._asked(region, p) or time.monotonic())
 
     def _asked(self, region: int, page: int) -> float | None:
-        if self._fast is not None:
-            return self._fast.asked(region, page)
-        return self._outstanding.get((region, page))
+        return self._engine.asked(region, page)
 
     def _installable_in(self, chunk: BulkChunk) -> int:
         """How many pages of a bulk run's holes (zero at the source) are not here yet:
@@ -975,18 +807,18 @@ class FaultLoop:
         region = self.regions[r]
         ps = region.page_size
         end = page + count
-        if self._fast is not None:  # C installs what it can; a failed run comes back here
-            stopped, err, done = self._fast.install(r, page, count, src, lane == "demand",
-                                                    slice_pages)
-            self._fold(self._fast)
+        # The engine installs what its common case can; the rest comes back here.
+        stopped, rest, done = self._engine.install(r, page, count, src, lane == "demand",
+                                                   slice_pages)
+        if done:
             if lane != "demand":
                 self.counters.pages_background += done
-            if self._callbacks and done:
+            if self._callbacks:
                 self._installed_callbacks(r, page, stopped - page)
-            if not err:
-                return stopped
-            src += (stopped - page) * ps
-            page, count = stopped, end - stopped
+        if not rest:
+            return stopped
+        src += (stopped - page) * ps
+        page, count = stopped, end - stopped
         for start, n in list(self.pages.installable_runs(r, page, count)):
             self._install_run(region, start, n, src + (start - page) * ps, lane)
         return end
@@ -1190,15 +1022,11 @@ class FaultLoop:
         log.warning("session=%s region=%d gpa=%#x..%#x (%d pages) unmapped by the VMM "
                     "during the migration: not filled, the rest goes on", self.metrics.session,
                     r, region.gpa + first * ps, region.gpa + (first + count) * ps, moved)
-        inside = [k for k in (*self._outstanding, *self._waiters, *self._callbacks)
-                  if k[0] == r and first <= k[1] < first + count]
+        self._engine.forget(r, first, count)
+        inside = [k for k in self._callbacks if k[0] == r and first <= k[1] < first + count]
         for key in inside:
-            self._outstanding.pop(key, None)
-            self._waiters.pop(key, None)
             for cb in self._callbacks.pop(key, []):
                 cb(Outcome.LOST, "the VMM unmapped this page")
-        if self._fast is not None:
-            self._fast.forget(r, first, count)
         # A thread that faulted there before the munmap still waits: let it go.
         with contextlib.suppress(KernelError):
             uffd.wake(region.uffd, region.addr + first * ps, count * ps)
@@ -1208,46 +1036,13 @@ class FaultLoop:
         if count <= 0:
             return
         r = region.index
-        if self._fast is not None:
-            self._fast.installed(r, start, count, lane == "demand")
-            self._fold(self._fast)
-            if self._callbacks:
-                self._installed_callbacks(r, start, count)
-            if lane != "demand":
-                self.counters.pages_background += count
-            if method != "present":
-                self.metrics.installed(method, count)
-            return
-        now = time.monotonic()
-        for page in range(start, start + count):
-            self.pages.set(r, page, pagestate.INSTALLED)
-            key = (r, page)
-            asked = self._outstanding.pop(key, None)
-            waiters = self._waiters.pop(key, None)
-            if waiters:
-                self._resolved_waiters(waiters, now, lane, asked)
-            callbacks = self._callbacks.pop(key, None)
-            if callbacks:
-                for cb in callbacks:
-                    cb(Outcome.INSTALLED, "")
-        if lane == "demand":
-            self.counters.pages_demand += count
-        else:
+        self._engine.installed(r, start, count, lane == "demand")
+        if self._callbacks:
+            self._installed_callbacks(r, start, count)
+        if lane != "demand":
             self.counters.pages_background += count
         if method != "present":
             self.metrics.installed(method, count)
-
-    def _resolved_waiters(self, waiters: list[tuple[int, float]], now: float, lane: str,
-                          asked: float | None) -> None:
-        for i, (tid, seen) in enumerate(waiters):
-            waited = now - seen
-            if lane != "demand":
-                how = "background"
-            else:
-                how = "demand" if i == 0 and asked is not None and asked <= seen else "inflight"
-            self.counters.record_latency(waited)
-            self.metrics.resolved(how, waited)
-            self.metrics.blocked(tid, waited)
 
     def _retry_deferred(self) -> None:
         if not self._deferred:
@@ -1296,7 +1091,7 @@ class FaultLoop:
 
     def _owed(self) -> int:
         """How many pages are asked for and not yet installed."""
-        return self._fast.outstanding() if self._fast is not None else len(self._outstanding)
+        return self._engine.outstanding()
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()
@@ -1307,18 +1102,9 @@ class FaultLoop:
             # now, not one deadline per fault.
             self._give_up_remaining("source unreachable past the session deadline")
             return
-        for r, page in self._expired(now - self.deadline):
+        for r, page in self._engine.expired(now - self.deadline):
             self._unrecoverable(r, page, "deadline",
                                 "source did not answer within the session deadline")
-
-    def _expired(self, before: float) -> list[tuple[int, int]]:
-        """Outstanding pages asked for before ``before``."""
-        if self._fast is not None:
-            oldest, pages = self._fast.expired(before)
-            return pages if oldest is not None and oldest < before else []
-        if not self._outstanding or min(self._outstanding.values()) >= before:
-            return []
-        return [key for key, asked in self._outstanding.items() if asked < before]
 
     def _give_up_remaining(self, reason: str) -> None:
         """Apply the failure policy to every page not yet installed, in whole runs."""
@@ -1340,9 +1126,7 @@ class FaultLoop:
         for (r, page) in list(self._callbacks):
             for cb in self._callbacks.pop((r, page), []):
                 cb(Outcome.POISONED, reason)
-        self._outstanding.clear()
-        if self._fast is not None:
-            self._fast.forget(0, 0, 0)
+        self._engine.forget(0, 0, 0)
         self.metrics.unrecoverable("deadline", self.pages.poisoned - before)
 
     def _poison_run(self, region: ImportRegion, start: int, count: int) -> None:
@@ -1369,9 +1153,7 @@ class FaultLoop:
     def _mark(self, region: ImportRegion, start: int, count: int, state: int) -> None:
         for page in range(start, start + count):
             self.pages.set(region.index, page, state)
-            self._waiters.pop((region.index, page), None)
-        if self._fast is not None:
-            self._fast.forget(region.index, start, count)
+        self._engine.forget(region.index, start, count)
 
     def _unrecoverable(self, r: int, page: int, code: str, reason: str) -> None:
         region = self.regions[r]
@@ -1379,9 +1161,7 @@ class FaultLoop:
                   self.metrics.session, region.gpa + page * region.page_size, reason,
                   self.policy)
         self.metrics.unrecoverable(code, 1)
-        self._outstanding.pop((r, page), None)
-        if self._fast is not None:
-            self._fast.forget(r, page, 1)
+        self._engine.forget(r, page, 1)
         if self.policy == "poison":
             self._poison(region, page)
             callbacks = self._callbacks.pop((r, page), [])
@@ -1404,9 +1184,7 @@ class FaultLoop:
             self._range_gone(region, page, 1)
             return
         self.pages.set(region.index, page, pagestate.POISONED)
-        self._waiters.pop((region.index, page), None)
-        if self._fast is not None:
-            self._fast.forget(region.index, page, 1)
+        self._engine.forget(region.index, page, 1)
         self.metrics.installed("poison", 1)
 
     def _fail(self, reason: str) -> None:
@@ -1427,18 +1205,9 @@ class FaultLoop:
             self.notify("complete", None)
 
 
-def _error_from_c(io: fastimport.ImportIo) -> None:
-    """The C loop reported a failed or short call: raise what the Python loop raises for
-    the same failure (one policy: the session fails with that reason)."""
-    op, err = io.err_op, io.err_errno
-    if op == fastimport.E_SHORT_UFFD:
-        raise uffd.IncompleteMessage("read(uffd)", errno.EIO,
-                                     f"{io.err_bytes} bytes is not whole messages")
-    if op == fastimport.E_READ_UFFD:
-        raise KernelError("read(uffd)", err, os.strerror(err))
-    if op == fastimport.E_EPOLL_WAIT:
-        raise KernelError("epoll_wait", err, os.strerror(err))
-    raise KernelError("C fault loop", err, f"unknown error report {op} (a bug)")
+def _error_from_c(io: ImportIo) -> None:
+    """Raise what the C engine reported (cengine.error_from_c)."""
+    raise cengine.error_from_c(io)
 
 
 def _receive_pieces(fs: FrameSocket, buf: bytearray, ps: int, count: int,

@@ -300,10 +300,10 @@ class ImportSession(SessionBase):
         self.loop = FaultLoop(
             self.regions, self.pages, notify=self._notify_threadsafe, metrics=self.metrics,
             deadline=self.deadline, policy=self.policy, integrity=self.config.peer.integrity,
+            fastpath=peer.demand_library(self.config.peer),
         )
         self.loop.stall_timeout = self.config.peer.stall_timeout
         self.loop.spin_s = self.config.peer.spin_us / 1e6
-        self.loop.fastpath = peer.demand_library(self.config.peer)
         self.loop.vmm_pid = self.vmm
         self.loop.adopt_present = self.adopt_present  # "keep" (or a re-import): adopt them
         self._by_gpa = sorted(self.regions, key=lambda r: r.gpa)
