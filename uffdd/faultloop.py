@@ -17,6 +17,16 @@ A VMM may munmap part of guest RAM mid-session. Without UFFD_FEATURE_EVENT_UNMAP
 kernel says nothing then; an install there fails with ENOENT (RangeGone: the handover
 verified the registration, so it means "unmapped since"). Those pages become UNMAPPED,
 reported (log line per range, ``pages_unmapped``), and the rest of the session goes on.
+
+The hot part (the table of outstanding requests, the common case of faults and demand
+installs) is the engine's (engine.py: the interface and the Python engine; cengine.py:
+the C one); this module asks it through ``ImportEngine`` and never which engine it is.
+
+Size: over 500 lines (about 1,250), not yet on purpose: these are the rules and slow
+paths of one thread (events, discards, unmaps, installs with their errno policy,
+deadlines, the failure policy), which share its state. The bulk receive helpers
+(``receive_bulk_data`` and the functions at the end) run on the bulk threads and are
+the next to move out (issue 13's ``importer/bulkrx``).
 """
 
 from __future__ import annotations
