@@ -45,13 +45,14 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.conftest import require
-from uffdd import _fastpath, pagestate, protocol
+from uffdd import _fastpath, protocol
 from uffdd._linux import uffd
 from uffdd._linux.mem import Mapping, buffer_address, madvise
 from uffdd.errors import KernelError
-from uffdd.faultloop import FaultLoop, ImportRegion
+from uffdd.importer import pagestate
+from uffdd.importer.faultloop import FaultLoop, ImportRegion
+from uffdd.importer.pagestate import PageMap
 from uffdd.metrics import SessionMetrics
-from uffdd.pagestate import PageMap
 from uffdd.peer import FrameSocket, PayloadNative
 
 PS = 4096

@@ -32,11 +32,12 @@ from hypothesis import strategies as st
 
 from tests.conftest import require
 from tests.test_engine_diff import _delta, _metrics
-from uffdd import _fastpath, pagestate, protocol
-from uffdd.cengine import CEngine
-from uffdd.engine import Counters, ImportEngine, ImportRegion, PyEngine
+from uffdd import _fastpath, protocol
+from uffdd.importer import pagestate
+from uffdd.importer.cengine import CEngine
+from uffdd.importer.engine import Counters, ImportEngine, ImportRegion, PyEngine
+from uffdd.importer.pagestate import PageMap
 from uffdd.metrics import SessionMetrics
-from uffdd.pagestate import PageMap
 
 PS = 4096
 SIZES = (16, 8)

@@ -27,11 +27,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import require
-from uffdd import _fastpath, fastimport, pagestate, protocol
+from uffdd import _fastpath, protocol
 from uffdd._linux import uffd
-from uffdd.faultloop import FaultLoop, ImportRegion
+from uffdd.importer import fastimport, pagestate
+from uffdd.importer.faultloop import FaultLoop, ImportRegion
+from uffdd.importer.pagestate import PageMap
 from uffdd.metrics import SessionMetrics
-from uffdd.pagestate import PageMap
 
 PS = 4096
 SIZES = (64, 16)  # pages per region

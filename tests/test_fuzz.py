@@ -35,9 +35,9 @@ from hypothesis import strategies as st
 from tests.conftest import Pair
 from uffdd import _fastpath, exporter, peer, protocol
 from uffdd.errors import PeerUnavailable, ProtocolError, RequestError
-from uffdd.faultloop import FaultLoop, ImportRegion
+from uffdd.importer.faultloop import FaultLoop, ImportRegion
+from uffdd.importer.pagestate import PageMap
 from uffdd.metrics import SessionMetrics
-from uffdd.pagestate import PageMap
 
 BOUNDED = settings(max_examples=300, deadline=None, derandomize=True,
                    suppress_health_check=[HealthCheck.too_slow])

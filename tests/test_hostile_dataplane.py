@@ -26,10 +26,11 @@ import pytest
 from tests import hostile
 from tests.conftest import require
 from tests.hostile import Tenancy, run_tenancy
-from uffdd import _fastpath, fastimport, faultloop
+from uffdd import _fastpath
 from uffdd._linux import uffd
 from uffdd._linux.mem import buffer_address
 from uffdd.errors import KernelError
+from uffdd.importer import fastimport, faultloop
 from uffdd.lab import harness
 
 tenancy = hostile.tenancy  # the shared fixture (the C loops), under its own name

@@ -25,8 +25,7 @@ LAB = "uffdd.lab"
 #: The one core module allowed to import the lab, and only inside functions.
 LAB_DOOR = "uffdd.cli"
 #: Each side: these modules and packages, with every module inside a package.
-IMPORT_ROOTS = ("uffdd.faultloop", "uffdd.engine", "uffdd.cengine", "uffdd.fastimport",
-                "uffdd.pagestate")
+IMPORT_ROOTS = ("uffdd.importer",)
 EXPORT_ROOTS = ("uffdd.exporter",)
 
 

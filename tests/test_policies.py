@@ -166,7 +166,7 @@ class _EndedSession:
     page request is queued and never answered, as when the session ends under it."""
 
     def __init__(self, state: str, reason: str, page_state: int) -> None:
-        from uffdd import pagestate
+        from uffdd.importer import pagestate
         self.session_id, self.policy, self.deadline = "s", "poison", 30.0
         self.state, self.reason, self.finished = state, reason, True
         self.pages = pagestate.PageMap([4])
@@ -191,7 +191,7 @@ async def test_exit_waiting_when_the_session_ends_is_answered_by_the_page(
     ``test_demo_lost_pages[poison-exits]`` (a crash with reason
     "completed-with-poisoned-pages"). A session that failed under it loses the page,
     saying why the session ended."""
-    from uffdd.session import _Context
+    from uffdd.importer.session import _Context
     s = _EndedSession(state, "completed-with-poisoned-pages" if state == "completed"
                       else "source unreachable", page_state)
     ctx = _Context(s)  # type: ignore[arg-type]

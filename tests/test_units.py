@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from uffdd import config, pagestate, protocol
+from uffdd import config, protocol
 from uffdd.errors import ConfigError, RequestError
+from uffdd.importer import pagestate
 
 
 def _region(**kw: object) -> dict[str, object]:

@@ -25,9 +25,10 @@ from uffdd.config import Config, is_host_port
 from uffdd.errors import ProtocolError, RequestError, UffddError
 from uffdd.exporter import ExportRegion, open_file_region, open_memfd_region
 from uffdd.exporter.session import ExportSession
-from uffdd.faultloop import ImportRegion
+from uffdd.importer.faultloop import ImportRegion
+from uffdd.importer.session import ImportSession
 from uffdd.registry import Registry
-from uffdd.session import ImportSession, SessionBase, fdstore_name
+from uffdd.session import SessionBase, fdstore_name
 
 log = logging.getLogger("uffdd.api")
 

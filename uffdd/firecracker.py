@@ -68,9 +68,10 @@ from uffdd.errors import (
 )
 from uffdd.exporter import ExportRegion, open_file_region
 from uffdd.exporter.session import ExportSession
-from uffdd.faultloop import ImportRegion
+from uffdd.importer.faultloop import ImportRegion
+from uffdd.importer.session import ImportSession
 from uffdd.registry import Registry
-from uffdd.session import ImportSession, latency_percentiles
+from uffdd.session import latency_percentiles
 
 log = logging.getLogger("uffdd.firecracker")
 

@@ -14,7 +14,8 @@ import trio
 
 from uffdd.errors import RequestError
 from uffdd.exporter.session import ExportSession
-from uffdd.session import ImportSession, SessionBase
+from uffdd.importer.session import ImportSession
+from uffdd.session import SessionBase
 
 #: Finished sessions kept for ``status`` and for a late ``subscribe``.
 KEEP_FINISHED = 64

@@ -1,4 +1,4 @@
-/* libuffdd_fastpath: the bulk lanes' per-byte work (uffdd/exporter/frames.py, uffdd/faultloop.py).
+/* libuffdd_fastpath: the bulk lanes' per-byte work (uffdd/exporter/frames.py, uffdd/importer/faultloop.py).
  *
  * Profiles of a 1 GiB background stream put most of both daemons' CPU in work done
  * once per byte or once per page: zlib's crc32 on each side (~2.8 GB/s here, so about

@@ -1,4 +1,4 @@
-/* The destination's fault loop in C: the common case of uffdd/faultloop.py.
+/* The destination's fault loop in C: the common case of uffdd/importer/faultloop.py.
  *
  * One call of fp_imp_run() waits in the session's epoll set (the same one the Python
  * loop uses) and handles, without the GIL:
@@ -32,7 +32,7 @@
 
 #define API __attribute__((visibility("default")))
 
-enum { ST_ABSENT = 0, ST_REQUESTED = 1, ST_INSTALLED = 2 }; /* uffdd/pagestate.py */
+enum { ST_ABSENT = 0, ST_REQUESTED = 1, ST_INSTALLED = 2 }; /* uffdd/importer/pagestate.py */
 
 enum { /* io.dirty bits */
 	FP_D_PAGES = 1,   /* installed_delta, *_pages counters */
@@ -774,7 +774,7 @@ API void fp_imp_free(struct fp_imp *s)
 	free(s);
 }
 
-/* Python checks its mirror of struct fp_imp_io against this (uffdd/fastimport.py). */
+/* Python checks its mirror of struct fp_imp_io against this (uffdd/importer/fastimport.py). */
 API uint64_t fp_imp_io_size(void)
 {
 	return sizeof(struct fp_imp_io);

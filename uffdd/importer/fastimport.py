@@ -1,6 +1,6 @@
 """ctypes glue for the destination's C fault loop (native/fastpath/import.c).
 
-FaultLoop (uffdd/faultloop.py) owns the rules; this module only mirrors the C structs
+FaultLoop (uffdd/importer/faultloop.py) owns the rules; this module only mirrors the C structs
 and wraps each C function in a typed method. The C state lives as long as the fault
 thread's ``run()`` and is touched only from that thread.
 """
@@ -127,7 +127,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.argtypes = argtypes
     if lib.fp_imp_io_size() != ctypes.sizeof(ImportIo):  # a mirror out of date: a bug
         raise RuntimeError(f"struct fp_imp_io is {lib.fp_imp_io_size()} bytes in C, "
-                           f"{ctypes.sizeof(ImportIo)} in uffdd/fastimport.py")
+                           f"{ctypes.sizeof(ImportIo)} in uffdd/importer/fastimport.py")
     _declared.add(id(lib))
 
 

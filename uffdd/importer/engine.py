@@ -24,14 +24,15 @@ from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, NamedTuple, Protocol
 
-from uffdd import pagestate, protocol
+from uffdd import protocol
 from uffdd._linux.mem import Mapping
 from uffdd.errors import KernelError
+from uffdd.importer import pagestate
 
 if TYPE_CHECKING:
     from uffdd._linux.uffd import Event
+    from uffdd.importer.pagestate import PageMap
     from uffdd.metrics import SessionMetrics
-    from uffdd.pagestate import PageMap
 
 # The Python engine installs a bulk chunk this much per loop turn, so that a vCPU's page
 # never waits behind more than one slice's copy.

@@ -48,16 +48,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from uffdd import cengine, engine, pagestate, protocol
+from uffdd import protocol
 from uffdd._linux import mem, procmaps, uffd
 from uffdd._linux.mem import TenantMemoryFault, buffer_address
-from uffdd.engine import Counters as Counters
-from uffdd.engine import ImportEngine, PyEngine
-from uffdd.engine import ImportRegion as ImportRegion
 from uffdd.errors import AlreadyPresent, KernelError, ProtocolError, RangeGone, Retry, TargetGone
-from uffdd.fastimport import ImportIo
+from uffdd.importer import cengine, engine, pagestate
+from uffdd.importer.engine import Counters as Counters
+from uffdd.importer.engine import ImportEngine, PyEngine
+from uffdd.importer.engine import ImportRegion as ImportRegion
+from uffdd.importer.fastimport import ImportIo
+from uffdd.importer.pagestate import PageMap
 from uffdd.metrics import SessionMetrics
-from uffdd.pagestate import PageMap
 from uffdd.peer import FrameSocket, PayloadNative
 from uffdd.threads import use_short_switch_interval
 

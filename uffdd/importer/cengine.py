@@ -18,15 +18,15 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from uffdd import engine, fastimport
 from uffdd._linux import uffd
 from uffdd._linux.mem import buffer_address
 from uffdd.errors import KernelError
+from uffdd.importer import engine, fastimport
 
 if TYPE_CHECKING:
-    from uffdd.engine import Counters, ImportRegion
+    from uffdd.importer.engine import Counters, ImportRegion
+    from uffdd.importer.pagestate import PageMap
     from uffdd.metrics import SessionMetrics
-    from uffdd.pagestate import PageMap
 
 # The C engine's bulk slices: small while vCPUs fault (a slice's first writes into memory
 # the hypervisor took back cost up to ~35 µs a page on these VMs: fault p99 under load
