@@ -15,10 +15,8 @@ the fd store), as after a crash, instead of failing every migration in flight.
 from __future__ import annotations
 
 import contextlib
-import grp
 import logging
 import os
-import pwd
 import signal
 import socket
 import ssl
@@ -31,7 +29,7 @@ from functools import partial
 
 import trio
 
-from uffdd import __version__, _fastpath, metrics, peer, protocol, tls
+from uffdd import __version__, _fastpath, listeners, metrics, peer, protocol, tls
 from uffdd._linux import scm, sdnotify
 from uffdd._linux.listenfds import listening_socket, take_fds
 from uffdd.api import Connection
@@ -210,7 +208,7 @@ class Daemon:
             os.umask(old_umask)
         try:
             os.chmod(path, int(self.config.api.socket_mode, 8))
-            _chown_socket(path, self.config.api.socket_owner, self.config.api.socket_group)
+            listeners.chown_socket(path, self.config.api.socket_owner, self.config.api.socket_group)
             sock.listen(128)
         except BaseException:
             sock.close()
@@ -581,19 +579,6 @@ def _refused_peer(addr: object, e: BaseException) -> None:
     else:
         reason = str(e) or type(e).__name__
     log.warning("refused peer %s: %s", addr, reason)
-
-
-def _chown_socket(path: str, owner: str, group: str) -> None:
-    """Give the API socket the configured owner/group (names or numbers)."""
-    if not owner and not group:
-        return
-    try:
-        uid = -1 if not owner else int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
-        gid = -1 if not group else int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-    except KeyError as e:
-        raise ConfigError(f"api.socket_owner / api.socket_group: no such user or group {e}"
-                          ) from None
-    os.chown(path, uid, gid)
 
 
 class DaemonFailed(UffddError):

@@ -37,11 +37,9 @@ Firecracker's socket reaches EOF or Firecracker exits (its pidfd).
 from __future__ import annotations
 
 import contextlib
-import grp
 import json
 import logging
 import os
-import pwd
 import secrets
 import socket
 import stat
@@ -51,14 +49,13 @@ from typing import Final
 
 import trio
 
-from uffdd import handover, metrics, peer, protocol, strategies
+from uffdd import handover, listeners, metrics, peer, protocol, strategies
 from uffdd._linux import scm, uffd
 from uffdd._linux.fds import OwnedFds
 from uffdd._linux.mem import buffer_address
 from uffdd.config import Config, split_host_port
 from uffdd.errors import (
     AlreadyPresent,
-    ConfigError,
     KernelError,
     ProtocolError,
     RangeGone,
@@ -223,7 +220,7 @@ def listen_handover(config: Config, path: str) -> socket.socket:
         os.umask(old_umask)
     try:
         os.chmod(path, int(config.api.socket_mode, 8))
-        _chown(path, config.api.socket_owner, config.api.socket_group)
+        listeners.chown_socket(path, config.api.socket_owner, config.api.socket_group)
         sock.listen(4)
         sock.setblocking(False)
     except BaseException:
@@ -232,19 +229,6 @@ def listen_handover(config: Config, path: str) -> socket.socket:
             os.unlink(path)
         raise
     return sock
-
-
-def _chown(path: str, owner: str, group: str) -> None:
-    """api.socket_owner / api.socket_group (names or numbers), as for the API socket."""
-    if not owner and not group:
-        return
-    try:
-        uid = -1 if not owner else int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
-        gid = -1 if not group else int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-    except KeyError as e:
-        raise ConfigError(f"api.socket_owner / api.socket_group: no such user or group {e}"
-                          ) from None
-    os.chown(path, uid, gid)
 
 
 def own_peer_address(config: Config, port: int) -> str:

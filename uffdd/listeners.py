@@ -11,8 +11,10 @@ logs the condition once when it starts and once when it ends, and counts it.
 from __future__ import annotations
 
 import errno
+import grp
 import logging
 import os
+import pwd
 import socket
 
 import trio
@@ -117,3 +119,17 @@ def tcp_listener(what: str, host: str, port: int) -> socket.socket:
         raise bind_error(what, shown, e) from None
     sock.setblocking(False)
     return sock
+
+
+def chown_socket(path: str, owner: str, group: str) -> None:
+    """Give a socket the configured api.socket_owner / api.socket_group (names or
+    numbers): the API socket and every Firecracker handover socket."""
+    if not owner and not group:
+        return
+    try:
+        uid = -1 if not owner else int(owner) if owner.isdigit() else pwd.getpwnam(owner).pw_uid
+        gid = -1 if not group else int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError as e:
+        raise ConfigError(f"api.socket_owner / api.socket_group: no such user or group {e}"
+                          ) from None
+    os.chown(path, uid, gid)
