@@ -361,12 +361,7 @@ static void *mb_vcpu_thread(void *arg)
 		}
 		if (run->exit_reason == KVM_EXIT_HLT)
 			break; /* an AP that finished, or the guest gave up */
-		vcpu_where(v, where, sizeof(where));
-		if (run->exit_reason == KVM_EXIT_INTERNAL_ERROR)
-			vcpu_crash(v, "KVM internal error, suberror %u (%s)", run->internal.suberror,
-				   where);
-		else
-			vcpu_crash(v, "unexpected exit reason %u (%s)", run->exit_reason, where);
+		vcpu_bad_exit(v, run);
 		break;
 	}
 	v->seconds = now_s() - t0;

@@ -661,6 +661,18 @@ static void vcpu_where(struct vcpu *v, char *buf, size_t n)
 		snprintf(buf, n, "(no regs)");
 }
 
+/* A vCPU stopped for a reason its loop does not handle: say where, and crash the VM. */
+static void vcpu_bad_exit(struct vcpu *v, const struct kvm_run *run)
+{
+	char where[160];
+	vcpu_where(v, where, sizeof(where));
+	if (run->exit_reason == KVM_EXIT_INTERNAL_ERROR)
+		vcpu_crash(v, "KVM internal error, suberror %u (%s)", run->internal.suberror,
+			   where);
+	else
+		vcpu_crash(v, "unexpected exit reason %u (%s)", run->exit_reason, where);
+}
+
 /*
  * Local resolution (selftest --local-uffd): install the page(s) covering
  * [gpa, gpa+size) from the filled copy. EEXIST means someone else installed it.
@@ -970,12 +982,7 @@ static void *vcpu_thread(void *arg)
 				   "");
 			break;
 		}
-		vcpu_where(v, where, sizeof(where));
-		if (run->exit_reason == KVM_EXIT_INTERNAL_ERROR)
-			vcpu_crash(v, "KVM internal error, suberror %u (%s)", run->internal.suberror,
-				   where);
-		else
-			vcpu_crash(v, "unexpected exit reason %u (%s)", run->exit_reason, where);
+		vcpu_bad_exit(v, run);
 		break;
 	}
 	v->seconds = now_s() - t0;
