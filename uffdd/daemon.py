@@ -10,6 +10,11 @@ on SIGTERM under a service manager ($NOTIFY_SOCKET), where a stop is a restart o
 upgrade far more often than the end of the host's migrations: the sessions are left
 to the next daemon (the VMMs re-attach through the socket unit, an import's fds are in
 the fd store), as after a crash, instead of failing every migration in flight.
+
+Size: about 600 lines: the nursery tree and its signals are a third of it; the rest is
+binding the sockets (the API socket's claim, systemd's fds), the peer handshake's
+admission (``PeerSlots``, ``_PeerLane``) and preflight. The peer admission is the next
+piece to move out, next to ``listeners``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,13 @@
 userfaultfds, the fault thread (:mod:`uffdd.importer.faultloop`), the link to the source
 (a demand lane and bulk lanes, with reconnection) and resolves vCPU exits with its
 strategy; it ends with one terminal event, and at completion tells the source its
-final tally in 'done'."""
+final tally in 'done'.
+
+Size: about 700 lines: the import session's Trio side (link supervision with its
+dialer, bulk receivers, completion and the tally in 'done', vCPU-exit resolution with its
+strategy context). The strategy context (``_Context``) and the dialer are the pieces
+that could leave it next.
+"""
 
 from __future__ import annotations
 
