@@ -17,8 +17,6 @@ from uffdd.metrics import SessionMetrics
 from uffdd.peer import FrameSocket
 
 log = logging.getLogger("uffdd.export")
-
-log = logging.getLogger("uffdd.export")
 Header = _AbcMapping[str, object]
 
 def _next_run(state: ExportState, cursor: tuple[int, int], max_bytes: int

@@ -20,8 +20,6 @@ from uffdd.metrics import SessionMetrics
 from uffdd.peer import FrameSocket
 
 log = logging.getLogger("uffdd.export")
-
-log = logging.getLogger("uffdd.export")
 Header = _AbcMapping[str, object]
 
 # -- the demand lane's C loop (native/fastpath/export.c)
@@ -224,6 +222,9 @@ class _CDemandLane:
         what = "receive" if rc == _C_RECV_ERROR else "send"
         raise PeerUnavailable(f"peer link {what} failed: "
                               f"{OSError(lane.error, os.strerror(lane.error))}")
+
+    def describe(self) -> str:
+        return "the C fast path"
 
     def close(self) -> None:
         """Release the descriptor and every pinned buffer (the lane's thread, after the

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Mapping as _AbcMapping
-from typing import Final
+from typing import Final, Protocol
 
 from uffdd import protocol
 from uffdd.errors import ProtocolError
@@ -23,11 +22,38 @@ from uffdd.threads import use_short_switch_interval
 
 log = logging.getLogger("uffdd.export")
 
-log = logging.getLogger("uffdd.export")
-Header = _AbcMapping[str, object]
-
 _DEMAND_BATCH_PAGES: Final = 64  # most pages answered with one sendmsg (and scratch size)
 assert _DEMAND_BATCH_PAGES >= protocol.MAX_REQUEST_PAGES  # a batch holds any one request
+
+
+class DemandEngine(Protocol):
+    """The demand lane's engine: what answers the common case of a request.
+
+    ``serve`` runs until it returns: False on its regular return (call it again), True
+    when what comes next is for the Python loop (``_answer_batch``), which holds every
+    rule of the lane once. Two engines: the C loop (``cdemand._CDemandLane``) and
+    :class:`PyDemandEngine`, which hands everything to the Python loop."""
+
+    requests: int  # requests this engine answered itself
+
+    def serve(self, metrics: SessionMetrics) -> bool: ...
+    def close(self) -> None: ...
+    def describe(self) -> str: ...
+
+
+class PyDemandEngine:
+    """The Python engine: it answers nothing itself, the Python loop answers all."""
+
+    requests = 0
+
+    def serve(self, metrics: SessionMetrics) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "no C engine (the Python loop answers all)"
 
 
 def serve_demand(fs: FrameSocket, state: ExportState, metrics: SessionMetrics, *,
@@ -46,24 +72,22 @@ def serve_demand(fs: FrameSocket, state: ExportState, metrics: SessionMetrics, *
     use_short_switch_interval()
     max_page = max(r.page_size for r in state.regions)
     reader = PageReader(state, max_page * _DEMAND_BATCH_PAGES)
-    lane = _CDemandLane.open(library, fs, state, reader)
+    engine: DemandEngine = _CDemandLane.open(library, fs, state, reader) or PyDemandEngine()
     label = getattr(fs, "label", "") or "demand lane"
-    if lane is not None:
-        log.info("%s: answered by the C fast path", label)
+    log.info("%s: answered by %s", label, engine.describe())
     carried: tuple[ExportRegion, int, int] | None = None
     python_requests = 0
     try:
         while True:
-            if (lane is not None and carried is None and not state.injecting
-                    and not lane.serve(metrics)):
-                continue  # the C loop's regular return: call it again
+            # A request carried over, and fault injection, are the Python loop's.
+            if carried is None and not state.injecting and not engine.serve(metrics):
+                continue  # the engine's regular return: call it again
             carried, answered = _answer_batch(fs, state, reader, metrics, carried)
             python_requests += answered
     finally:
-        if lane is not None:
-            lane.close()  # unpins the scratch first
-            log.info("%s ended: %d requests answered by the C fast path, %d by Python",
-                     label, lane.requests, python_requests)
+        engine.close()  # the C engine unpins its scratch first
+        log.info("%s ended: %d requests answered by %s, %d by Python",
+                 label, engine.requests, engine.describe(), python_requests)
         reader.close()
 
 

@@ -16,8 +16,6 @@ from uffdd.exporter.state import ExportRegion, ExportState
 from uffdd.peer import FrameSocket
 
 log = logging.getLogger("uffdd.export")
-
-log = logging.getLogger("uffdd.export")
 Header = _AbcMapping[str, object]
 
 # A zero run at least this long goes as its own marker (installed with UFFDIO_ZEROPAGE,

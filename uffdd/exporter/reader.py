@@ -15,8 +15,6 @@ from uffdd.errors import KernelError
 from uffdd.exporter.state import ExportRegion, ExportState
 
 log = logging.getLogger("uffdd.export")
-
-log = logging.getLogger("uffdd.export")
 Header = _AbcMapping[str, object]
 
 class PageReader:

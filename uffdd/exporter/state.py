@@ -19,8 +19,6 @@ from uffdd._linux.mem import Mapping, is_hugetlb_fd
 from uffdd.errors import ProtocolError
 
 log = logging.getLogger("uffdd.export")
-
-log = logging.getLogger("uffdd.export")
 Header = _AbcMapping[str, object]
 
 @dataclass(eq=False)
