@@ -95,6 +95,24 @@ class FrameSocket:
         self.sent = 0
         self.closed = False
 
+    # -- lending the receive buffer to a C loop (exporter.cdemand)
+
+    @property
+    def rx_buffer(self) -> bytearray:
+        """The receive buffer, which is never resized: a C loop may read and write it in
+        place, between :meth:`rx_window` and :meth:`set_rx_window`."""
+        return self._buf
+
+    def rx_window(self) -> tuple[int, int]:
+        """Where the received bytes not yet parsed start and end in ``rx_buffer``."""
+        return self._start, self._end
+
+    def set_rx_window(self, start: int, end: int) -> None:
+        """Take the window back from a C loop that parsed and received in place."""
+        if not 0 <= start <= end <= len(self._buf):
+            raise ValueError(f"receive window {start}..{end} outside the buffer")
+        self._start, self._end = start, end
+
     def close(self) -> None:
         """Shut the connection down (wakes a thread blocked in recv) and close it."""
         self.closed = True

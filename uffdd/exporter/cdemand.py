@@ -128,7 +128,7 @@ class _CDemandLane:
             for i, region in enumerate(state.regions):
                 self._describe(self.c_regions[i], region)
             # FrameSocket's receive buffer (peer.py): read and written in place, never resized
-            buf = fs._buf
+            buf = fs.rx_buffer
             lane.buf = self._pin(buf)
             lane.cap = len(buf)
             lane.scratch = self._pin(reader.scratch)
@@ -199,12 +199,12 @@ class _CDemandLane:
             raise PeerUnavailable("peer link receive failed: the lane was closed")
         if state.sent is not self._rows:
             self._bind_rows()
-        lane.start, lane.end = fs._start, fs._end
+        lane.start, lane.end = fs.rx_window()
         lane.spin_ns = int(state.spin_s * 1e9)
         lane.bytes_sent = lane.bytes_received = lane.pages_demand = lane.pages_zero = 0
         lane.requests = lane.batches = 0
         rc = self.fn(ctypes.byref(lane))  # ctypes releases the GIL for the call
-        fs._start, fs._end = lane.start, lane.end
+        fs.set_rx_window(lane.start, lane.end)
         fs.received += lane.bytes_received
         if lane.bytes_sent:
             fs.sent += lane.bytes_sent
