@@ -22,11 +22,11 @@ The hot part (the table of outstanding requests, the common case of faults and d
 installs) is the engine's (engine.py: the interface and the Python engine; cengine.py:
 the C one); this module asks it through ``ImportEngine`` and never which engine it is.
 
-Size: over 500 lines (about 1,250), not yet on purpose: these are the rules and slow
+Size: over 500 lines (about 1,200), not yet on purpose: these are the rules and slow
 paths of one thread (events, discards, unmaps, installs with their errno policy,
 deadlines, the failure policy), which share its state. The bulk receive helpers
-(``receive_bulk_data`` and the functions at the end) run on the bulk threads and are
-the next to move out (issue 13's ``importer/bulkrx``).
+run on the bulk threads and live in ``bulkrx``; ``receive_bulk_data`` only checks the
+run against the regions and hands the frame to it.
 """
 
 from __future__ import annotations
@@ -43,16 +43,15 @@ import socket
 import ssl
 import time
 import zlib
-from array import array
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Final
 
 from uffdd import protocol
 from uffdd._linux import mem, procmaps, uffd
 from uffdd._linux.mem import TenantMemoryFault, buffer_address
 from uffdd.errors import AlreadyPresent, KernelError, ProtocolError, RangeGone, Retry, TargetGone
-from uffdd.importer import cengine, engine, pagestate
+from uffdd.importer import bulkrx, cengine, engine, pagestate
+from uffdd.importer.bulkrx import BulkChunk
 from uffdd.importer.engine import Counters as Counters
 from uffdd.importer.engine import ImportEngine, PyEngine
 from uffdd.importer.engine import ImportRegion as ImportRegion
@@ -75,27 +74,6 @@ _CHECK_INTERVAL: Final = engine.CHECK_INTERVAL
 _GOODBYE_WAIT: Final = 1.0
 # A kernel view of what is still registered is reused this long (ENOENT storms).
 _GONE_VIEW_TTL: Final = 1.0
-
-
-@dataclass(eq=False)
-class BulkChunk:
-    """A bulk data frame as a bulk receiver thread hands it to the fault thread.
-
-    A plain run of ``count`` pages from ``page`` of region ``region``: the frame's
-    ``holes`` are zero-filled in ``buf`` already, so the run installs as one (and the
-    fault thread counts the holes' pages it fills as zero pages). ``crc_ok`` is the
-    receiver's checksum verdict (True when integrity is off); ``received`` the payload
-    bytes the lane carried. The fault thread gives ``buf`` back with ``release``.
-    """
-
-    region: int
-    page: int
-    count: int
-    buf: bytearray
-    release: Callable[[bytearray], object]
-    crc_ok: bool
-    received: int
-    holes: list[tuple[int, int]]  # the frame's zero pages ([offset, pages]), now zeroed
 
 
 class Outcome:
@@ -771,20 +749,9 @@ class FaultLoop:
         and checksums the rest; without, a receive, CRC and memset per piece.
         """
         region, page, count = self._run_of(header, expanded=False)
-        ps = self.regions[region].page_size
-        total = count * ps
-        if total > len(buf):
-            raise ProtocolError(f"bulk data frame of {total} bytes exceeds {len(buf)}")
-        holes = _holes(header.get("zr"), count)
-        length = protocol.peer_int(header, "len")
-        if length != total - sum(n for _, n in holes) * ps:
-            raise ProtocolError("data frame length does not match its pages and holes")
-        if native is not None:
-            crc = _receive_scattered(fs, buf, ps, count, holes, self.integrity, native)
-        else:
-            crc = _receive_pieces(fs, buf, ps, count, holes, self.integrity)
-        return BulkChunk(region, page, count, buf, release,
-                         not self.integrity or crc == header.get("crc"), length, holes)
+        return bulkrx.receive_chunk(fs, header, buf, release, native, region=region, page=page,
+                                    count=count, page_size=self.regions[region].page_size,
+                                    integrity=self.integrity)
 
     def _corrupt(self, region: int, page: int, count: int, lane: str) -> None:
         """A payload failed its checksum: ask again, a few times, then give up on the page."""
@@ -1219,57 +1186,3 @@ class FaultLoop:
 def _error_from_c(io: ImportIo) -> None:
     """Raise what the C engine reported (cengine.error_from_c)."""
     raise cengine.error_from_c(io)
-
-
-def _receive_pieces(fs: FrameSocket, buf: bytearray, ps: int, count: int,
-                    holes: list[tuple[int, int]], integrity: bool) -> int:
-    """The Python way: a receive, a CRC update and a memset per piece of the run."""
-    view = memoryview(buf)
-    crc, pos = 0, 0
-    for off, n in [*holes, (count, 0)]:
-        if off > pos:
-            piece = view[pos * ps : off * ps]
-            fs.recv_into(piece)
-            if integrity:
-                crc = zlib.crc32(piece, crc)
-        if n:
-            ctypes.memset(buffer_address(buf) + off * ps, 0, n * ps)
-        pos = off + n
-    return crc
-
-
-def _receive_scattered(fs: FrameSocket, buf: bytearray, ps: int, count: int,
-                       holes: list[tuple[int, int]], integrity: bool,
-                       native: PayloadNative) -> int:
-    """The C way: one recvmsg into every piece, one call for the holes and the CRC."""
-    view = memoryview(buf)
-    parts, pos = [], 0
-    for off, n in [*holes, (count, 0)]:
-        if off > pos:
-            parts.append(view[pos * ps : off * ps])
-        pos = off + n
-    fs.recv_parts(parts)
-    flat = array("I", [v for hole in holes for v in hole])
-    return int(native.fill_holes(buffer_address(buf), ps, count,
-                                 flat.buffer_info()[0] if holes else 0, len(holes),
-                                 integrity, 0))
-
-
-def _holes(raw: object, count: int) -> list[tuple[int, int]]:
-    """A data frame's holes: sorted, disjoint [offset, pages] runs inside its ``count`` pages."""
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise ProtocolError("data frame: 'zr' must be a list")
-    holes: list[tuple[int, int]] = []
-    end = 0
-    for item in raw:
-        if not (isinstance(item, list) and len(item) == 2
-                and all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
-            raise ProtocolError("data frame: each hole must be [offset, pages]")
-        off, n = item
-        if off < end or n < 1 or off + n > count:
-            raise ProtocolError("data frame: holes must be sorted, disjoint, inside the run")
-        holes.append((off, n))
-        end = off + n
-    return holes

@@ -1,0 +1,122 @@
+"""Bulk receive: what the bulk receiver threads do with a data frame's payload.
+
+A bulk receiver thread (``ImportSession._receive_bulk``) reads a frame header, takes a
+buffer from its lane's pool and calls :func:`receive_chunk` (through
+``FaultLoop.receive_bulk_data``, which checks the run against the regions): each page
+lands at its place in the run, the frame's holes (``zr``, zero pages the source left
+out) are zero-filled, and the CRC is checked here, off the fault thread. The result,
+a :class:`BulkChunk`, goes to the fault thread, which installs the run as one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import zlib
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from uffdd import protocol
+from uffdd._linux.mem import buffer_address
+from uffdd.errors import ProtocolError
+from uffdd.peer import FrameSocket, PayloadNative
+
+
+@dataclass(eq=False)
+class BulkChunk:
+    """A bulk data frame as a bulk receiver thread hands it to the fault thread.
+
+    A plain run of ``count`` pages from ``page`` of region ``region``: the frame's
+    ``holes`` are zero-filled in ``buf`` already, so the run installs as one (and the
+    fault thread counts the holes' pages it fills as zero pages). ``crc_ok`` is the
+    receiver's checksum verdict (True when integrity is off); ``received`` the payload
+    bytes the lane carried. The fault thread gives ``buf`` back with ``release``.
+    """
+
+    region: int
+    page: int
+    count: int
+    buf: bytearray
+    release: Callable[[bytearray], object]
+    crc_ok: bool
+    received: int
+    holes: list[tuple[int, int]]  # the frame's zero pages ([offset, pages]), now zeroed
+
+
+def receive_chunk(fs: FrameSocket, header: protocol.Message, buf: bytearray,
+                  release: Callable[[bytearray], object], native: PayloadNative | None, *,
+                  region: int, page: int, count: int, page_size: int,
+                  integrity: bool) -> BulkChunk:
+    """Receive a data frame's payload of a checked run into ``buf``; returns the chunk.
+
+    With ``native`` (the C helpers), one recvmsg scatters the pages between the holes
+    and one C call zero-fills the holes and checksums the rest; without, a receive, CRC
+    and memset per piece."""
+    ps = page_size
+    total = count * ps
+    if total > len(buf):
+        raise ProtocolError(f"bulk data frame of {total} bytes exceeds {len(buf)}")
+    holes = _holes(header.get("zr"), count)
+    length = protocol.peer_int(header, "len")
+    if length != total - sum(n for _, n in holes) * ps:
+        raise ProtocolError("data frame length does not match its pages and holes")
+    if native is not None:
+        crc = _receive_scattered(fs, buf, ps, count, holes, integrity, native)
+    else:
+        crc = _receive_pieces(fs, buf, ps, count, holes, integrity)
+    return BulkChunk(region, page, count, buf, release,
+                     not integrity or crc == header.get("crc"), length, holes)
+
+
+def _receive_pieces(fs: FrameSocket, buf: bytearray, ps: int, count: int,
+                    holes: list[tuple[int, int]], integrity: bool) -> int:
+    """The Python way: a receive, a CRC update and a memset per piece of the run."""
+    view = memoryview(buf)
+    crc, pos = 0, 0
+    for off, n in [*holes, (count, 0)]:
+        if off > pos:
+            piece = view[pos * ps : off * ps]
+            fs.recv_into(piece)
+            if integrity:
+                crc = zlib.crc32(piece, crc)
+        if n:
+            ctypes.memset(buffer_address(buf) + off * ps, 0, n * ps)
+        pos = off + n
+    return crc
+
+
+def _receive_scattered(fs: FrameSocket, buf: bytearray, ps: int, count: int,
+                       holes: list[tuple[int, int]], integrity: bool,
+                       native: PayloadNative) -> int:
+    """The C way: one recvmsg into every piece, one call for the holes and the CRC."""
+    view = memoryview(buf)
+    parts, pos = [], 0
+    for off, n in [*holes, (count, 0)]:
+        if off > pos:
+            parts.append(view[pos * ps : off * ps])
+        pos = off + n
+    fs.recv_parts(parts)
+    flat = array("I", [v for hole in holes for v in hole])
+    return int(native.fill_holes(buffer_address(buf), ps, count,
+                                 flat.buffer_info()[0] if holes else 0, len(holes),
+                                 integrity, 0))
+
+
+def _holes(raw: object, count: int) -> list[tuple[int, int]]:
+    """A data frame's holes: sorted, disjoint [offset, pages] runs inside its ``count`` pages."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ProtocolError("data frame: 'zr' must be a list")
+    holes: list[tuple[int, int]] = []
+    end = 0
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
+            raise ProtocolError("data frame: each hole must be [offset, pages]")
+        off, n = item
+        if off < end or n < 1 or off + n > count:
+            raise ProtocolError("data frame: holes must be sorted, disjoint, inside the run")
+        holes.append((off, n))
+        end = off + n
+    return holes
