@@ -11,10 +11,13 @@
  * shape, a failed ioctl (the pages done are marked; Python redoes the rest with its
  * errno policy), a closed demand lane. Python stays the one place for those rules.
  *
- * The outstanding-request table (page -> asked time and waiting threads) lives here
- * for both loops' sake: Python's slow paths call fp_imp_request/installed/forget.
- * Page states are the bytes of the session's PageMap, written in place; the count of
- * pages that became INSTALLED is handed back in io.installed_delta for Python's totals.
+ * With this engine (uffdd/importer/cengine.py) the outstanding-request table (page ->
+ * asked time and waiting threads) lives here, and FaultLoop's slow paths reach it
+ * through the engine interface (fp_imp_request/installed/forget); with the Python
+ * engine it is PyEngine's: one owner in either mode. Page states are the bytes of the
+ * session's PageMap, written in place; the count of pages that became INSTALLED is
+ * handed back in io.installed_delta, which the engine folds into the PageMap's totals
+ * (PageMap.installed_in_place).
  */
 #define _GNU_SOURCE
 #include <errno.h>
