@@ -140,10 +140,8 @@ def snapshot(tmp_path: Path) -> Path:
     return path
 
 
-def prepare(client: Client, session: str, **source: object) -> str:
-    reply = client.request({"op": "prepare", "session": session, "handover_deadline": 30,
-                            **source})
-    path = str(reply["handover"])
+def prepare(client: Client, session: str, **source: Any) -> str:
+    path = client.prepare(session, handover_deadline=30, **source)
     assert path.endswith(f"/{session}.sock") and os.path.exists(path)
     return path
 
@@ -385,11 +383,9 @@ def test_refusals_leave_the_session_ready(fc_daemon: harness.DaemonProcess,
         # The snapshot file sent as an fd: the daemon opens no path for the client.
         fd = os.open(snapshot, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            reply = client.request({"op": "prepare", "session": "fc-refusals", "fd": 0,
-                                    "handover_deadline": 30}, [fd])
+            handover = client.prepare("fc-refusals", fd=fd, handover_deadline=30)
         finally:
             os.close(fd)
-        handover = str(reply["handover"])
         good_uffd, ram, addr = _own_uffd(uffd.FEATURE_EVENT_REMOVE)
         bare_uffd, ram2, addr2 = _own_uffd(0)
         ok_region = {"base_host_virt_addr": addr, "size": 4 * PAGE, "offset": 0,

@@ -174,10 +174,7 @@ class StandIn:
 
 def prepare(client: Client, session: str, **source: Any) -> str:
     """The orchestrator's first call; returns the handover socket path."""
-    reply = client.request({"op": "prepare", "session": session, **source})
-    handover = reply["handover"]
-    assert isinstance(handover, str)
-    return handover
+    return client.prepare(session, **source)
 
 
 def wait_event(client: Client, session: str, kinds: tuple[str, ...],

@@ -174,6 +174,31 @@ class Client:
                 body[key] = value
         return int(self.request(body, fds)["pages"])
 
+    def prepare(self, session: str, *, file: str | None = None, fd: int | None = None,
+                peer: str | None = None, token: bytes | None = None,
+                strategy: str | None = None, policy: str | None = None,
+                deadline: float | None = None, handover_deadline: float | None = None
+                ) -> str:
+        """Prepare an import for Firecracker's UFFD handover; returns the handover socket
+        path to give Firecracker as ``mem_backend.backend_path``.
+
+        The page source is exactly one of ``file`` (a snapshot memory file on this host,
+        opened by the daemon as this client could), ``fd`` (that file, open, sent with
+        the request) or ``peer`` with the export's ``token`` (the source host's uffdd).
+        This connection gets the session's events (README, "Using uffdd with
+        Firecracker").
+        """
+        body: dict[str, Any] = {"op": "prepare", "session": session}
+        fds: list[int] = []
+        if fd is not None:
+            body["fd"] = _index(fds, fd)
+        for key, value in (("file", file), ("peer", peer), ("token", token),
+                           ("strategy", strategy), ("policy", policy), ("deadline", deadline),
+                           ("handover_deadline", handover_deadline)):
+            if value is not None:
+                body[key] = value
+        return str(self.request(body, fds)["handover"])
+
     def status(self, session: str | None = None) -> list[dict[str, Any]]:
         """Status of every session (or one)."""
         body: dict[str, Any] = {"op": "status"}
