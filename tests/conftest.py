@@ -6,6 +6,7 @@ not a skip: CI must not report green for tests it did not run.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import tempfile
@@ -128,6 +129,23 @@ def _check_logs(*daemons: harness.DaemonProcess) -> None:
     for d in daemons:
         text = d.log_text()
         assert "Traceback" not in text, f"daemon {d.name} logged a traceback:\n{text[-6000:]}"
+
+
+def fastpath_lib() -> ctypes.CDLL:
+    """libuffdd_fastpath as the daemon loads it; required (a failure under CI)."""
+    lib = _fastpath.load("auto")
+    require(lib is not None, "libuffdd_fastpath is not built (make -C native)")
+    assert lib is not None
+    return lib
+
+
+@pytest.fixture
+def no_leaked_fds() -> Iterator[None]:
+    """The test closes every fd it opened (a module opts in with usefixtures)."""
+    before = set(os.listdir("/proc/self/fd"))
+    yield
+    leaked = set(os.listdir("/proc/self/fd")) - before
+    assert len(leaked) <= 1, f"leaked fds: {leaked}"  # the directory listing's own fd
 
 
 @pytest.fixture

@@ -37,15 +37,15 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.conftest import require
-from uffdd import _fastpath, protocol
+from tests.conftest import fastpath_lib, require
+from uffdd import protocol
 from uffdd._linux import uffd
 from uffdd._linux.mem import Mapping, buffer_address, madvise
 from uffdd.errors import KernelError
@@ -54,6 +54,8 @@ from uffdd.importer.faultloop import FaultLoop, ImportRegion
 from uffdd.importer.pagestate import PageMap
 from uffdd.metrics import SessionMetrics
 from uffdd.peer import FrameSocket, PayloadNative
+
+pytestmark = pytest.mark.usefixtures("no_leaked_fds")
 
 PS = 4096
 # Region 0: anonymous (4 MiB: a bulk chunk goes in several slices); 1: a memfd, MISSING
@@ -127,11 +129,6 @@ def _vmm(fd: int) -> int:
 # ------------------------------------------------------------------ the daemon side
 
 
-def _lib() -> ctypes.CDLL:
-    lib = _fastpath.load("auto")
-    require(lib is not None, "libuffdd_fastpath is not built (make -C native)")
-    assert lib is not None
-    return lib
 
 
 def _have_uffd() -> bool:
@@ -157,7 +154,7 @@ class Rig:
 
     def __init__(self, fast: bool) -> None:
         self.fast = fast
-        lib = _lib() if fast else None
+        lib = fastpath_lib() if fast else None
         ctl, child = socket.socketpair()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.test_engine_diff", "vmm", str(child.fileno())],
@@ -536,12 +533,6 @@ def test_partial_copy_counts_the_pages_installed(fast: bool) -> None:
     assert got["totals"][1] == 12
 
 
-@pytest.fixture(autouse=True)
-def _no_leaked_fds() -> Iterator[None]:
-    before = set(os.listdir("/proc/self/fd"))
-    yield
-    leaked = set(os.listdir("/proc/self/fd")) - before
-    assert len(leaked) <= 1, f"leaked fds: {leaked}"  # the directory listing's own fd
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["vmm"]:

@@ -17,27 +17,27 @@ requests a new lane gets.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import select
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import require
+from tests.conftest import fastpath_lib
 from tests.test_engine_diff import _delta, _metrics
-from uffdd import _fastpath, protocol
+from uffdd import protocol
 from uffdd.importer import pagestate
 from uffdd.importer.cengine import CEngine
 from uffdd.importer.engine import Counters, ImportEngine, ImportRegion, PyEngine
 from uffdd.importer.pagestate import PageMap
 from uffdd.metrics import SessionMetrics
+
+pytestmark = pytest.mark.usefixtures("no_leaked_fds")
 
 PS = 4096
 SIZES = (16, 8)
@@ -45,11 +45,6 @@ _IDS = itertools.count()
 _T0 = time.monotonic() - 100.0  # every asked/seen time is in the past (waits > 0)
 
 
-def _lib() -> ctypes.CDLL:
-    lib = _fastpath.load("auto")
-    require(lib is not None, "libuffdd_fastpath is not built (make -C native)")
-    assert lib is not None
-    return lib
 
 
 class Side:
@@ -71,9 +66,9 @@ class Side:
                    for i, n in enumerate(SIZES)]
         self.engine: ImportEngine
         if fast:
-            self.engine = CEngine(_lib(), self.ep.fileno(), self.wakefd, regions, self.pages,
-                                  self.rx, True, 0.0, self.counters, self.metrics,
-                                  lambda _p, _a: None)
+            self.engine = CEngine(fastpath_lib(), self.ep.fileno(), self.wakefd, regions,
+                                  self.pages, self.rx, True, 0.0, self.counters,
+                                  self.metrics, lambda _p, _a: None)
         else:
             self.engine = PyEngine(self.pages, self.counters, self.metrics, self.ep,
                                    self.wakefd, set())
@@ -211,9 +206,3 @@ def test_a_table_with_waiters_resolves_them_once() -> None:
             side.close()
 
 
-@pytest.fixture(autouse=True)
-def _no_leaked_fds() -> Iterator[None]:
-    before = set(os.listdir("/proc/self/fd"))
-    yield
-    leaked = set(os.listdir("/proc/self/fd")) - before
-    assert len(leaked) <= 1, f"leaked fds: {leaked}"  # the directory listing's own fd

@@ -20,14 +20,13 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import require
-from uffdd import _fastpath, protocol
+from tests.conftest import fastpath_lib
+from uffdd import protocol
 from uffdd._linux import uffd
 from uffdd.importer import fastimport, pagestate
 from uffdd.importer.faultloop import FaultLoop, ImportRegion
@@ -38,14 +37,10 @@ PS = 4096
 SIZES = (64, 16)  # pages per region
 _IDS = itertools.count()
 
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.usefixtures("no_leaked_fds")]
 
 
-def _lib() -> ctypes.CDLL:
-    lib = _fastpath.load("auto")
-    require(lib is not None, "libuffdd_fastpath is not built (make -C native)")
-    assert lib is not None
-    return lib
 
 
 class Guest:
@@ -85,7 +80,7 @@ def _run(stream: bytes, fast: bool) -> Result:
     (page states, the failure's reason or None, pages present, counters)."""
     guest = Guest()
     loop = _loop(guest)
-    loop.fastpath = _lib() if fast else None
+    loop.fastpath = fastpath_lib() if fast else None
     events: list[tuple[str, object]] = []
     loop.notify = lambda kind, data: events.append((kind, data))
     a, b = socket.socketpair()
@@ -162,15 +157,9 @@ def test_demand_replies_install_and_account() -> None:
 
 
 def test_io_mirror_matches_c() -> None:
-    lib = _lib()
+    lib = fastpath_lib()
     fastimport._declare(lib)
     assert lib.fp_imp_io_size() == ctypes.sizeof(fastimport.ImportIo)
 
 
-@pytest.fixture(autouse=True)
-def _no_leaked_fds() -> Iterator[None]:
-    before = set(os.listdir("/proc/self/fd"))
-    yield
-    leaked = set(os.listdir("/proc/self/fd")) - before
-    assert len(leaked) <= 1, f"leaked fds: {leaked}"  # the directory listing's own fd
 
