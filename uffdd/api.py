@@ -530,14 +530,7 @@ async def handle_import(
     token = protocol.token_bytes(body["token"])
     specs = _region_table(body, daemon, "import")
     _used_fds(specs, fds, "uffd", "fd")
-    defaults = daemon.config.session
-    strategy = _strategy(str(body.get("strategy", defaults.strategy)))
-    policy = str(body.get("policy", defaults.policy))
-    if policy not in ("crash", "poison"):
-        raise RequestError("bad-request", "import: field 'policy' must be 'crash' or 'poison'")
-    deadline = float(body.get("deadline", defaults.deadline))  # type: ignore[arg-type]
-    if not 0 < deadline <= 86400:
-        raise RequestError("bad-request", "import: field 'deadline' must be in (0, 86400] seconds")
+    strategy, policy, deadline = _session_options(body, daemon, "import")
     peer_address = str(body["peer"])
     if not is_host_port(peer_address):
         raise RequestError("bad-request", "import: field 'peer' must be HOST:PORT")
@@ -588,20 +581,8 @@ async def handle_prepare(
     if sources != ["fd"] and fds:
         raise RequestError("bad-fds", "prepare: fds came with the request, but only 'fd' "
                            "takes one")
-    defaults = daemon.config.session
-    strategy = _strategy(str(body.get("strategy", defaults.strategy)))
-    policy = str(body.get("policy", defaults.policy))
-    if policy not in ("crash", "poison"):
-        raise RequestError("bad-request", "prepare: field 'policy' must be 'crash' or 'poison'")
-    deadline = float(body.get("deadline", defaults.deadline))  # type: ignore[arg-type]
-    if not 0 < deadline <= 86400:
-        raise RequestError("bad-request", "prepare: field 'deadline' must be in (0, 86400] "
-                           "seconds")
-    wait = float(body.get("handover_deadline",  # type: ignore[arg-type]
-                          firecracker.DEFAULT_HANDOVER_DEADLINE))
-    if not 0 < wait <= 86400:
-        raise RequestError("bad-request", "prepare: field 'handover_deadline' must be in "
-                           "(0, 86400] seconds")
+    strategy, policy, deadline = _session_options(body, daemon, "prepare")
+    wait = _seconds(body, "handover_deadline", firecracker.DEFAULT_HANDOVER_DEADLINE, "prepare")
     peer_address = ""
     token = b""
     if "peer" in body:
@@ -684,6 +665,26 @@ def _import_regions(claims: list[handover.ImportClaim], checks: list[handover.Im
                 region.alias.close()
         raise
     return regions
+
+
+def _session_options(body: protocol.Message, daemon: Host, op: str
+                     ) -> tuple[strategies.Strategy, str, float]:
+    """An import's (or a prepare's) strategy, policy and deadline, defaults from the
+    config's [session]."""
+    defaults = daemon.config.session
+    strategy = _strategy(str(body.get("strategy", defaults.strategy)))
+    policy = str(body.get("policy", defaults.policy))
+    if policy not in ("crash", "poison"):
+        raise RequestError("bad-request", f"{op}: field 'policy' must be 'crash' or 'poison'")
+    return strategy, policy, _seconds(body, "deadline", defaults.deadline, op)
+
+
+def _seconds(body: protocol.Message, key: str, default: float, op: str) -> float:
+    """A duration field in (0, 86400] seconds."""
+    value = float(body.get(key, default))  # type: ignore[arg-type]
+    if not 0 < value <= 86400:
+        raise RequestError("bad-request", f"{op}: field '{key}' must be in (0, 86400] seconds")
+    return value
 
 
 def _strategy(name: str) -> strategies.Strategy:
