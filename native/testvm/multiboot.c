@@ -548,20 +548,7 @@ static int mb_run_dest(void)
 	kvm_open();
 	mb_vm_create();
 	ram_create(&guest, opt.memory, opt.backing, "testvm-ram");
-	uint64_t features = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_THREAD_ID;
-	if (guest.memfd >= 0)
-		features |= opt.backing == BACK_HUGETLB ? UFFD_FEATURE_MISSING_HUGETLBFS
-							: UFFD_FEATURE_MISSING_SHMEM;
-	if (wants_poison_policy())
-		features |= UFFD_FEATURE_POISON;
-	uint64_t mode = UFFDIO_REGISTER_MODE_MISSING;
-	if (opt.minor) {
-		features |= opt.backing == BACK_HUGETLB ? UFFD_FEATURE_MINOR_HUGETLBFS
-							: UFFD_FEATURE_MINOR_SHMEM;
-		mode |= UFFDIO_REGISTER_MODE_MINOR;
-	}
-	int uffd = uffd_create(features, NULL);
-	uffd_register_range(uffd, guest.host, guest.size, mode);
+	int uffd = dest_uffd(0); /* the multiboot guest takes no vCPU-exit path */
 	set_slot(0, 0, guest.host, guest.size);
 	mb_vcpus_create();
 	struct uffdd_error err;

@@ -406,10 +406,34 @@ static void uffd_register_range(int uffd, void *addr, uint64_t len, uint64_t mod
 		fatal("UFFDIO_REGISTER mode %#" PRIx64 ": %s", (uint64_t)mode, strerror(errno));
 }
 
+/* The destination's uffd over guest RAM, with what the daemon checks: EVENT_REMOVE,
+ * THREAD_ID, shmem/hugetlb MISSING (and MINOR in --minor mode) for a memfd, POISON under
+ * the poison policy (it poisons through this uffd), SIGBUS for the vCPU-exit path. */
+static struct ram guest; /* guest RAM slot at TESTVM_RAM_GPA */
+static int dest_uffd(int sigbus)
+{
+	uint64_t features = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_THREAD_ID;
+	if (guest.memfd >= 0)
+		features |= opt.backing == BACK_HUGETLB ? UFFD_FEATURE_MISSING_HUGETLBFS
+							: UFFD_FEATURE_MISSING_SHMEM;
+	if (sigbus)
+		features |= UFFD_FEATURE_SIGBUS;
+	if (wants_poison_policy())
+		features |= UFFD_FEATURE_POISON;
+	uint64_t mode = UFFDIO_REGISTER_MODE_MISSING;
+	if (opt.minor) {
+		features |= opt.backing == BACK_HUGETLB ? UFFD_FEATURE_MINOR_HUGETLBFS
+							: UFFD_FEATURE_MINOR_SHMEM;
+		mode |= UFFDIO_REGISTER_MODE_MINOR;
+	}
+	int uffd = uffd_create(features, NULL);
+	uffd_register_range(uffd, guest.host, guest.size, mode);
+	return uffd;
+}
+
 /* ---- KVM ---------------------------------------------------------------- */
 static int kvm_fd = -1, vm_fd = -1, run_size;
 static char *fw;           /* firmware slot (gpa 0): code, IDT, stacks */
-static struct ram guest;   /* guest RAM slot at TESTVM_RAM_GPA */
 static int mce_supported;  /* KVM_X86_SETUP_MCE worked */
 static atomic_int mce_delivered; /* #MC taken by the guest handler */
 
@@ -1425,22 +1449,7 @@ static int run_dest(void)
 	kvm_open();
 	vm_create();
 	ram_create(&guest, opt.memory, opt.backing, "testvm-ram");
-	uint64_t features = UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_THREAD_ID;
-	if (guest.memfd >= 0)
-		features |= opt.backing == BACK_HUGETLB ? UFFD_FEATURE_MISSING_HUGETLBFS
-							: UFFD_FEATURE_MISSING_SHMEM;
-	if (opt.exits)
-		features |= UFFD_FEATURE_SIGBUS;
-	if (wants_poison_policy()) /* the daemon checks it: it poisons through this uffd */
-		features |= UFFD_FEATURE_POISON;
-	uint64_t mode = UFFDIO_REGISTER_MODE_MISSING;
-	if (opt.minor) {
-		features |= opt.backing == BACK_HUGETLB ? UFFD_FEATURE_MINOR_HUGETLBFS
-							: UFFD_FEATURE_MINOR_SHMEM;
-		mode |= UFFDIO_REGISTER_MODE_MINOR;
-	}
-	int uffd = uffd_create(features, NULL);
-	uffd_register_range(uffd, guest.host, guest.size, mode);
+	int uffd = dest_uffd(opt.exits);
 	attach_ram(&guest);
 	vcpus_create(n);
 
