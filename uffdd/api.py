@@ -34,7 +34,7 @@ from uffdd.exporter.session import ExportSession
 from uffdd.importer.faultloop import ImportRegion
 from uffdd.importer.session import ImportSession
 from uffdd.registry import Registry
-from uffdd.session import SessionBase, fdstore_name
+from uffdd.session import SessionBase, fdstore_name, first_of
 
 log = logging.getLogger("uffdd.api")
 
@@ -353,7 +353,7 @@ class Connection:
             self.drop(f"{_OUTBOX} frames waited {timeout:g}s for it to read "
                       "(limits.send_timeout)")
             return
-        await _first_set(sent, self._written)  # the writer may end first (a drop)
+        await first_of(sent, self._written)  # the writer may end first (a drop)
 
     async def _reply(self, body: protocol.Message, fds: list[int] | _Refused
                      ) -> protocol.Message:
@@ -405,16 +405,6 @@ def check_outgoing(message: protocol.Message, op: object = None) -> None:
         _REPORTED.add(key)
         log.error("internal error: a frame violates its definition in uffdd/schema.py: %s "
                   "(frame: %.500r)", key, message)
-
-
-async def _first_set(*events: trio.Event) -> None:
-    """Return when any of ``events`` is set."""
-    async with trio.open_nursery() as nursery:
-        for event in events:
-            async def wait(e: trio.Event = event) -> None:
-                await e.wait()
-                nursery.cancel_scope.cancel()
-            nursery.start_soon(wait)
 
 
 class _Truncated(Exception):

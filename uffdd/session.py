@@ -268,3 +268,15 @@ def _quietly(close: Callable[[], None], what: str, session_id: str) -> None:
         close()
     except (OSError, ValueError, BufferError) as e:
         log.error("session=%s could not %s the session: %r", session_id, what, e)
+
+
+async def first_of(*events: trio.Event) -> None:
+    """Return as soon as any of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+            nursery.start_soon(_set_then_cancel, event, nursery.cancel_scope)
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

@@ -39,6 +39,7 @@ from uffdd.session import (
     SessionBase,
     _quietly,
     fdstore_name,
+    first_of,
     latency_percentiles,
     log,
 )
@@ -586,7 +587,7 @@ class _Context:
         # Bounded twice: by the page deadline (with a margin for the fault thread's own
         # check), and by the session's end, after which the fault thread answers nobody.
         with trio.move_on_after(self._s.deadline + 5):
-            await _first_of(done, self._s._done)
+            await first_of(done, self._s._done)
         if result:
             return result[0]
         if self._s.finished:
@@ -705,15 +706,3 @@ class _Dialer:
             owned, self._owned = self._owned, []
         for sock in owned:
             sock.close()
-
-
-async def _first_of(*events: trio.Event) -> None:
-    """Return as soon as any of ``events`` is set."""
-    async with trio.open_nursery() as nursery:
-        for event in events:
-            nursery.start_soon(_set_then_cancel, event, nursery.cancel_scope)
-
-
-async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
