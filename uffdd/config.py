@@ -373,6 +373,12 @@ def split_host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def join_host_port(host: str, port: int) -> str:
+    """(host, port) -> 'host:port', or '[v6]:port' for an IPv6 host (split_host_port's
+    inverse)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def override(config: Config, **changes: dict[str, object]) -> Config:
     """Return a copy with some section fields replaced (command-line flags)."""
     sections: dict[str, object] = {}

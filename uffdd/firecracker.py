@@ -58,7 +58,7 @@ from uffdd import handover, listeners, metrics, peer, protocol, strategies
 from uffdd._linux import scm, uffd
 from uffdd._linux.fds import OwnedFds
 from uffdd._linux.mem import buffer_address
-from uffdd.config import Config, split_host_port
+from uffdd.config import Config, join_host_port, split_host_port
 from uffdd.errors import (
     AlreadyPresent,
     KernelError,
@@ -246,7 +246,7 @@ def own_peer_address(config: Config, port: int) -> str:
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_host_port(host, port)
 
 
 # ---------------------------------------------------------------- the session

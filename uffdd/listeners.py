@@ -19,6 +19,7 @@ import socket
 
 import trio
 
+from uffdd.config import join_host_port
 from uffdd.errors import ConfigError
 
 log = logging.getLogger("uffdd.listeners")
@@ -115,8 +116,7 @@ def tcp_listener(what: str, host: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as e:
         sock.close()
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise bind_error(what, shown, e) from None
+        raise bind_error(what, join_host_port(host, port), e) from None
     sock.setblocking(False)
     return sock
 

@@ -15,6 +15,7 @@ import trio
 
 from uffdd import peer, protocol
 from uffdd._linux.fds import OwnedFds
+from uffdd.config import join_host_port
 from uffdd.errors import PeerUnavailable, ProtocolError, UffddError
 from uffdd.exporter import ExportRegion, ExportState, link_error
 from uffdd.exporter.bulk import serve_bulk
@@ -109,8 +110,7 @@ class ExportSession(SessionBase):
         so it can cancel when it knows no other destination is coming.
         """
         self.refusals += 1
-        peer_address = (f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) and len(addr) >= 2
-                        else str(addr))
+        peer_address = _address_text(addr)
         now = trio.current_time()
         last = self._refusal_event_at
         if self._nursery is None or (last is not None and now - last < _REFUSAL_EVENT_INTERVAL):
@@ -239,12 +239,15 @@ class ExportSession(SessionBase):
 
 def _peer_name(fs: peer.FrameSocket) -> str:
     try:
-        addr = fs.sock.getpeername()
+        return _address_text(fs.sock.getpeername())
     except OSError:
         return "unknown"
+
+
+def _address_text(addr: object) -> str:
+    """A socket address as 'host:port' ('[v6]:port'), anything else as it prints."""
     if isinstance(addr, tuple) and len(addr) >= 2:
-        host = str(addr[0])
-        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+        return join_host_port(str(addr[0]), int(addr[1]))
     return str(addr)
 
 
