@@ -84,12 +84,16 @@ def _run(stream: bytes, fast: bool) -> Result:
     events: list[tuple[str, object]] = []
     loop.notify = lambda kind, data: events.append((kind, data))
     a, b = socket.socketpair()
+    # The whole stream is queued before the loop runs, so both engines find the same
+    # bytes at their first read: how much each has received when a bad frame ends the
+    # lane (bytes_demand) must not depend on how the stream happened to arrive.
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(1 << 20, 2 * len(stream)))
+    b.sendall(stream)
+    b.shutdown(socket.SHUT_WR)
     thread = threading.Thread(target=loop.run)
     loop.attach_demand_threadsafe(a)  # the loop owns it from here
     thread.start()
     try:
-        b.sendall(stream)
-        b.shutdown(socket.SHUT_WR)
         give_up = time.monotonic() + 20
         while not any(kind in ("link-lost", "failed") for kind, _ in events):
             assert time.monotonic() < give_up, "the demand lane never ended"
