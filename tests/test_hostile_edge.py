@@ -591,6 +591,7 @@ def test_only_a_stale_socket_is_removed(tmp_path: Path) -> None:
     ("[limits]\nsend_timeout = -1\n", "limits.send_timeout"),
     ("[api]\nallowed_uids = [0, -1]\n", "api.allowed_uids"),
     ("[peer]\nspin_us = -50\n", "peer.spin_us"),
+    ("[peer]\ndemand_slice_us = 100001\n", "peer.demand_slice_us"),
     ("[peer]\nlisten = \"127.0.0.1:65536\"\n", "peer.listen"),
 ])
 def test_out_of_range_config_is_refused(tmp_path: Path, text: str, key: str) -> None:

@@ -58,6 +58,12 @@ class PeerConfig:
     # against 85 µs at 0, and the 2 GiB migration 3.4 s against 4.6 s. The Python loops
     # never spin (from Python, sharing the GIL with the bulk threads, it measured worse).
     spin_us: int = 50
+    # The scheduler slice (µs) the demand threads ask for (the destination's fault loop,
+    # the source's demand lane; uffdd/_linux/sched.py): short, so a woken demand thread
+    # preempts a busy CPU at once rather than after the running task's slice (~1.4-3 ms),
+    # without a larger CPU share. 0 leaves the kernel's default; the kernel grants
+    # 100 µs at least. README, Performance.
+    demand_slice_us: int = 100
     # The demand path's loops in C (native/fastpath, uffdd/_fastpath.py): "auto" uses
     # them when libuffdd_fastpath is built, "on" refuses to start without it, "off"
     # runs the Python loops. Plaintext lanes only: TLS lanes always use Python.
@@ -270,6 +276,7 @@ RANGES: dict[str, Range] = {
     "peer.chunk_bytes": Range(4096, 64 << 20),
     "peer.reconnect_max_delay": Range(0, 3600, lo_open=True),
     "peer.spin_us": Range(0, 1_000_000),
+    "peer.demand_slice_us": Range(0, 100_000),
     "peer.stall_timeout": Range(0, _DAY),  # 0 turns stall detection off
     "session.deadline": Range(0, _DAY, lo_open=True),  # the API's 'deadline' field agrees
     "session.kill_grace": Range(0, 3600),

@@ -28,7 +28,7 @@ from uffdd.session import (
     _quietly,
     log,
 )
-from uffdd.threads import DATA_PATH_THREADS, run_thread
+from uffdd.threads import run_thread, to_data_path_thread
 
 # ============================================================== export
 
@@ -134,8 +134,9 @@ class ExportSession(SessionBase):
                            library=peer.demand_library(self.config.peer, fs.sock))
         try:
             if lane == "demand":  # the lane's own thread says 'cancel' (no racing sends)
-                await _run_lane_thread(partial(self._demand_then_cancel, body, fs),
-                                       partial(_stop_reading, fs), fs.close)
+                await _run_lane_thread(partial(self._demand_lane, body, fs),
+                                       partial(_stop_reading, fs), fs.close,
+                                       self.config.peer.demand_slice_us * 1000)
             else:
                 await run_thread(body, fs.close)
         except (PeerUnavailable, ProtocolError, OSError, UffddError) as e:
@@ -153,7 +154,7 @@ class ExportSession(SessionBase):
             self.set_state("completed",
                            "completed-with-poisoned-pages" if poisoned else "completed")
 
-    def _demand_then_cancel(self, body: Callable[[], None], fs: peer.FrameSocket) -> None:
+    def _demand_lane(self, body: Callable[[], None], fs: peer.FrameSocket) -> None:
         """Serve the demand lane; if the export was cancelled, tell the destination.
 
         Runs in the lane's thread, after ``_stop_reading`` ended its wait for requests,
@@ -279,11 +280,12 @@ def _stop_reading(fs: peer.FrameSocket) -> None:
 
 
 async def _run_lane_thread(fn: Callable[[], None], stop: Callable[[], None],
-                           close: Callable[[], None]) -> None:
+                           close: Callable[[], None], slice_ns: int) -> None:
     """``run_thread`` with a second, harder stop: ``close`` when the thread has not
     returned ``_LANE_STOP_GRACE`` after ``stop`` (a thread stuck in a send to a peer that
     no longer reads does not notice a SHUT_RD). The wait for it is owned by this task,
     not by a timer thread, so the lane is closed before its session's cleanup runs.
+    ``slice_ns``: the demand lane's scheduler slice (``[peer] demand_slice_us``).
     """
     finished = trio.Event()
 
@@ -302,7 +304,7 @@ async def _run_lane_thread(fn: Callable[[], None], stop: Callable[[], None],
     async with trio.open_nursery() as nursery:
         nursery.start_soon(stop_on_cancel)
         try:
-            await trio.to_thread.run_sync(fn, limiter=DATA_PATH_THREADS)
+            await to_data_path_thread(fn, slice_ns=slice_ns)
         except Exception as e:  # re-raised below, outside the nursery: callers see it bare
             error = e
         finally:

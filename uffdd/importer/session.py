@@ -192,7 +192,8 @@ class ImportSession(SessionBase):
             n.cancel_scope.cancel()
 
     async def _fault_thread(self) -> None:
-        await run_thread(self.loop.run, self.loop.stop_threadsafe)
+        await run_thread(self.loop.run, self.loop.stop_threadsafe,
+                         slice_ns=self.config.peer.demand_slice_us * 1000)
 
     def _release(self) -> None:
         if getattr(self, "_fdstored", False) and not self.handed_over:

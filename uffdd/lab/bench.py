@@ -86,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="runs per measurement; medians are reported (default 1)")
     p.add_argument("--spin-us", type=int, default=None, metavar="US",
                    help="daemons' [peer] spin_us (default: the built-in default)")
+    p.add_argument("--demand-slice-us", type=int, default=None, metavar="US",
+                   help="daemons' [peer] demand_slice_us, the demand threads' scheduler "
+                        "slice (default: the built-in default; 0: the kernel's)")
     p.add_argument("--chunk-bytes", type=int, default=None, metavar="N",
                    help="daemons' [peer] chunk_bytes (default: the built-in default)")
     p.add_argument("--no-warm", dest="warm", action="store_false",
@@ -310,6 +313,8 @@ class Bench:
             config += f"chunk_bytes = {int(self.args.chunk_bytes)}\n"
         if self.args.spin_us is not None:
             config += f"spin_us = {int(self.args.spin_us)}\n"
+        if getattr(self.args, "demand_slice_us", None) is not None:
+            config += f"demand_slice_us = {int(self.args.demand_slice_us)}\n"
         if self.args.bulk_lanes is not None:
             config += f"bulk_lanes = {int(self.args.bulk_lanes)}\n"
         if self.args.integrity is not None:
