@@ -34,7 +34,7 @@ from functools import partial
 
 import trio
 
-from uffdd import __version__, _fastpath, listeners, metrics, peer, protocol, tls
+from uffdd import __version__, _fastpath, firecracker, listeners, metrics, peer, protocol, tls
 from uffdd._linux import scm, sdnotify
 from uffdd._linux.listenfds import listening_socket, take_fds
 from uffdd.api import Connection
@@ -44,11 +44,17 @@ from uffdd.errors import (
     ConfigError,
     PeerUnavailable,
     ProtocolError,
+    RequestError,
     UffddError,
 )
 from uffdd.listeners import Acceptor, bind_error, tcp_listener
 from uffdd.registry import Registry
-from uffdd.session import SessionBase, stored_sessions
+from uffdd.session import (
+    SessionBase,
+    firecracker_fdstore_name,
+    stored_firecracker,
+    stored_sessions,
+)
 
 log = logging.getLogger("uffdd.daemon")
 
@@ -115,6 +121,7 @@ class Daemon:
         self._refusing: set[int] = set()  # pids told "limit" since they last were below it
         self._logged_refusals: set[tuple[int, str]] = set()  # (pid, why) logged once
         self.stored_fds: dict[str, list[int]] = {}  # session id -> fds from the fd store
+        self.stored_firecracker: dict[str, list[int]] = {}  # the same, of Firecracker sessions
         self.peer_slots = PeerSlots(config.limits.max_connections_per_peer)
 
     @property
@@ -179,15 +186,54 @@ class Daemon:
                                                              metrics_sock)
                 services.start_soon(self._signals, sessions.cancel_scope)
                 services.start_soon(self._watchdog)
+                await self._resume_firecracker()
                 log.info("uffdd %s ready api=%s peer_port=%d metrics_port=%d", __version__,
                          self.api_path, self.peer_port, self.metrics_port)
                 task_status.started(self)
                 sdnotify.notify("READY=1", "STATUS=0 sessions")
         sdnotify.notify("STOPPING=1")
 
+    async def _resume_firecracker(self) -> None:
+        """Resume the Firecracker sessions of the previous daemon from the fd store.
+
+        Firecracker hands its uffd over once and never reconnects, so the daemon itself
+        takes them back (uffdd.firecracker.resume). One that does not validate fails
+        alone: logged, its fds closed and dropped from the store, a failed entry in
+        status; the others resume.
+        """
+        stored, self.stored_firecracker = self.stored_firecracker, {}
+        assert self._sessions_nursery is not None
+        for session_id, fds in stored.items():
+            def own_peer() -> str:
+                return firecracker.own_peer_address(self.config, self.peer_port)
+            try:
+                session = await firecracker.resume(self.config, self.sessions, session_id,
+                                                   fds, own_peer)
+            except (firecracker.ResumeError, RequestError, UffddError, OSError, ValueError,
+                    TypeError, KeyError) as e:
+                reason = e.message if isinstance(e, RequestError) else str(e)
+                log.error("session=%s cannot resume the Firecracker session from the fd "
+                          "store: %s (its %d fds closed)", session_id, reason, len(fds))
+                scm.close_all(fds)
+                sdnotify.remove_fds(firecracker_fdstore_name(session_id))
+                self._failed_resume(session_id, reason)
+                continue
+            self.sessions.add(session)
+            await self._sessions_nursery.start(self._run_session, session)
+
+    def _failed_resume(self, session_id: str, reason: str) -> None:
+        """A failed entry among the finished sessions, so that status says why."""
+        session = firecracker.FirecrackerSession(session_id, "import", b"", 0, self.config,
+                                                 use_fdstore=False, resumed=True,
+                                                 handover_state="ended")
+        session.set_state("failed", f"not resumed after the daemon restart: {reason}")
+        session.metrics.close()
+        self.sessions.finish(session)
+
     def _api_socket(self) -> tuple[trio.socket.SocketType, bool]:
         """The listening VMM API socket, and whether we bound it (not socket activation)."""
         handed = take_fds()  # the API socket, and session fds from the fd store
+        self.stored_firecracker = stored_firecracker(handed)
         self.stored_fds = stored_sessions(handed)
         activated = [listening_socket("vmm", fd) for fd in handed.get("vmm", [])]
         if activated:
@@ -363,7 +409,9 @@ class Daemon:
         finally:
             guard.close()
         session = self.sessions.exports.get(session_id)
-        if session is None:
+        # Ended while the handshake ran in its thread (its nursery is closed by now, or
+        # about to be): the lane has no session to serve.
+        if session is None or session.finished or session.handed_over:
             fs.close()
             return
         fs.sock.settimeout(None)

@@ -42,6 +42,7 @@ source; the kernel checks themselves are ``handover``'s.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -55,7 +56,7 @@ from typing import Final
 import trio
 
 from uffdd import handover, listeners, metrics, peer, protocol, strategies
-from uffdd._linux import scm, uffd
+from uffdd._linux import scm, sdnotify, uffd
 from uffdd._linux.fds import OwnedFds
 from uffdd._linux.mem import buffer_address
 from uffdd.config import Config, join_host_port, split_host_port
@@ -70,10 +71,11 @@ from uffdd.errors import (
 )
 from uffdd.exporter import ExportRegion, open_file_region
 from uffdd.exporter.session import ExportSession
+from uffdd.importer import pagestate
 from uffdd.importer.faultloop import ImportRegion
 from uffdd.importer.session import ImportSession
 from uffdd.registry import Registry
-from uffdd.session import latency_percentiles
+from uffdd.session import firecracker_fdstore_name, latency_percentiles
 
 log = logging.getLogger("uffdd.firecracker")
 
@@ -191,8 +193,6 @@ def check_snapshot_fd(fd: int) -> None:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise RequestError("bad-fds", "prepare: the fd is not a regular file")
-    import fcntl  # here: only this check needs it
-
     if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
         raise RequestError("bad-fds", "prepare: the file fd is open write-only")
 
@@ -277,6 +277,8 @@ class FirecrackerSession(ImportSession):
     refusals: int = 0
     resident_faults: int = 0  # faults zero-filled in the resident state
     resident_removes: int = 0  # UFFD_EVENT_REMOVEs read in the resident state
+    #: Taken over from the fd store by a restarted daemon (not handed over to this one).
+    resumed: bool = False
     _fc_sock: trio.socket.SocketType | None = field(default=None, init=False, repr=False)
     _fc_pidfd: int | None = field(default=None, init=False, repr=False)
     _last_refusal: str = field(default="", init=False, repr=False)
@@ -291,17 +293,29 @@ class FirecrackerSession(ImportSession):
         self._vmm_gone_why = ""
         self._link_scope = trio.CancelScope()
         self._progress_scope = trio.CancelScope()
+        self._fdstored = False  # the session's fds are in the service manager's fd store
+        self._specs: list[protocol.RegionSpec] = []  # the validated region table
+        self._resume_resident = False  # resumed in the resident state
 
     # -- lifetime
 
     def hand_over(self) -> None:
-        """A service-manager stop leaves nothing to the next daemon: Firecracker hands
-        its uffd over once, so the session ends here, and the orchestrator hears why."""
-        self.set_state("cancelled", "daemon stopping: a Firecracker session cannot be "
-                       "taken over by the next daemon")
+        """A service-manager stop: a session whose fds are in the fd store (accepted,
+        running or resident) is left to the next daemon, which resumes it (``resume``).
+        One still waiting for Firecracker ends here: nothing of it is in the store."""
+        if self._fdstored and (not self.finished or self.resident):
+            self.handed_over = True
+            log.info("session=%s left to the next daemon (its fds are in the fd store)",
+                     self.session_id)
+            return
+        self.set_state("cancelled", "daemon stopping: a Firecracker session still waiting "
+                       "for its handover cannot be taken over by the next daemon")
 
     def _start(self, nursery: trio.Nursery) -> None:
-        nursery.start_soon(self._handover_phase, nursery)
+        if self.resumed:
+            nursery.start_soon(self._resume_phase, nursery)
+        else:
+            nursery.start_soon(self._handover_phase, nursery)
 
     async def _until_end(self) -> None:
         async with trio.open_nursery() as n:
@@ -328,6 +342,9 @@ class FirecrackerSession(ImportSession):
             await super()._progress_loop()
 
     def _release(self) -> None:
+        if self._fdstored and not self.handed_over:  # ended: the next daemon gets nothing
+            sdnotify.remove_fds(firecracker_fdstore_name(self.session_id))
+        self._fdstored = False  # (ImportSession's own store is not used)
         self.handover_state = "ended" if self._attached else self.handover_state
         self.resident = False
         if self.listener is not None:
@@ -471,6 +488,8 @@ class FirecrackerSession(ImportSession):
                      self.source)
             nursery.start_soon(self._watch_firecracker)
             ImportSession._start(self, nursery)
+            self._specs = specs
+            self._store_in_fdstore()
             await self.emit({"event": "handover", "session": self.session_id, "pid": pid,
                              "regions": len(regions), "pages": self.pages.total})
 
@@ -548,30 +567,35 @@ class FirecrackerSession(ImportSession):
 
     async def _complete_then_reside(self) -> None:
         await self._completed.wait()
-        await self._send_done()
         outcome = "completed-with-poisoned-pages" if self.pages.poisoned else "completed"
-        # Firecracker never unregisters: stop what a completed import no longer needs
-        # (the link, progress events, the fault thread), then serve removes and the
-        # faults after them here, with one wait.
-        self._link_scope.cancel()
-        self._progress_scope.cancel()
-        self.loop.stop_threadsafe()
-        await self._loop_ended.wait()
-        self._report_progress()
-        # What stays is what a resident session needs: the page states, the counters,
-        # the uffd. The fault loop's buffers and latency samples go (status keeps the
-        # percentiles as they were at completion), and so does the crash policy's
-        # pidfd: a completed session kills nobody.
-        self.loop.release_buffers()
-        samples = self.loop.counters.latencies_us
-        self._latency_at_completion = latency_percentiles(list(samples))
-        del samples[:]
-        self._close_pidfd()
+        if self._resume_resident:  # resumed resident: no fault thread ever ran here
+            outcome = self.reason or outcome
+        else:
+            await self._send_done()
+            # Firecracker never unregisters: stop what a completed import no longer needs
+            # (the link, progress events, the fault thread), then serve removes and the
+            # faults after them here, with one wait.
+            self._link_scope.cancel()
+            self._progress_scope.cancel()
+            self.loop.stop_threadsafe()
+            await self._loop_ended.wait()
+            self._report_progress()
+            # What stays is what a resident session needs: the page states, the counters,
+            # the uffd. The fault loop's buffers and latency samples go (status keeps the
+            # percentiles as they were at completion), and so does the crash policy's
+            # pidfd: a completed session kills nobody.
+            self.loop.release_buffers()
+            samples = self.loop.counters.latencies_us
+            self._latency_at_completion = latency_percentiles(list(samples))
+            del samples[:]
+            self._close_pidfd()
         if self._vmm_gone.is_set():  # gone meanwhile: nothing left to serve
             self.set_state("completed", outcome)
             return
         self.resident = True
         self.set_state("completed", outcome)
+        if not self._resume_resident:  # a restarted daemon must resume it resident
+            self._store_description(resident=True)
         # The terminal event goes out now, not at the end: the VM runs on for days.
         await self.emit(self._completed_event())
         try:
@@ -638,6 +662,90 @@ class FirecrackerSession(ImportSession):
             if pending:  # the remove's madvise has not finished yet: yield, then retry
                 await trio.sleep(0.001)
 
+    # -- the fd store: surviving a restart of the daemon
+
+    def _store_in_fdstore(self) -> None:
+        """Under a service manager, everything a restarted daemon needs to resume the
+        session goes to the fd store under the session's name: the uffd, Firecracker's
+        connection (its EOF, and its pid again from SO_PEERCRED), a file source's
+        snapshot file, and the description (a sealed memfd). Firecracker never hands
+        its uffd over again, so this copy is the only way back."""
+        assert self._fc_sock is not None
+        fds = [self.regions[0].uffd, self._fc_sock.fileno()]
+        if self.file_fd >= 0:
+            fds.append(self.file_fd)
+        try:
+            desc = description_memfd(self._description(resident=False))
+        except OSError as e:
+            log.warning("session=%s cannot write its description for the fd store (%s): "
+                        "it will not survive a daemon restart", self.session_id, e)
+            return
+        try:
+            self._fdstored = sdnotify.store_fds(firecracker_fdstore_name(self.session_id),
+                                                [*fds, desc])
+        finally:
+            os.close(desc)  # the service manager has its own copy
+        if self._fdstored:
+            log.info("session=%s its uffd, socket%s and description are in the fd store",
+                     self.session_id, ", snapshot file" if self.file_fd >= 0 else "")
+
+    def _store_description(self, *, resident: bool) -> None:
+        """A newer description, added beside the first (the highest generation wins):
+        the store never holds the session without one, as a remove-then-add would."""
+        if not self._fdstored:
+            return
+        try:
+            desc = description_memfd(self._description(resident=resident))
+        except OSError as e:
+            log.warning("session=%s cannot update its description in the fd store: %s",
+                        self.session_id, e)
+            return
+        try:
+            sdnotify.store_fds(firecracker_fdstore_name(self.session_id), [desc])
+        finally:
+            os.close(desc)
+
+    def _description(self, *, resident: bool) -> protocol.Message:
+        file: protocol.Message | None = None
+        if self.file_fd >= 0:
+            st = os.fstat(self.file_fd)
+            file = {"dev": st.st_dev, "ino": st.st_ino}
+        return {
+            "kind": DESCRIPTION_KIND, "version": DESCRIPTION_VERSION,
+            "generation": 1 if resident else 0, "session": self.session_id,
+            "owner_pid": self.owner_pid, "pid": self.vmm_pid, "source": self.source,
+            # A peer source's token is needed to link to it again: it stays in the
+            # service manager's memory (README, "Resident sessions").
+            "peer": self.peer_address if self.source == "peer" else "",
+            "token": self.token.hex() if self.source == "peer" else "",
+            "file": file, "policy": self.policy, "strategy": self.strategy.name,
+            "deadline": self.deadline, "handover": self.handover, "started": self.started,
+            "regions": [{"gpa": r.gpa, "addr": r.addr, "size": r.size,
+                         "page_size": r.page_size} for r in self._specs],
+            "resident": resident, "outcome": self.reason if resident else None,
+        }
+
+    async def _resume_phase(self, nursery: trio.Nursery) -> None:
+        """Continue where the previous daemon stopped: the link (to the peer, or to the
+        file's new internal export), the fault thread that adopts what is present and
+        wakes every region, or straight into the resident state."""
+        with trio.CancelScope(shield=True):
+            if self.file_fd >= 0 and not self._resume_resident:
+                await self._start_file_export(self._specs, nursery)
+            nursery.start_soon(self._watch_firecracker)
+            if self._resume_resident:
+                self._open_pidfd()
+                self._close_pidfd()  # a completed session kills nobody
+                self._loop_ended.set()
+                self._completed.set()
+            else:
+                ImportSession._start(self, nursery)
+            self._fdstored = True  # the store has had them since the first daemon
+            log.info("session=%s resumed from the fd store: Firecracker pid=%d, %d regions "
+                     "(%d pages), source %s%s", self.session_id, self.vmm_pid,
+                     len(self.regions), self.pages.total, self.source,
+                     ", resident" if self._resume_resident else "")
+
     # -- status
 
     def status(self) -> protocol.Message:
@@ -646,7 +754,8 @@ class FirecrackerSession(ImportSession):
                                    "vmm_pid": self.vmm_pid or None, "resident": self.resident,
                                    "source": self.source, "handover_refusals": self.refusals,
                                    "resident_faults": self.resident_faults,
-                                   "resident_removes": self.resident_removes}
+                                   "resident_removes": self.resident_removes,
+                                   "resumed": self.resumed}
         if self._attached:
             status = {**super().status(), **extra}
             if self._latency_at_completion is not None:
@@ -698,4 +807,208 @@ def prepare(config: Config, registry: Registry, cred: scm.PeerCred, request: Pre
         raise
 
 
-__all__ = ["FirecrackerSession", "Prepared", "parse_mappings", "prepare"]
+# ---------------------------------------------------------------- resume
+
+
+DESCRIPTION_KIND: Final = "uffdd-firecracker-session"
+DESCRIPTION_VERSION: Final = 1
+DESCRIPTION_MAX: Final = 1 << 20
+_SEALS: Final = (fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+
+
+def description_memfd(desc: protocol.Message) -> int:
+    """The description as JSON in a memfd sealed against every change of its bytes."""
+    data = json.dumps(desc, separators=(",", ":")).encode()
+    fd = os.memfd_create("uffdd-firecracker-session", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class ResumeError(Exception):
+    """A stored Firecracker session that does not validate: it is not resumed."""
+
+
+@dataclass
+class _Stored:
+    uffd: int = -1
+    sock: int = -1
+    file: int = -1
+    descriptions: list[protocol.Message] = field(default_factory=list)
+
+
+def _classify(fds: list[int]) -> _Stored:
+    """Tell the stored fds apart by what they are (the store keeps no order)."""
+    found = _Stored()
+    for fd in fds:
+        st = os.fstat(fd)
+        if stat.S_ISSOCK(st.st_mode):
+            kind = "sock"
+        elif uffd.is_userfaultfd(fd):
+            kind = "uffd"
+        elif stat.S_ISREG(st.st_mode) and _seals(fd) & _SEALS == _SEALS:
+            found.descriptions.append(_read_description(fd, st.st_size))
+            continue
+        elif stat.S_ISREG(st.st_mode):
+            kind = "file"
+        else:
+            raise ResumeError(f"an fd of unknown kind (mode {st.st_mode:#o}) was stored")
+        if getattr(found, kind) >= 0:
+            raise ResumeError(f"two fds of kind {kind} were stored")
+        setattr(found, kind, fd)
+    if found.uffd < 0 or found.sock < 0 or not found.descriptions:
+        raise ResumeError("the store lacks the uffd, Firecracker's socket or the "
+                          "description")
+    return found
+
+
+def _seals(fd: int) -> int:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return 0
+
+
+def _read_description(fd: int, size: int) -> protocol.Message:
+    if not 0 < size <= DESCRIPTION_MAX:
+        raise ResumeError(f"the description is {size} bytes")
+    data = os.pread(fd, size, 0)
+    try:
+        desc = json.loads(data)
+    except ValueError as e:
+        raise ResumeError(f"the description is not JSON: {e}") from None
+    if not isinstance(desc, dict) or desc.get("kind") != DESCRIPTION_KIND:
+        raise ResumeError("the description is not a uffdd Firecracker session's")
+    if desc.get("version") != DESCRIPTION_VERSION:
+        raise ResumeError(f"description version {desc.get('version')!r}, this daemon "
+                          f"reads {DESCRIPTION_VERSION}")
+    return desc
+
+
+def _int(desc: protocol.Message, name: str) -> int:
+    value = desc.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ResumeError(f"the description's {name!r} is missing or not an integer")
+    return value
+
+
+def _str(desc: protocol.Message, name: str) -> str:
+    value = desc.get(name)
+    if not isinstance(value, str):
+        raise ResumeError(f"the description's {name!r} is missing or not a string")
+    return value
+
+
+def _number(desc: protocol.Message, name: str) -> float:
+    value = desc.get(name)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ResumeError(f"the description's {name!r} is missing or not a number")
+    return float(value)
+
+
+def _generation(desc: protocol.Message) -> int:
+    value = desc.get("generation")
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
+async def resume(config: Config, registry: Registry, session_id: str, fds: list[int],
+                 own_peer: Callable[[], str]) -> FirecrackerSession:
+    """A session of the previous daemon, from the fds the fd store gave back.
+
+    Everything is checked again against the kernel, as at a handover: the uffd is a
+    uffd with Firecracker's features, the socket's peer is the stored pid, the regions
+    are mapped there and registered MISSING with this very uffd and nothing else, the
+    snapshot file is the same file and large enough. Raises ResumeError (or
+    RequestError) on the first thing that does not hold; the caller closes ``fds``.
+    On success the session owns them.
+    """
+    stored = _classify(fds)
+    desc = max(stored.descriptions, key=_generation)
+    if desc.get("session") != session_id:
+        raise ResumeError(f"the description names session {desc.get('session')!r}")
+    pid = _int(desc, "pid")
+    source = _str(desc, "source")
+    if source not in ("file", "peer") or (source == "file") != (stored.file >= 0):
+        raise ResumeError(f"source {source!r} does not match the stored fds")
+    regions = desc.get("regions")
+    if not isinstance(regions, list):
+        raise ResumeError("the description has no region table")
+    table = [{**r, "uffd": 0, "mode": "missing"} if isinstance(r, dict) else r
+             for r in regions]
+    limits = config.limits
+    specs = protocol.parse_regions(table, role="import", limit=limits.max_regions_per_request)
+    handover.check_pages(specs, limits, registry.running_pages())
+    registry.check_new_session("import", session_id)
+    with socket.socket(fileno=os.dup(stored.sock)) as conn:
+        if conn.type != socket.SOCK_STREAM or conn.family != socket.AF_UNIX:
+            raise ResumeError("the stored socket is not a Unix stream socket")
+        cred = scm.peer_cred(conn)
+    if cred.pid != pid:
+        raise ResumeError(f"the socket's peer is pid {cred.pid}, the description says {pid}")
+    if stored.file >= 0:
+        want = desc.get("file")
+        st = os.fstat(stored.file)
+        if not isinstance(want, dict) or (want.get("dev"), want.get("ino")) != (
+                st.st_dev, st.st_ino):
+            raise ResumeError("the stored snapshot file is not the one of the description")
+        for i, spec in enumerate(export_specs(specs)):
+            handover.check_file_region(stored.file, spec, f"mapping[{i}]")
+    claims = []
+    for i, spec in enumerate(specs):
+        where = f"mapping[{i}]"
+        hugetlb = spec.page_size != 4096
+        handover.check_uffd(stored.uffd, where, handover.needed_features("missing", hugetlb,
+                                                                          "crash"))
+        claims.append(handover.ImportClaim(where, spec, stored.uffd, -1, hugetlb))
+    policy = _str(desc, "policy")
+    checks = await trio.to_thread.run_sync(handover.verify_import, pid, claims, policy, True)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as e:
+        raise ResumeError(f"Firecracker pid {pid} is gone ({e.strerror})") from None
+    try:
+        strategy = strategies.load(_str(desc, "strategy"))
+        resident = desc.get("resident") is True
+        token = bytes.fromhex(str(desc.get("token") or ""))
+        session = FirecrackerSession(
+            session_id, "import", token, _int(desc, "owner_pid"), config,
+            peer_address=str(desc.get("peer") or ""), strategy=strategy, policy=policy,
+            deadline=_number(desc, "deadline"),
+            handover=str(desc.get("handover") or ""), listener=None, file_fd=stored.file,
+            registry=registry, own_peer=own_peer, use_fdstore=False, source=str(source),
+            adopt_present=True, vmm_pid=pid, resumed=True)
+    except BaseException:
+        os.close(pidfd)
+        raise
+    # From here on the session owns every stored fd.
+    session.fds = OwnedFds([stored.uffd])
+    session._fc_sock = trio.socket.from_stdlib_socket(socket.socket(fileno=stored.sock))
+    session._fc_pidfd = pidfd
+    session._specs = specs
+    session._resume_resident = resident
+    session._handed.set()
+    session.handover_state = "accepted"
+    with contextlib.suppress(ResumeError):
+        session.started = _number(desc, "started")
+    session.attach_regions([
+        ImportRegion(i, c.spec.gpa, c.spec.addr, c.spec.size, c.spec.page_size, stored.uffd,
+                     "missing", hugetlb=check.hugetlb)
+        for i, (c, check) in enumerate(zip(claims, checks, strict=True))])
+    if resident:
+        for region in session.regions:
+            session.pages.set_undone(region.index, 0, region.pages, pagestate.INSTALLED)
+        session.reason = str(desc.get("outcome") or "completed")
+    with contextlib.suppress(OSError):  # nobody connects to it again
+        if session.handover and stat.S_ISSOCK(os.lstat(session.handover).st_mode):
+            os.unlink(session.handover)
+    return session
+
+
+__all__ = ["FirecrackerSession", "Prepared", "ResumeError", "parse_mappings", "prepare",
+           "resume"]

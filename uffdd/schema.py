@@ -380,6 +380,8 @@ STATUS_ENTRY: Final = (
        roles=IMPORT),
     _f("resident_removes", "uint", False, "`prepare`: UFFD_EVENT_REMOVEs read while "
        "resident", roles=IMPORT),
+    _f("resumed", "bool", False, "`prepare`: taken back from the fd store by a restarted "
+       "daemon (Firecracker handed its uffd to an earlier one)", roles=IMPORT),
 )
 
 #: Rules the daemon does not meet yet (issue 14 is landing): (message, field) pairs whose

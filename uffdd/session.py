@@ -32,6 +32,8 @@ log = logging.getLogger("uffdd.session")
 EventSink = Callable[[protocol.Message], Awaitable[None]]
 FINAL_STATES: Final = ("completed", "failed", "cancelled")
 FDSTORE_PREFIX: Final = "uffdd-import-"
+#: A Firecracker session's fds (uffdd.firecracker): resumed by the daemon itself.
+FDSTORE_PREFIX_FIRECRACKER: Final = "uffdd-firecracker-"
 #: How long one subscriber may take to accept one event before it is dropped.
 EVENT_SEND_TIMEOUT: Final = 2.0
 #: How long a lane thread that was told to stop may take before its socket is closed
@@ -230,6 +232,21 @@ class SessionBase:
 def fdstore_name(session_id: str) -> str:
     """FDNAME= of an import session's fds in the fd store (FDNAME may not hold ':')."""
     return FDSTORE_PREFIX + session_id.replace(":", "=")  # '=' is never in a session id
+
+
+def firecracker_fdstore_name(session_id: str) -> str:
+    """FDNAME= of a Firecracker session's fds in the fd store."""
+    return FDSTORE_PREFIX_FIRECRACKER + session_id.replace(":", "=")
+
+
+def stored_firecracker(handed: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Take the Firecracker sessions' fds out of what the fd store gave back, by session
+    id: the daemon resumes those sessions itself (Firecracker never reconnects)."""
+    stored: dict[str, list[int]] = {}
+    for name in [n for n in handed if n.startswith(FDSTORE_PREFIX_FIRECRACKER)]:
+        session_id = name[len(FDSTORE_PREFIX_FIRECRACKER) :].replace("=", ":")
+        stored[session_id] = handed.pop(name)
+    return stored
 
 
 def stored_sessions(handed: dict[str, list[int]]) -> dict[str, list[int]]:

@@ -1,0 +1,384 @@
+"""Firecracker sessions survive a daemon restart (issue 17: "restart with the fd store").
+
+Firecracker hands its uffd over once and never reconnects, so the daemon keeps what it
+needs in the service manager's fd store (the uffd, Firecracker's connection, a file
+source's snapshot file, a sealed memfd describing the session) and a restarted daemon
+resumes the session itself. Real processes throughout: the KVM stand-in
+(native/testvm/fc_standin.c), real daemons, and a stand-in for systemd's side of the
+protocol (``$NOTIFY_SOCKET`` datagrams with FDSTORE=1 / FDSTOREREMOVE=1, the fds given
+back at start with ``$LISTEN_FDS`` / ``$LISTEN_FDNAMES`` / ``$LISTEN_PID``).
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_firecracker_standin import (
+    MIB,
+    PAGE,
+    TIMEOUT,
+    StandIn,
+    accepted,
+    assert_byte_exact,
+    handover_dir,  # noqa: F401 (a fixture)
+    testvm,  # noqa: F401 (a fixture)
+    wait_event,
+    write_snapshot,
+)
+from uffdd._linux import uffd
+from uffdd.client import Client
+from uffdd.lab import harness
+from uffdd.lab.faultproxy import FaultProxy
+
+pytestmark = pytest.mark.kvm
+
+PREFIX = "uffdd-firecracker-"
+
+
+class Manager:
+    """systemd's side: the notification socket, and an fd store kept by FDNAME."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.path = path
+        self.store: dict[str, list[int]] = {}
+        self.removed: list[str] = []
+
+    def drain(self) -> None:
+        while True:
+            fds = array.array("i")
+            try:
+                data, anc, _flags, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
+            except TimeoutError:
+                return
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[: len(payload) - len(payload) % 4])
+            fields = dict(f.split("=", 1) for f in data.decode().split("\n") if "=" in f)
+            name = fields.get("FDNAME", "")
+            if fields.get("FDSTORE") == "1":
+                self.store.setdefault(name, []).extend(fds)
+            elif fields.get("FDSTOREREMOVE") == "1":
+                self.removed.append(name)
+                for fd in self.store.pop(name, []):
+                    os.close(fd)
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+    def wait_removed(self, name: str) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while name not in self.removed:
+            assert time.monotonic() < deadline, f"{name} never left the fd store"
+            self.drain()
+
+    def stored(self) -> list[tuple[str, int]]:
+        self.drain()
+        return [(name, fd) for name, fds in self.store.items() for fd in fds]
+
+    def description(self, name: str) -> dict[str, Any]:
+        """The newest description stored under ``name`` (a sealed memfd)."""
+        found = []
+        for fd in self.store[name]:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:uffdd-firecracker"):
+                found.append(json.loads(os.pread(fd, 1 << 20, 0)))
+        return max(found, key=lambda d: int(d["generation"]))
+
+    def close(self) -> None:
+        for fds in self.store.values():
+            for fd in fds:
+                os.close(fd)
+        self.store.clear()
+        self.sock.close()
+
+
+_LAUNCHER = ("import fcntl, os, sys\n"
+             "fds = [int(x) for x in sys.argv[1].split(',') if x]\n"
+             "moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]\n"
+             "for i, fd in enumerate(moved):\n"
+             "    os.dup2(fd, 3 + i)\n"
+             "    os.set_inheritable(3 + i, True)\n"
+             "if fds:\n"
+             "    os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),"
+             " LISTEN_FDNAMES=sys.argv[2])\n"
+             "os.execv(sys.argv[3], sys.argv[3:])\n")
+
+
+def start_under_manager(workdir: Path, manager: Manager, config: str, log_name: str
+                        ) -> harness.DaemonProcess:
+    """``uffdd serve`` as systemd starts it: $NOTIFY_SOCKET, and the fd store's fds from
+    3 on (a tiny launcher moves them there and sets LISTEN_PID to its own pid)."""
+    stored = manager.stored()
+    config_path = workdir / "destination.toml"
+    config_path.write_text(config)
+    api = str(workdir / "destination.sock")
+    log_path = workdir / log_name
+    serve = [sys.executable, "-m", "uffdd", "serve", "--api-socket", api, "--peer-listen",
+             "127.0.0.1:0", "--metrics-listen", "", "--config", str(config_path)]
+    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path)}
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-c", _LAUNCHER, ",".join(str(fd) for _, fd in stored),
+           ":".join(name for name, _ in stored), *serve]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                pass_fds=[fd for _, fd in stored], start_new_session=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        match = re.search(r"ready api=(\S+) peer_port=(\d+)", log_path.read_text())
+        if match:
+            return harness.DaemonProcess("destination", proc, api, int(match.group(2)), 0,
+                                         log_path)
+        assert proc.poll() is None, log_path.read_text()
+        time.sleep(0.05)
+    raise AssertionError("the daemon did not start:\n" + log_path.read_text())
+
+
+def stop(daemon: harness.DaemonProcess, how: str) -> None:
+    """kill -9 (a crash), or SIGTERM under the service manager (a planned restart)."""
+    if how == "kill":
+        daemon.kill()
+    else:
+        assert daemon.stop() == 0, daemon.log_text()[-3000:]
+        assert "left to the next daemon" in daemon.log_text()
+    assert "Traceback" not in daemon.log_text(), daemon.log_text()[-4000:]
+
+
+def wait_status(client: Client, session: str, key: str, value: object) -> dict[str, Any]:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        st = client.status(session)[0]
+        if st.get(key) == value:
+            return dict(st)
+        assert time.monotonic() < deadline, st
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[Manager]:
+    m = Manager(tmp_path / "notify")
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[list[harness.DaemonProcess]]:
+    """Every daemon a test starts; each is stopped at the end, and its log is clean."""
+    started: list[harness.DaemonProcess] = []
+    yield started
+    for d in started:
+        if d.proc.poll() is None:
+            d.kill()
+    for d in started:
+        assert "Traceback" not in d.log_text(), d.log_text()[-4000:]
+
+
+def _config(handover: Path, *, background: bool = True) -> str:
+    return (f'[api]\nhandover_dir = "{handover}"\n'
+            f'[peer]\nlisten = "127.0.0.1:0"\nbackground = {str(background).lower()}\n')
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("how", ["kill", "sigterm"])
+def test_restart_mid_restore_from_a_local_file(
+        testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
+        manager: Manager, daemons: list[harness.DaemonProcess], how: str) -> None:
+    """The daemon stops after the handover, with the guest's vCPUs about to fault (a
+    local file source that streams nothing, so no page has arrived): the next daemon
+    resumes the session from the fd store, the vCPUs' faults are answered, every byte
+    of guest RAM is the snapshot's; then resident, and the store is emptied at the end."""
+    config = _config(handover_dir, background=False)
+    daemons.append(start_under_manager(tmp_path, manager, config, "destination-1.log"))
+    snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 16 * MIB, seed=3)
+    client = Client(daemons[0].api_socket)
+    handover = client.prepare("fc-restart", file=str(snap))
+    vm = StandIn(testvm, handover, snap, 3, ["--hold", "--wait-go", "--vcpus", "2",
+                                             "--regions", "2"], tmp_path)
+    try:
+        accepted(client, "fc-restart", vm)
+        assert client.status("fc-restart")[0]["resumed"] is False
+        name = PREFIX + "fc-restart"
+        manager.drain()
+        assert len(manager.store.get(name, [])) == 4, manager.store  # uffd, socket, file, desc
+        desc = manager.description(name)
+        assert desc["pid"] == vm.proc.pid and desc["source"] == "file"
+        assert desc["resident"] is False and len(desc["regions"]) == 2
+        stop(daemons[0], how)
+        client.close()  # the orchestrator's connection went with the daemon
+        vm.send("go")  # the vCPUs fault now, with no daemon to answer
+        daemons.append(start_under_manager(tmp_path, manager, config, "destination-2.log"))
+        log = daemons[1].log_text()
+        assert "session=fc-restart resumed from the fd store" in log, log
+        result = vm.line()
+        assert result is not None, vm.stderr()
+        assert_byte_exact(result, 16 * MIB // PAGE)
+        with Client(daemons[1].api_socket) as client:
+            st = wait_status(client, "fc-restart", "resident", True)
+            assert st["resumed"] is True and st["state"] == "completed", st
+            assert st["vmm_pid"] == vm.proc.pid and st["handover_state"] == "accepted"
+            vm.send("balloon 1M:2M")  # resident after the restart: zeros
+            late = vm.line()
+            assert late is not None and late["zero_pages"] == late["pages"] == 512, late
+            vm.send("quit")
+            assert vm.wait() == 0, vm.stderr()
+            wait_status(client, "fc-restart", "handover_state", "ended")
+        manager.wait_removed(name)
+    finally:
+        vm.kill()
+    assert daemons[1].stop() == 0
+
+
+def test_restart_mid_restore_from_a_source_host_keeps_what_arrived(
+        testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
+        manager: Manager, daemons: list[harness.DaemonProcess]) -> None:
+    """A remote source, slowed by a proxy so that the restore is under way: kill -9 of
+    the destination daemon at a quarter of the pages; the next one adopts the pages
+    present in Firecracker's memory, links to the source again with the token from the
+    store, and the guest completes byte-exact."""
+    source = harness.start_daemon(tmp_path, "source", config="[peer]\nbackground = true\n")
+    daemons.append(source)
+    snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 16 * MIB, seed=9)
+    token = secrets.token_bytes(16)
+    with FaultProxy(f"127.0.0.1:{source.peer_port}", lifetime=TIMEOUT * 2) as proxy, \
+            Client(source.api_socket) as src:
+        fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            src.request({"op": "export", "session": "fc-remote", "token": token, "regions": [
+                {"gpa": 0, "size": 16 * MIB, "page_size": PAGE, "fd": 0, "offset": 0}]}, [fd])
+        finally:
+            os.close(fd)
+        proxy.throttle(MIB)  # per lane and direction: seconds for the whole restore
+        config = _config(handover_dir)
+        daemons.append(start_under_manager(tmp_path, manager, config, "destination-1.log"))
+        client = Client(daemons[1].api_socket)
+        handover = client.prepare("fc-remote", peer=proxy.address, token=token)
+        vm = StandIn(testvm, handover, snap, 9, ["--hold", "--vcpus", "2"], tmp_path)
+        try:
+            accepted(client, "fc-remote", vm)
+            deadline = time.monotonic() + TIMEOUT
+            while client.status("fc-remote")[0]["pages_installed"] < 1024:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            daemons[1].kill()
+            client.close()
+            proxy.throttle(0)
+            daemons.append(start_under_manager(tmp_path, manager, config,
+                                               "destination-2.log"))
+            result = vm.line()
+            assert result is not None, vm.stderr()
+            assert_byte_exact(result, 16 * MIB // PAGE)
+            log = daemons[2].log_text()
+            assert "session=fc-remote resumed from the fd store" in log, log
+            adopted = re.search(r"adopted (\d+) pages already present", log)
+            assert adopted and 1024 <= int(adopted.group(1)) < 16 * MIB // PAGE, log
+            with Client(daemons[2].api_socket) as client:
+                st = wait_status(client, "fc-remote", "resident", True)
+                assert st["resumed"] is True and st["source"] == "peer", st
+                vm.send("quit")
+                assert vm.wait() == 0, vm.stderr()
+            assert src.wait_finished("fc-remote", TIMEOUT)["event"] == "completed"
+        finally:
+            vm.kill()
+    assert daemons[2].stop() == 0
+
+
+@pytest.mark.parametrize("how", ["kill", "sigterm"])
+def test_resident_session_resumes_resident_and_a_bad_one_fails_alone(
+        testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
+        manager: Manager, daemons: list[harness.DaemonProcess], how: str) -> None:
+    """Two resident sessions; while the daemon is down, the second one's regions are
+    unregistered (through the stored uffd, so its description no longer matches the
+    kernel). The restarted daemon resumes the first resident (a balloon remove still
+    reads zeros, never snapshot bytes) and fails the second alone, with the reason."""
+    config = _config(handover_dir)
+    daemons.append(start_under_manager(tmp_path, manager, config, "destination-1.log"))
+    vms: list[StandIn] = []
+    try:
+        with Client(daemons[0].api_socket) as client:
+            for i, session in enumerate(("fc-good", "fc-bad")):
+                snap = write_snapshot(testvm, tmp_path / f"{session}.mem", 8 * MIB, seed=i)
+                handover = client.prepare(session, file=str(snap))
+                vm = StandIn(testvm, handover, snap, i, ["--hold"], tmp_path)
+                vms.append(vm)
+                accepted(client, session, vm)
+                result = vm.line()
+                assert result is not None, vm.stderr()
+                assert_byte_exact(result, 8 * MIB // PAGE)
+                wait_status(client, session, "resident", True)
+        manager.drain()
+        assert manager.description(PREFIX + "fc-good")["resident"] is True
+        stop(daemons[0], how)
+        manager.drain()
+        bad = manager.description(PREFIX + "fc-bad")
+        bad_uffd = next(fd for fd in manager.store[PREFIX + "fc-bad"]
+                        if uffd.is_userfaultfd(fd))
+        for region in bad["regions"]:
+            uffd.unregister(bad_uffd, region["addr"], region["size"])
+        daemons.append(start_under_manager(tmp_path, manager, config, "destination-2.log"))
+        log = daemons[1].log_text()
+        assert "session=fc-bad cannot resume the Firecracker session" in log, log
+        assert "not registered with a userfaultfd" in log, log
+        manager.wait_removed(PREFIX + "fc-bad")
+        assert PREFIX + "fc-good" in manager.store
+        with Client(daemons[1].api_socket) as client:
+            st = client.status("fc-bad")[0]
+            assert st["state"] == "failed" and "not resumed" in st["reason"], st
+            st = client.status("fc-good")[0]
+            assert st["resident"] is True and st["resumed"] is True, st
+            assert st["pages_installed"] == st["pages_total"] == 8 * MIB // PAGE, st
+            vms[0].send("balloon 0:4M")
+            late = vms[0].line()
+            assert late is not None and late["zero_pages"] == late["pages"] == 1024, late
+            assert late["mismatches"] == late["unreadable"] == 0
+            st = client.status("fc-good")[0]
+            assert st["resident_faults"] >= 1 and st["resident_removes"] >= 1, st
+            vms[0].send("quit")
+            assert vms[0].wait() == 0, vms[0].stderr()
+            wait_status(client, "fc-good", "handover_state", "ended")
+        manager.wait_removed(PREFIX + "fc-good")
+    finally:
+        for vm in vms:
+            vm.kill()
+    assert daemons[1].stop() == 0
+
+
+def test_sigterm_without_a_service_manager_still_cancels(
+        testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
+        daemons: list[harness.DaemonProcess]) -> None:
+    """No $NOTIFY_SOCKET: nothing is stored, and a stop ends the session (cancelled)."""
+    d = harness.start_daemon(tmp_path, "plain", config=_config(handover_dir, background=False))
+    daemons.append(d)
+    snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 8 * MIB, seed=4)
+    client = Client(d.api_socket)
+    vm = StandIn(testvm, client.prepare("fc-plain", file=str(snap)), snap, 4,
+                 ["--hold", "--wait-go"], tmp_path)
+    try:
+        accepted(client, "fc-plain", vm)
+        d.proc.send_signal(signal.SIGTERM)
+        ev = wait_event(client, "fc-plain", ("cancelled", "failed", "completed"))
+        assert ev["event"] == "cancelled", ev
+        assert d.proc.wait(TIMEOUT) == 0
+        assert "left to the next daemon" not in d.log_text()
+    finally:
+        vm.kill()
+        client.close()
