@@ -12,6 +12,7 @@ back at start with ``$LISTEN_FDS`` / ``$LISTEN_FDNAMES`` / ``$LISTEN_PID``).
 from __future__ import annotations
 
 import array
+import fcntl
 import json
 import os
 import re
@@ -39,12 +40,11 @@ from tests.test_firecracker_standin import (
     wait_event,
     write_snapshot,
 )
+from uffdd import firecracker
 from uffdd._linux import uffd
 from uffdd.client import Client
 from uffdd.lab import harness
 from uffdd.lab.faultproxy import FaultProxy
-
-pytestmark = pytest.mark.kvm
 
 PREFIX = "uffdd-firecracker-"
 
@@ -196,9 +196,68 @@ def _config(handover: Path, *, background: bool = True) -> str:
             f'[peer]\nlisten = "127.0.0.1:0"\nbackground = {str(background).lower()}\n')
 
 
-# --------------------------------------------------------------------------- tests
+# --------------------------------------------------------------------------- the stored fds
 
 
+def _memfd(data: bytes, seals: int) -> int:
+    fd = os.memfd_create("uffdd-firecracker-session", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.write(fd, data)
+    if seals:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    return fd
+
+
+def test_description_is_sealed_and_forgeries_are_refused() -> None:
+    """The description memfd cannot be changed once written; stored fds that are not
+    what a session stores (no description, an unsealed one, two uffds, another kind
+    of file) are refused before anything else is looked at."""
+    desc = firecracker.description_memfd({"kind": firecracker.DESCRIPTION_KIND,
+                                          "version": 1, "generation": 0})
+    ufd = uffd.new_uffd(uffd.FEATURE_EVENT_REMOVE)
+    ufd2 = uffd.new_uffd(uffd.FEATURE_EVENT_REMOVE)
+    a, b = socket.socketpair()
+    unsealed = _memfd(json.dumps({"kind": firecracker.DESCRIPTION_KIND}).encode(), 0)
+    wrong = _memfd(b'{"kind": "something else", "version": 1}',
+                   fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    pipe_r, pipe_w = os.pipe()
+    try:
+        with pytest.raises(OSError):
+            os.pwrite(desc, b"x", 0)
+        with pytest.raises(OSError):
+            os.ftruncate(desc, 0)
+        stored = firecracker._classify([desc, ufd, a.fileno()])
+        assert stored.uffd == ufd and stored.sock == a.fileno() and stored.file == -1
+        assert stored.descriptions[0]["generation"] == 0
+        for fds, words in (([ufd, a.fileno()], "lacks"),
+                           ([desc, ufd, ufd2, a.fileno()], "two fds of kind uffd"),
+                           ([desc, ufd, a.fileno(), pipe_r], "unknown kind"),
+                           ([wrong, ufd, a.fileno()], "not a uffdd Firecracker")):
+            with pytest.raises(firecracker.ResumeError, match=words):
+                firecracker._classify(fds)
+        # An unsealed memfd is no description: it counts as a (second) snapshot file.
+        stored = firecracker._classify([desc, unsealed, ufd, a.fileno()])
+        assert stored.file == unsealed
+    finally:
+        for fd in (desc, ufd, ufd2, unsealed, wrong, pipe_r, pipe_w):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_the_orchestrator_is_the_same_process_or_nobody() -> None:
+    """Its pid with its start time: a process that reused the pid is not the owner."""
+    me = os.getpid()
+    start = firecracker.process_start(me)
+    assert start is not None
+    assert firecracker._owner({"owner_pid": me, "owner_start": start}) == me
+    assert firecracker._owner({"owner_pid": me, "owner_start": start + 1}) == 0
+    assert firecracker._owner({"owner_pid": me, "owner_start": None}) == 0
+
+
+# --------------------------------------------------------------------------- restarts
+
+
+@pytest.mark.kvm
 @pytest.mark.parametrize("how", ["kill", "sigterm"])
 def test_restart_mid_restore_from_a_local_file(
         testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
@@ -248,6 +307,7 @@ def test_restart_mid_restore_from_a_local_file(
     assert daemons[1].stop() == 0
 
 
+@pytest.mark.kvm
 def test_restart_mid_restore_from_a_source_host_keeps_what_arrived(
         testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
         manager: Manager, daemons: list[harness.DaemonProcess]) -> None:
@@ -302,6 +362,7 @@ def test_restart_mid_restore_from_a_source_host_keeps_what_arrived(
     assert daemons[2].stop() == 0
 
 
+@pytest.mark.kvm
 @pytest.mark.parametrize("how", ["kill", "sigterm"])
 def test_resident_session_resumes_resident_and_a_bad_one_fails_alone(
         testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
@@ -362,6 +423,7 @@ def test_resident_session_resumes_resident_and_a_bad_one_fails_alone(
     assert daemons[1].stop() == 0
 
 
+@pytest.mark.kvm
 def test_sigterm_without_a_service_manager_still_cancels(
         testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
         daemons: list[harness.DaemonProcess]) -> None:

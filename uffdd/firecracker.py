@@ -713,7 +713,8 @@ class FirecrackerSession(ImportSession):
         return {
             "kind": DESCRIPTION_KIND, "version": DESCRIPTION_VERSION,
             "generation": 1 if resident else 0, "session": self.session_id,
-            "owner_pid": self.owner_pid, "pid": self.vmm_pid, "source": self.source,
+            "owner_pid": self.owner_pid, "owner_start": process_start(self.owner_pid),
+            "pid": self.vmm_pid, "source": self.source,
             # A peer source's token is needed to link to it again: it stays in the
             # service manager's memory (README, "Resident sessions").
             "peer": self.peer_address if self.source == "peer" else "",
@@ -733,9 +734,7 @@ class FirecrackerSession(ImportSession):
             if self.file_fd >= 0 and not self._resume_resident:
                 await self._start_file_export(self._specs, nursery)
             nursery.start_soon(self._watch_firecracker)
-            if self._resume_resident:
-                self._open_pidfd()
-                self._close_pidfd()  # a completed session kills nobody
+            if self._resume_resident:  # a completed session kills nobody: no pidfd
                 self._loop_ended.set()
                 self._completed.set()
             else:
@@ -829,6 +828,28 @@ def description_memfd(desc: protocol.Message) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot, /proc/<pid>/stat field 22), or None:
+    with the pid it names one process, not whichever reuses the number later."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        return int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner(desc: protocol.Message) -> int:
+    """The preparing orchestrator, if that very process still runs: it may observe and
+    cancel the session again. Otherwise 0: only the admin may (a process that reused
+    the pid is not the orchestrator)."""
+    pid = _int(desc, "owner_pid")
+    start = desc.get("owner_start")
+    if start is None or process_start(pid) != start:
+        return 0
+    return pid
 
 
 class ResumeError(Exception):
@@ -977,7 +998,7 @@ async def resume(config: Config, registry: Registry, session_id: str, fds: list[
         resident = desc.get("resident") is True
         token = bytes.fromhex(str(desc.get("token") or ""))
         session = FirecrackerSession(
-            session_id, "import", token, _int(desc, "owner_pid"), config,
+            session_id, "import", token, _owner(desc), config,
             peer_address=str(desc.get("peer") or ""), strategy=strategy, policy=policy,
             deadline=_number(desc, "deadline"),
             handover=str(desc.get("handover") or ""), listener=None, file_fd=stored.file,
