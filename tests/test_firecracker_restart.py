@@ -40,7 +40,7 @@ from tests.test_firecracker_standin import (
     wait_event,
     write_snapshot,
 )
-from uffdd import firecracker
+from uffdd import fcstore
 from uffdd._linux import uffd
 from uffdd.client import Client
 from uffdd.lab import harness
@@ -211,12 +211,12 @@ def test_description_is_sealed_and_forgeries_are_refused() -> None:
     """The description memfd cannot be changed once written; stored fds that are not
     what a session stores (no description, an unsealed one, two uffds, another kind
     of file) are refused before anything else is looked at."""
-    desc = firecracker.description_memfd({"kind": firecracker.DESCRIPTION_KIND,
+    desc = fcstore.description_memfd({"kind": fcstore.DESCRIPTION_KIND,
                                           "version": 1, "generation": 0})
     ufd = uffd.new_uffd(uffd.FEATURE_EVENT_REMOVE)
     ufd2 = uffd.new_uffd(uffd.FEATURE_EVENT_REMOVE)
     a, b = socket.socketpair()
-    unsealed = _memfd(json.dumps({"kind": firecracker.DESCRIPTION_KIND}).encode(), 0)
+    unsealed = _memfd(json.dumps({"kind": fcstore.DESCRIPTION_KIND}).encode(), 0)
     wrong = _memfd(b'{"kind": "something else", "version": 1}',
                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     pipe_r, pipe_w = os.pipe()
@@ -225,17 +225,17 @@ def test_description_is_sealed_and_forgeries_are_refused() -> None:
             os.pwrite(desc, b"x", 0)
         with pytest.raises(OSError):
             os.ftruncate(desc, 0)
-        stored = firecracker._classify([desc, ufd, a.fileno()])
+        stored = fcstore.classify([desc, ufd, a.fileno()])
         assert stored.uffd == ufd and stored.sock == a.fileno() and stored.file == -1
         assert stored.descriptions[0]["generation"] == 0
         for fds, words in (([ufd, a.fileno()], "lacks"),
                            ([desc, ufd, ufd2, a.fileno()], "two fds of kind uffd"),
                            ([desc, ufd, a.fileno(), pipe_r], "unknown kind"),
                            ([wrong, ufd, a.fileno()], "not a uffdd Firecracker")):
-            with pytest.raises(firecracker.ResumeError, match=words):
-                firecracker._classify(fds)
+            with pytest.raises(fcstore.ResumeError, match=words):
+                fcstore.classify(fds)
         # An unsealed memfd is no description: it counts as a (second) snapshot file.
-        stored = firecracker._classify([desc, unsealed, ufd, a.fileno()])
+        stored = fcstore.classify([desc, unsealed, ufd, a.fileno()])
         assert stored.file == unsealed
     finally:
         for fd in (desc, ufd, ufd2, unsealed, wrong, pipe_r, pipe_w):
@@ -247,11 +247,11 @@ def test_description_is_sealed_and_forgeries_are_refused() -> None:
 def test_the_orchestrator_is_the_same_process_or_nobody() -> None:
     """Its pid with its start time: a process that reused the pid is not the owner."""
     me = os.getpid()
-    start = firecracker.process_start(me)
+    start = fcstore.process_start(me)
     assert start is not None
-    assert firecracker._owner({"owner_pid": me, "owner_start": start}) == me
-    assert firecracker._owner({"owner_pid": me, "owner_start": start + 1}) == 0
-    assert firecracker._owner({"owner_pid": me, "owner_start": None}) == 0
+    assert fcstore.owner({"owner_pid": me, "owner_start": start}) == me
+    assert fcstore.owner({"owner_pid": me, "owner_start": start + 1}) == 0
+    assert fcstore.owner({"owner_pid": me, "owner_start": None}) == 0
 
 
 # --------------------------------------------------------------------------- restarts

@@ -9,9 +9,11 @@ waits for them to end within a grace deadline, and exits within a bounded time; 
 on SIGTERM under a service manager ($NOTIFY_SOCKET), where a stop is a restart or an
 upgrade far more often than the end of the host's migrations: the sessions are left
 to the next daemon (the VMMs re-attach through the socket unit, an import's fds are in
-the fd store), as after a crash, instead of failing every migration in flight.
+the fd store), as after a crash, instead of failing every migration in flight. Firecracker
+never re-attaches: the next daemon resumes its sessions itself, from the fd store, before
+it reports READY=1 (``_resume_firecracker``).
 
-Size: about 600 lines: the nursery tree and its signals are a third of it; the rest is
+Size: about 650 lines: the nursery tree and its signals are a third of it; the rest is
 binding the sockets (the API socket's claim, systemd's fds), the peer handshake's
 admission (``PeerSlots``, ``_PeerLane``) and preflight. The peer admission is the next
 piece to move out, next to ``listeners``.

@@ -33,10 +33,17 @@ become readable and answers what a balloon's inflate and deflate cause (a remove
 faults in the removed range) with zero pages, never source data. It ends when
 Firecracker's socket reaches EOF or Firecracker exits (its pidfd).
 
-Size: about 700 lines, on purpose for now: Firecracker's side is one contract (the
-``prepare`` request, the handover socket, the payload's rules, the resident state), and
-every rule of it is in this one file so that it can be read against Firecracker's
-source; the kernel checks themselves are ``handover``'s.
+Firecracker hands its uffd over once and never reconnects, so a daemon restart cannot
+wait for it to come back: under a service manager the session's fds and a sealed
+description go to the fd store at the handover (uffdd.fcstore), and ``resume`` is how
+the next daemon takes each session back itself, after the same kernel checks as a
+handover, adopting the pages present in Firecracker's memory.
+
+Size: about 900 lines, on purpose for now: Firecracker's side is one contract (the
+``prepare`` request, the handover socket, the payload's rules, the resident state, the
+resume), and every rule of it is in this one file so that it can be read against
+Firecracker's source; the kernel checks themselves are ``handover``'s, the stored form
+``fcstore``'s.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from typing import Final
 
 import trio
 
-from uffdd import handover, listeners, metrics, peer, protocol, strategies
+from uffdd import fcstore, handover, listeners, metrics, peer, protocol, strategies
 from uffdd._linux import scm, sdnotify, uffd
 from uffdd._linux.fds import OwnedFds
 from uffdd._linux.mem import buffer_address
@@ -71,6 +78,7 @@ from uffdd.errors import (
 )
 from uffdd.exporter import ExportRegion, open_file_region
 from uffdd.exporter.session import ExportSession
+from uffdd.fcstore import ResumeError
 from uffdd.importer import pagestate
 from uffdd.importer.faultloop import ImportRegion
 from uffdd.importer.session import ImportSession
@@ -675,7 +683,7 @@ class FirecrackerSession(ImportSession):
         if self.file_fd >= 0:
             fds.append(self.file_fd)
         try:
-            desc = description_memfd(self._description(resident=False))
+            desc = fcstore.description_memfd(self._description(resident=False))
         except OSError as e:
             log.warning("session=%s cannot write its description for the fd store (%s): "
                         "it will not survive a daemon restart", self.session_id, e)
@@ -695,7 +703,7 @@ class FirecrackerSession(ImportSession):
         if not self._fdstored:
             return
         try:
-            desc = description_memfd(self._description(resident=resident))
+            desc = fcstore.description_memfd(self._description(resident=resident))
         except OSError as e:
             log.warning("session=%s cannot update its description in the fd store: %s",
                         self.session_id, e)
@@ -711,9 +719,9 @@ class FirecrackerSession(ImportSession):
             st = os.fstat(self.file_fd)
             file = {"dev": st.st_dev, "ino": st.st_ino}
         return {
-            "kind": DESCRIPTION_KIND, "version": DESCRIPTION_VERSION,
+            "kind": fcstore.DESCRIPTION_KIND, "version": fcstore.DESCRIPTION_VERSION,
             "generation": 1 if resident else 0, "session": self.session_id,
-            "owner_pid": self.owner_pid, "owner_start": process_start(self.owner_pid),
+            "owner_pid": self.owner_pid, "owner_start": fcstore.process_start(self.owner_pid),
             "pid": self.vmm_pid, "source": self.source,
             # A peer source's token is needed to link to it again: it stays in the
             # service manager's memory (README, "Resident sessions").
@@ -809,135 +817,6 @@ def prepare(config: Config, registry: Registry, cred: scm.PeerCred, request: Pre
 # ---------------------------------------------------------------- resume
 
 
-DESCRIPTION_KIND: Final = "uffdd-firecracker-session"
-DESCRIPTION_VERSION: Final = 1
-DESCRIPTION_MAX: Final = 1 << 20
-_SEALS: Final = (fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-
-
-def description_memfd(desc: protocol.Message) -> int:
-    """The description as JSON in a memfd sealed against every change of its bytes."""
-    data = json.dumps(desc, separators=(",", ":")).encode()
-    fd = os.memfd_create("uffdd-firecracker-session", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS | fcntl.F_SEAL_SEAL)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def process_start(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks after boot, /proc/<pid>/stat field 22), or None:
-    with the pid it names one process, not whichever reuses the number later."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rpartition(b")")[2].split()
-        return int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _owner(desc: protocol.Message) -> int:
-    """The preparing orchestrator, if that very process still runs: it may observe and
-    cancel the session again. Otherwise 0: only the admin may (a process that reused
-    the pid is not the orchestrator)."""
-    pid = _int(desc, "owner_pid")
-    start = desc.get("owner_start")
-    if start is None or process_start(pid) != start:
-        return 0
-    return pid
-
-
-class ResumeError(Exception):
-    """A stored Firecracker session that does not validate: it is not resumed."""
-
-
-@dataclass
-class _Stored:
-    uffd: int = -1
-    sock: int = -1
-    file: int = -1
-    descriptions: list[protocol.Message] = field(default_factory=list)
-
-
-def _classify(fds: list[int]) -> _Stored:
-    """Tell the stored fds apart by what they are (the store keeps no order)."""
-    found = _Stored()
-    for fd in fds:
-        st = os.fstat(fd)
-        if stat.S_ISSOCK(st.st_mode):
-            kind = "sock"
-        elif uffd.is_userfaultfd(fd):
-            kind = "uffd"
-        elif stat.S_ISREG(st.st_mode) and _seals(fd) & _SEALS == _SEALS:
-            found.descriptions.append(_read_description(fd, st.st_size))
-            continue
-        elif stat.S_ISREG(st.st_mode):
-            kind = "file"
-        else:
-            raise ResumeError(f"an fd of unknown kind (mode {st.st_mode:#o}) was stored")
-        if getattr(found, kind) >= 0:
-            raise ResumeError(f"two fds of kind {kind} were stored")
-        setattr(found, kind, fd)
-    if found.uffd < 0 or found.sock < 0 or not found.descriptions:
-        raise ResumeError("the store lacks the uffd, Firecracker's socket or the "
-                          "description")
-    return found
-
-
-def _seals(fd: int) -> int:
-    try:
-        return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-    except OSError:
-        return 0
-
-
-def _read_description(fd: int, size: int) -> protocol.Message:
-    if not 0 < size <= DESCRIPTION_MAX:
-        raise ResumeError(f"the description is {size} bytes")
-    data = os.pread(fd, size, 0)
-    try:
-        desc = json.loads(data)
-    except ValueError as e:
-        raise ResumeError(f"the description is not JSON: {e}") from None
-    if not isinstance(desc, dict) or desc.get("kind") != DESCRIPTION_KIND:
-        raise ResumeError("the description is not a uffdd Firecracker session's")
-    if desc.get("version") != DESCRIPTION_VERSION:
-        raise ResumeError(f"description version {desc.get('version')!r}, this daemon "
-                          f"reads {DESCRIPTION_VERSION}")
-    return desc
-
-
-def _int(desc: protocol.Message, name: str) -> int:
-    value = desc.get(name)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ResumeError(f"the description's {name!r} is missing or not an integer")
-    return value
-
-
-def _str(desc: protocol.Message, name: str) -> str:
-    value = desc.get(name)
-    if not isinstance(value, str):
-        raise ResumeError(f"the description's {name!r} is missing or not a string")
-    return value
-
-
-def _number(desc: protocol.Message, name: str) -> float:
-    value = desc.get(name)
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise ResumeError(f"the description's {name!r} is missing or not a number")
-    return float(value)
-
-
-def _generation(desc: protocol.Message) -> int:
-    value = desc.get("generation")
-    return value if isinstance(value, int) and not isinstance(value, bool) else -1
-
-
 async def resume(config: Config, registry: Registry, session_id: str, fds: list[int],
                  own_peer: Callable[[], str]) -> FirecrackerSession:
     """A session of the previous daemon, from the fds the fd store gave back.
@@ -949,12 +828,12 @@ async def resume(config: Config, registry: Registry, session_id: str, fds: list[
     RequestError) on the first thing that does not hold; the caller closes ``fds``.
     On success the session owns them.
     """
-    stored = _classify(fds)
-    desc = max(stored.descriptions, key=_generation)
+    stored = fcstore.classify(fds)
+    desc = max(stored.descriptions, key=fcstore.generation)
     if desc.get("session") != session_id:
         raise ResumeError(f"the description names session {desc.get('session')!r}")
-    pid = _int(desc, "pid")
-    source = _str(desc, "source")
+    pid = fcstore.int_field(desc, "pid")
+    source = fcstore.str_field(desc, "source")
     if source not in ("file", "peer") or (source == "file") != (stored.file >= 0):
         raise ResumeError(f"source {source!r} does not match the stored fds")
     regions = desc.get("regions")
@@ -987,20 +866,20 @@ async def resume(config: Config, registry: Registry, session_id: str, fds: list[
         handover.check_uffd(stored.uffd, where, handover.needed_features("missing", hugetlb,
                                                                           "crash"))
         claims.append(handover.ImportClaim(where, spec, stored.uffd, -1, hugetlb))
-    policy = _str(desc, "policy")
+    policy = fcstore.str_field(desc, "policy")
     checks = await trio.to_thread.run_sync(handover.verify_import, pid, claims, policy, True)
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as e:
         raise ResumeError(f"Firecracker pid {pid} is gone ({e.strerror})") from None
     try:
-        strategy = strategies.load(_str(desc, "strategy"))
+        strategy = strategies.load(fcstore.str_field(desc, "strategy"))
         resident = desc.get("resident") is True
         token = bytes.fromhex(str(desc.get("token") or ""))
         session = FirecrackerSession(
-            session_id, "import", token, _owner(desc), config,
+            session_id, "import", token, fcstore.owner(desc), config,
             peer_address=str(desc.get("peer") or ""), strategy=strategy, policy=policy,
-            deadline=_number(desc, "deadline"),
+            deadline=fcstore.number_field(desc, "deadline"),
             handover=str(desc.get("handover") or ""), listener=None, file_fd=stored.file,
             registry=registry, own_peer=own_peer, use_fdstore=False, source=str(source),
             adopt_present=True, vmm_pid=pid, resumed=True)
@@ -1016,7 +895,7 @@ async def resume(config: Config, registry: Registry, session_id: str, fds: list[
     session._handed.set()
     session.handover_state = "accepted"
     with contextlib.suppress(ResumeError):
-        session.started = _number(desc, "started")
+        session.started = fcstore.number_field(desc, "started")
     session.attach_regions([
         ImportRegion(i, c.spec.gpa, c.spec.addr, c.spec.size, c.spec.page_size, stored.uffd,
                      "missing", hugetlb=check.hugetlb)
