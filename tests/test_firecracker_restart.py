@@ -258,23 +258,29 @@ def test_the_orchestrator_is_the_same_process_or_nobody() -> None:
 
 
 @pytest.mark.kvm
-@pytest.mark.parametrize("how", ["kill", "sigterm"])
+@pytest.mark.parametrize(("how", "hugetlb"), [
+    ("kill", False), ("sigterm", False), pytest.param("kill", True, marks=pytest.mark.hugetlb)])
 def test_restart_mid_restore_from_a_local_file(
         testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
-        manager: Manager, daemons: list[harness.DaemonProcess], how: str) -> None:
+        manager: Manager, daemons: list[harness.DaemonProcess], how: str, hugetlb: bool,
+        request: pytest.FixtureRequest) -> None:
     """The daemon stops after the handover, with the guest's vCPUs about to fault (a
     local file source that streams nothing, so no page has arrived): the next daemon
     resumes the session from the fd store, the vCPUs' faults are answered, every byte
     of guest RAM is the snapshot's; then resident, and the store is emptied at the end."""
+    if hugetlb:
+        request.getfixturevalue("hugepages")
+    page = 2 * MIB if hugetlb else PAGE
     config = _config(handover_dir, background=False)
     daemons.append(start_under_manager(tmp_path, manager, config, "destination-1.log"))
     snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 16 * MIB, seed=3)
     client = Client(daemons[0].api_socket)
     handover = client.prepare("fc-restart", file=str(snap))
     vm = StandIn(testvm, handover, snap, 3, ["--hold", "--wait-go", "--vcpus", "2",
-                                             "--regions", "2"], tmp_path)
+                                             "--regions", "2", *(["--hugetlb"] * hugetlb)],
+                 tmp_path)
     try:
-        accepted(client, "fc-restart", vm)
+        accepted(client, "fc-restart", vm, page)
         assert client.status("fc-restart")[0]["resumed"] is False
         name = PREFIX + "fc-restart"
         manager.drain()
@@ -295,9 +301,10 @@ def test_restart_mid_restore_from_a_local_file(
             st = wait_status(client, "fc-restart", "resident", True)
             assert st["resumed"] is True and st["state"] == "completed", st
             assert st["vmm_pid"] == vm.proc.pid and st["handover_state"] == "accepted"
-            vm.send("balloon 1M:2M")  # resident after the restart: zeros
+            vm.send("balloon 2M:4M")  # resident after the restart: zeros
             late = vm.line()
-            assert late is not None and late["zero_pages"] == late["pages"] == 512, late
+            assert late is not None and late["zero_pages"] == late["pages"] == 1024, late
+            assert late["mismatches"] == late["unreadable"] == 0, late
             vm.send("quit")
             assert vm.wait() == 0, vm.stderr()
             wait_status(client, "fc-restart", "handover_state", "ended")
@@ -367,16 +374,17 @@ def test_restart_mid_restore_from_a_source_host_keeps_what_arrived(
 def test_resident_session_resumes_resident_and_a_bad_one_fails_alone(
         testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
         manager: Manager, daemons: list[harness.DaemonProcess], how: str) -> None:
-    """Two resident sessions; while the daemon is down, the second one's regions are
+    """Three resident sessions; while the daemon is down, the second one's regions are
     unregistered (through the stored uffd, so its description no longer matches the
-    kernel). The restarted daemon resumes the first resident (a balloon remove still
-    reads zeros, never snapshot bytes) and fails the second alone, with the reason."""
+    kernel) and the third Firecracker exits. The restarted daemon resumes the first
+    resident (a balloon remove still reads zeros, never snapshot bytes) and fails the
+    other two alone, each with its reason."""
     config = _config(handover_dir)
     daemons.append(start_under_manager(tmp_path, manager, config, "destination-1.log"))
     vms: list[StandIn] = []
     try:
         with Client(daemons[0].api_socket) as client:
-            for i, session in enumerate(("fc-good", "fc-bad")):
+            for i, session in enumerate(("fc-good", "fc-bad", "fc-gone")):
                 snap = write_snapshot(testvm, tmp_path / f"{session}.mem", 8 * MIB, seed=i)
                 handover = client.prepare(session, file=str(snap))
                 vm = StandIn(testvm, handover, snap, i, ["--hold"], tmp_path)
@@ -395,11 +403,15 @@ def test_resident_session_resumes_resident_and_a_bad_one_fails_alone(
                         if uffd.is_userfaultfd(fd))
         for region in bad["regions"]:
             uffd.unregister(bad_uffd, region["addr"], region["size"])
+        vms[2].kill()  # and the third Firecracker exits meanwhile
         daemons.append(start_under_manager(tmp_path, manager, config, "destination-2.log"))
         log = daemons[1].log_text()
         assert "session=fc-bad cannot resume the Firecracker session" in log, log
         assert "not registered with a userfaultfd" in log, log
+        assert re.search(r"session=fc-gone cannot resume the Firecracker session from the "
+                         r"fd store: Firecracker pid \d+ is gone", log), log
         manager.wait_removed(PREFIX + "fc-bad")
+        manager.wait_removed(PREFIX + "fc-gone")
         assert PREFIX + "fc-good" in manager.store
         with Client(daemons[1].api_socket) as client:
             st = client.status("fc-bad")[0]

@@ -66,7 +66,7 @@ from uffdd import fcstore, handover, listeners, metrics, peer, protocol, strateg
 from uffdd._linux import scm, sdnotify, uffd
 from uffdd._linux.fds import OwnedFds
 from uffdd._linux.mem import buffer_address
-from uffdd.config import Config, join_host_port, split_host_port
+from uffdd.config import Config, is_host_port, join_host_port, split_host_port
 from uffdd.errors import (
     AlreadyPresent,
     KernelError,
@@ -705,13 +705,20 @@ class FirecrackerSession(ImportSession):
         try:
             desc = fcstore.description_memfd(self._description(resident=resident))
         except OSError as e:
-            log.warning("session=%s cannot update its description in the fd store: %s",
-                        self.session_id, e)
+            log.warning("session=%s cannot write its resident description (%s): it will "
+                        "not survive a daemon restart", self.session_id, e)
+            sdnotify.remove_fds(firecracker_fdstore_name(self.session_id))
+            self._fdstored = False
             return
         try:
-            sdnotify.store_fds(firecracker_fdstore_name(self.session_id), [desc])
+            stored = sdnotify.store_fds(firecracker_fdstore_name(self.session_id), [desc])
         finally:
             os.close(desc)
+        if not stored:  # resumed as not resident, it would load ballooned pages: drop it
+            log.warning("session=%s could not store its resident description: it will "
+                        "not survive a daemon restart", self.session_id)
+            sdnotify.remove_fds(firecracker_fdstore_name(self.session_id))
+            self._fdstored = False
 
     def _description(self, *, resident: bool) -> protocol.Message:
         file: protocol.Message | None = None
@@ -867,18 +874,29 @@ async def resume(config: Config, registry: Registry, session_id: str, fds: list[
                                                                           "crash"))
         claims.append(handover.ImportClaim(where, spec, stored.uffd, -1, hugetlb))
     policy = fcstore.str_field(desc, "policy")
-    checks = await trio.to_thread.run_sync(handover.verify_import, pid, claims, policy, True)
+    if policy not in ("crash", "poison"):
+        raise ResumeError(f"the description's policy {policy!r} is not crash or poison")
+    peer_address = str(desc.get("peer") or "")
+    if source == "peer":
+        if not is_host_port(peer_address):
+            raise ResumeError(f"the description's peer {peer_address!r} is not HOST:PORT")
+        handover.check_peer_security(config.peer, peer_address)  # this daemon's config
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as e:
         raise ResumeError(f"Firecracker pid {pid} is gone ({e.strerror})") from None
     try:
+        checks = await trio.to_thread.run_sync(handover.verify_import, pid, claims, policy,
+                                               True)
+        # The checks waited for a thread, and the API already serves: look again.
+        registry.check_new_session("import", session_id)
+        handover.check_pages(specs, limits, registry.running_pages())
         strategy = strategies.load(fcstore.str_field(desc, "strategy"))
         resident = desc.get("resident") is True
         token = bytes.fromhex(str(desc.get("token") or ""))
         session = FirecrackerSession(
             session_id, "import", token, fcstore.owner(desc), config,
-            peer_address=str(desc.get("peer") or ""), strategy=strategy, policy=policy,
+            peer_address=peer_address, strategy=strategy, policy=policy,
             deadline=fcstore.number_field(desc, "deadline"),
             handover=str(desc.get("handover") or ""), listener=None, file_fd=stored.file,
             registry=registry, own_peer=own_peer, use_fdstore=False, source=str(source),
