@@ -114,6 +114,9 @@ _LAUNCHER = ("import fcntl, os, sys\n"
              "for i, fd in enumerate(moved):\n"
              "    os.dup2(fd, 3 + i)\n"
              "    os.set_inheritable(3 + i, True)\n"
+             "for fd in fds:\n"
+             "    if not 3 <= fd < 3 + len(fds):\n"
+             "        os.close(fd)\n"
              "if fds:\n"
              "    os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),"
              " LISTEN_FDNAMES=sys.argv[2])\n"
@@ -123,7 +126,8 @@ _LAUNCHER = ("import fcntl, os, sys\n"
 def start_under_manager(workdir: Path, manager: Manager, config: str, log_name: str
                         ) -> harness.DaemonProcess:
     """``uffdd serve`` as systemd starts it: $NOTIFY_SOCKET, and the fd store's fds from
-    3 on (a tiny launcher moves them there and sets LISTEN_PID to its own pid)."""
+    3 on and no others (a tiny launcher moves them there, closes where they came in, and
+    sets LISTEN_PID to its own pid, which exec keeps)."""
     stored = manager.stored()
     config_path = workdir / "destination.toml"
     config_path.write_text(config)
@@ -148,6 +152,18 @@ def start_under_manager(workdir: Path, manager: Manager, config: str, log_name: 
         assert proc.poll() is None, log_path.read_text()
         time.sleep(0.05)
     raise AssertionError("the daemon did not start:\n" + log_path.read_text())
+
+
+def held_descriptions(daemon: harness.DaemonProcess) -> int:
+    """Description memfds the daemon holds open (read at the resume, then closed)."""
+    fd_dir = Path(f"/proc/{daemon.proc.pid}/fd")
+    links = []
+    for entry in fd_dir.iterdir():
+        try:
+            links.append(os.readlink(entry))
+        except FileNotFoundError:  # closed meanwhile
+            continue
+    return sum(link.startswith("/memfd:uffdd-firecracker") for link in links)
 
 
 def stop(daemon: harness.DaemonProcess, how: str) -> None:
@@ -294,6 +310,7 @@ def test_restart_mid_restore_from_a_local_file(
         daemons.append(start_under_manager(tmp_path, manager, config, "destination-2.log"))
         log = daemons[1].log_text()
         assert "session=fc-restart resumed from the fd store" in log, log
+        assert held_descriptions(daemons[1]) == 0
         result = vm.line()
         assert result is not None, vm.stderr()
         assert_byte_exact(result, 16 * MIB // PAGE)
@@ -416,6 +433,7 @@ def test_resident_session_resumes_resident_and_a_bad_one_fails_alone(
         with Client(daemons[1].api_socket) as client:
             st = client.status("fc-bad")[0]
             assert st["state"] == "failed" and "not resumed" in st["reason"], st
+            assert held_descriptions(daemons[1]) == 0
             st = client.status("fc-good")[0]
             assert st["resident"] is True and st["resumed"] is True, st
             assert st["pages_installed"] == st["pages_total"] == 8 * MIB // PAGE, st

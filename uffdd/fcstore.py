@@ -75,6 +75,7 @@ class Stored:
     sock: int = -1
     file: int = -1
     descriptions: list[protocol.Message] = field(default_factory=list)
+    description_fds: list[int] = field(default_factory=list)  # read: closed after use
 
 
 def classify(fds: list[int]) -> Stored:
@@ -88,6 +89,7 @@ def classify(fds: list[int]) -> Stored:
             kind = "uffd"
         elif stat.S_ISREG(st.st_mode) and _seals(fd) & _SEALS == _SEALS:
             found.descriptions.append(_read_description(fd, st.st_size))
+            found.description_fds.append(fd)
             continue
         elif stat.S_ISREG(st.st_mode):
             kind = "file"

@@ -810,8 +810,8 @@ def prepare(config: Config, registry: Registry, cred: scm.PeerCred, request: Pre
             deadline=request.deadline, handover=path,
             handover_deadline=request.handover_deadline, listener=listener,
             file_fd=request.file_fd, registry=registry, own_peer=own_peer,
-            # Firecracker hands its uffd over once: a restarted daemon could not use a
-            # stored copy (it has no region table), so none is kept there.
+            # Not ImportSession's store (a VMM that re-imports): this session stores
+            # its fds itself at the handover, with a description (_store_in_fdstore).
             use_fdstore=False,
             source="file" if request.file_fd >= 0 else "peer")
     except BaseException:
@@ -901,10 +901,17 @@ async def resume(config: Config, registry: Registry, session_id: str, fds: list[
             handover=str(desc.get("handover") or ""), listener=None, file_fd=stored.file,
             registry=registry, own_peer=own_peer, use_fdstore=False, source=str(source),
             adopt_present=True, vmm_pid=pid, resumed=True)
+        session.attach_regions([
+            ImportRegion(i, c.spec.gpa, c.spec.addr, c.spec.size, c.spec.page_size,
+                         stored.uffd, "missing", hugetlb=check.hugetlb)
+            for i, (c, check) in enumerate(zip(claims, checks, strict=True))])
     except BaseException:
         os.close(pidfd)
         raise
-    # From here on the session owns every stored fd.
+    # From here on the session owns the uffd, the socket and the file; the descriptions
+    # have been read (the store keeps its own copies).
+    for fd in stored.description_fds:
+        os.close(fd)
     session.fds = OwnedFds([stored.uffd])
     session._fc_sock = trio.socket.from_stdlib_socket(socket.socket(fileno=stored.sock))
     session._fc_pidfd = pidfd
@@ -914,10 +921,6 @@ async def resume(config: Config, registry: Registry, session_id: str, fds: list[
     session.handover_state = "accepted"
     with contextlib.suppress(ResumeError):
         session.started = fcstore.number_field(desc, "started")
-    session.attach_regions([
-        ImportRegion(i, c.spec.gpa, c.spec.addr, c.spec.size, c.spec.page_size, stored.uffd,
-                     "missing", hugetlb=check.hugetlb)
-        for i, (c, check) in enumerate(zip(claims, checks, strict=True))])
     if resident:
         for region in session.regions:
             session.pages.set_undone(region.index, 0, region.pages, pagestate.INSTALLED)
