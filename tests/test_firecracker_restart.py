@@ -332,11 +332,13 @@ def test_restart_mid_restore_from_a_local_file(
 
 
 @pytest.mark.kvm
+@pytest.mark.parametrize("how", ["kill", "sigterm"])
 def test_restart_mid_restore_from_a_source_host_keeps_what_arrived(
         testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
-        manager: Manager, daemons: list[harness.DaemonProcess]) -> None:
-    """A remote source, slowed by a proxy so that the restore is under way: kill -9 of
-    the destination daemon at a quarter of the pages; the next one adopts the pages
+        manager: Manager, daemons: list[harness.DaemonProcess], how: str) -> None:
+    """A remote source, slowed by a proxy so that the restore is under way: kill -9 or
+    a service-manager stop of the destination daemon at a quarter of the pages (the
+    source hears nothing of it either way); the next one adopts the pages
     present in Firecracker's memory, links to the source again with the token from the
     store, and the guest completes byte-exact."""
     source = harness.start_daemon(tmp_path, "source", config="[peer]\nbackground = true\n")
@@ -363,7 +365,7 @@ def test_restart_mid_restore_from_a_source_host_keeps_what_arrived(
             while client.status("fc-remote")[0]["pages_installed"] < 1024:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-            daemons[1].kill()
+            stop(daemons[1], how)
             client.close()
             proxy.throttle(0)
             daemons.append(start_under_manager(tmp_path, manager, config,
@@ -381,6 +383,7 @@ def test_restart_mid_restore_from_a_source_host_keeps_what_arrived(
                 vm.send("quit")
                 assert vm.wait() == 0, vm.stderr()
             assert src.wait_finished("fc-remote", TIMEOUT)["event"] == "completed"
+            assert "cancelled" not in source.log_text(), source.log_text()[-3000:]
         finally:
             vm.kill()
     assert daemons[2].stop() == 0
