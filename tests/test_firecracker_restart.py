@@ -311,10 +311,13 @@ def test_restart_mid_restore_from_a_local_file(
         log = daemons[1].log_text()
         assert "session=fc-restart resumed from the fd store" in log, log
         assert held_descriptions(daemons[1]) == 0
-        result = vm.line()
-        assert result is not None, vm.stderr()
-        assert_byte_exact(result, 16 * MIB // PAGE)
         with Client(daemons[1].api_socket) as client:
+            client.subscribe("fc-restart")  # the orchestrator follows it again
+            ev = wait_event(client, "fc-restart", ("completed", "failed", "cancelled"))
+            assert ev["event"] == "completed" and ev["pages_total"] == 16 * MIB // page, ev
+            result = vm.line()
+            assert result is not None, vm.stderr()
+            assert_byte_exact(result, 16 * MIB // PAGE)
             st = wait_status(client, "fc-restart", "resident", True)
             assert st["resumed"] is True and st["state"] == "completed", st
             assert st["vmm_pid"] == vm.proc.pid and st["handover_state"] == "accepted"
@@ -437,6 +440,9 @@ def test_resident_session_resumes_resident_and_a_bad_one_fails_alone(
             st = client.status("fc-bad")[0]
             assert st["state"] == "failed" and "not resumed" in st["reason"], st
             assert held_descriptions(daemons[1]) == 0
+            client.subscribe("fc-good")  # resident: its 'completed' comes at once
+            ev = wait_event(client, "fc-good", ("completed", "failed", "cancelled"))
+            assert ev["event"] == "completed", ev
             st = client.status("fc-good")[0]
             assert st["resident"] is True and st["resumed"] is True, st
             assert st["pages_installed"] == st["pages_total"] == 8 * MIB // PAGE, st
