@@ -29,6 +29,7 @@ from uffdd import _fastpath
 from uffdd._linux import uffd
 from uffdd._linux.mem import buffer_address
 from uffdd.client import Client, ClientError, MemoryRegion
+from uffdd.config import Config
 from uffdd.errors import RequestError
 from uffdd.firecracker import parse_mappings
 from uffdd.lab import harness
@@ -281,10 +282,11 @@ def test_remote_restore_from_a_source_daemon_is_byte_exact(tmp_path: Path,
 
 @pytest.fixture
 def lossy_pair(tmp_path: Path) -> Iterator[tuple[harness.DaemonProcess, harness.DaemonProcess]]:
-    """A source daemon with fault injection, a destination that kills at once."""
+    """A source daemon with fault injection, a destination at the shipped session config
+    (its kill_grace too: the crash test shows that grace is kept, then the kill)."""
     src = harness.start_daemon(tmp_path, "source", extra=["--enable-fault-injection"])
     dst = harness.start_daemon(tmp_path, "dest", config=(
-        f'[api]\nhandover_dir = "{tmp_path}/ho"\n[session]\nkill_grace = 0.2\n'))
+        f'[api]\nhandover_dir = "{tmp_path}/ho"\n'))
     try:
         yield src, dst
     finally:
@@ -318,8 +320,13 @@ def test_crash_policy_kills_firecracker_on_a_lost_page(
             pid = fc.line()["pid"]
             next_event(client, "handover")
             failed = next_event(client, "failed")
+            failed_at = time.monotonic()
             assert "lost" in failed["reason"] or "cannot read" in failed["reason"], failed
-            assert fc.proc.wait(TIMEOUT) == -9  # SIGKILL, from the daemon
+            grace = Config().session.kill_grace  # the shipped value
+            assert fc.proc.wait(grace + TIMEOUT) == -9  # SIGKILL, from the daemon
+            waited = time.monotonic() - failed_at
+            # the daemon gives a failed VMM its grace to exit on its own, then kills it
+            assert grace - 0.5 <= waited <= grace + 5, (waited, grace)
         finally:
             fc.close()
         assert f"VMM pid={pid} still running" in dst.log_text()

@@ -33,6 +33,7 @@ import pytest
 
 from tests.conftest import require
 from uffdd.client import Client
+from uffdd.config import Config
 from uffdd.lab import harness
 
 pytestmark = pytest.mark.kvm
@@ -93,14 +94,6 @@ def dest_demand_only(tmp_path: Path, handover_dir: Path) -> Iterator[harness.Dae
     faulted, so a restore is still under way for as long as the test wants."""
     peer = '[peer]\nlisten = "127.0.0.1:0"\nbackground = false\n'
     with _daemon(tmp_path, "destination", peer + _config(handover_dir)) as d:
-        yield d
-
-
-@pytest.fixture
-def dest_quick_kill(tmp_path: Path, handover_dir: Path) -> Iterator[harness.DaemonProcess]:
-    """A destination that kills a failed session's VMM after 0.5 s, not the shipped 5 s."""
-    kill = "[session]\nkill_grace = 0.5\n"
-    with _daemon(tmp_path, "destination", kill + _config(handover_dir)) as d:
         yield d
 
 
@@ -368,10 +361,10 @@ LOST = 1234  # a page of the 16 MiB snapshot the source cannot read
 
 
 def test_lost_page_under_crash_kills_firecracker(testvm: Path, source: harness.DaemonProcess,
-                                                 dest_quick_kill: harness.DaemonProcess,
+                                                 dest: harness.DaemonProcess,
                                                  tmp_path: Path) -> None:
-    """crash: the session fails and the daemon SIGKILLs Firecracker (pid from SO_PEERCRED)."""
-    dest = dest_quick_kill
+    """crash: the session fails and, after the shipped kill_grace, the daemon SIGKILLs
+    Firecracker (pid from SO_PEERCRED), whose vCPUs are blocked on the lost page."""
     snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 16 * MIB, seed=13)
     token = secrets.token_bytes(16)
     src, session = _export_snapshot(source, snap, [(0, 16 * MIB)], token, [LOST])
@@ -382,8 +375,12 @@ def test_lost_page_under_crash_kills_firecracker(testvm: Path, source: harness.D
     try:
         accepted(client, session, vm)
         ev = wait_event(client, session, ("completed", "failed"))
+        failed_at = time.monotonic()
         assert ev["event"] == "failed", ev
-        assert vm.proc.wait(TIMEOUT) == -signal.SIGKILL, vm.stderr()
+        grace = Config().session.kill_grace  # the shipped value
+        assert vm.proc.wait(grace + TIMEOUT) == -signal.SIGKILL, vm.stderr()
+        waited = time.monotonic() - failed_at
+        assert grace - 0.5 <= waited <= grace + 5, (waited, grace)
         assert vm.line() is None  # killed before it could print a verdict
     finally:
         vm.kill()
