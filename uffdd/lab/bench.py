@@ -105,6 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link", metavar="veth[,rate=R]", type=twohost.LinkSpec.parse, default=None,
                    help="put each daemon in its own network namespace, joined by a veth pair "
                         "(optionally shaped to rate R, e.g. 10gbit): two hosts on one machine")
+    p.add_argument("--demand-dscp", default=None, metavar="CLASS",
+                   help="daemons' [peer] demand_dscp: the demand lane's DSCP and SO_PRIORITY "
+                        "marking (ef, cs6, ..., or off; default: the built-in default)")
     p.add_argument("--fc-mib", type=int, default=None, metavar="MIB",
                    help="guest size of the firecracker-restore scenario (default: 1024, "
                         "32 with --quick)")
@@ -298,6 +301,7 @@ class Bench:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "wall_seconds": round(time.monotonic() - started, 1),
             "link": None if getattr(self.args, "link", None) is None else str(self.args.link),
+            "demand_dscp": getattr(self.args, "demand_dscp", None),
             "scenarios": scenarios,
         }
 
@@ -319,6 +323,8 @@ class Bench:
             config += f"bulk_lanes = {int(self.args.bulk_lanes)}\n"
         if self.args.integrity is not None:
             config += f"integrity = {self.args.integrity}\n"
+        if getattr(self.args, "demand_dscp", None) is not None:
+            config += f"demand_dscp = {json.dumps(str(self.args.demand_dscp))}\n"
         name = f"b{self._n}"
         spec: twohost.LinkSpec | None = getattr(self.args, "link", None)
         if spec is None:

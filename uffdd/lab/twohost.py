@@ -8,6 +8,14 @@ removed with the namespaces. ``rate`` shapes both ends with a token bucket
 (``tc qdisc ... tbf``); this kernel has no ``netem``, so added latency, where wanted,
 goes through :mod:`uffdd.lab.faultproxy`.
 
+Under the token bucket sits a priority qdisc (``pfifo_fast``, prio's three bands and
+priomap: this kernel has no ``sch_prio``), so the packets the daemons mark for the
+demand lane (``[peer] demand_dscp``: SO_PRIORITY 6, band 0) leave before the bulk
+lanes' (band 1), as a network with priority queues would send them. ``fifo`` keeps
+tbf's own single FIFO instead, for the comparison: ``veth,rate=1gbit,fifo``.
+``latency=MS`` is tbf's queue bound (default 50 ms), which only the FIFO uses (the
+bands are queues of the device's txqueuelen packets).
+
 The VMM API sockets are Unix sockets in the filesystem, which a network namespace does
 not separate: the VMMs stay where they are and reach both daemons.
 """
@@ -30,6 +38,8 @@ T = TypeVar("T")
 _CLONE_NEWNET = 0x40000000
 
 _RATE = re.compile(r"^\d+(\.\d+)?(bit|kbit|mbit|gbit|tbit)$")
+_LATENCY = re.compile(r"^\d+(\.\d+)?(us|ms)$")
+_OPTIONS = "rate=<N>(bit|kbit|mbit|gbit), fifo, latency=<N>(us|ms)"
 
 
 class LinkError(RuntimeError):
@@ -38,25 +48,42 @@ class LinkError(RuntimeError):
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """``veth`` or ``veth,rate=10gbit``: what ``--link`` asks for."""
+    """``veth``, ``veth,rate=10gbit`` or ``veth,rate=1gbit,fifo``: what ``--link`` asks
+    for (``fifo``: tbf's single queue, no priority bands; ``latency``: tbf's bound)."""
 
     rate: str | None = None
+    fifo: bool = False
+    latency: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> LinkSpec:
         kind, _, rest = text.partition(",")
         if kind != "veth":
             raise ValueError(f"--link {text!r}: the only kind is 'veth'")
-        rate = None
+        rate, fifo, latency = None, False, None
         for item in filter(None, rest.split(",")):
             key, _, value = item.partition("=")
-            if key != "rate" or not _RATE.match(value):
-                raise ValueError(f"--link {text!r}: options are rate=<N>(bit|kbit|mbit|gbit)")
-            rate = value
-        return cls(rate)
+            if key == "rate" and _RATE.match(value):
+                rate = value
+            elif key == "latency" and _LATENCY.match(value):
+                latency = value
+            elif item == "fifo":
+                fifo = True
+            else:
+                raise ValueError(f"--link {text!r}: options are {_OPTIONS}")
+        if rate is None and (fifo or latency is not None):
+            raise ValueError(f"--link {text!r}: fifo and latency shape a link: give rate= too")
+        return cls(rate, fifo, latency)
 
     def __str__(self) -> str:
-        return "veth" if self.rate is None else f"veth,rate={self.rate}"
+        parts = ["veth"]
+        if self.rate is not None:
+            parts.append(f"rate={self.rate}")
+        if self.latency is not None:
+            parts.append(f"latency={self.latency}")
+        if self.fifo:
+            parts.append("fifo")
+        return ",".join(parts)
 
 
 @dataclass
@@ -102,8 +129,16 @@ class VethLink:
                  tb: TracebackType | None) -> None:
         self.close()
 
+    @property
+    def source_dev(self) -> str:
+        return f"u{self.tag}a"
+
+    @property
+    def dest_dev(self) -> str:
+        return f"u{self.tag}b"
+
     def _make(self) -> None:
-        a, b = f"u{self.tag}a", f"u{self.tag}b"
+        a, b = self.source_dev, self.dest_dev
         for ns in (self.source_ns, self.dest_ns):
             _ip("netns", "add", ns)
             self._made.append(ns)
@@ -112,11 +147,36 @@ class VethLink:
         for dev, ns, host in ((a, self.source_ns, self.source_host),
                               (b, self.dest_ns, self.dest_host)):
             _ip("link", "set", dev, "netns", ns)
+            # No IPv6 link-local address: the link carries the migration's packets only
+            # (no neighbour discovery), so the queues' counters are the daemons' own.
+            _ip("-n", ns, "link", "set", dev, "addrgenmode", "none")
             _ip("-n", ns, "addr", "add", f"{host}/30", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
             if self.spec.rate is not None:
-                _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate",
-                     self.spec.rate, "burst", "1mb", "latency", "50ms")
+                _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf",
+                     "rate", self.spec.rate, "burst", "1mb",
+                     "latency", self.spec.latency or "50ms")
+                if not self.spec.fifo:  # this kernel has no sch_prio; pfifo_fast's 3
+                    # bands and priomap are prio's defaults: SO_PRIORITY 6 -> band 0
+                    _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "parent", "1:1",
+                         "handle", "10:", "pfifo_fast")
+
+    def tcp_marks(self, netns: str) -> list[tuple[str, str, int, int]]:
+        """The established TCP connections in ``netns`` as the kernel reports them
+        (``ss -tn --tos``): (local, peer, TOS byte, SO_PRIORITY) for each."""
+        done = subprocess.run([*netns_prefix(netns), "ss", "-tnH", "--tos", "state",
+                               "established"], capture_output=True, text=True, check=False,
+                              timeout=30)
+        if done.returncode != 0:
+            raise LinkError(f"ss in {netns}: {done.stderr.strip()}")
+        out = []
+        for line in done.stdout.splitlines():
+            fields = line.split()
+            tos = re.search(r"\btos:(0x[0-9a-f]+|\d+)", line)
+            prio = re.search(r"\bclass_id:(0x[0-9a-f]+|\d+)", line)
+            if len(fields) >= 4 and tos and prio:
+                out.append((fields[2], fields[3], int(tos.group(1), 0), int(prio.group(1), 0)))
+        return out
 
     def close(self) -> None:
         """Remove both namespaces (the veth pair goes with them); idempotent."""
