@@ -69,6 +69,11 @@ class PeerConfig:
     # runs the Python loops. Plaintext lanes only: TLS lanes always use Python.
     fastpath: str = "auto"
     stall_timeout: float = 10.0
+    # DSCP of the demand lane's packets, both directions (README, Configuration): EF
+    # (expedited forwarding, 46) by default, a class name from DSCP_CLASSES, or "off".
+    # With a class set, the lane's sockets also get SO_PRIORITY 6 (TC_PRIO_INTERACTIVE:
+    # band 0 of a prio or pfifo_fast qdisc), so a host's own queues send it first.
+    demand_dscp: str = "ef"
     # Mutual TLS (README, Security). tls unset: TLS when ca/cert/key are given, else
     # plaintext only for a daemon whose listener is on loopback; false: plaintext,
     # explicitly (warned at start); true: TLS, and ca/cert/key are required.
@@ -335,8 +340,25 @@ def _check_semantics(config: Config, source: str) -> None:
         _fastpath.load(config.peer.fastpath)
     except ConfigError as e:
         raise ConfigError(f"{source}: key 'peer.fastpath': {e}") from None
+    if config.peer.demand_dscp != "off" and config.peer.demand_dscp not in DSCP_CLASSES:
+        raise ConfigError(f"{source}: key 'peer.demand_dscp' must be off, ef, cs0-cs7 or "
+                          f"af11-af43, not {config.peer.demand_dscp!r}")
     if config.log.level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"{source}: key 'log.level' must be debug, info, warning or error")
+
+
+#: ``[peer] demand_dscp`` names and their DSCP values (RFC 2474, 2597, 3246).
+DSCP_CLASSES: dict[str, int] = {
+    "ef": 46, **{f"cs{n}": n << 3 for n in range(8)},
+    **{f"af{c}{d}": (c << 3) | (d << 1) for c in range(1, 5) for d in range(1, 4)},
+}
+
+
+def demand_dscp(peer: PeerConfig) -> int | None:
+    """The DSCP value the demand lane is marked with, or None for ``"off"``."""
+    if peer.demand_dscp == "off":
+        return None
+    return DSCP_CLASSES[peer.demand_dscp]
 
 
 def check_peer_security(peer: PeerConfig, source: str) -> None:

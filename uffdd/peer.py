@@ -23,13 +23,14 @@ from collections.abc import Callable, Mapping
 from typing import Final, NoReturn
 
 from uffdd import _fastpath, protocol, tls
-from uffdd.config import PeerConfig
+from uffdd.config import PeerConfig, demand_dscp
 from uffdd.errors import AuthError, PeerUnavailable, ProtocolError, RefusedByPeer, RefusedHere
 
 LANES: Final = ("demand", "bulk")
 _MAX_IOV: Final = 512  # iovecs per sendmsg (Linux allows 1024)
 _CLIENT_LABEL: Final = b"uffdd/1 client"
 _SERVER_LABEL: Final = b"uffdd/1 server"
+_TC_PRIO_INTERACTIVE: Final = 6  # linux/pkt_sched.h; values 0-6 need no CAP_NET_ADMIN
 
 RegionShape = tuple[int, int, int]  # gpa, size, page_size
 
@@ -454,6 +455,21 @@ def connect(address: str, timeout: float, config: PeerConfig | None = None,
         raise PeerUnavailable(f"TLS handshake with peer {address} failed: {e}") from None
 
 
+def mark_demand(sock: socket.socket, config: PeerConfig) -> None:
+    """Mark a demand lane's socket (either side) per ``[peer] demand_dscp``: the DSCP in
+    IP_TOS / IPV6_TCLASS for the network, SO_PRIORITY for this host's own qdiscs
+    (set after the TOS, which would otherwise pick a priority of its own). Bulk lanes
+    stay unmarked, so a queue that honours either sends a page fault's frames first."""
+    dscp = demand_dscp(config)
+    if dscp is None:
+        return
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, dscp << 2)
+    # On an AF_INET6 socket too: a v4-mapped peer's packets take the IPv4 TOS.
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, dscp << 2)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, _TC_PRIO_INTERACTIVE)
+
+
 def accept_lane(sock: socket.socket, config: PeerConfig, lookup: TokenLookup,
                 make: Callable[[socket.socket], FrameSocket] = FrameSocket,
                 ) -> tuple[FrameSocket, str, str]:
@@ -474,6 +490,8 @@ def accept_lane(sock: socket.socket, config: PeerConfig, lookup: TokenLookup,
             except AuthError as e:  # the TLS channel is up, so say why before closing
                 _refuse(fs, "unauthorized", str(e), e)
         session, lane = server_handshake(fs, lookup)
+        if lane == "demand":
+            mark_demand(sock, config)
     except BaseException:
         fs.close()
         raise

@@ -373,6 +373,7 @@ class ImportSession(SessionBase):
         demand = peer.FrameSocket(peer.connect(self.peer_address, timeout, self.config.peer,
                                                dialer.opened))
         dialer.own(demand.sock)
+        peer.mark_demand(demand.sock, self.config.peer)
         link_id = self.peer_session or self.session_id
         shapes = peer.client_handshake(demand, link_id, self.token, "demand")
         rtt = (time.monotonic() - t0) / 3
