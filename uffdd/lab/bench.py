@@ -108,6 +108,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demand-dscp", default=None, metavar="CLASS",
                    help="daemons' [peer] demand_dscp: the demand lane's DSCP and SO_PRIORITY "
                         "marking (ef, cs6, ..., or off; default: the built-in default)")
+    p.add_argument("--versus-mib", type=int, action="append", default=None, metavar="MIB",
+                   help="guest size of the versus-qemu scenario (repeatable; default: 512 "
+                        "and 2048, 64 with --quick)")
+    p.add_argument("--versus-order", choices=("rand", "seq"), action="append", default=None,
+                   help="access order of the versus-qemu scenario (repeatable; default: both)")
     p.add_argument("--fc-mib", type=int, default=None, metavar="MIB",
                    help="guest size of the firecracker-restore scenario (default: 1024, "
                         "32 with --quick)")
@@ -307,7 +312,7 @@ class Bench:
 
     # -------------------------------------------------------------- building blocks
 
-    def pair(self, *, background: bool) -> Pair:
+    def pair(self, *, background: bool, demand_dscp: str | None = None) -> Pair:
         self._n += 1
         # listen is overridden on the command line too; a loopback value here keeps the
         # file valid on its own.
@@ -323,8 +328,9 @@ class Bench:
             config += f"bulk_lanes = {int(self.args.bulk_lanes)}\n"
         if self.args.integrity is not None:
             config += f"integrity = {self.args.integrity}\n"
-        if getattr(self.args, "demand_dscp", None) is not None:
-            config += f"demand_dscp = {json.dumps(str(self.args.demand_dscp))}\n"
+        dscp = demand_dscp or getattr(self.args, "demand_dscp", None)
+        if dscp is not None:
+            config += f"demand_dscp = {json.dumps(str(dscp))}\n"
         name = f"b{self._n}"
         spec: twohost.LinkSpec | None = getattr(self.args, "link", None)
         if spec is None:

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,8 +176,12 @@ class QemuVm:
 
     @classmethod
     def start(cls, workdir: Path, name: str, *, kernel: Path, append: str, memory: int,
-              vcpus: int, incoming: bool, timeout: float = 60.0) -> QemuVm:
-        """Start the guest (paused with -S, or waiting with -incoming defer)."""
+              vcpus: int, incoming: bool, timeout: float = 60.0,
+              prefix: Sequence[str] = ()) -> QemuVm:
+        """Start the guest (paused with -S, or waiting with -incoming defer); ``prefix``
+        runs it through another program, e.g. into a network namespace (``ip netns exec
+        NS``, which execs QEMU, so the process is QEMU's). QMP and COM1 are Unix
+        sockets in the filesystem, which a network namespace does not separate."""
         binary = qemu_binary()
         if binary is None:
             raise QemuError("qemu-system-x86_64 is not installed (Debian: qemu-system-x86)")
@@ -186,7 +190,7 @@ class QemuVm:
         log_path = workdir / f"{name}.qemu.log"
         # microvm boots in well under a second (qboot, no PCI); pc's SeaBIOS takes
         # seconds under the emulator. Its COM1 is the ISA serial at 0x3f8.
-        cmd = [binary, "-accel", "kvm", "-M", "microvm", "-m", f"{memory >> 20}M",
+        cmd = [*prefix, binary, "-accel", "kvm", "-M", "microvm", "-m", f"{memory >> 20}M",
                "-smp", str(vcpus), "-nodefaults", "-no-user-config", "-display", "none",
                "-kernel", str(kernel), "-append", append,
                "-chardev", f"socket,id=com1,path={serial_path},server=on,wait=off",

@@ -19,6 +19,12 @@ vCPU blocked time, the demand requests, latency where the VMM reports it, throug
 the guest's verdict. The phases around it (VMM start and guest boot, the guest's own
 verification, the host's RAM hash) are reported apart and never counted as migration.
 The ratios uffdd / QEMU come from the same invocation.
+
+With ``--link veth[,rate=R]`` (uffdd.lab.twohost) each side runs in its own network
+namespace: QEMU's source and destination processes, like the uffdd daemons, with the
+migration over the veth pair's addresses. A ``uffdd-missing-unmarked`` run is added,
+with ``[peer] demand_dscp = "off"``: the demand lane's priority on the link, against
+QEMU's postcopy-preempt channel, its own answer to the same queueing.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from uffdd.lab import harness
+from uffdd.lab import harness, twohost
 from uffdd.lab.bench import (
     BenchError,
     Result,
@@ -58,6 +64,7 @@ FULL_ORDERS: Final = ("rand", "seq")
 QUICK_SIZES: Final = (64 << 20,)
 QUICK_ORDERS: Final = ("rand",)
 VARIANTS: Final = ("qemu-postcopy", "qemu-postcopy-preempt", "uffdd-missing", "uffdd-minor")
+UNMARKED: Final = "uffdd-missing-unmarked"  # --link only: demand_dscp = "off"
 _VERDICT = re.compile(r"uffdd-guest: verdict bad=(\d+) checked=(\d+) cpus=(\d+)")
 # Guest boot + writing 2 GiB runs under the instruction emulator: tens of seconds.
 BOOT_TIMEOUT: Final = 600.0
@@ -76,6 +83,10 @@ def scenario(bench: Bench, *, required: bool) -> Result:
     assert kernel is not None and testvm is not None
     quick = bool(bench.args.quick)
     sizes, orders = (QUICK_SIZES, QUICK_ORDERS) if quick else (FULL_SIZES, FULL_ORDERS)
+    sizes = tuple(m << 20 for m in getattr(bench.args, "versus_mib", None) or ()) or sizes
+    orders = tuple(getattr(bench.args, "versus_order", None) or ()) or orders
+    link: twohost.LinkSpec | None = getattr(bench.args, "link", None)
+    variants = VARIANTS if link is None else (*VARIANTS, UNMARKED)
     cases: dict[str, Result] = {}
     errors: list[str] = []
     for memory in sizes:
@@ -83,12 +94,13 @@ def scenario(bench: Bench, *, required: bool) -> Result:
             name = f"{memory >> 20}M-{order}"
             seed = 0x5EED + (memory >> 20) + (1 if order == "seq" else 0)
             runs: dict[str, Result] = {}
-            for variant in VARIANTS:
+            for variant in variants:
                 bench.say(f"uffdd bench: versus-qemu {name} {variant} ...")
 
                 def one(variant: str = variant, memory: int = memory, order: str = order,
                         seed: int = seed) -> Result:
-                    return _run_variant(bench, variant, kernel, testvm, memory, order, seed)
+                    return _run_variant(bench, variant, kernel, testvm, memory, order, seed,
+                                        link)
 
                 try:
                     runs[variant] = _repeated(bench.repeat, one)
@@ -101,6 +113,7 @@ def scenario(bench: Bench, *, required: bool) -> Result:
     out: Result = {
         "vcpus": VCPUS, "guest": "native/guest (uffdd-guest.elf, multiboot v1)",
         "qemu": _qemu_version(), "machine_type": "microvm", "cases": cases,
+        "link": None if link is None else str(link),
         "guest_verdicts_clean": all(bool(r.get("guest_clean")) for c in cases.values()
                                     for r in c["runs"].values()),  # type: ignore[attr-defined]
         "fields": {
@@ -155,7 +168,9 @@ def _repeated(repeat: int, fn: Callable[[], Result]) -> Result:
 def _ratios(runs: dict[str, Result]) -> Result:
     """uffdd / QEMU for the figures both report (lower is better for uffdd)."""
     out: Result = {}
-    for mine in ("uffdd-missing", "uffdd-minor"):
+    for mine in ("uffdd-missing", "uffdd-minor", UNMARKED):
+        if mine not in runs:
+            continue
         for peer in ("qemu-postcopy", "qemu-postcopy-preempt"):
             u, q = runs.get(mine) or {}, runs.get(peer) or {}
             if "error" in u or "error" in q:
@@ -178,44 +193,57 @@ def guest_verdict(serial: str, memory: int) -> Result:
 
 
 def _run_variant(bench: Bench, variant: str, kernel: Path, testvm: Path, memory: int,
-                 order: str, seed: int) -> Result:
+                 order: str, seed: int, link: twohost.LinkSpec | None = None) -> Result:
     warm_memory(bench.warm_mib(memory) << 20)
     append = f"seed={seed} order={order} cpus={VCPUS}"
     if variant.startswith("qemu"):
         return qemu_postcopy(bench.workdir, kernel, append, memory,
-                             preempt=variant.endswith("preempt"))
+                             preempt=variant.endswith("preempt"), link=link)
     return uffdd_postcopy(bench, testvm, kernel, append, memory,
-                          minor=variant.endswith("minor"))
+                          minor=variant.endswith("minor"),
+                          demand_dscp="off" if variant == UNMARKED else None)
 
 
 # ====================================================================== QEMU
 
 
 def qemu_postcopy(workdir: Path, kernel: Path, append: str, memory: int, *,
-                  preempt: bool) -> Result:
-    """One QEMU postcopy migration of the guest on loopback TCP; its figures."""
+                  preempt: bool, link: twohost.LinkSpec | None = None) -> Result:
+    """One QEMU postcopy migration of the guest on loopback TCP, or across ``link``
+    (each QEMU in its own network namespace); its figures."""
+    if link is None:
+        return _qemu_postcopy(workdir, kernel, append, memory, preempt, None)
+    with twohost.VethLink(link) as veth:
+        return _qemu_postcopy(workdir, kernel, append, memory, preempt, veth)
+
+
+def _qemu_postcopy(workdir: Path, kernel: Path, append: str, memory: int, preempt: bool,
+                   veth: twohost.VethLink | None) -> Result:
     caps = ["postcopy-ram", "postcopy-blocktime", "events"]
     if preempt:
         caps.append("postcopy-preempt")
     tag = secrets.token_hex(3)
+    host = "127.0.0.1" if veth is None else veth.dest_host
+    src_prefix = () if veth is None else tuple(veth.prefix(veth.source_ns))
+    dst_prefix = () if veth is None else tuple(veth.prefix(veth.dest_ns))
     t_start = time.time()
     dst: QemuVm | None = None
     src: QemuVm | None = None
     try:
         dst = QemuVm.start(workdir, f"q{tag}-dst", kernel=kernel, append=append, memory=memory,
-                           vcpus=VCPUS, incoming=True)
+                           vcpus=VCPUS, incoming=True, prefix=dst_prefix)
         src = QemuVm.start(workdir, f"q{tag}-src", kernel=kernel, append=append, memory=memory,
-                           vcpus=VCPUS, incoming=False)
+                           vcpus=VCPUS, incoming=False, prefix=src_prefix)
         arguments = {"capabilities": [{"capability": c, "state": True} for c in caps]}
         for vm in (dst, src):
             vm.qmp.execute("migrate-set-capabilities", arguments)
-        dst.qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        dst.qmp.execute("migrate-incoming", {"uri": f"tcp:{host}:0"})
         incoming = dst.qmp.execute("query-migrate")
         port = incoming["socket-address"][0]["port"]
         src.qmp.execute("cont")
         _, t_written, _ = src.serial.wait_for(lambda t: "uffdd-guest: written" in t,
                                               BOOT_TIMEOUT)
-        src.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        src.qmp.execute("migrate", {"uri": f"tcp:{host}:{port}"})
         src.qmp.execute("migrate-start-postcopy")
         t_stop, _ = src.qmp.wait_event("STOP", 120)
         dst.qmp.wait_event("RESUME", RUN_TIMEOUT)
@@ -293,15 +321,16 @@ def _per(blocked: float | None, requests: Any) -> float | None:
 
 
 def uffdd_postcopy(bench: Bench, testvm: Path, kernel: Path, append: str, memory: int, *,
-                   minor: bool) -> Result:
-    """One migration of the guest in uffdd-testvm between two fresh uffdd daemons."""
+                   minor: bool, demand_dscp: str | None = None) -> Result:
+    """One migration of the guest in uffdd-testvm between two fresh uffdd daemons (with
+    ``[peer] demand_dscp`` = ``demand_dscp`` when given)."""
     session = f"vq-{secrets.token_hex(4)}"
     token = secrets.token_hex(16)
     backing = "shmem" if minor else "anon"
     common = ["--session", session, "--token", token, "--memory", str(memory),
               "--backing", backing, "--vcpus", str(VCPUS), "--kernel", str(kernel),
               "--append", append, "--timeout", str(int(RUN_TIMEOUT))]
-    p = bench.pair(background=True)
+    p = bench.pair(background=True, demand_dscp=demand_dscp)
     procs: list[subprocess.Popen[str]] = []
     try:
         t_start = time.time()
@@ -377,9 +406,11 @@ def table_rows(s: Result) -> list[tuple[str, str, object, object, object]]:
         q0 = runs.get("qemu-postcopy") or {}
         rows.append((NAME, f"{name} QEMU postcopy s (no preempt)",
                      None, q0.get("switchover_to_complete_s"), None))
-        for mine in ("uffdd-missing", "uffdd-minor"):
+        for mine in ("uffdd-missing", "uffdd-minor", UNMARKED):
+            if mine not in runs:
+                continue
             u = runs.get(mine) or {}
-            mode = mine.split("-")[1]
+            mode = mine.removeprefix("uffdd-")
             if "error" in u:
                 rows.append((NAME, f"{name} {mode}", "error", None, None))
                 continue
@@ -431,5 +462,5 @@ def _stderr_tail(workdir: Path) -> str:
     return text
 
 
-__all__ = ["NAME", "VARIANTS", "guest_verdict", "qemu_postcopy", "scenario", "table_rows",
-           "uffdd_postcopy"]
+__all__ = ["NAME", "UNMARKED", "VARIANTS", "guest_verdict", "qemu_postcopy", "scenario",
+           "table_rows", "uffdd_postcopy"]
