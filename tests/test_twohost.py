@@ -151,3 +151,25 @@ def test_demo_and_bench_take_the_link() -> None:
     assert "error" not in scenario and scenario["uffdd"]["gb_per_s"] > 0, scenario
     assert not [ns for ns in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                             text=True).stdout.split() if "uffdd-" in ns]
+
+
+def test_versus_qemu_takes_the_link() -> None:
+    """QEMU's postcopy (each QEMU in its own namespace, the URI over the veth) and
+    uffdd's, marked and unmarked, migrate the same guest across one shaped link, every
+    guest verdict clean (the JSON's shape and verdicts only, never a timing)."""
+    from tests.test_versus_qemu import _require_tools
+    from uffdd.lab import versus_qemu
+
+    require(os.geteuid() == 0 and shutil.which("ip") is not None,
+            "network namespaces need root and iproute2")
+    _require_tools()
+    bench = _uffdd("bench", "--quick", "--link", "veth,rate=1gbit", "--scenario", "versus-qemu")
+    s = bench["scenarios"]["versus-qemu"]  # type: ignore[index]
+    assert "error" not in s and s["link"] == "veth,rate=1gbit", s
+    for case in s["cases"].values():
+        runs = case["runs"]
+        assert set(runs) == {*versus_qemu.VARIANTS, versus_qemu.UNMARKED}, runs
+        for name, r in runs.items():
+            assert r["guest_clean"] is True, (name, r)
+        assert runs[versus_qemu.UNMARKED]["ram_hash_match"] is True
+        assert f"{versus_qemu.UNMARKED}/qemu-postcopy-preempt" in case["ratios"]
