@@ -113,6 +113,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and 2048, 64 with --quick)")
     p.add_argument("--versus-order", choices=("rand", "seq"), action="append", default=None,
                    help="access order of the versus-qemu scenario (repeatable; default: both)")
+    p.add_argument("--thread-profile", action="store_true",
+                   help="versus-qemu: each run also reports every thread's CPU and "
+                        "run-queue wait between switchover and the last page "
+                        "(/proc schedstat; uffdd/lab/threadprof.py)")
     p.add_argument("--fc-mib", type=int, default=None, metavar="MIB",
                    help="guest size of the firecracker-restore scenario (default: 1024, "
                         "32 with --quick)")

@@ -38,9 +38,9 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
-from uffdd.lab import harness, twohost
+from uffdd.lab import harness, threadprof, twohost
 from uffdd.lab.bench import (
     BenchError,
     Result,
@@ -69,6 +69,13 @@ _VERDICT = re.compile(r"uffdd-guest: verdict bad=(\d+) checked=(\d+) cpus=(\d+)"
 # Guest boot + writing 2 GiB runs under the instruction emulator: tens of seconds.
 BOOT_TIMEOUT: Final = 600.0
 RUN_TIMEOUT: Final = 900.0
+
+
+# --thread-profile: the processes whose threads are sampled (daemons, VMMs, QEMU), and
+# the key under which a run hands its switchover -> complete window (epoch seconds) to
+# _run_variant, which removes it (absolute times have no median).
+PROFILED: Final = ("python", "uffdd-testvm", "qemu-system-x86")
+WINDOW: Final = "_window"
 
 
 def scenario(bench: Bench, *, required: bool) -> Result:
@@ -196,12 +203,19 @@ def _run_variant(bench: Bench, variant: str, kernel: Path, testvm: Path, memory:
                  order: str, seed: int, link: twohost.LinkSpec | None = None) -> Result:
     warm_memory(bench.warm_mib(memory) << 20)
     append = f"seed={seed} order={order} cpus={VCPUS}"
-    if variant.startswith("qemu"):
-        return qemu_postcopy(bench.workdir, kernel, append, memory,
-                             preempt=variant.endswith("preempt"), link=link)
-    return uffdd_postcopy(bench, testvm, kernel, append, memory,
-                          minor=variant.endswith("minor"),
-                          demand_dscp="off" if variant == UNMARKED else None)
+    profile = bool(getattr(bench.args, "thread_profile", False))
+    with threadprof.ThreadSampler(PROFILED if profile else ()) as sampler:
+        if variant.startswith("qemu"):
+            r = qemu_postcopy(bench.workdir, kernel, append, memory,
+                              preempt=variant.endswith("preempt"), link=link)
+        else:
+            r = uffdd_postcopy(bench, testvm, kernel, append, memory,
+                               minor=variant.endswith("minor"),
+                               demand_dscp="off" if variant == UNMARKED else None)
+    start, end = cast("tuple[float, float]", r.pop(WINDOW))
+    if profile:
+        r["threads"] = sampler.window(start, end)
+    return r
 
 
 # ====================================================================== QEMU
@@ -289,6 +303,7 @@ def _qemu_postcopy(workdir: Path, kernel: Path, append: str, memory: int, preemp
         "written_to_switchover_s": round(t_stop - t_written, 3),
         "guest_verify_s": round(t_verdict - t_go, 3),
         "guest": verdict, "guest_exit_status": exit_status, "guest_clean": clean,
+        WINDOW: (t_stop, t_done),
     }
 
 
@@ -389,6 +404,7 @@ def uffdd_postcopy(bench: Bench, testvm: Path, kernel: Path, append: str, memory
         "usage": usage,
         "guest": verdict, "ram_hash_match": ram_match,
         "guest_clean": bool(verdict["clean"]) and bool(d.get("verified")) and ram_match,
+        WINDOW: (t_stop, t_done),
     }
 
 
