@@ -568,9 +568,7 @@ async def handle_prepare(
         raise RequestError("bad-request", "prepare: give exactly one page source: 'peer' "
                            "(HOST:PORT of the source daemon), 'file' (the snapshot memory "
                            "file's path) or 'fd' (the snapshot file sent with the request)")
-    if sources != ["fd"] and fds:
-        raise RequestError("bad-fds", "prepare: fds came with the request, but only 'fd' "
-                           "takes one")
+    named = firecracker.fd_indices(body, len(fds))
     strategy, policy, deadline = _session_options(body, daemon, "prepare")
     wait = _seconds(body, "handover_deadline", firecracker.DEFAULT_HANDOVER_DEADLINE, "prepare")
     peer_address = ""
@@ -584,23 +582,31 @@ async def handle_prepare(
         token = protocol.token_bytes(body["token"])
         handover.check_peer_security(daemon.config.peer, peer_address)
     daemon.sessions.check_new_session("import", session_id)
-    file_fd = -1
-    if "fd" in body:
-        if body["fd"] != 0 or len(fds) != 1:
-            raise RequestError("bad-fds", "prepare: 'fd' is 0, with one fd sent: the file")
-        firecracker.check_snapshot_fd(fds[0])
-        file_fd = fds.pop()
-    elif "file" in body:
-        file_fd = firecracker.open_snapshot(str(body["file"]), conn.cred)
+    if ("warm_record" in named or "warm_replay" in named) and "peer" in body:
+        raise RequestError("bad-request", "prepare: warm restore ('warm_record', "
+                           "'warm_replay') needs a 'file' or 'fd' source")
+    replay = firecracker.read_replay(fds[named["warm_replay"]]) if "warm_replay" in named \
+        else None  # its fd is closed with the request's: the order is read whole
+    if "warm_record" in named:
+        firecracker.check_record_fd(fds[named["warm_record"]])
+    if "fd" in named:
+        firecracker.check_snapshot_fd(fds[named["fd"]])
+    taken = {key: fds[i] for key, i in named.items() if key != "warm_replay"}
+    fds[:] = [fd for fd in fds if fd not in taken.values()]  # owned here from now on
+    file_fd = taken.get("fd", -1)
+    record_fd = taken.get("warm_record", -1)
     try:
+        if "file" in body:
+            file_fd = firecracker.open_snapshot(str(body["file"]), conn.cred)
         session = firecracker.prepare(
             daemon.config, daemon.sessions, conn.cred,
             firecracker.Prepared(session_id, token, peer_address, file_fd, policy, deadline,
-                                 wait),
+                                 wait, record_fd, replay),
             strategy, lambda: firecracker.own_peer_address(daemon.config, daemon.peer_port))
     except BaseException:
-        if file_fd >= 0:
-            os.close(file_fd)
+        for fd in (file_fd, record_fd):
+            if fd >= 0:
+                os.close(fd)
         raise
     await daemon.start_session(session, conn)
     return {"session": session_id, "handover": session.handover}

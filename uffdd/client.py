@@ -177,8 +177,8 @@ class Client:
     def prepare(self, session: str, *, file: str | None = None, fd: int | None = None,
                 peer: str | None = None, token: bytes | None = None,
                 strategy: str | None = None, policy: str | None = None,
-                deadline: float | None = None, handover_deadline: float | None = None
-                ) -> str:
+                deadline: float | None = None, handover_deadline: float | None = None,
+                warm_record: int | None = None, warm_replay: int | None = None) -> str:
         """Prepare an import for Firecracker's UFFD handover; returns the handover socket
         path to give Firecracker as ``mem_backend.backend_path``.
 
@@ -186,12 +186,17 @@ class Client:
         opened by the daemon as this client could), ``fd`` (that file, open, sent with
         the request) or ``peer`` with the export's ``token`` (the source host's uffdd).
         This connection gets the session's events (README, "Using uffdd with
-        Firecracker").
+        Firecracker"). ``warm_record`` / ``warm_replay``: fds of a warm-order file, open
+        for writing (the demand order is recorded into it) or for reading (its order is
+        streamed first).
         """
         body: dict[str, Any] = {"op": "prepare", "session": session}
         fds: list[int] = []
         if fd is not None:
             body["fd"] = _index(fds, fd)
+        for key, warm in (("warm_record", warm_record), ("warm_replay", warm_replay)):
+            if warm is not None:
+                body[key] = _index(fds, warm)
         for key, value in (("file", file), ("peer", peer), ("token", token),
                            ("strategy", strategy), ("policy", policy), ("deadline", deadline),
                            ("handover_deadline", handover_deadline)):

@@ -62,7 +62,16 @@ from typing import Final
 
 import trio
 
-from uffdd import fcstore, handover, listeners, metrics, peer, protocol, strategies
+from uffdd import (
+    fcstore,
+    handover,
+    listeners,
+    metrics,
+    peer,
+    protocol,
+    strategies,
+    warmorder,
+)
 from uffdd._linux import scm, sdnotify, uffd
 from uffdd._linux.fds import OwnedFds
 from uffdd._linux.mem import buffer_address
@@ -156,6 +165,8 @@ class Prepared:
     policy: str
     deadline: float
     handover_deadline: float
+    warm_record_fd: int = -1  # warm restore: the record is written here; owned as file_fd
+    warm_replay: warmorder.Order | None = None  # warm restore: the order to stream first
 
 
 def open_snapshot(path: str, cred: scm.PeerCred) -> int:
@@ -203,6 +214,56 @@ def check_snapshot_fd(fd: int) -> None:
         raise RequestError("bad-fds", "prepare: the fd is not a regular file")
     if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
         raise RequestError("bad-fds", "prepare: the file fd is open write-only")
+
+
+#: ``prepare`` fields that name one of the request's fds (by index).
+FD_FIELDS: Final = ("fd", "warm_record", "warm_replay")
+
+
+def fd_indices(body: protocol.Message, count: int) -> dict[str, int]:
+    """Which of the request's ``count`` fds each fd field names: each one a different
+    index, and every fd sent named by one of them."""
+    named: dict[str, int] = {}
+    for key in FD_FIELDS:
+        if key not in body:
+            continue
+        value = body[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < count:
+            raise RequestError("bad-fds", f"prepare: '{key}' must be the index of one of "
+                               f"the {count} fds sent with the request")
+        if value in named.values():
+            raise RequestError("bad-fds", f"prepare: '{key}' names an fd another field "
+                               "names too")
+        named[key] = value
+    if len(named) != count:
+        raise RequestError("bad-fds", f"prepare: {count} fds came with the request, "
+                           f"{len(named)} of them named ({', '.join(FD_FIELDS)})")
+    return named
+
+
+def check_record_fd(fd: int) -> None:
+    """Warm restore: the record's fd, a regular file open for writing."""
+    import fcntl  # here: only these checks need it
+
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise RequestError("bad-fds", "prepare: the 'warm_record' fd is not a regular file")
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+        raise RequestError("bad-fds", "prepare: the 'warm_record' fd is open read-only")
+
+
+def read_replay(fd: int) -> warmorder.Order:
+    """Warm restore: read and check the recorded order now, so that a bad file is
+    refused by ``prepare`` rather than noticed at the handover."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise RequestError("bad-fds", "prepare: the 'warm_replay' fd is not a regular file")
+    try:
+        return warmorder.read_fd(fd)
+    except OSError as e:
+        raise RequestError("bad-fds", f"prepare: cannot read the 'warm_replay' fd: "
+                           f"{e.strerror}") from None
+    except warmorder.OrderError as e:
+        raise RequestError("bad-request", f"prepare: 'warm_replay' is not a valid warm-"
+                           f"order file: {e}") from None
 
 
 def handover_path(config: Config, session_id: str) -> str:
@@ -287,6 +348,10 @@ class FirecrackerSession(ImportSession):
     resident_removes: int = 0  # UFFD_EVENT_REMOVEs read in the resident state
     #: Taken over from the fd store by a restarted daemon (not handed over to this one).
     resumed: bool = False
+    warm_record_fd: int = -1  # warm restore (uffdd.warmorder): written once, at the end
+    warm_replay: warmorder.Order | None = None
+    warm_replay_state: str | None = None  # None (no replay), "used" or "ignored: why"
+    warm_recorded_pages: int | None = None  # pages in the record, once written
     _fc_sock: trio.socket.SocketType | None = field(default=None, init=False, repr=False)
     _fc_pidfd: int | None = field(default=None, init=False, repr=False)
     _last_refusal: str = field(default="", init=False, repr=False)
@@ -363,12 +428,12 @@ class FirecrackerSession(ImportSession):
         if self._fc_sock is not None:
             self._fc_sock.close()
             self._fc_sock = None
-        for fd in (self._fc_pidfd, self.file_fd):
+        for fd in (self._fc_pidfd, self.file_fd, self.warm_record_fd):
             if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._fc_pidfd = None
-        self.file_fd = -1
+        self.file_fd = self.warm_record_fd = -1
         super()._release()
 
     # -- waiting for Firecracker
@@ -521,10 +586,44 @@ class FirecrackerSession(ImportSession):
         except BaseException:
             os.close(fd)
             raise
+        self._warm_start(export)
         self.peer_address = address
         self.peer_session = export_id
         self.token = token
         await nursery.start(self._run_internal_export, export)
+
+    def _warm_start(self, export: ExportSession) -> None:
+        """Warm restore: record the demand order, and stream a recorded one first."""
+        state = export.export_state
+        if self.warm_record_fd >= 0:
+            state.recorder = warmorder.Recorder(state.layout)
+        if self.warm_replay is not None:
+            why = state.use_replay(self.warm_replay)
+            self.warm_replay_state = f"ignored: {why}" if why else "used"
+            if why:
+                log.warning("session=%s warm restore: the replay is ignored: %s",
+                            self.session_id, why)
+            else:
+                log.info("session=%s warm restore: streaming %d recorded pages (%d runs) "
+                         "first", self.session_id, self.warm_replay.pages,
+                         len(self.warm_replay.runs))
+
+    async def _warm_finish(self, export: ExportSession) -> None:
+        """Write the record once, when the internal export ended (off the fault path)."""
+        recorder = export.export_state.recorder
+        fd = self.warm_record_fd
+        if recorder is None or fd < 0:
+            return
+        order = recorder.order(export.state == "completed")
+        try:
+            nbytes = await trio.to_thread.run_sync(warmorder.write_fd, fd, order)
+        except OSError as e:
+            log.warning("session=%s warm restore: cannot write the record: %s",
+                        self.session_id, e)
+            return
+        self.warm_recorded_pages = order.pages
+        log.info("session=%s warm restore: recorded %d demanded pages in %d runs (%d "
+                 "bytes)", self.session_id, order.pages, len(order.runs), nbytes)
 
     async def _run_internal_export(self, export: ExportSession, *,
                                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -538,6 +637,8 @@ class FirecrackerSession(ImportSession):
             if not export.finished:
                 export.set_state("cancelled", f"its import session {self.session_id} ended")
             registry.finish(export)
+            with trio.CancelScope(shield=True):
+                await self._warm_finish(export)
 
     async def _watch_firecracker(self) -> None:
         """Firecracker's socket reaching EOF, or its exit (pidfd): the session ends."""
@@ -769,7 +870,9 @@ class FirecrackerSession(ImportSession):
                                    "source": self.source, "handover_refusals": self.refusals,
                                    "resident_faults": self.resident_faults,
                                    "resident_removes": self.resident_removes,
-                                   "resumed": self.resumed}
+                                   "resumed": self.resumed,
+                                   "warm_replay": self.warm_replay_state,
+                                   "warm_recorded_pages": self.warm_recorded_pages}
         if self._attached:
             status = {**super().status(), **extra}
             if self._latency_at_completion is not None:
@@ -810,6 +913,7 @@ def prepare(config: Config, registry: Registry, cred: scm.PeerCred, request: Pre
             deadline=request.deadline, handover=path,
             handover_deadline=request.handover_deadline, listener=listener,
             file_fd=request.file_fd, registry=registry, own_peer=own_peer,
+            warm_record_fd=request.warm_record_fd, warm_replay=request.warm_replay,
             # Not ImportSession's store (a VMM that re-imports): this session stores
             # its fds itself at the handover, with a description (_store_in_fdstore).
             use_fdstore=False,

@@ -179,8 +179,8 @@ REQUESTS: Final[dict[str, tuple[Field, ...]]] = {
     "prepare": (_OP, _ID, _SESSION,
                 _f("file", "str", False, "page source: the snapshot memory file on this "
                    "host (absolute path; the client must be able to read it)"),
-                _f("fd", "uint", False, "page source: `0`, the snapshot memory file sent as "
-                   "the request's one fd"),
+                _f("fd", "uint", False, "page source: the index of the snapshot memory "
+                   "file among the fds sent with the request (`0` when it is the only one)"),
                 _f("peer", "str", False, "page source: HOST:PORT of the source daemon that "
                    "exports the snapshot file"),
                 _f("token", "token", False, "with `peer`: the export's secret; ignored "
@@ -191,7 +191,14 @@ REQUESTS: Final[dict[str, tuple[Field, ...]]] = {
                    values=POLICIES),
                 _f("deadline", "float", False, "as for `import`", units="seconds"),
                 _f("handover_deadline", "float", False, "how long to wait for a valid "
-                   "Firecracker handover (default 60), in (0, 86400]", units="seconds")),
+                   "Firecracker handover (default 60), in (0, 86400]", units="seconds"),
+                _f("warm_record", "uint", False, "warm restore: the index of an fd sent with "
+                   "the request, a regular file open for writing; the order of the pages "
+                   "demanded is written to it once, when the restore ends (`file`/`fd` "
+                   "source)"),
+                _f("warm_replay", "uint", False, "warm restore: the index of an fd sent with "
+                   "the request, a warm-order file read now (a malformed one is refused); "
+                   "its pages are streamed first, in order (`file`/`fd` source)")),
     "status": (_OP, _ID, _f("session", "str", False, "only this session (default: every "
                             "session this connection may see)")),
     "subscribe": (_OP, _ID, _SESSION),
@@ -382,6 +389,11 @@ STATUS_ENTRY: Final = (
        "resident", roles=IMPORT),
     _f("resumed", "bool", False, "`prepare`: taken back from the fd store by a restarted "
        "daemon (Firecracker handed its uffd to an earlier one)", roles=IMPORT),
+    _f("warm_replay", "str", False, "`prepare` with `warm_replay`: `used`, or `ignored: "
+       "<why>` (recorded for other regions); nil without one", roles=IMPORT, nullable=True),
+    _f("warm_recorded_pages", "uint", False, "`prepare` with `warm_record`: demanded pages "
+       "written to the record (once the restore's export ended; nil before)", roles=IMPORT,
+       nullable=True, units=PAGES),
 )
 
 #: Rules the daemon does not meet yet (issue 14 is landing): (message, field) pairs whose

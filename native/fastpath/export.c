@@ -67,6 +67,7 @@ struct fpx_region {
 	uint64_t base;   /* FPX_MAP: the mapping's address; FPX_PID: the region's address in pid */
 	uint64_t offset; /* FPX_PREAD: file offset of the region's first page */
 	uint8_t *sent;   /* ExportState.sent row: a byte per page, 1 = sent or claimed */
+	uint8_t *demanded; /* warm-restore record: 1 = recorded (NULL: not recording) */
 	int32_t mode;
 	int32_t fd;  /* FPX_PREAD */
 	int32_t pid; /* FPX_PID */
@@ -84,6 +85,9 @@ struct fpx_lane {
 	uint64_t scratch_len;  /* FPX_BATCH_PAGES * the largest page size */
 	uint64_t *ctl;         /* FPX_CTL_WORDS shared words */
 	uint64_t max_header;   /* FrameSocket.max_header */
+	uint64_t *order;       /* warm-restore record (uffdd.warmorder.Recorder): entries ... */
+	uint64_t *order_count; /* ... how many were taken (atomic; may pass order_cap) ... */
+	uint64_t order_cap;    /* ... and room for this many; order NULL: not recording */
 	int64_t spin_ns;       /* busy-poll this long after answering before sleeping */
 	int32_t fd;
 	int32_t return_ms;
@@ -218,6 +222,28 @@ static int fpx_send_all(struct fpx_lane *l, struct iovec *iov, int cnt)
 	return 0;
 }
 
+/* Record each page of the batch the first time it is demanded, in order (the Python
+ * loop's Recorder.add): a byte per page says "recorded", one entry per page, region <<
+ * 40 | page. The count is taken with an atomic add, so the rare second demand lane
+ * (a link being replaced) cannot make two entries share a slot; a page both lanes
+ * record at once appears twice, which Python drops when it writes the record. */
+static void fpx_record(struct fpx_lane *l, const struct fpx_req *b, int nb)
+{
+	for (int i = 0; i < nb; i++) {
+		uint8_t *seen = b[i].region->demanded;
+		if (!seen)
+			continue;
+		for (uint64_t p = b[i].p; p < b[i].p + b[i].n; p++) {
+			if (seen[p])
+				continue;
+			seen[p] = 1;
+			uint64_t at = __atomic_fetch_add(l->order_count, 1, __ATOMIC_RELAXED);
+			if (at < l->order_cap)
+				l->order[at] = b[i].r << FPX_HINT_REGION_SHIFT | p;
+		}
+	}
+}
+
 /* Mark the batch's pages sent so the bulk lanes skip them, and steer bulk after the
  * last one (exporter._claim). Without the state lock: a bulk lane that claimed one of
  * these pages a moment earlier sends it too, and the destination installs a page once
@@ -228,6 +254,8 @@ static void fpx_claim(struct fpx_lane *l, const struct fpx_req *b, int nb)
 {
 	for (int i = 0; i < nb; i++)
 		memset(b[i].region->sent + b[i].p, 1, b[i].n);
+	if (l->order)
+		fpx_record(l, b, nb);
 	const struct fpx_req *last = &b[nb - 1];
 	uint64_t hint = FPX_HINT_VALID | last->r << FPX_HINT_REGION_SHIFT |
 			((last->p + last->n) & FPX_HINT_PAGE_MASK);

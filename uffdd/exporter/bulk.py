@@ -21,8 +21,18 @@ Header = _AbcMapping[str, object]
 
 def _next_run(state: ExportState, cursor: tuple[int, int], max_bytes: int
               ) -> tuple[ExportRegion, int, int] | None:
-    """Claim the next run of unsent pages at or after ``cursor`` (wrapping around)."""
+    """Claim the next run of unsent pages: a warm restore's recorded runs first, in
+    their order; then at or after ``cursor`` (wrapping around), or the demand hint.
+
+    Demand requests still jump the queue (the demand lane answers them, whatever bulk
+    does); while the replay lasts the hint is dropped, so bulk does not leave the
+    recorded order for the neighbourhood of a fault the record will reach anyway.
+    Without the background stream (``[peer] background = false``) only the replay is
+    streamed, then the lane ends as it would have at once."""
     with state.lock:
+        run = _next_replay_run(state, max_bytes)
+        if run is not None or not state.background:
+            return run
         if state.hint is not None:
             cursor, state.hint = state.hint, None
         order = list(range(cursor[0], len(state.regions))) + list(range(cursor[0]))
@@ -41,6 +51,28 @@ def _next_run(state: ExportState, cursor: tuple[int, int], max_bytes: int
             row[page:end] = b"\x01" * (end - page)
             state.pages_sent += end - page
             return region, page, end - page
+    return None
+
+
+def _next_replay_run(state: ExportState, max_bytes: int
+                     ) -> tuple[ExportRegion, int, int] | None:
+    """The next unsent pages of the replay's runs (the caller holds the lock)."""
+    while state.replay_at < len(state.replay):
+        r, first, count = state.replay[state.replay_at]
+        row = state.sent[r]
+        page = row.find(0, first, first + count)
+        if page < 0:  # sent whole (by bulk, or demanded): the next run
+            state.replay_at += 1
+            continue
+        region = state.regions[r]
+        limit = min(first + count, page + max(1, max_bytes // region.page_size))
+        end = row.find(1, page, limit)
+        end = limit if end < 0 else end
+        row[page:end] = b"\x01" * (end - page)
+        state.pages_sent += end - page
+        state.pages_replayed += end - page
+        state.hint = None
+        return region, page, end - page
     return None
 
 
@@ -64,7 +96,7 @@ def _stream(fs: FrameSocket, state: ExportState, reader: PageReader,
             metrics: SessionMetrics) -> None:
     cursor = (0, 0)
     try:
-        while state.background:
+        while state.background or state.replay_at < len(state.replay):
             if _done_arrived(fs, state):  # demand faults brought every page first
                 return
             run = _next_run(state, cursor, state.chunk_bytes)

@@ -42,7 +42,8 @@ class _CRegion(ctypes.Structure):
 
     _fields_ = (("pages", ctypes.c_uint64), ("page_size", ctypes.c_uint64),
                 ("base", ctypes.c_uint64), ("offset", ctypes.c_uint64),
-                ("sent", ctypes.c_void_p), ("mode", ctypes.c_int32), ("fd", ctypes.c_int32),
+                ("sent", ctypes.c_void_p), ("demanded", ctypes.c_void_p),
+                ("mode", ctypes.c_int32), ("fd", ctypes.c_int32),
                 ("pid", ctypes.c_int32), ("pad", ctypes.c_int32))
 
 
@@ -54,6 +55,8 @@ class _CLane(ctypes.Structure):
                 ("start", ctypes.c_uint64), ("end", ctypes.c_uint64),
                 ("scratch", ctypes.c_void_p), ("scratch_len", ctypes.c_uint64),
                 ("ctl", ctypes.c_void_p), ("max_header", ctypes.c_uint64),
+                ("order", ctypes.c_void_p), ("order_count", ctypes.c_void_p),
+                ("order_cap", ctypes.c_uint64),
                 ("spin_ns", ctypes.c_int64), ("fd", ctypes.c_int32),
                 ("return_ms", ctypes.c_int32), ("integrity", ctypes.c_int32),
                 ("pad", ctypes.c_int32),
@@ -140,6 +143,13 @@ class _CDemandLane:
             lane.fd = self.fd
             lane.return_ms = _C_RETURN_MS
             lane.integrity = 1 if state.integrity else 0
+            recorder = state.recorder
+            if recorder is not None:  # a warm restore's record (uffdd.warmorder)
+                lane.order = ctypes.addressof(recorder.entries)
+                lane.order_count = ctypes.addressof(recorder.count)
+                lane.order_cap = recorder.capacity
+                for c, seen in zip(self.c_regions, recorder.seen, strict=True):
+                    c.demanded = self._pin(seen)
             self._bind_rows()
         except BaseException:
             self.close()

@@ -131,12 +131,16 @@ def _request(state: ExportState, header: protocol.Message) -> tuple[ExportRegion
 
 
 def _claim(state: ExportState, batch: list[tuple[ExportRegion, int, int]]) -> None:
-    """Mark requested pages sent (the bulk lanes skip them) and steer bulk after them."""
+    """Mark requested pages sent (the bulk lanes skip them), steer bulk after them, and
+    record them for a warm restore (export.c's fpx_claim does the same)."""
     with state.lock:
+        recorder = state.recorder
         for region, p, n in batch:
             row = state.sent[region.index]
             for page in range(p, p + n):
                 row[page] = 1
             state.pages_demand += n
+            if recorder is not None:
+                recorder.add(region.index, p, n)
         region, p, n = batch[-1]
         state.hint = (region.index, p + n)

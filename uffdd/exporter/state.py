@@ -14,7 +14,7 @@ from collections.abc import Mapping as _AbcMapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from uffdd import protocol
+from uffdd import protocol, warmorder
 from uffdd._linux.mem import Mapping, is_hugetlb_fd
 from uffdd.errors import ProtocolError
 
@@ -103,6 +103,12 @@ class ExportState:
     # shared with the demand lane's C loop: the bulk lanes' hint, "fault injection active"
     control: DemandControl = field(default_factory=lambda: DemandControl(), init=False,
                                    repr=False)
+    # Warm restore (uffdd.warmorder): the demand order recorded, and a recorded order
+    # the bulk lanes stream first (runs of (region, first page, pages)).
+    recorder: warmorder.Recorder | None = None
+    replay: tuple[tuple[int, int, int], ...] = ()
+    replay_at: int = 0  # the first run of ``replay`` not yet sent whole
+    pages_replayed: int = 0  # pages the bulk lanes sent because the replay listed them
     _corrupt: int = field(default=0, init=False, repr=False)
     region_pages: list[int] = field(default_factory=list, init=False, repr=False)
 
@@ -123,6 +129,19 @@ class ExportState:
         with self.lock:
             for row in self.sent:
                 row[:] = bytes(len(row))
+            self.replay_at = 0  # what the destination lacks is streamed in order again
+
+    @property
+    def layout(self) -> warmorder.Layout:
+        """The regions as a warm-order record describes them (file offset, size, page)."""
+        return warmorder.layout_of([(r.offset, r.size, r.page_size) for r in self.regions])
+
+    def use_replay(self, order: warmorder.Order) -> str:
+        """Stream ``order``'s runs first; '' or why it does not fit (then it is unused)."""
+        why = warmorder.mismatch(order, self.layout)
+        if not why:
+            self.replay, self.replay_at = order.runs, 0
+        return why
 
     @property
     def corrupt_frames(self) -> int:
