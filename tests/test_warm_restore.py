@@ -62,6 +62,13 @@ def test_format_round_trip_and_recorder_coalesces() -> None:
     assert warmorder.decode(warmorder.encode(order)) == order
 
 
+def test_replay_streams_whole_blocks_in_first_recorded_order() -> None:
+    order = _order(((1, 20, 1), (0, 63, 1), (1, 3, 1), (0, 0, 17), (1, 17, 2)))
+    assert warmorder.blocks(order) == ((1, 16, 16), (0, 48, 16), (1, 0, 16), (0, 0, 32))
+    huge = warmorder.Order(((0, 8 << 20, 2 << 20),), ((0, 2, 1), (0, 0, 1)))
+    assert warmorder.blocks(huge) == ((0, 2, 1), (0, 0, 1))  # a 2 MiB page is a block
+
+
 def _damaged(kind: str) -> bytes:
     good = warmorder.encode(_order(((1, 0, 4), (0, 60, 4))))
     if kind == "magic":
@@ -223,17 +230,20 @@ def test_partial_replay_streams_its_order_and_the_record_holds_what_was_demanded
     pages = 4 * MIB // PAGE
     half = pages // 2
     layout = ((0, half * PAGE, PAGE), (half * PAGE, half * PAGE, PAGE))
-    runs = ((1, 10, 10), (0, 5, 3), (1, 0, 2))
+    runs = ((1, 10, 10), (0, 5, 3), (1, 40, 2))
     replay = tmp_path / "replay.order"
     replay.write_bytes(warmorder.encode(warmorder.Order(layout, runs)))
+    # streamed as whole 64 KiB blocks (16 pages) around the recorded pages, in order
+    streamed = warmorder.blocks(warmorder.Order(layout, runs))
+    assert streamed == ((1, 0, 32), (0, 0, 16), (1, 32, 16))
     record = tmp_path / "record.order"
     st = _restore(testvm, dest, snap, tmp_path, record=record, replay=replay,
-                  replayed_pages=15)
+                  replayed_pages=64)
     assert st["warm_replay"] == "used"
-    assert st["pages_background"] == 15 and st["pages_demand"] == pages - 15, st
+    assert st["pages_background"] == 64 and st["pages_demand"] == pages - 64, st
     got = warmorder.decode(record.read_bytes())
-    assert got.runs == ((0, 0, 5), (0, 8, half - 8), (1, 2, 8), (1, 20, half - 20))
-    assert st["warm_recorded_pages"] == pages - 15
+    assert got.runs == ((0, 16, half - 16), (1, 48, half - 48)), got.runs
+    assert st["warm_recorded_pages"] == pages - 64
 
 
 def test_replay_for_other_regions_is_ignored(testvm: Path, dest: harness.DaemonProcess,

@@ -218,6 +218,38 @@ class Recorder:
         return Order(self.layout, tuple(runs), flags)
 
 
+#: A replay streams whole aligned blocks of this many bytes around each recorded page
+#: (one page for 2 MiB pages): a record is mostly single pages, and a frame per page
+#: made a replayed stream several times slower than a sequential one (README, "Warm
+#: restore", measured).
+REPLAY_BLOCK_BYTES: Final = 64 * 1024
+
+
+def blocks(order: Order) -> tuple[tuple[int, int, int], ...]:
+    """The runs a replay streams: each recorded run widened to the aligned blocks that
+    hold it, each block once, in the order of its first recorded page."""
+    out: list[tuple[int, int, int]] = []
+    taken = [bytearray((size // page + _per(page) - 1) // _per(page))
+             for _o, size, page in order.layout]
+    for r, first, count in order.runs:
+        _o, size, page = order.layout[r]
+        per, pages = _per(page), size // page
+        for b in range(first // per, (first + count - 1) // per + 1):
+            if taken[r][b]:
+                continue
+            taken[r][b] = 1
+            start, end = b * per, min(pages, (b + 1) * per)
+            if out and out[-1][0] == r and out[-1][1] + out[-1][2] == start:
+                out[-1] = (r, out[-1][1], out[-1][2] + end - start)
+            else:
+                out.append((r, start, end - start))
+    return tuple(out)
+
+
+def _per(page: int) -> int:
+    return max(1, REPLAY_BLOCK_BYTES // page)
+
+
 def layout_of(regions: Sequence[tuple[int, int, int]]) -> Layout:
     return tuple((int(o), int(s), int(p)) for o, s, p in regions)
 

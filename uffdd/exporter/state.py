@@ -140,7 +140,7 @@ class ExportState:
         """Stream ``order``'s runs first; '' or why it does not fit (then it is unused)."""
         why = warmorder.mismatch(order, self.layout)
         if not why:
-            self.replay, self.replay_at = order.runs, 0
+            self.replay, self.replay_at = warmorder.blocks(order), 0
         return why
 
     @property

@@ -655,16 +655,50 @@ class Bench:
                 runs[name] = self.repeated(
                     lambda v=vcpus, r=remote, b=background, f=path, i=idle:  # type: ignore[misc]
                     self._fc_run(testvm, f, seed, v, r, background=b, idle_guest=i))
+            warm = self._fc_warm(testvm, {"demand_only": (small, False),
+                                          "with_stream": (snap, True)}, seed)
         finally:
             snap.unlink(missing_ok=True)
             small.unlink(missing_ok=True)
         return {"memory_mib": mem >> 20, "demand_only_memory_mib": demand >> 20, "regions": 2,
                 "order": "seq", "page_cache": "hot (the snapshot file was just written)",
-                "uffdd": runs,
-                "warm_restore": "not available (no recorded fault order in this daemon)"}
+                "uffdd": runs, "warm_restore": warm}
+
+    def _fc_warm(self, testvm: Path, snaps: dict[str, tuple[Path, bool]], seed: int
+                 ) -> Result:
+        """Cold vs warm restore, back to back on fresh daemons, ``repeat`` pairs per mode:
+        the cold one records its demand order (``warm_record``), the warm one replays it
+        (``warm_replay``). 4 vCPUs reading every page in a random order (no locality for
+        a stream to follow). ``snaps``: mode -> (snapshot, background stream on)."""
+        order = self.workdir / "fc-snapshot.mem.order"
+        out: Result = {"vcpus": 4, "order": "rand"}
+        keys = ("pages_demand", "faults", "vcpu_blocked_s", "guest_seconds", "all_present_s")
+        try:
+            for mode, (snap, background) in snaps.items():
+                pairs: list[tuple[Result, Result]] = []
+                for _ in range(self.repeat):
+                    order.unlink(missing_ok=True)
+                    cold = self._fc_run(testvm, snap, seed, 4, False, background=background,
+                                        idle_guest=False, order="rand", warm_record=order)
+                    warm = self._fc_run(testvm, snap, seed, 4, False, background=background,
+                                        idle_guest=False, order="rand", warm_replay=order)
+                    warm["order_file_bytes"] = order.stat().st_size
+                    pairs.append((cold, warm))
+                cold_m = _median_dict([c for c, _w in pairs])
+                warm_m = _median_dict([w for _c, w in pairs])
+                row: Result = {"background": background, "cold": cold_m, "warm": warm_m,
+                               "warm_over_cold": {k: _ratio(warm_m.get(k), cold_m.get(k))
+                                                  for k in keys}}
+                if self.repeat > 1:
+                    row["pairs"] = [{"cold": c, "warm": w} for c, w in pairs]
+                out[mode] = row
+        finally:
+            order.unlink(missing_ok=True)
+        return out
 
     def _fc_run(self, testvm: Path, snap: Path, seed: int, vcpus: int, remote: bool, *,
-                background: bool, idle_guest: bool) -> Result:
+                background: bool, idle_guest: bool, order: str = "seq",
+                warm_record: Path | None = None, warm_replay: Path | None = None) -> Result:
         self._n += 1
         name = f"fc{self._n}"
         handover_dir = self.workdir / f"{name}-ho"
@@ -696,10 +730,23 @@ class Bench:
                 body |= {"peer": src.peer, "token": token}
             else:
                 body["file"] = str(snap)
-            with Client(dst.api_socket, timeout=600) as c:
-                handover = c.request(body)["handover"]
-                return _fc_standin(c, testvm, str(handover), snap, seed, vcpus, session, dst,
-                                   idle_guest=idle_guest)
+            fds: list[int] = []
+            try:
+                if warm_record is not None:  # the orchestrator opens it, the daemon writes
+                    body["warm_record"] = len(fds)
+                    fds.append(os.open(warm_record, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+                                       0o600))
+                if warm_replay is not None:
+                    body["warm_replay"] = len(fds)
+                    fds.append(os.open(warm_replay, os.O_RDONLY | os.O_CLOEXEC))
+                with Client(dst.api_socket, timeout=600) as c:
+                    handover = c.request(body, fds)["handover"]
+                    return _fc_standin(c, testvm, str(handover), snap, seed, vcpus, session,
+                                       dst, idle_guest=idle_guest, order=order,
+                                       recording=warm_record is not None)
+            finally:
+                for fd in fds:
+                    os.close(fd)
         finally:
             if exporter is not None:
                 exporter.close()
@@ -742,14 +789,15 @@ FC_DEMAND_BYTES: Final = 256 << 20
 
 
 def _fc_standin(c: Client, testvm: Path, handover: str, snap: Path, seed: int, vcpus: int,
-                session: str, dst: harness.DaemonProcess, *, idle_guest: bool) -> Result:
+                session: str, dst: harness.DaemonProcess, *, idle_guest: bool,
+                order: str = "seq", recording: bool = False) -> Result:
     """Run the stand-in on a prepared session; its figures and the daemon's.
 
     ``idle_guest``: the guest starts only after ``completed`` (the stream alone, without
     the emulated vCPUs competing for this machine's two CPUs)."""
     proc = subprocess.Popen([str(testvm), "firecracker", "--handover", handover, "--snapshot",
                              str(snap), "--seed", str(seed), "--vcpus", str(vcpus),
-                             "--regions", "2", "--hold", "--timeout", "600",
+                             "--regions", "2", "--hold", "--timeout", "600", "--order", order,
                              *(["--wait-go"] if idle_guest else [])],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -783,6 +831,12 @@ def _fc_standin(c: Client, testvm: Path, handover: str, snap: Path, seed: int, v
             event = c.wait_finished(session, 600)
             t_all = time.monotonic() - t_handover
         status = _session_status(dst, session)
+        deadline = time.monotonic() + 60
+        while recording and status.get("warm_recorded_pages") is None:  # written at the end
+            if time.monotonic() > deadline:
+                raise BenchError(f"the warm-order record was never written: {status}")
+            time.sleep(0.05)
+            status = _session_status(dst, session)
         if event.get("event") != "completed" or result.get("verified") is not True:
             raise BenchError(f"restore not byte-exact: {event} {result}")
         proc.stdin.write("quit\n")
@@ -805,7 +859,10 @@ def _fc_standin(c: Client, testvm: Path, handover: str, snap: Path, seed: int, v
             "daemon_p50_us": status.get("demand_latency_p50_us"),
             "daemon_p99_us": status.get("demand_latency_p99_us"),
             "faults": status.get("faults"), "pages_demand": status.get("pages_demand"),
-            "pages_background": status.get("pages_background")}
+            "pages_background": status.get("pages_background"),
+            "vcpu_blocked_s": _scrape(dst, "uffdd_vcpu_blocked_seconds_total"),
+            "warm_replay": status.get("warm_replay"),
+            "warm_recorded_pages": status.get("warm_recorded_pages")}
 
 
 def _splitmix64(x: int) -> int:
@@ -970,7 +1027,14 @@ def _scenario_rows(name: str, s: Result) -> list[tuple[str, str, object, object,
             rows.append((name, f"{run} p50 / p99 µs (daemon)",
                          _slash(r.get("daemon_p50_us"), r.get("daemon_p99_us")), None, None))
             rows.append((name, f"{run} all pages present s", r.get("all_present_s"), None, None))
-        rows.append((name, "warm restore", s.get("warm_restore"), None, None))
+        warm = s.get("warm_restore")
+        for mode in ("demand_only", "with_stream"):
+            pair = warm.get(mode) if isinstance(warm, dict) else None
+            if not isinstance(pair, dict):
+                continue
+            for key in ("pages_demand", "vcpu_blocked_s", "guest_seconds", "all_present_s"):
+                rows.append((name, f"warm restore {mode} {key} cold / warm",
+                             _slash(pair["cold"].get(key), pair["warm"].get(key)), None, None))
     elif name == "kvm":
         rows.append((name, "seconds (whole run)", u.get("seconds"), None, None))
         rows.append((name, "migration s (import->completed)", u.get("migration_seconds"),
