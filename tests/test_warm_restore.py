@@ -12,11 +12,13 @@ are exact, not a race. Also unit tests of the file format (pure logic).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import zlib
@@ -331,3 +333,27 @@ def test_record_written_is_crc_checked(tmp_path: Path) -> None:
     data = path.read_bytes()
     assert len(data) == n and warmorder.decode(data) == order
     assert struct.unpack_from("<I", data, 24)[0] == zlib.crc32(data[32:])
+
+
+@pytest.mark.slow  # the whole firecracker-restore scenario: 10-20 s here
+def test_bench_reports_cold_and_warm_pairs(testvm: Path) -> None:
+    """``uffdd bench --scenario firecracker-restore`` runs a recording cold restore and a
+    replaying warm one per mode, and reports both with their ratios."""
+    proc = subprocess.run([sys.executable, "-m", "uffdd", "bench", "--quick", "--fc-mib", "8",
+                           "--scenario", "firecracker-restore", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warm = json.loads(proc.stdout)["scenarios"]["firecracker-restore"]["warm_restore"]
+    pages = 8 * MIB // PAGE
+    for mode, background in (("demand_only", False), ("with_stream", True)):
+        pair = warm[mode]
+        assert pair["background"] is background
+        assert pair["cold"]["warm_replay"] is None and pair["warm"]["warm_replay"] == "used"
+        # a page demanded while the stream had it in flight counts as streamed at the
+        # destination, but it was demanded: it is in the record
+        assert pair["cold"]["warm_recorded_pages"] >= pair["cold"]["pages_demand"]
+        assert pair["warm"]["order_file_bytes"] > 0
+        assert set(pair["warm_over_cold"]) >= {"pages_demand", "vcpu_blocked_s",
+                                               "guest_seconds", "all_present_s"}
+    # demand only: the cold restore demanded (so recorded) every page
+    assert warm["demand_only"]["cold"]["warm_recorded_pages"] == pages
