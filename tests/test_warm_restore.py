@@ -157,25 +157,59 @@ def _poll(client: Client, session: str, ok: Any, what: str) -> dict[str, Any]:
     raise AssertionError(f"{what}: {client.status(session)}")
 
 
+def _warm_fds(stack: contextlib.ExitStack, record: Path | None, replay: Path | None
+              ) -> dict[str, int]:
+    """The orchestrator opens the order files; the daemon gets fds."""
+    fds: dict[str, int] = {}
+    if record is not None:
+        fds["warm_record"] = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        stack.callback(os.close, fds["warm_record"])
+    if replay is not None:
+        fds["warm_replay"] = os.open(replay, os.O_RDONLY | os.O_CLOEXEC)
+        stack.callback(os.close, fds["warm_replay"])
+    return fds
+
+
+def _export(stack: contextlib.ExitStack, source: harness.DaemonProcess, snap: Path,
+            session: str, token: bytes, fds: dict[str, int]) -> Client:
+    """The source host exports the snapshot file (two regions, as the stand-in splits
+    it) with the warm fds after the file's."""
+    size = snap.stat().st_size
+    half = size // 2
+    src = stack.enter_context(Client(source.api_socket))
+    fd = os.open(snap, os.O_RDONLY | os.O_CLOEXEC)
+    stack.callback(os.close, fd)
+    sent = [fd, *fds.values()]
+    body = {"op": "export", "session": session, "token": token,
+            "regions": [{"gpa": off, "size": half, "page_size": PAGE, "fd": 0, "offset": off}
+                        for off in (0, half)],
+            **{key: i + 1 for i, key in enumerate(fds)}}
+    src.request(body, sent)
+    return src
+
+
 def _restore(testvm: Path, dest: harness.DaemonProcess, snap: Path, workdir: Path, *,
              record: Path | None = None, replay: Path | None = None,
-             replayed_pages: int | None = None) -> dict[str, Any]:
-    """One restore (2 regions, 1 vCPU, sequential reads); the final status entry.
+             replayed_pages: int | None = None,
+             source: harness.DaemonProcess | None = None) -> dict[str, Any]:
+    """One restore (2 regions, 1 vCPU, sequential reads); the final status entry (with
+    ``source``, a remote restore: the source host's export records and replays, and its
+    status entry is returned).
 
     With ``replay`` the guest starts only once the replay's ``replayed_pages`` arrived
     (counted by the importer, a wait with a deadline), so they are all present before
     anything faults."""
     session = f"warm-{secrets.token_hex(3)}"
-    fds: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
-        if record is not None:
-            fds["warm_record"] = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            stack.callback(os.close, fds["warm_record"])
-        if replay is not None:
-            fds["warm_replay"] = os.open(replay, os.O_RDONLY | os.O_CLOEXEC)
-            stack.callback(os.close, fds["warm_replay"])
+        fds = _warm_fds(stack, record, replay)
         client = stack.enter_context(Client(dest.api_socket))
-        handover = client.prepare(session, file=str(snap), **fds)
+        src: Client | None = None
+        if source is None:
+            handover = client.prepare(session, file=str(snap), **fds)
+        else:
+            token = secrets.token_bytes(16)
+            src = _export(stack, source, snap, session, token, fds)
+            handover = client.prepare(session, peer=source.peer, token=token)
         seed = 3
         args = ["--hold", "--vcpus", "1", "--regions", "2", "--order", "seq"]
         vm = StandIn(testvm, handover, snap, seed, [*args, *(["--wait-go"] if replay else [])],
@@ -193,7 +227,13 @@ def _restore(testvm: Path, dest: harness.DaemonProcess, snap: Path, workdir: Pat
         assert ev["event"] == "completed", (ev, dest.log_text()[-3000:])
         assert_byte_exact(result, snap.stat().st_size // PAGE)
         st = client.status(session)[0]
-        if record is not None:
+        if src is not None:
+            assert src.wait_finished(session, TIMEOUT)["event"] == "completed"
+            export = src.status(session)[0]
+            if record is not None:
+                assert export["warm_recorded_pages"] is not None, export
+            st = {**st, "warm_recorded_pages": export.get("warm_recorded_pages")}
+        elif record is not None:
             st = _poll(client, session, lambda s: s["warm_recorded_pages"] is not None,
                        "no record written")
         end(vm, client, session)
@@ -246,6 +286,37 @@ def test_partial_replay_streams_its_order_and_the_record_holds_what_was_demanded
     got = warmorder.decode(record.read_bytes())
     assert got.runs == ((0, 16, half - 16), (1, 48, half - 48)), got.runs
     assert st["warm_recorded_pages"] == pages - 64
+
+
+def test_remote_record_then_replay(testvm: Path, dest: harness.DaemonProcess,
+                                   tmp_path: Path) -> None:
+    """A remote restore: the source host's export records (next to its snapshot file)
+    and replays; the same counts as locally."""
+    snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 4 * MIB, seed=3)
+    pages = 4 * MIB // PAGE
+    order_file = tmp_path / "snapshot.mem.order"
+    with _destination(tmp_path / "source", "auto") as source:
+        cold = _restore(testvm, dest, snap, tmp_path, record=order_file, source=source)
+        assert cold["pages_demand"] == pages and cold["warm_recorded_pages"] == pages, cold
+        order = warmorder.decode(order_file.read_bytes())
+        assert order.runs == ((0, 0, pages // 2), (1, 0, pages // 2))
+        warm = _restore(testvm, dest, snap, tmp_path, replay=order_file, replayed_pages=pages,
+                        source=source)
+        assert warm["pages_demand"] == 0 and warm["pages_background"] == pages, warm
+
+
+def test_export_refuses_a_replay_for_other_regions(api_dest: harness.DaemonProcess,
+                                                   tmp_path: Path) -> None:
+    """An export knows its regions at once: a record made for others is refused."""
+    snap = tmp_path / "snapshot.mem"
+    snap.write_bytes(bytes(4 * MIB))
+    other = tmp_path / "other.order"
+    other.write_bytes(warmorder.encode(warmorder.Order(((0, 8 * MIB, PAGE),), ())))
+    with contextlib.ExitStack() as stack:
+        fds = _warm_fds(stack, None, other)
+        with pytest.raises(ClientError) as e:
+            _export(stack, api_dest, snap, "x", secrets.token_bytes(16), fds)
+        assert e.value.code == "bad-request" and "warm_replay" in e.value.message, e.value
 
 
 def test_replay_for_other_regions_is_ignored(testvm: Path, dest: harness.DaemonProcess,

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import trio
 
-from uffdd import firecracker, handover, metrics, protocol, schema, strategies
+from uffdd import firecracker, handover, metrics, protocol, schema, strategies, warmorder
 from uffdd._linux import scm, sdnotify
 from uffdd._linux.fds import OwnedFds
 from uffdd._linux.mem import Mapping
@@ -426,9 +426,11 @@ async def _sendall(sock: trio.socket.SocketType, data: bytes) -> None:
 # ---------------------------------------------------------------- handlers
 
 
-def _used_fds(specs: list[protocol.RegionSpec], fds: list[int], *keys: str) -> None:
-    """Every received fd is referenced, and every reference exists."""
-    used: set[int] = set()
+def _used_fds(specs: list[protocol.RegionSpec], fds: list[int], *keys: str,
+              others: frozenset[int] = frozenset()) -> None:
+    """Every received fd is referenced (by a region, or one of ``others``: fds named
+    by other fields), and every reference exists."""
+    used: set[int] = set(others)
     for i, spec in enumerate(specs):
         for key in keys:
             index = getattr(spec, key)
@@ -437,6 +439,9 @@ def _used_fds(specs: list[protocol.RegionSpec], fds: list[int], *keys: str) -> N
             if index >= len(fds):
                 raise RequestError("bad-fds", f"regions[{i}].{key} = {index}, but only "
                                    f"{len(fds)} fds came with the request")
+            if index in others:
+                raise RequestError("bad-fds", f"regions[{i}].{key} = {index} names a warm-"
+                                   "order fd")
             used.add(index)
     if len(used) != len(fds):
         raise RequestError("bad-fds", f"{len(fds)} fds came with the request but only "
@@ -462,8 +467,13 @@ async def handle_export(
     specs = _region_table(body, daemon, "export")
     pid = body.get("pid")
     regions: list[ExportRegion] = []
+    warm = firecracker.warm_fds(body, fds, "export")
+    replay = firecracker.read_replay(fds[warm["warm_replay"]]) if "warm_replay" in warm \
+        else None
+    if "warm_record" in warm:
+        firecracker.check_record_fd(fds[warm["warm_record"]])
     if isinstance(pid, int):
-        if fds:
+        if len(fds) > len(warm):
             raise RequestError("bad-fds", "export with 'pid' reads memory with process_vm_readv "
                                "and takes no fds")
         if pid != conn.cred.pid and conn.cred.uid != 0:
@@ -479,7 +489,7 @@ async def handle_export(
         for i, spec in enumerate(specs):
             if spec.fd < 0:
                 raise RequestError("bad-fds", f"regions[{i}]: needs 'fd' (or give 'pid')")
-        _used_fds(specs, fds, "fd")
+        _used_fds(specs, fds, "fd", others=frozenset(warm.values()))
         # A memfd (or shmem, hugetlbfs file), or a plain file: a snapshot's memory file
         # (Firecracker's PUT /snapshot/create), read with pread only.
         plain = {spec.fd: handover.is_plain_file(fds[spec.fd]) for spec in specs}
@@ -498,10 +508,16 @@ async def handle_export(
                 region.close()
             raise
     daemon.sessions.check_new_session("export", session_id)
+    record_fd = fds[warm["warm_record"]] if "warm_record" in warm else -1
     owned = OwnedFds.adopt(fds)  # from here the session closes them, whatever happens
     try:
         session = ExportSession(session_id, "export", token, conn.cred.pid, daemon.config,
-                                regions=regions, fds=owned)
+                                regions=regions, fds=owned, warm_record_fd=record_fd)
+        state = session.export_state
+        if session.warm_record_fd >= 0:
+            state.recorder = warmorder.Recorder(state.layout)
+        if replay is not None and (why := state.use_replay(replay)):
+            raise RequestError("bad-request", f"export: 'warm_replay' does not fit: {why}")
     except BaseException:
         for region in regions:
             region.close()
@@ -584,7 +600,8 @@ async def handle_prepare(
     daemon.sessions.check_new_session("import", session_id)
     if ("warm_record" in named or "warm_replay" in named) and "peer" in body:
         raise RequestError("bad-request", "prepare: warm restore ('warm_record', "
-                           "'warm_replay') needs a 'file' or 'fd' source")
+                           "'warm_replay') needs a 'file' or 'fd' source; for a remote "
+                           "one give them to the source host's 'export'")
     replay = firecracker.read_replay(fds[named["warm_replay"]]) if "warm_replay" in named \
         else None  # its fd is closed with the request's: the order is read whole
     if "warm_record" in named:

@@ -160,7 +160,14 @@ REQUESTS: Final[dict[str, tuple[Field, ...]]] = {
                _f("token", "token", True, "the per-session secret shared with the destination"),
                _f("pid", "uint", False, "anonymous memory: read from this process with "
                   "process_vm_readv (regions give `addr`; no fds)"),
-               _f("regions", "regions", True, "the source guest RAM (export region table)")),
+               _f("regions", "regions", True, "the source guest RAM (export region table)"),
+               _f("warm_record", "uint", False, "warm restore: the index of an fd sent with "
+                  "the request (not a region's), a regular file open for writing; the order "
+                  "of the pages demanded is written to it once, when the export ends"),
+               _f("warm_replay", "uint", False, "warm restore: the index of an fd sent with "
+                  "the request (not a region's), a warm-order file read now; one that is "
+                  "malformed or was recorded for other regions is refused; its pages are "
+                  "streamed first, in order")),
     "import": (_OP, _ID, _SESSION,
                _f("token", "token", True, "the session's secret, as given to the export"),
                _f("peer", "str", True, "the source host's uffdd peer address, HOST:PORT"),
@@ -391,8 +398,8 @@ STATUS_ENTRY: Final = (
        "daemon (Firecracker handed its uffd to an earlier one)", roles=IMPORT),
     _f("warm_replay", "str", False, "`prepare` with `warm_replay`: `used`, or `ignored: "
        "<why>` (recorded for other regions); nil without one", roles=IMPORT, nullable=True),
-    _f("warm_recorded_pages", "uint", False, "`prepare` with `warm_record`: demanded pages "
-       "written to the record (once the restore's export ended; nil before)", roles=IMPORT,
+    _f("warm_recorded_pages", "uint", False, "`prepare` or `export` with `warm_record`: "
+       "demanded pages written to the record (once the export side ended; nil before)",
        nullable=True, units=PAGES),
 )
 

@@ -13,7 +13,7 @@ from functools import partial
 
 import trio
 
-from uffdd import peer, protocol
+from uffdd import peer, protocol, warmorder
 from uffdd._linux.fds import OwnedFds
 from uffdd.config import join_host_port
 from uffdd.errors import PeerUnavailable, ProtocolError, UffddError
@@ -44,6 +44,10 @@ class ExportSession(SessionBase):
     #: The importing daemon's address, from its first demand lane (None before).
     peer_address: str | None = None
     reconnects: int = 0
+    #: Warm restore (uffdd.warmorder): one of ``fds``, the record is written to it once,
+    #: when the session ends (-1: not recording); pages written, once written.
+    warm_record_fd: int = -1
+    warm_recorded_pages: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,7 +77,27 @@ class ExportSession(SessionBase):
         nursery.start_soon(self._progress_loop)
 
     async def _until_end(self) -> None:
-        await self._done.wait()
+        try:
+            await self._done.wait()
+        finally:
+            if not self.handed_over:  # left to the next daemon: it records afresh
+                with trio.CancelScope(shield=True), trio.move_on_after(10):
+                    await self._write_warm_record()
+
+    async def _write_warm_record(self) -> None:
+        recorder = self.export_state.recorder
+        if self.warm_record_fd < 0 or recorder is None:
+            return
+        order = recorder.order(self.state == "completed")
+        try:
+            await trio.to_thread.run_sync(warmorder.write_fd, self.warm_record_fd, order)
+        except OSError as e:
+            log.warning("session=%s warm restore: cannot write the record: %s",
+                        self.session_id, e)
+            return
+        self.warm_recorded_pages = order.pages
+        log.info("session=%s warm restore: recorded %d demanded pages in %d runs",
+                 self.session_id, order.pages, len(order.runs))
 
     def attach_lane(self, lane: str, fs: peer.FrameSocket) -> None:
         """A destination lane authenticated for this session: serve it."""
@@ -235,6 +259,8 @@ class ExportSession(SessionBase):
             "reconnects": self.reconnects, "faults": 0, "reason": self.reason,
             "loop": "c" if peer.demand_library(self.config.peer) is not None else "python",
             "poisoned": self.poisoned_ranges(),
+            **({"warm_recorded_pages": self.warm_recorded_pages}
+               if self.warm_record_fd >= 0 else {}),
         }
 
 
