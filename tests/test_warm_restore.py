@@ -191,7 +191,8 @@ def _export(stack: contextlib.ExitStack, source: harness.DaemonProcess, snap: Pa
 def _restore(testvm: Path, dest: harness.DaemonProcess, snap: Path, workdir: Path, *,
              record: Path | None = None, replay: Path | None = None,
              replayed_pages: int | None = None,
-             source: harness.DaemonProcess | None = None) -> dict[str, Any]:
+             source: harness.DaemonProcess | None = None, hugetlb: bool = False
+             ) -> dict[str, Any]:
     """One restore (2 regions, 1 vCPU, sequential reads); the final status entry (with
     ``source``, a remote restore: the source host's export records and replays, and its
     status entry is returned).
@@ -211,11 +212,12 @@ def _restore(testvm: Path, dest: harness.DaemonProcess, snap: Path, workdir: Pat
             src = _export(stack, source, snap, session, token, fds)
             handover = client.prepare(session, peer=source.peer, token=token)
         seed = 3
-        args = ["--hold", "--vcpus", "1", "--regions", "2", "--order", "seq"]
+        args = ["--hold", "--vcpus", "1", "--regions", "2", "--order", "seq",
+                *(["--hugetlb"] if hugetlb else [])]
         vm = StandIn(testvm, handover, snap, seed, [*args, *(["--wait-go"] if replay else [])],
                      workdir)
         stack.callback(vm.kill)
-        accepted(client, session, vm)
+        accepted(client, session, vm, 2 * MIB if hugetlb else PAGE)
         if replay is not None:
             assert replayed_pages is not None
             _poll(client, session, lambda s: s["pages_background"] >= replayed_pages,
@@ -261,6 +263,22 @@ def test_record_then_replay(testvm: Path, dest: harness.DaemonProcess,
     warm = _restore(testvm, dest, snap, tmp_path, replay=order_file, replayed_pages=pages)
     assert warm["warm_replay"] == "used", warm
     assert warm["pages_demand"] == 0 and warm["pages_background"] == pages, warm
+
+
+@pytest.mark.hugetlb
+def test_record_then_replay_hugetlb_2m(testvm: Path, dest: harness.DaemonProcess,
+                                       tmp_path: Path, hugepages: None) -> None:
+    """2 MiB pages: recorded and replayed in units of the region's page size."""
+    snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 16 * MIB, seed=3)
+    order_file = tmp_path / "snapshot.mem.order"
+    cold = _restore(testvm, dest, snap, tmp_path, record=order_file, hugetlb=True)
+    assert cold["pages_demand"] == 8 and cold["warm_recorded_pages"] == 8, cold
+    order = warmorder.decode(order_file.read_bytes())
+    assert order.layout == ((0, 8 * MIB, 2 * MIB), (8 * MIB, 8 * MIB, 2 * MIB))
+    assert order.runs == ((0, 0, 4), (1, 0, 4))
+    warm = _restore(testvm, dest, snap, tmp_path, replay=order_file, replayed_pages=8,
+                    hugetlb=True)
+    assert warm["pages_demand"] == 0 and warm["pages_background"] == 8, warm
 
 
 def test_partial_replay_streams_its_order_and_the_record_holds_what_was_demanded(
