@@ -467,11 +467,11 @@ async def handle_export(
     specs = _region_table(body, daemon, "export")
     pid = body.get("pid")
     regions: list[ExportRegion] = []
-    warm = firecracker.warm_fds(body, fds, "export")
-    replay = firecracker.read_replay(fds[warm["warm_replay"]]) if "warm_replay" in warm \
+    warm = warmorder.warm_fds(body, fds, "export")
+    replay = warmorder.read_replay(fds[warm["warm_replay"]]) if "warm_replay" in warm \
         else None
     if "warm_record" in warm:
-        firecracker.check_record_fd(fds[warm["warm_record"]])
+        warmorder.check_record_fd(fds[warm["warm_record"]])
     if isinstance(pid, int):
         if len(fds) > len(warm):
             raise RequestError("bad-fds", "export with 'pid' reads memory with process_vm_readv "
@@ -584,7 +584,7 @@ async def handle_prepare(
         raise RequestError("bad-request", "prepare: give exactly one page source: 'peer' "
                            "(HOST:PORT of the source daemon), 'file' (the snapshot memory "
                            "file's path) or 'fd' (the snapshot file sent with the request)")
-    named = firecracker.fd_indices(body, len(fds))
+    named = warmorder.fd_indices(body, len(fds))
     strategy, policy, deadline = _session_options(body, daemon, "prepare")
     wait = _seconds(body, "handover_deadline", firecracker.DEFAULT_HANDOVER_DEADLINE, "prepare")
     peer_address = ""
@@ -602,10 +602,10 @@ async def handle_prepare(
         raise RequestError("bad-request", "prepare: warm restore ('warm_record', "
                            "'warm_replay') needs a 'file' or 'fd' source; for a remote "
                            "one give them to the source host's 'export'")
-    replay = firecracker.read_replay(fds[named["warm_replay"]]) if "warm_replay" in named \
+    replay = warmorder.read_replay(fds[named["warm_replay"]]) if "warm_replay" in named \
         else None  # its fd is closed with the request's: the order is read whole
     if "warm_record" in named:
-        firecracker.check_record_fd(fds[named["warm_record"]])
+        warmorder.check_record_fd(fds[named["warm_record"]])
     if "fd" in named:
         firecracker.check_snapshot_fd(fds[named["fd"]])
     taken = {key: fds[i] for key, i in named.items() if key != "warm_replay"}

@@ -216,62 +216,6 @@ def check_snapshot_fd(fd: int) -> None:
         raise RequestError("bad-fds", "prepare: the file fd is open write-only")
 
 
-#: ``prepare`` fields that name one of the request's fds (by index).
-FD_FIELDS: Final = ("fd", "warm_record", "warm_replay")
-
-
-def fd_indices(body: protocol.Message, count: int, keys: tuple[str, ...] = FD_FIELDS,
-               op: str = "prepare", every: bool = True) -> dict[str, int]:
-    """Which of the request's ``count`` fds each fd field of ``keys`` names: each one a
-    different index, and (``every``) every fd sent named by one of them."""
-    named: dict[str, int] = {}
-    for key in keys:
-        if key not in body:
-            continue
-        value = body[key]
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < count:
-            raise RequestError("bad-fds", f"{op}: '{key}' must be the index of one of "
-                               f"the {count} fds sent with the request")
-        if value in named.values():
-            raise RequestError("bad-fds", f"{op}: '{key}' names an fd another field "
-                               "names too")
-        named[key] = value
-    if every and len(named) != count:
-        raise RequestError("bad-fds", f"prepare: {count} fds came with the request, "
-                           f"{len(named)} of them named ({', '.join(FD_FIELDS)})")
-    return named
-
-
-def warm_fds(body: protocol.Message, fds: list[int], op: str) -> dict[str, int]:
-    """The warm-restore fields of an ``export`` (the region table names the rest)."""
-    return fd_indices(body, len(fds), ("warm_record", "warm_replay"), op, every=False)
-
-
-def check_record_fd(fd: int) -> None:
-    """Warm restore: the record's fd, a regular file open for writing."""
-    import fcntl  # here: only these checks need it
-
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        raise RequestError("bad-fds", "the 'warm_record' fd is not a regular file")
-    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
-        raise RequestError("bad-fds", "the 'warm_record' fd is open read-only")
-
-
-def read_replay(fd: int) -> warmorder.Order:
-    """Warm restore: read and check the recorded order now, so that a bad file is
-    refused by ``prepare`` rather than noticed at the handover."""
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        raise RequestError("bad-fds", "the 'warm_replay' fd is not a regular file")
-    try:
-        return warmorder.read_fd(fd)
-    except OSError as e:
-        raise RequestError("bad-fds", "cannot read the 'warm_replay' fd: "
-                           f"{e.strerror}") from None
-    except warmorder.OrderError as e:
-        raise RequestError("bad-request", "'warm_replay' is not a valid warm-"
-                           f"order file: {e}") from None
-
-
 def handover_path(config: Config, session_id: str) -> str:
     path = os.path.join(config.api.handover_dir, f"{session_id}.sock")
     if len(path.encode()) > SUN_PATH_MAX:
