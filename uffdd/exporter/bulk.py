@@ -20,8 +20,8 @@ from uffdd.peer import FrameSocket
 log = logging.getLogger("uffdd.export")
 Header = _AbcMapping[str, object]
 
-def _next_run(state: ExportState, cursor: tuple[int, int], max_bytes: int
-              ) -> tuple[ExportRegion, int, int] | None:
+def _next_run(state: ExportState, cursor: tuple[int, int], max_bytes: int, *,
+              replay: bool = True) -> tuple[ExportRegion, int, int] | None:
     """Claim the next run of unsent pages: a warm restore's recorded runs first, in
     their order; then at or after ``cursor`` (wrapping around), or the demand hint.
 
@@ -31,7 +31,7 @@ def _next_run(state: ExportState, cursor: tuple[int, int], max_bytes: int
     Without the background stream (``[peer] background = false``) only the replay is
     streamed, then the lane ends as it would have at once."""
     with state.lock:
-        run = _next_replay_run(state, max_bytes)
+        run = _next_replay_run(state, max_bytes) if replay else None
         if run is not None or not state.background:
             return run
         if state.hint is not None:
@@ -87,7 +87,7 @@ def _send_replay_batch(fs: FrameSocket, state: ExportState, reader: PageReader) 
     """Claim replayed runs worth up to a batch (at least one page) and send them with as
     few sendmsg calls as the iovec limit allows; the bytes sent (0: the replay is over)."""
     largest = max(r.page_size for r in state.regions)
-    budget = max(min(_REPLAY_BATCH_BYTES, state.chunk_bytes), largest)  # fits the scratch
+    budget = max(state.chunk_bytes, largest)  # fits the scratch
     batch: list[tuple[ExportRegion, int, int]] = []
     with state.lock:
         while budget >= largest:
@@ -127,16 +127,22 @@ def serve_bulk(fs: FrameSocket, state: ExportState, metrics: SessionMetrics, *,
 def _stream(fs: FrameSocket, state: ExportState, reader: PageReader,
             metrics: SessionMetrics) -> None:
     cursor = (0, 0)
+    turn = 0
     try:
         while state.background or state.replay_at < len(state.replay):
             if _done_arrived(fs, state):  # demand faults brought every page first
                 return
-            if state.replay_at < len(state.replay):
+            # With the background stream, replay batches and sequential chunks take
+            # turns: a replay streamed alone slowed the stream behind it, and a guest
+            # reading all its memory faulted more than with no replay (README, Warm
+            # restore, measured).
+            turn += 1
+            if state.replay_at < len(state.replay) and (not state.background or turn % 2):
                 nbytes = _send_replay_batch(fs, state, reader)
                 if nbytes:
                     metrics.sent("bulk", nbytes)
                     continue
-            run = _next_run(state, cursor, state.chunk_bytes)
+            run = _next_run(state, cursor, state.chunk_bytes, replay=False)
             if run is None:
                 break
             region, page, count = run
