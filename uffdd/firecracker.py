@@ -531,8 +531,11 @@ class FirecrackerSession(ImportSession):
         try:
             regions: list[ExportRegion] = [open_file_region(i, spec, fd)
                                            for i, spec in enumerate(export_specs(specs))]
+            # the record's fd stays this session's (closed at its release, after the
+            # export's end, where the export writes the record)
             export = ExportSession(export_id, "export", token, self.owner_pid, self.config,
-                                   regions=regions, fds=OwnedFds([fd]))
+                                   regions=regions, fds=OwnedFds([fd]),
+                                   warm_record_fd=self.warm_record_fd)
         except BaseException:
             os.close(fd)
             raise
@@ -558,23 +561,6 @@ class FirecrackerSession(ImportSession):
                          "first", self.session_id, self.warm_replay.pages,
                          len(self.warm_replay.runs))
 
-    async def _warm_finish(self, export: ExportSession) -> None:
-        """Write the record once, when the internal export ended (off the fault path)."""
-        recorder = export.export_state.recorder
-        fd = self.warm_record_fd
-        if recorder is None or fd < 0:
-            return
-        order = recorder.order(export.state == "completed")
-        try:
-            nbytes = await trio.to_thread.run_sync(warmorder.write_fd, fd, order)
-        except OSError as e:
-            log.warning("session=%s warm restore: cannot write the record: %s",
-                        self.session_id, e)
-            return
-        self.warm_recorded_pages = order.pages
-        log.info("session=%s warm restore: recorded %d demanded pages in %d runs (%d "
-                 "bytes)", self.session_id, order.pages, len(order.runs), nbytes)
-
     async def _run_internal_export(self, export: ExportSession, *,
                                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                                    ) -> None:
@@ -587,8 +573,7 @@ class FirecrackerSession(ImportSession):
             if not export.finished:
                 export.set_state("cancelled", f"its import session {self.session_id} ended")
             registry.finish(export)
-            with trio.CancelScope(shield=True):
-                await self._warm_finish(export)
+            self.warm_recorded_pages = export.warm_recorded_pages  # it wrote the record
 
     async def _watch_firecracker(self) -> None:
         """Firecracker's socket reaching EOF, or its exit (pidfd): the session ends."""
