@@ -23,7 +23,8 @@ Header = _AbcMapping[str, object]
 def _next_run(state: ExportState, cursor: tuple[int, int], max_bytes: int, *,
               replay: bool = True) -> tuple[ExportRegion, int, int] | None:
     """Claim the next run of unsent pages: a warm restore's recorded runs first, in
-    their order; then at or after ``cursor`` (wrapping around), or the demand hint.
+    their order (not with ``replay`` False: the sequential stream's turn, ``_stream``);
+    then at or after ``cursor`` (wrapping around), or the demand hint.
 
     Demand requests still jump the queue (the demand lane answers them, whatever bulk
     does); while the replay lasts the hint is dropped, so bulk does not leave the
