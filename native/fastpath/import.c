@@ -35,7 +35,9 @@
 
 #define API __attribute__((visibility("default")))
 
-enum { ST_ABSENT = 0, ST_REQUESTED = 1, ST_INSTALLED = 2 }; /* uffdd/importer/pagestate.py */
+/* uffdd/importer/pagestate.py; a page in any state >= ST_INSTALLED (RECEIVING, a bulk
+ * frame's claim, too) is never installed or requested here */
+enum { ST_ABSENT = 0, ST_REQUESTED = 1, ST_INSTALLED = 2 };
 
 enum { /* io.dirty bits */
 	FP_D_PAGES = 1,   /* installed_delta, *_pages counters */
@@ -398,9 +400,11 @@ static int install_run(struct fp_imp *s, struct region *rg, uint64_t page, uint6
 	*done = 0;
 	if (rg->alias) {
 		/* never a plain memcpy: a shrunk memfd would SIGBUS the daemon (tenant.c) */
+		/* src NULL: the alias holds the data already (zero-copy bulk receive) */
 		size_t wrote;
-		int err = uffdd_fp_tenant_write((void *)(uintptr_t)(rg->alias + page * ps), src,
-						count * ps, &wrote);
+		int err = src ? uffdd_fp_tenant_write((void *)(uintptr_t)(rg->alias + page * ps),
+						      src, count * ps, &wrote)
+			      : 0;
 		if (err) {
 			errno = err; /* nothing CONTINUE'd: Python redoes the run and fails it */
 			return -1;
@@ -874,7 +878,8 @@ static int demand_waiting(struct fp_imp *s)
  * *installed: how many pages this call installed. With `slice` > 0 (bulk), installs
  * go at most `slice` pages at a time, and before each piece but the first the call
  * returns early (err 0) if a fault or demand reply is waiting: a vCPU never waits
- * behind more than one slice of bulk copying. */
+ * behind more than one slice of bulk copying. In MINOR mode, src NULL says the alias
+ * holds the run's data already (zero-copy bulk receive): CONTINUE only. */
 API uint64_t fp_imp_install(struct fp_imp *s, uint32_t r, uint64_t p, uint64_t n,
 			    const uint8_t *src, int demand, uint64_t slice, int *err,
 			    uint64_t *installed)
@@ -896,7 +901,8 @@ API uint64_t fp_imp_install(struct fp_imp *s, uint32_t r, uint64_t p, uint64_t n
 		if (slice && q > p && demand_waiting(s))
 			return q; /* a vCPU's fault or a demand reply first; Python calls again */
 		uint64_t done;
-		int rc = install_run(s, rg, q, run - q, src + (q - p) * rg->page_size, &done);
+		int rc = install_run(s, rg, q, run - q, src ? src + (q - p) * rg->page_size : NULL,
+				     &done);
 		if (done) {
 			mark_installed(s, r, q, done, demand, now);
 			*installed += done;
