@@ -46,6 +46,9 @@ class PeerConfig:
     # CPU -25% measured); installs still go 256 KiB at a time (faultloop._BULK_SLICE).
     chunk_bytes: int = 2097152
     integrity: bool = True
+    # MINOR mode, C fault loop: bulk pages are received straight into the memory fd
+    # (one copy instead of two), CRC checked there, then CONTINUE'd (README, MINOR mode).
+    zero_copy: bool = True
     reconnect_max_delay: float = 2.0
     # The source streams pages nobody asked for yet. Off only for benchmarks that
     # measure the demand path alone (the destination then completes only once every

@@ -212,6 +212,15 @@ class FrameSocket:
         self._start = start + length
         return header
 
+    def take_buffered(self, limit: int) -> memoryview:
+        """Up to ``limit`` payload bytes the header's read already buffered, consumed:
+        a zero-copy receive (uffdd/importer/bulkrx.py) copies them itself, with
+        tenant_write, since they may be bound for tenant memory (no plain store)."""
+        have = min(self._end - self._start, limit)
+        view = self._view[self._start : self._start + have]
+        self._start += have
+        return view
+
     def recv_into(self, target: memoryview) -> None:
         """Receive exactly ``len(target)`` payload bytes into ``target``."""
         have = min(self._end - self._start, len(target))

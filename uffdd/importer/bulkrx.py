@@ -17,8 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from uffdd import protocol
-from uffdd._linux.mem import buffer_address
-from uffdd.errors import ProtocolError
+from uffdd._linux import mem
+from uffdd._linux.mem import TenantMemoryFault, buffer_address
+from uffdd.errors import PeerUnavailable, ProtocolError
 from uffdd.peer import FrameSocket, PayloadNative
 
 
@@ -41,6 +42,13 @@ class BulkChunk:
     crc_ok: bool
     received: int
     holes: list[tuple[int, int]]  # the frame's zero pages ([offset, pages]), now zeroed
+    #: Zero-copy (MINOR mode): one byte per page of the run, 1 for a page claimed
+    #: (RECEIVING) and received straight into the memory fd's alias (its holes zeroed
+    #: there), 0 for one received into ``buf`` and dropped. None: an ordinary chunk.
+    claimed: bytes | None = None
+    #: The frame was not received whole (the lane failed mid-frame): its claimed
+    #: pages go back to absent (their waiters asked again), nothing is installed.
+    aborted: bool = False
 
 
 def receive_chunk(fs: FrameSocket, header: protocol.Message, buf: bytearray,
@@ -66,6 +74,100 @@ def receive_chunk(fs: FrameSocket, header: protocol.Message, buf: bytearray,
         crc = _receive_pieces(fs, buf, ps, count, holes, integrity)
     return BulkChunk(region, page, count, buf, release,
                      not integrity or crc == header.get("crc"), length, holes)
+
+
+def receive_in_place(fs: FrameSocket, header: protocol.Message, buf: bytearray,
+                     release: Callable[[bytearray], object], lib: ctypes.CDLL, *,
+                     region: int, page: int, count: int, page_size: int, integrity: bool,
+                     alias: int, claimed: bytes) -> BulkChunk:
+    """Zero-copy receive (MINOR mode) of a checked run whose pages the fault thread
+    claimed (``claimed``, one byte per page): claimed pages go straight to ``alias``
+    (the alias address of the run's first page), the others to their place in ``buf``
+    (dropped: they are installed already, or not ours to fill), in one scattered
+    recvmsg; the CRC is then checked and the claimed holes zeroed in place under a
+    SIGBUS guard (native/fastpath/tenant.c). The fault thread only CONTINUEs.
+
+    Never a plain load or store of the alias from Python: the bytes the header read
+    buffered go there with ``tenant_write``; a shrunk memfd makes the receive fail with
+    EFAULT (PeerUnavailable) or the check with TenantMemoryFault."""
+    try:
+        return _receive_in_place(fs, header, buf, release, lib, region, page, count,
+                                 page_size, integrity, alias, claimed)
+    except TenantMemoryFault as e:  # the fault thread names it (the memfd shrank)
+        raise PeerUnavailable(f"bulk receive into the memory fd failed: {e}") from None
+
+
+def _receive_in_place(fs: FrameSocket, header: protocol.Message, buf: bytearray,
+                      release: Callable[[bytearray], object], lib: ctypes.CDLL,
+                      region: int, page: int, count: int, page_size: int, integrity: bool,
+                      alias: int, claimed: bytes) -> BulkChunk:
+    ps = page_size
+    if count * ps > len(buf):
+        raise ProtocolError(f"bulk data frame of {count * ps} bytes exceeds {len(buf)}")
+    holes = _holes(header.get("zr"), count)
+    length = protocol.peer_int(header, "len")
+    if length != count * ps - sum(n for _, n in holes) * ps:
+        raise ProtocolError("data frame length does not match its pages and holes")
+    base = buffer_address(buf)
+    pieces: list[tuple[int, int, bool]] = []  # (address, bytes, in the alias), in order
+    pos = 0
+    for off, n in [*holes, (count, 0)]:
+        while pos < off:
+            end = pos + 1
+            while end < off and claimed[end] == claimed[pos]:
+                end += 1
+            mine = bool(claimed[pos])
+            pieces.append(((alias if mine else base) + pos * ps, (end - pos) * ps, mine))
+            pos = end
+        pos = off + n
+    parts: list[memoryview] = []
+    head = fs.take_buffered(length)
+    got, head_addr = len(head), _view_address(head) if len(head) else 0
+    for addr, n, in_alias in pieces:
+        take = min(got, n)
+        if take:  # what the header's read buffered: copied, never stored by hand
+            if in_alias:
+                mem.tenant_write(addr, head_addr, take)
+            else:
+                ctypes.memmove(addr, head_addr, take)
+            head_addr += take
+            got -= take
+        if n > take:
+            room = (ctypes.c_char * (n - take)).from_address(addr + take)
+            parts.append(memoryview(room).cast("B"))
+    del head
+    fs.recv_parts(parts)
+    flat = array("I", [v for hole in holes for v in hole])
+    mask = (ctypes.c_char * count).from_buffer_copy(claimed)
+    crc = ctypes.c_uint32()
+    err = _alias_verify(lib)(alias, base, ps, count, ctypes.addressof(mask),
+                             flat.buffer_info()[0] if holes else 0, len(holes),
+                             int(integrity), 0, ctypes.byref(crc))
+    if err:
+        raise TenantMemoryFault(err, 0)
+    return BulkChunk(region, page, count, buf, release,
+                     not integrity or crc.value == header.get("crc"), length, holes,
+                     claimed=claimed)
+
+
+def _view_address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+_VERIFY: dict[int, Callable[..., int]] = {}
+
+
+def _alias_verify(lib: ctypes.CDLL) -> Callable[..., int]:
+    """uffdd_fp_alias_verify of ``lib``, its types declared once."""
+    fn = _VERIFY.get(id(lib))
+    if fn is None:
+        f = lib.uffdd_fp_alias_verify
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                      ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
+        fn = _VERIFY[id(lib)] = f
+    return fn
 
 
 def _receive_pieces(fs: FrameSocket, buf: bytearray, ps: int, count: int,

@@ -41,6 +41,7 @@ import queue
 import select
 import socket
 import ssl
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -74,6 +75,20 @@ _CHECK_INTERVAL: Final = engine.CHECK_INTERVAL
 _GOODBYE_WAIT: Final = 1.0
 # A kernel view of what is still registered is reused this long (ENOENT storms).
 _GONE_VIEW_TTL: Final = 1.0
+# A bulk receiver waits this long for the fault thread to claim a frame's pages (zero-copy
+# receive); past it, or once the loop has ended, the frame is received the old way.
+_CLAIM_WAIT: Final = 5.0
+
+
+class _Claim:
+    """A bulk receiver's request to claim a frame's pages (see FaultLoop.claim_threadsafe)."""
+
+    def __init__(self, region: int, page: int, count: int) -> None:
+        self.region, self.page, self.count = region, page, count
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.mask: bytes | None = None
+        self.cancelled = False
 
 
 class Outcome:
@@ -161,6 +176,13 @@ class FaultLoop:
         self.fastpath = fastpath
         self._engine: ImportEngine = PyEngine(self.pages, self.counters, self.metrics,
                                               self._ep, self._wakefd, set(self._by_uffd))
+        # Zero-copy bulk receive (MINOR mode, C engine; the session sets peer.zero_copy):
+        # pages the VMM discarded while a frame was being received into them (they stay
+        # RECEIVING until the frame is resolved), and whether claims are still served.
+        self.zero_copy = False
+        self._discarded_receiving: set[tuple[int, int]] = set()
+        self._claims_open = True
+        self.zero_copy_pages = 0  # pages CONTINUE'd from a zero-copy receive
         # The VMM's registered VMAs, as /proc/PID/smaps last said (see _range_gone).
         self._registered: list[tuple[int, int]] | None = None
         self._registered_at = 0.0
@@ -232,6 +254,7 @@ class FaultLoop:
         except ProtocolError as e:
             self._fail(f"protocol error on the demand lane: {e}")
         finally:
+            self._close_claims()
             if self._demand is not None:
                 self._send_cancel()
                 self._demand.close()
@@ -386,6 +409,12 @@ class FaultLoop:
             if not isinstance(item, BulkChunk):
                 self._frame(item, 0, memoryview(b""), "bulk")
                 return
+            if item.claimed is not None:
+                try:
+                    self._resolve_received(item)
+                finally:
+                    item.release(item.buf)
+                return
             if not item.crc_ok:
                 try:
                     self._corrupt(item.region, item.page, item.count, "bulk")
@@ -426,6 +455,13 @@ class FaultLoop:
             sock = cmd[1]
             assert sock is None or isinstance(sock, socket.socket)
             self._set_demand(sock)
+        elif kind == "claim":
+            box = cmd[1]
+            assert isinstance(box, _Claim)
+            with box.lock:
+                if not box.cancelled and not self._stopping:
+                    box.mask = self.pages.claim(box.region, box.page, box.count)
+            box.done.set()
         elif kind == "page":
             region, page, callback = cmd[1], cmd[2], cmd[3]
             assert isinstance(region, int) and isinstance(page, int) and callable(callback)
@@ -480,7 +516,9 @@ class FaultLoop:
             return
         page = (ev.address - region.addr) // region.page_size
         state = self.pages.get(region.index, page)
-        if state <= pagestate.REQUESTED:  # a waiter; an absent page is asked for
+        if state <= pagestate.REQUESTED or state == pagestate.RECEIVING:
+            # A waiter; an absent page is asked for. A page a bulk frame is being
+            # received into waits for that frame (its CONTINUE wakes the thread).
             self._engine.fault(region.index, page, ev.thread_id, now)
         elif state in (pagestate.DISCARDED, pagestate.UNMAPPED):
             # UNMAPPED faulting: the VMM mapped and registered that range again (with
@@ -514,6 +552,10 @@ class FaultLoop:
                 self._mark_unmapped(region, first, last - first)
                 continue
             for page in range(first, last):
+                if self.pages.get(region.index, page) == pagestate.RECEIVING:
+                    # a bulk frame is being received into it: discarded when resolved
+                    self._discarded_receiving.add((region.index, page))
+                    continue
                 self.pages.set(region.index, page, pagestate.DISCARDED)
             self._engine.forget(region.index, first, last - first)
             log.info("discard region=%d pages=%d..%d unmapped=%s", region.index, first, last,
@@ -749,9 +791,100 @@ class FaultLoop:
         and checksums the rest; without, a receive, CRC and memset per piece.
         """
         region, page, count = self._run_of(header, expanded=False)
+        ps = self.regions[region].page_size
+        alias = self.regions[region].alias
+        if (self.zero_copy and alias is not None and self.fastpath is not None
+                and native is not None):
+            claimed = self.claim_threadsafe(region, page, count)
+            if claimed is not None and any(claimed):
+                try:
+                    return bulkrx.receive_in_place(
+                        fs, header, buf, release, self.fastpath, region=region, page=page,
+                        count=count, page_size=ps, integrity=self.integrity,
+                        alias=alias.address + page * ps, claimed=claimed)
+                except BaseException:
+                    # Not received whole: the fault thread gives the pages back.
+                    self.bulk_put(BulkChunk(region, page, count, bytearray(), _keep, False,
+                                            0, [], claimed=claimed, aborted=True))
+                    raise
         return bulkrx.receive_chunk(fs, header, buf, release, native, region=region, page=page,
-                                    count=count, page_size=self.regions[region].page_size,
-                                    integrity=self.integrity)
+                                    count=count, page_size=ps, integrity=self.integrity)
+
+    def claim_threadsafe(self, region: int, page: int, count: int) -> bytes | None:
+        """Bulk receivers: have the fault thread claim (RECEIVING) the absent or
+        requested pages of a frame's run before receiving into the alias; one byte per
+        page, 1 where claimed. None: the loop has ended (or did not answer in
+        _CLAIM_WAIT): receive the old way. The fault thread stays the one writer of
+        page states, so a claim is atomic with its demand installs by construction."""
+        box = _Claim(region, page, count)
+        self._control.put(("claim", box))
+        self._kick()
+        give_up = time.monotonic() + _CLAIM_WAIT
+        while not box.done.wait(0.05):
+            if not self._claims_open or time.monotonic() > give_up:
+                break
+        with box.lock:
+            box.cancelled = True
+            return box.mask
+
+    def _close_claims(self) -> None:
+        """The loop ends: no claim is served any more (receivers waiting go the old way)."""
+        self._claims_open = False
+
+    def _resolve_received(self, chunk: BulkChunk) -> None:
+        """A zero-copy chunk (its pages RECEIVING, the data in the alias): CONTINUE its
+        claimed pages if it arrived whole and verified; else give them back (absent;
+        the pages someone waits for are asked for again; a bad CRC is refetched under
+        the corrupt-payload rule)."""
+        assert chunk.claimed is not None
+        r, page, count, mask = chunk.region, chunk.page, chunk.count, chunk.claimed
+        region = self.regions[r]
+        row = self.pages.states[r]
+        # Pages discarded meanwhile: what the VMM left is zeros, not the bulk bytes.
+        mine = [page + i for i in range(count) if mask[i]] if self._discarded_receiving else []
+        for q in mine:
+            if (r, q) in self._discarded_receiving:
+                self._discarded_receiving.discard((r, q))
+                waiting = self._engine.asked(r, q) is not None or (r, q) in self._callbacks
+                row[q] = pagestate.ABSENT
+                self._alias_write(region, q, 1, 0)
+                self.pages.set(r, q, pagestate.DISCARDED)
+                self._engine.forget(r, q, 1)
+                if waiting:
+                    self._fill_discarded(region, q)
+        runs = _runs_of(row, page, count, mask)
+        for first, n in runs:  # RECEIVING -> ABSENT (claims do not move the totals)
+            row[first : first + n] = bytes(n)
+        if chunk.aborted or not chunk.crc_ok:
+            reason = self._shrunk_memfd(region) if chunk.aborted else None
+            if reason is not None:
+                self._fail(reason)
+                return
+            if not chunk.crc_ok and not chunk.aborted:
+                self._corrupt(r, page, count, "bulk")
+                return
+            now = time.monotonic()
+            for first, n in runs:
+                for q in range(first, first + n):
+                    if self._engine.asked(r, q) is not None or (r, q) in self._callbacks:
+                        self._request(r, q, now)
+            self._flush_outbox()
+            return
+        self.counters.pages_zero += sum(
+            1 for off, k in chunk.holes for i in range(off, off + k) if mask[i])
+        for first, n in runs:
+            stopped, rest, done = self._engine.install(r, first, n, 0, False, 0)
+            if done:
+                if not self.zero_copy_pages:
+                    log.info("session=%s bulk receive: zero-copy into the memory fd",
+                             self.metrics.session)
+                self.zero_copy_pages += done
+                self.counters.pages_background += done
+                if self._callbacks:
+                    self._installed_callbacks(r, first, stopped - first)
+            if rest:
+                for start, k in list(self.pages.installable_runs(r, stopped, first + n - stopped)):
+                    self._install_run(region, start, k, 0, "bulk", filled=True)
 
     def _corrupt(self, region: int, page: int, count: int, lane: str) -> None:
         """A payload failed its checksum: ask again, a few times, then give up on the page."""
@@ -825,8 +958,11 @@ class FaultLoop:
                 done = e.done // ps
                 self._installed(region, start, done, lane, method)
                 if not done:  # the address space is changing: read the pending event first
-                    rest = ctypes.string_at(src, count * ps)
-                    self._deferred.append((region.index, start, count, rest, lane))
+                    if filled:  # the alias holds the data already: only CONTINUE later
+                        self._deferred.append((region.index, start, count, b"", "continue"))
+                    else:
+                        rest = ctypes.string_at(src, count * ps)
+                        self._deferred.append((region.index, start, count, rest, lane))
                     return
                 # A partial copy also says EAGAIN (with the bytes done): go on from there;
                 # the page that stopped it answers EEXIST on the next call.
@@ -1032,6 +1168,9 @@ class FaultLoop:
                 self._fill_discarded(region, page)
             elif lane == "poison":
                 self._poison_run(region, page, count)
+            elif lane == "continue":  # the alias holds the data: CONTINUE what is left
+                for start, n in list(self.pages.installable_runs(r, page, count)):
+                    self._install_run(region, start, n, 0, "bulk", filled=True)
             elif data:
                 buf = bytearray(data)
                 self._install_data(r, page, count, buffer_address(buf), lane)
@@ -1081,6 +1220,8 @@ class FaultLoop:
             self._give_up_remaining("source unreachable past the session deadline")
             return
         for r, page in self._engine.expired(now - self.deadline):
+            if self.pages.get(r, page) == pagestate.RECEIVING:
+                continue  # its bulk frame is on its way; resolving it decides the page
             self._unrecoverable(r, page, "deadline",
                                 "source did not answer within the session deadline")
 
@@ -1181,6 +1322,38 @@ class FaultLoop:
         if self.pages.complete and not self._finished:
             self._finished = True
             self.notify("complete", None)
+
+
+def _keep(_buf: bytearray) -> None:
+    """The release of an aborted zero-copy chunk: its buffer went back already."""
+
+
+def _runs_of(row: bytearray, page: int, count: int, mask: bytes) -> list[tuple[int, int]]:
+    """Runs (first, n) of pages of [page, page+count) claimed in ``mask`` and still
+    RECEIVING in ``row`` (the frame's own claims: another frame's are never touched)."""
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < count:
+        i = mask.find(1, i)
+        if i < 0:
+            break
+        j = mask.find(0, i)
+        j = count if j < 0 else j
+        q = page + i
+        if row[q : page + j].count(pagestate.RECEIVING) == j - i:  # the common case
+            runs.append((q, j - i))
+            q = page + j
+        while q < page + j:  # split where a page is no longer RECEIVING (discarded)
+            if row[q] != pagestate.RECEIVING:
+                q += 1
+                continue
+            e = q
+            while e < page + j and row[e] == pagestate.RECEIVING:
+                e += 1
+            runs.append((q, e - q))
+            q = e
+        i = j
+    return runs
 
 
 def _error_from_c(io: ImportIo) -> None:

@@ -114,6 +114,7 @@ class ImportSession(SessionBase):
         )
         self.loop.stall_timeout = self.config.peer.stall_timeout
         self.loop.spin_s = self.config.peer.spin_us / 1e6
+        self.loop.zero_copy = self.config.peer.zero_copy
         self.loop.vmm_pid = self.vmm
         self.loop.adopt_present = self.adopt_present  # "keep" (or a re-import): adopt them
         self._by_gpa = sorted(self.regions, key=lambda r: r.gpa)
