@@ -850,6 +850,8 @@ API int fp_imp_fault(struct fp_imp *s, uint32_t r, uint64_t p, int32_t tid, doub
 		if (queue_request(s, r, p) < 0)
 			return -1;
 	}
+	if (!e->asked) /* a page a bulk frame is being received into: waits from now */
+		e->asked = seen;
 	add_waiter(s, e, tid, seen);
 	return 0;
 }

@@ -11,6 +11,8 @@ a :class:`BulkChunk`, goes to the fault thread, which installs the run as one.
 from __future__ import annotations
 
 import ctypes
+import errno
+import os
 import zlib
 from array import array
 from collections.abc import Callable
@@ -21,6 +23,16 @@ from uffdd._linux import mem
 from uffdd._linux.mem import TenantMemoryFault, buffer_address
 from uffdd.errors import PeerUnavailable, ProtocolError
 from uffdd.peer import FrameSocket, PayloadNative
+
+
+class AliasFault(PeerUnavailable):
+    """A zero-copy receive found the memory fd gone under the alias (EFAULT: the VMM
+    shrank it; ENOMEM: no huge page): the lane is lost, and the fault thread fails the
+    session with the reason (``errno``)."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(f"bulk receive into the memory fd failed: {os.strerror(err)}")
+        self.errno = err
 
 
 @dataclass(eq=False)
@@ -49,6 +61,8 @@ class BulkChunk:
     #: The frame was not received whole (the lane failed mid-frame): its claimed
     #: pages go back to absent (their waiters asked again), nothing is installed.
     aborted: bool = False
+    #: ... because the memory fd faulted (AliasFault's errno), else 0.
+    fault: int = 0
 
 
 def receive_chunk(fs: FrameSocket, header: protocol.Message, buf: bytearray,
@@ -94,7 +108,13 @@ def receive_in_place(fs: FrameSocket, header: protocol.Message, buf: bytearray,
         return _receive_in_place(fs, header, buf, release, lib, region, page, count,
                                  page_size, integrity, alias, claimed)
     except TenantMemoryFault as e:  # the fault thread names it (the memfd shrank)
-        raise PeerUnavailable(f"bulk receive into the memory fd failed: {e}") from None
+        raise AliasFault(e.errno) from None
+    except PeerUnavailable as e:
+        # recvmsg's own EFAULT / ENOMEM: the kernel's copy into the alias faulted
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, OSError) and cause.errno in (errno.EFAULT, errno.ENOMEM):
+            raise AliasFault(cause.errno) from None
+        raise
 
 
 def _receive_in_place(fs: FrameSocket, header: protocol.Message, buf: bytearray,

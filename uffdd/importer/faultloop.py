@@ -802,10 +802,12 @@ class FaultLoop:
                         fs, header, buf, release, self.fastpath, region=region, page=page,
                         count=count, page_size=ps, integrity=self.integrity,
                         alias=alias.address + page * ps, claimed=claimed)
-                except BaseException:
+                except BaseException as e:
                     # Not received whole: the fault thread gives the pages back.
+                    fault = e.errno if isinstance(e, bulkrx.AliasFault) else 0
                     self.bulk_put(BulkChunk(region, page, count, bytearray(), _keep, False,
-                                            0, [], claimed=claimed, aborted=True))
+                                            0, [], claimed=claimed, aborted=True,
+                                            fault=fault))
                     raise
         return bulkrx.receive_chunk(fs, header, buf, release, native, region=region, page=page,
                                     count=count, page_size=ps, integrity=self.integrity)
@@ -857,6 +859,10 @@ class FaultLoop:
             row[first : first + n] = bytes(n)
         if chunk.aborted or not chunk.crc_ok:
             reason = self._shrunk_memfd(region) if chunk.aborted else None
+            if reason is None and chunk.fault:
+                hint = " (no free huge page?)" if region.hugetlb else ""
+                reason = (f"cannot receive into the memory fd of region {r} (pages "
+                          f"{page}+{count}): {os.strerror(chunk.fault)}{hint}")
             if reason is not None:
                 self._fail(reason)
                 return
