@@ -316,12 +316,15 @@ class Bench:
 
     # -------------------------------------------------------------- building blocks
 
-    def pair(self, *, background: bool, demand_dscp: str | None = None) -> Pair:
+    def pair(self, *, background: bool, demand_dscp: str | None = None,
+             zero_copy: bool | None = None) -> Pair:
         self._n += 1
         # listen is overridden on the command line too; a loopback value here keeps the
         # file valid on its own.
         config = (f"[peer]\nlisten = \"127.0.0.1:0\"\n"
                   f"background = {'true' if background else 'false'}\n")
+        if zero_copy is not None:
+            config += f"zero_copy = {'true' if zero_copy else 'false'}\n"
         if self.args.chunk_bytes is not None:
             config += f"chunk_bytes = {int(self.args.chunk_bytes)}\n"
         if self.args.spin_us is not None:
@@ -485,23 +488,46 @@ class Bench:
         return 2 * memory >> 20 if getattr(self.args, "warm", True) else 0
 
     def bulk(self) -> Result:
+        """MISSING mode (anonymous memory, UFFDIO_COPY: ``uffdd``, ``ratio``) and MINOR
+        mode (a shmem memfd, CONTINUE) with zero-copy receive and without it ([peer]
+        zero_copy = false, two copies), runs interleaved, against the one yardstick."""
         mem = self.sizes.bulk
-        u = self.repeated(lambda: self._bulk_run(mem))
+        kinds = {"missing": ("missing", None), "minor": ("minor", True),
+                 "minor_two_copies": ("minor", False)}
+        runs: dict[str, list[Result]] = {k: [] for k in kinds}
+        for _ in range(self.repeat):  # interleaved: the machine's drift hits all alike
+            for k, (mode, zero_copy) in kinds.items():
+                runs[k].append(self._bulk_run(mem, mode, zero_copy))
+        med = {}
+        for k, rs in runs.items():
+            med[k] = _median_dict(rs)
+            if self.repeat > 1:
+                med[k]["runs"] = rs
         ref = self.reference("-s", str(mem >> 20), "-P", "2048")
+        u = med["missing"]
         out: Result = {"memory_mib": mem >> 20, "uffdd": u, "reference": ref}
         if ref:
             out["ratio"] = _ratio(u["gb_per_s"], ref["GBps"])
+        for k in ("minor", "minor_two_copies"):
+            row: Result = {"uffdd": med[k]}
+            if ref:
+                row["ratio"] = _ratio(med[k]["gb_per_s"], ref["GBps"])
+            out[k] = row
+        out["zero_copy_speedup"] = _ratio(med["minor"]["gb_per_s"],
+                                          med["minor_two_copies"]["gb_per_s"])
         return out
 
-    def _bulk_run(self, memory: int) -> Result:
-        p = self.pair(background=True)
+    def _bulk_run(self, memory: int, mode: str = "missing",
+                  zero_copy: bool | None = None) -> Result:
+        p = self.pair(background=True, zero_copy=zero_copy)
         try:
-            return self._bulk_import(p, memory)
+            return self._bulk_import(p, memory, mode)
         finally:
             p.stop()
 
-    def _bulk_import(self, p: Pair, memory: int) -> Result:
-        """The bench itself is the destination VMM here: it imports and touches nothing."""
+    def _bulk_import(self, p: Pair, memory: int, mode: str = "missing") -> Result:
+        """The bench itself is the destination VMM here: it imports and touches nothing.
+        MISSING: anonymous memory; MINOR: a shmem memfd (the daemon fills its alias)."""
         if self.vmsim is None:
             raise BenchError("native/build/uffdd-vmsim is not built: run make -C native")
         session, token, seed = f"bulk-{secrets.token_hex(4)}", secrets.token_hex(16), 7
@@ -514,21 +540,33 @@ class Bench:
         source.wait_ready()
         p.snapshot()
         warm_memory(self.warm_mib(memory) << 20)
-        ram = mmap.mmap(-1, memory, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        features = uffd.FEATURE_EVENT_REMOVE | uffd.FEATURE_THREAD_ID
+        register = uffd.REGISTER_MODE_MISSING
+        memfd: int | None = None
+        if mode == "minor":
+            memfd = os.memfd_create("bench-guest", os.MFD_CLOEXEC)
+            os.ftruncate(memfd, memory)
+            ram = mmap.mmap(memfd, memory, mmap.MAP_SHARED)
+            features |= uffd.FEATURE_MINOR_SHMEM
+            register |= uffd.REGISTER_MODE_MINOR
+        else:
+            ram = mmap.mmap(-1, memory, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         addr = buffer_address(ram)
-        ufd = uffd.new_uffd(uffd.FEATURE_EVENT_REMOVE | uffd.FEATURE_THREAD_ID)
+        ufd = uffd.new_uffd(features)
         try:
-            uffd.register(ufd, addr, memory, uffd.REGISTER_MODE_MISSING)
+            uffd.register(ufd, addr, memory, register)
             with Client(p.dst.api_socket, timeout=600) as client:
                 t0 = time.monotonic()
                 client.import_session(session, bytes.fromhex(token), peer=p.src.peer,
                                       regions=[GuestRegion(gpa=0, addr=addr, size=memory,
-                                                           uffd=ufd)])
+                                                           uffd=ufd, mode=mode, fd=memfd)])
                 event = client.wait_finished(session, timeout=600)
                 seconds = time.monotonic() - t0
             uffd.unregister(ufd, addr, memory)
         finally:
             os.close(ufd)
+            if memfd is not None:
+                os.close(memfd)  # the mapping keeps the file for the check below
         s = source.result(60)
         if event.get("event") != "completed":
             raise BenchError(f"bulk session did not complete: {event}")
@@ -991,6 +1029,13 @@ def _scenario_rows(name: str, s: Result) -> list[tuple[str, str, object, object,
                          None if not rr else float(rr["kpages_s"]) * 1000, row.get("ratio")))
     elif name == "bulk":
         rows.append((name, "GB/s", u.get("gb_per_s"), ref.get("GBps"), s.get("ratio")))
+        for k, label in (("minor", "MINOR zero-copy"), ("minor_two_copies", "MINOR two copies")):
+            row = s.get(k) or {}
+            assert isinstance(row, dict)
+            got = row.get("uffdd") or {}
+            assert isinstance(got, dict)
+            rows.append((name, f"{label} GB/s", got.get("gb_per_s"), ref.get("GBps"),
+                         row.get("ratio")))
     elif name == "migration":
         rows.append((name, "seconds (whole run)", u.get("seconds"), None, None))
         rows.append((name, "migration s (import->completed)", u.get("migration_seconds"),
