@@ -22,6 +22,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <linux/userfaultfd.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -37,7 +38,7 @@
 
 /* uffdd/importer/pagestate.py; a page in any state >= ST_INSTALLED (RECEIVING, a bulk
  * frame's claim, too) is never installed or requested here */
-enum { ST_ABSENT = 0, ST_REQUESTED = 1, ST_INSTALLED = 2 };
+enum { ST_ABSENT = 0, ST_REQUESTED = 1, ST_INSTALLED = 2, ST_RECEIVING = 6 };
 
 enum { /* io.dirty bits */
 	FP_D_PAGES = 1,   /* installed_delta, *_pages counters */
@@ -139,6 +140,15 @@ struct fp_imp {
 	uint8_t *out;
 	uint64_t out_len, out_cap;
 	double bounds[N_BUCKETS - 1];
+	/* The gate (zero-copy bulk receive): the fault thread holds `gate` whenever it runs
+	 * (so whenever it may write a page state, in C or in Python) and lets go only while
+	 * it waits in epoll_wait, and between loop turns if a receiver waits (gate_pass).
+	 * A bulk receiver thread claims a frame's pages under it (fp_imp_claim), so a claim
+	 * is atomic with every demand install without a round trip to the fault thread. */
+	pthread_mutex_t gate, aux;
+	pthread_cond_t served_cv;
+	int gated, closed, waiting; /* waiting: receivers blocked on the gate (atomic) */
+	uint64_t served;            /* claims done (under aux) */
 };
 
 static double now_s(void)
@@ -714,7 +724,11 @@ API int fp_imp_run(struct fp_imp *s, double timeout_s)
 			int spinning = io->spin_s > 0 && s->table_live && now < io->active_at + io->spin_s;
 			wait_ms = spinning ? 0 : (int)((deadline - now) * 1000) + 1;
 		}
+		if (s->gated)
+			pthread_mutex_unlock(&s->gate); /* receivers may claim while we sleep */
 		int n = epoll_wait(s->epfd, events, 16, wait_ms);
+		if (s->gated)
+			pthread_mutex_lock(&s->gate);
 		if (n < 0 && errno != EINTR)
 			return uffd_error(s, FP_E_EPOLL_WAIT, s->epfd, errno, -1);
 		for (int i = 0; i < n; i++) {
@@ -767,6 +781,9 @@ API struct fp_imp *fp_imp_new(int epfd, int wakefd, int nregions, const double *
 		s->table[i].head = -1;
 	}
 	memcpy(s->bounds, bounds, sizeof(s->bounds));
+	pthread_mutex_init(&s->gate, NULL);
+	pthread_mutex_init(&s->aux, NULL);
+	pthread_cond_init(&s->served_cv, NULL);
 	return s;
 }
 
@@ -778,7 +795,82 @@ API void fp_imp_free(struct fp_imp *s)
 	free(s->table);
 	free(s->pool);
 	free(s->out);
+	pthread_mutex_destroy(&s->gate);
+	pthread_mutex_destroy(&s->aux);
+	pthread_cond_destroy(&s->served_cv);
 	free(s);
+}
+
+/* ------------------------------------------------------------------ the gate */
+
+/* The fault thread takes the gate once, before its loop's first turn. */
+API void fp_imp_gate_enter(struct fp_imp *s)
+{
+	pthread_mutex_lock(&s->gate);
+	s->gated = 1;
+}
+
+/* Between turns: if a receiver waits for the gate, let it claim first (bounded: 2 ms,
+ * then the turn goes on and the receiver gets the gate at the next epoll_wait). */
+API void fp_imp_gate_pass(struct fp_imp *s)
+{
+	if (!__atomic_load_n(&s->waiting, __ATOMIC_ACQUIRE))
+		return;
+	pthread_mutex_lock(&s->aux);
+	uint64_t seen = s->served;
+	pthread_mutex_unlock(&s->gate);
+	struct timespec until;
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_nsec += 2000000;
+	if (until.tv_nsec >= 1000000000) {
+		until.tv_sec++;
+		until.tv_nsec -= 1000000000;
+	}
+	while (s->served == seen && __atomic_load_n(&s->waiting, __ATOMIC_ACQUIRE))
+		if (pthread_cond_timedwait(&s->served_cv, &s->aux, &until) == ETIMEDOUT)
+			break;
+	pthread_mutex_unlock(&s->aux);
+	pthread_mutex_lock(&s->gate);
+}
+
+/* The fault thread's loop ends: no more claims; the gate is let go for good. */
+API void fp_imp_gate_close(struct fp_imp *s)
+{
+	if (!s->gated)
+		return;
+	s->closed = 1;
+	s->gated = 0;
+	pthread_mutex_unlock(&s->gate);
+}
+
+/* A bulk receiver (any thread): claim pages [p, p+n) of region r for a zero-copy
+ * receive: each absent or requested page becomes RECEIVING (mask[i] = 1), the rest
+ * stay (mask[i] = 0). Returns how many were claimed, or -1 once the gate is closed
+ * (the caller receives the old way). Page totals do not move: RECEIVING is not done. */
+API int64_t fp_imp_claim(struct fp_imp *s, uint32_t r, uint64_t p, uint64_t n, uint8_t *mask)
+{
+	__atomic_add_fetch(&s->waiting, 1, __ATOMIC_ACQ_REL);
+	pthread_mutex_lock(&s->gate);
+	__atomic_sub_fetch(&s->waiting, 1, __ATOMIC_ACQ_REL);
+	int64_t claimed = -1;
+	if (!s->closed && r < (uint32_t)s->nregions && p <= s->regions[r].pages &&
+	    n <= s->regions[r].pages - p) {
+		uint8_t *st = s->regions[r].states;
+		claimed = 0;
+		for (uint64_t i = 0; i < n; i++) {
+			int mine = st[p + i] <= ST_REQUESTED;
+			if (mine)
+				st[p + i] = ST_RECEIVING;
+			mask[i] = (uint8_t)mine;
+			claimed += mine;
+		}
+	}
+	pthread_mutex_unlock(&s->gate);
+	pthread_mutex_lock(&s->aux);
+	s->served++;
+	pthread_cond_broadcast(&s->served_cv);
+	pthread_mutex_unlock(&s->aux);
+	return claimed;
 }
 
 /* Python checks its mirror of struct fp_imp_io against this (uffdd/importer/fastimport.py). */

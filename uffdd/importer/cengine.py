@@ -109,6 +109,20 @@ class CEngine:
     def region_moved(self, region: int, addr: int) -> None:
         self._c.region_moved(region, addr)
 
+    # -- the gate (zero-copy bulk receive; see import.c)
+
+    def gate_enter(self) -> None:
+        self._c.gate_enter()
+
+    def gate_pass(self) -> None:
+        self._c.gate_pass()
+
+    def gate_close(self) -> None:
+        self._c.gate_close()
+
+    def claim(self, region: int, page: int, count: int) -> bytes | None:
+        return self._c.claim(region, page, count)
+
     def bulk_slice(self, page_size: int, faulting: bool) -> tuple[int, int]:
         piece = _C_SLICE_FAULTING if faulting else _C_SLICE_QUIET
         return _WHOLE, max(1, piece // page_size)

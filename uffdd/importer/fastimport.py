@@ -120,6 +120,10 @@ def _declare(lib: ctypes.CDLL) -> None:
                                  ctypes.POINTER(dbl)]),
         "fp_imp_outbox": (u64, [vp, vp, u64]),
         "fp_imp_run": (i32, [vp, dbl]),
+        "fp_imp_gate_enter": (None, [vp]),
+        "fp_imp_gate_pass": (None, [vp]),
+        "fp_imp_gate_close": (None, [vp]),
+        "fp_imp_claim": (ctypes.c_int64, [vp, u32, u64, u64, vp]),
     }
     for name, (restype, argtypes) in sig.items():
         fn = getattr(lib, name)
@@ -212,3 +216,23 @@ class CImport:
 
     def run(self, timeout: float) -> int:
         return int(self._lib.fp_imp_run(self._h, timeout))
+
+    # The gate (import.c): the fault thread holds it while it runs; bulk receivers
+    # claim pages under it (zero-copy receive).
+
+    def gate_enter(self) -> None:
+        self._lib.fp_imp_gate_enter(self._h)
+
+    def gate_pass(self) -> None:
+        self._lib.fp_imp_gate_pass(self._h)
+
+    def gate_close(self) -> None:
+        self._lib.fp_imp_gate_close(self._h)
+
+    def claim(self, region: int, page: int, count: int) -> bytes | None:
+        """From a bulk receiver thread: claim the run's absent or requested pages
+        (RECEIVING); one byte per page, 1 where claimed. None: the gate is closed."""
+        mask = ctypes.create_string_buffer(count)
+        if self._lib.fp_imp_claim(self._h, region, page, count, mask) < 0:
+            return None
+        return mask.raw

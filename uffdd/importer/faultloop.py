@@ -75,20 +75,6 @@ _CHECK_INTERVAL: Final = engine.CHECK_INTERVAL
 _GOODBYE_WAIT: Final = 1.0
 # A kernel view of what is still registered is reused this long (ENOENT storms).
 _GONE_VIEW_TTL: Final = 1.0
-# A bulk receiver waits this long for the fault thread to claim a frame's pages (zero-copy
-# receive); past it, or once the loop has ended, the frame is received the old way.
-_CLAIM_WAIT: Final = 5.0
-
-
-class _Claim:
-    """A bulk receiver's request to claim a frame's pages (see FaultLoop.claim_threadsafe)."""
-
-    def __init__(self, region: int, page: int, count: int) -> None:
-        self.region, self.page, self.count = region, page, count
-        self.lock = threading.Lock()
-        self.done = threading.Event()
-        self.mask: bytes | None = None
-        self.cancelled = False
 
 
 class Outcome:
@@ -178,10 +164,13 @@ class FaultLoop:
                                               self._ep, self._wakefd, set(self._by_uffd))
         # Zero-copy bulk receive (MINOR mode, C engine; the session sets peer.zero_copy):
         # pages the VMM discarded while a frame was being received into them (they stay
-        # RECEIVING until the frame is resolved), and whether claims are still served.
+        # RECEIVING until the frame is resolved).
         self.zero_copy = False
         self._discarded_receiving: set[tuple[int, int]] = set()
-        self._claims_open = True
+        # The C engine while its gate is open to claims (bulk receivers read it under
+        # _claim_lock, so it is never freed under a claim).
+        self._claimer: cengine.CEngine | None = None
+        self._claim_lock = threading.Lock()
         self.zero_copy_pages = 0  # pages CONTINUE'd from a zero-copy receive
         # The VMM's registered VMAs, as /proc/PID/smaps last said (see _range_gone).
         self._registered: list[tuple[int, int]] | None = None
@@ -237,12 +226,15 @@ class FaultLoop:
             self._adopt_present_pages()
             self._check_complete()
             self._start_engine()
+            claimer = self._claimer
             while not self._stopping:
                 self._turn()
                 self._bulk_step()
                 self._retry_deferred()
                 self._periodic_checks()
                 self._check_complete()
+                if claimer is not None:
+                    claimer.gate_pass()  # a receiver waiting to claim goes first
         except TargetGone as e:
             self._fail(f"the destination VMM is gone ({e})")
         except TenantMemoryFault as e:
@@ -273,6 +265,12 @@ class FaultLoop:
             self._rx, self.integrity, self.spin_s, self.counters, self.metrics,
             self._progress)
         log.info("session=%s fault loop: C (libuffdd_fastpath)", self.metrics.session)
+        if self.zero_copy and any(r.alias is not None for r in self.regions):
+            # From here on this thread holds the gate whenever it runs (import.c): bulk
+            # receivers claim pages under it, atomically with every state it writes.
+            self._engine.gate_enter()
+            with self._claim_lock:
+                self._claimer = self._engine
 
     def _turn(self) -> None:
         """One turn of the engine, then whatever it handed back (engine.Yield)."""
@@ -455,13 +453,6 @@ class FaultLoop:
             sock = cmd[1]
             assert sock is None or isinstance(sock, socket.socket)
             self._set_demand(sock)
-        elif kind == "claim":
-            box = cmd[1]
-            assert isinstance(box, _Claim)
-            with box.lock:
-                if not box.cancelled and not self._stopping:
-                    box.mask = self.pages.claim(box.region, box.page, box.count)
-            box.done.set()
         elif kind == "page":
             region, page, callback = cmd[1], cmd[2], cmd[3]
             assert isinstance(region, int) and isinstance(page, int) and callable(callback)
@@ -813,25 +804,24 @@ class FaultLoop:
                                     count=count, page_size=ps, integrity=self.integrity)
 
     def claim_threadsafe(self, region: int, page: int, count: int) -> bytes | None:
-        """Bulk receivers: have the fault thread claim (RECEIVING) the absent or
-        requested pages of a frame's run before receiving into the alias; one byte per
-        page, 1 where claimed. None: the loop has ended (or did not answer in
-        _CLAIM_WAIT): receive the old way. The fault thread stays the one writer of
-        page states, so a claim is atomic with its demand installs by construction."""
-        box = _Claim(region, page, count)
-        self._control.put(("claim", box))
-        self._kick()
-        give_up = time.monotonic() + _CLAIM_WAIT
-        while not box.done.wait(0.05):
-            if not self._claims_open or time.monotonic() > give_up:
-                break
-        with box.lock:
-            box.cancelled = True
-            return box.mask
+        """Bulk receivers: claim (RECEIVING) the absent or requested pages of a frame's
+        run before receiving into the alias; one byte per page, 1 where claimed. Done in
+        C under the gate the fault thread holds whenever it runs (import.c), so a claim
+        is atomic with its demand installs and costs no round trip to it. None: no
+        claims (the loop has not started or has ended): receive the old way."""
+        with self._claim_lock:
+            claimer = self._claimer
+            return None if claimer is None else claimer.claim(region, page, count)
 
     def _close_claims(self) -> None:
-        """The loop ends: no claim is served any more (receivers waiting go the old way)."""
-        self._claims_open = False
+        """The loop ends: the fault thread lets the gate go for good (a receiver blocked
+        on it gets None), then no claim reaches the engine it is about to free."""
+        claimer = self._claimer
+        if claimer is None:
+            return
+        claimer.gate_close()
+        with self._claim_lock:
+            self._claimer = None
 
     def _resolve_received(self, chunk: BulkChunk) -> None:
         """A zero-copy chunk (its pages RECEIVING, the data in the alias): CONTINUE its

@@ -5,8 +5,9 @@ POISONED); a range the VMM discarded becomes DISCARDED and is never filled with 
 data again; a range the VMM unmapped becomes UNMAPPED (nothing can be installed there any
 more). A page a bulk receiver is receiving straight into the memory fd (zero-copy, MINOR
 mode) is RECEIVING: claimed for that frame, installed by nothing else until the fault
-thread resolves the frame (CONTINUE, or back to absent/requested). The import
-session's fault thread is the only writer (claims too); other threads only read
+thread resolves the frame (CONTINUE, or back to absent). The import session's fault
+thread is the only writer but for claims, which a bulk receiver makes in C under the
+gate the fault thread holds whenever it runs (native/fastpath/import.c); other threads only read
 counters and snapshots, which may be a moment stale but never wrong in a way
 that matters (a stale "absent" only causes a redundant send).
 """
@@ -30,8 +31,6 @@ _DONE: Final = frozenset((INSTALLED, POISONED, DISCARDED, UNMAPPED))
 # For each done state, a table mapping ABSENT and REQUESTED to it, the rest to itself.
 _UNDONE_TO: Final = {s: bytes(s if b in (ABSENT, REQUESTED) else b for b in range(256))
                      for s in _DONE}
-_CLAIM: Final = bytes(RECEIVING if b in (ABSENT, REQUESTED) else b for b in range(256))
-_CLAIMABLE: Final = bytes(int(b in (ABSENT, REQUESTED)) for b in range(256))
 
 
 class PageMap:
@@ -71,14 +70,6 @@ class PageMap:
             row[first : first + count] = chunk.translate(_UNDONE_TO[state])
             self._count(state, moved)
         return moved
-
-    def claim(self, region: int, first: int, count: int) -> bytes:
-        """Mark every absent or requested page of [first, first+count) RECEIVING; returns
-        one byte per page of the run, 1 where it was claimed (totals do not move)."""
-        row = self.states[region]
-        chunk = bytes(row[first : first + count])
-        row[first : first + count] = chunk.translate(_CLAIM)
-        return chunk.translate(_CLAIMABLE)
 
     def installed_in_place(self, count: int) -> None:
         """The C engine, which shares ``states``, moved ``count`` pages from absent or
