@@ -132,3 +132,52 @@ def test_zero_copy_off_keeps_two_copies(tmp_path: Path) -> None:
     finally:
         codes = rig.close()
     assert not rig.tracebacks() and codes == (0, 0), (rig.tracebacks(), codes)
+
+
+_GUARD_SCRIPT = r"""
+import ctypes, mmap, os, sys, zlib, faulthandler
+from array import array
+from uffdd.importer import bulkrx
+from uffdd._linux.mem import buffer_address
+from tests.conftest import fastpath_lib
+faulthandler.enable()  # owns SIGBUS first: the guard must chain, not replace it for good
+lib = fastpath_lib()
+verify = bulkrx._alias_verify(lib)
+ps, count = 4096, 8
+fd = os.memfd_create("guard-test")
+os.ftruncate(fd, ps * count)
+alias = mmap.mmap(fd, ps * count)
+addr = buffer_address(alias)
+buf = bytearray(ps * count)
+for i in range(count):
+    alias[i * ps : (i + 1) * ps] = bytes([i + 1]) * ps
+    buf[i * ps : (i + 1) * ps] = bytes([0x80 + i]) * ps
+claimed = bytes([1, 1, 0, 1, 1, 1, 0, 1])
+holes = array("I", [4, 2])  # pages 4 and 5 are a hole
+mask = (ctypes.c_char * count).from_buffer_copy(claimed)
+crc = ctypes.c_uint32()
+assert verify(addr, buffer_address(buf), ps, count, ctypes.addressof(mask),
+              holes.buffer_info()[0], 1, 1, 0, ctypes.byref(crc)) == 0
+want = 0
+for i in (0, 1, 2, 3, 6, 7):  # payload order: the alias where claimed, else buf
+    src = alias if claimed[i] else buf
+    want = zlib.crc32(bytes(src[i * ps : (i + 1) * ps]), want)
+assert crc.value == want, (crc.value, want)
+assert alias[4 * ps : 6 * ps] == bytes(2 * ps)  # the claimed hole pages are zeroed
+os.ftruncate(fd, ps)  # the tenant shrinks the file: loads past page 0 would SIGBUS
+for _ in range(3):  # the guard is per call: it works again and again
+    assert verify(addr, buffer_address(buf), ps, count, ctypes.addressof(mask),
+                  holes.buffer_info()[0], 1, 1, 0, ctypes.byref(crc)) == 14  # EFAULT
+print("ok")
+"""
+
+
+def test_in_place_check_is_exact_and_never_sigbuses() -> None:
+    """uffdd_fp_alias_verify: the CRC of a frame received partly into the alias and
+    partly into the buffer, in payload order, and its claimed holes zeroed; on a memfd
+    shrunk under the alias it returns EFAULT (in a child: a SIGBUS would kill it)."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", _GUARD_SCRIPT], cwd=root, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr)
