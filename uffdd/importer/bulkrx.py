@@ -6,6 +6,10 @@ buffer from its lane's pool and calls :func:`receive_chunk` (through
 lands at its place in the run, the frame's holes (``zr``, zero pages the source left
 out) are zero-filled, and the CRC is checked here, off the fault thread. The result,
 a :class:`BulkChunk`, goes to the fault thread, which installs the run as one.
+
+Zero-copy (MINOR mode, C fault loop, ``[peer] zero_copy``): :func:`receive_in_place`
+receives the pages the fault loop let this thread claim straight into the memory fd's
+alias and checks them there; the fault thread only CONTINUEs them.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ touches guest memory: the ioctls act on the VMM's address space, and MINOR-mode 
 written through the daemon's own alias mapping of the memory fd, which is not registered,
 and only with mem.tenant_write / tenant_zero: a VMM that shrinks its memfd turns a plain
 store there into a SIGBUS that would kill the daemon; these fail that one session.
+Zero-copy bulk frames (MINOR mode, C engine) arrive in the alias from the bulk threads
+instead (recvmsg, checked there under a SIGBUS guard: bulkrx.receive_in_place) into pages
+they claimed (RECEIVING) under the C engine's gate, which this thread holds whenever it
+runs; this thread then only CONTINUEs them (``_resolve_received``).
 
 A VMM may munmap part of guest RAM mid-session. Without UFFD_FEATURE_EVENT_UNMAP the
 kernel says nothing then; an install there fails with ENOENT (RangeGone: the handover
