@@ -5,8 +5,8 @@ Two real daemons; the test process exports a memfd and imports it with a userfau
 that nobody touches, with the background stream off, so the session stays up with its
 threads running. ``/proc/<daemon>/task/<tid>/sched`` then says which slice each thread
 has: the destination's fault loop (``run``) and the source's demand lane have the short
-one, every other thread (the bulk lanes, the Trio threads) the kernel's default; with
-``demand_slice_us = 0`` nobody has a custom one.
+one, every other thread (the bulk lanes, the Trio threads) the kernel's default; at
+the shipped config (``demand_slice_us = 0``) nobody has a custom one.
 """
 
 from __future__ import annotations
@@ -58,11 +58,14 @@ def _wait_for(pid: int, names: tuple[str, ...]) -> dict[str, list[int]]:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("slice_us", [100, 0])
-def test_demand_threads_have_the_configured_slice(tmp_path: Path, slice_us: int) -> None:
+@pytest.mark.parametrize("slice_us", [100, None])  # None: the shipped default
+def test_demand_threads_have_the_configured_slice(tmp_path: Path, slice_us: int | None
+                                                  ) -> None:
     default = _default_slice_ns()
     assert default != 100_000, "the kernel's default slice is the one under test"
-    config = f"[peer]\nbackground = false\ndemand_slice_us = {slice_us}\n"
+    config = "[peer]\nbackground = false\n"
+    if slice_us is not None:
+        config += f"demand_slice_us = {slice_us}\n"
     src = harness.start_daemon(tmp_path, "source", config=config)
     dst = harness.start_daemon(tmp_path, "destination", config=config)
     session, token = f"sl-{secrets.token_hex(3)}", secrets.token_bytes(16)

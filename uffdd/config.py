@@ -64,9 +64,10 @@ class PeerConfig:
     # The scheduler slice (µs) the demand threads ask for (the destination's fault loop,
     # the source's demand lane; uffdd/_linux/sched.py): short, so a woken demand thread
     # preempts a busy CPU at once rather than after the running task's slice (~1.4-3 ms),
-    # without a larger CPU share. 0 leaves the kernel's default; the kernel grants
-    # 100 µs at least. README, Performance.
-    demand_slice_us: int = 100
+    # without a larger CPU share. 0 (the default) leaves the kernel's slice: 100 against
+    # 0 measured within noise on 2 cores, idle or loaded (README, Performance), so it
+    # is a knob for hosts where demand threads queue behind many runnable ones.
+    demand_slice_us: int = 0
     # The demand path's loops in C (native/fastpath, uffdd/_fastpath.py): "auto" uses
     # them when libuffdd_fastpath is built, "on" refuses to start without it, "off"
     # runs the Python loops. Plaintext lanes only: TLS lanes always use Python.
