@@ -158,13 +158,18 @@ def pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pair]:
     """Two daemons on loopback; after the test, both must stop cleanly with no traceback.
 
     Parametrize it indirectly with "c" (the default: libuffdd_fastpath's loops, which
-    must be built) or "python" (``[peer] fastpath = "off"``) to pick the data path.
+    must be built), "c-zero-copy" (the same with ``[peer] zero_copy = true``: MINOR bulk
+    received straight into the memory fd) or "python" (``[peer] fastpath = "off"``) to
+    pick the data path.
     """
-    loop = getattr(request, "param", "c")
+    param = getattr(request, "param", "c")
+    loop = "python" if param == "python" else "c"
     config = None
     if loop == "c":
         require(_fastpath.load("auto") is not None,
                 "libuffdd_fastpath is not built (make -C native)")
+        if param == "c-zero-copy":
+            config = "[peer]\nzero_copy = true\n"
     else:
         config = '[peer]\nfastpath = "off"\n'
     src = harness.start_daemon(tmp_path, "source", extra=["--enable-fault-injection"],

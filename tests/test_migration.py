@@ -36,6 +36,25 @@ def test_byte_exact_hugetlb(pair: Pair, hugepages: None, mode: str, threads: int
     assert_byte_exact(result, source)
 
 
+ZERO_COPY_LOG = "bulk receive: zero-copy into the memory fd"
+
+
+@pytest.mark.parametrize("pair", ["c-zero-copy"], indirect=True)
+@pytest.mark.parametrize("threads", [1, 8])
+@pytest.mark.parametrize("backing", ["shmem", "hugetlb"])
+def test_byte_exact_minor_zero_copy(pair: Pair, request: pytest.FixtureRequest,
+                                    backing: str, threads: int) -> None:
+    """The matrix's MINOR cases with ``[peer] zero_copy = true`` (off by default): bulk
+    frames received straight into the memory fd, their pages claimed against demand
+    installs, CRC-checked in place, CONTINUE'd. (Corrupt and cut frames: test_zero_copy.)"""
+    if backing == "hugetlb":
+        request.getfixturevalue("hugepages")
+    result, source = pair.migrate(
+        backing=backing, dest=["--mode", "minor", "--threads", str(threads), "--order", "rand"])
+    assert_byte_exact(result, source)
+    assert ZERO_COPY_LOG in pair.dst.log_text()
+
+
 @pytest.mark.parametrize("backing", ["anon", "shmem"])
 def test_several_regions_with_holes(pair: Pair, backing: str) -> None:
     """Four regions with 1 GiB gpa holes between them; pages never written stay zero."""

@@ -23,9 +23,12 @@ RATE = 4 << 20  # bytes/s per proxied connection: 16 MiB of bulk takes a few sec
 ZERO_COPY = "bulk receive: zero-copy into the memory fd"
 
 
+ZERO_COPY_CONFIG = chaos.DAEMON_CONFIG.replace("[peer]\n", "[peer]\nzero_copy = true\n")
+
+
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[chaos.Rig]:
-    r = chaos.Rig(tmp_path, rate=RATE)
+    r = chaos.Rig(tmp_path, rate=RATE, config=ZERO_COPY_CONFIG)
     try:
         yield r
     finally:
@@ -121,9 +124,10 @@ def test_memfd_shrunk_during_zero_copy_bulk(rig: chaos.Rig) -> None:
 
 
 def test_zero_copy_off_keeps_two_copies(tmp_path: Path) -> None:
-    """[peer] zero_copy = false: MINOR bulk goes through the daemon's buffer (the A/B)."""
-    rig = chaos.Rig(tmp_path, config=chaos.DAEMON_CONFIG.replace(
-        "[peer]\n", "[peer]\nzero_copy = false\n"))
+    """The shipped default (zero_copy = false): MINOR bulk goes through the daemon's
+    buffer."""
+    assert "zero_copy" not in chaos.DAEMON_CONFIG
+    rig = chaos.Rig(tmp_path)
     try:
         m = rig.start_migration(memory="16M", mode="minor")
         d, s = m.dest.result(chaos.VMM_TIMEOUT), m.source.result(60)
