@@ -196,7 +196,10 @@ class QemuVm:
                "-chardev", f"socket,id=com1,path={serial_path},server=on,wait=off",
                "-serial", "chardev:com1",
                "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
-               "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+               "-qmp", f"unix:{qmp_path},server=on,wait=off",
+               # thread names ("CPU 0/KVM", "live_migration", "postcopy/...") for
+               # bench --thread-profile; names only, no behaviour
+               "-name", f"{name},debug-threads=on"]
         cmd += ["-incoming", "defer"] if incoming else ["-S"]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,

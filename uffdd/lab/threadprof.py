@@ -133,8 +133,17 @@ def _thread_comm(pid: int, tid: int) -> str | None:
 
 
 def _describe(comm: str, argv: list[str]) -> str:
-    """A short, machine-independent name for a process: no paths."""
+    """A short, machine-independent name for a process: no paths. The bench's daemons
+    are told apart by their socket's name, QEMU's two by their ``-name`` (its last
+    ``-src``/``-dst`` part)."""
     if "uffdd" in argv and "serve" in argv:
+        line = " ".join(argv)
+        for role in ("destination", "source"):
+            if role in line:
+                return f"uffdd {role} daemon"
         return "uffdd daemon"
+    if "-name" in argv[:-1]:
+        name = argv[argv.index("-name") + 1].split(",")[0]
+        return f"qemu {name.rsplit('-', 1)[-1]}"
     words = [os.path.basename(a) for a in argv[:3] if not a.startswith("-")]
     return " ".join(words) or comm
