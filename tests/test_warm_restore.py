@@ -434,9 +434,12 @@ def test_bench_reports_cold_and_warm_pairs(testvm: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     warm = json.loads(proc.stdout)["scenarios"]["firecracker-restore"]["warm_restore"]
     pages = 8 * MIB // PAGE
-    for mode, background in (("demand_only", False), ("with_stream", True)):
+    for mode, background, working_set in (("demand_only", False, 100),
+                                          ("with_stream", True, 100),
+                                          ("working_set_with_stream", True, 10)):
         pair = warm[mode]
         assert pair["background"] is background
+        assert pair["working_set_pct"] == working_set
         assert pair["cold"]["warm_replay"] is None and pair["warm"]["warm_replay"] == "used"
         # a page demanded while the stream had it in flight counts as streamed at the
         # destination, but it was demanded: it is in the record

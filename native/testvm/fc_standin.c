@@ -333,7 +333,9 @@ static void fc_usage(FILE *f)
 	fprintf(f,
 		"usage: uffdd-testvm firecracker --handover SOCKET --snapshot FILE [--regions N]\n"
 		"           [--vcpus K] [--hugetlb] [--seed S] [--order seq|rand] [--long]\n"
-		"           [--balloon OFF:LEN] [--wait-go] [--hold] [--timeout S]\n");
+		"           [--balloon OFF:LEN] [--wait-go] [--hold] [--timeout S]\n"
+		"           [--working-set PCT]  (with --order rand: each vCPU reads only PCT%%\n"
+		"           of its pages, the same scattered ones for the same --seed)\n");
 }
 
 static int fc_main(int argc, char **argv)
@@ -341,7 +343,7 @@ static int fc_main(int argc, char **argv)
 	prog_role = "firecracker";
 	opt.role = ROLE_FIRECRACKER;
 	enum { F_HANDOVER = 256, F_SNAPSHOT, F_REGIONS, F_VCPUS, F_HUGETLB, F_SEED, F_ORDER,
-	       F_LONG, F_BALLOON, F_HOLD, F_WAIT_GO, F_TIMEOUT, F_HELP };
+	       F_LONG, F_BALLOON, F_HOLD, F_WAIT_GO, F_TIMEOUT, F_WORKING_SET, F_HELP };
 	static const struct option lo[] = {
 		{"handover", required_argument, 0, F_HANDOVER},
 		{"snapshot", required_argument, 0, F_SNAPSHOT},
@@ -355,6 +357,7 @@ static int fc_main(int argc, char **argv)
 		{"hold", no_argument, 0, F_HOLD},
 		{"wait-go", no_argument, 0, F_WAIT_GO},
 		{"timeout", required_argument, 0, F_TIMEOUT},
+		{"working-set", required_argument, 0, F_WORKING_SET},
 		{"help", no_argument, 0, F_HELP},
 		{0, 0, 0, 0}};
 	int c;
@@ -377,6 +380,7 @@ static int fc_main(int argc, char **argv)
 		case F_HOLD: fc.hold = 1; break;
 		case F_WAIT_GO: fc.wait_go = 1; break;
 		case F_TIMEOUT: opt.timeout = atof(optarg); break;
+		case F_WORKING_SET: opt.working_set_pct = atoi(optarg); break;
 		case F_HELP: fc_usage(stdout); return 0;
 		default: fc_usage(stderr); return 2;
 		}
@@ -389,6 +393,10 @@ static int fc_main(int argc, char **argv)
 		fatal("--regions must be 1..%d", FC_MAX_REGIONS);
 	if (opt.vcpus < 1 || opt.vcpus > MAX_VCPUS)
 		fatal("--vcpus must be 1..%d", MAX_VCPUS);
+	if (opt.working_set_pct < 1 || opt.working_set_pct > 100)
+		fatal("--working-set must be 1..100");
+	if (opt.working_set_pct < 100 && (!opt.rand_order || fc.balloon.set))
+		fatal("--working-set needs --order rand and no --balloon");
 	uint64_t pg = fc.hugetlb ? (2ULL << 20) : PAGE;
 
 	/* The snapshot file gives guest RAM's size, as the snapshot state does for
@@ -495,6 +503,7 @@ static int fc_main(int argc, char **argv)
 	int ok = !t.crashed && guest_ok && ck.mismatched == 0 && ck.unreadable == 0 &&
 		 t.mce_count == 0 && ck.zero_pages == balloon_pages;
 	printf("{\"role\":\"firecracker\",\"verified\":%s,\"vcpus\":%d,\"regions\":%d,"
+	       "\"working_set_pct\":%d,"
 	       "\"page_size\":%" PRIu64 ",\"pages\":%" PRIu64 ",\"guest_mismatches\":%" PRIu64
 	       ",\"expected_guest_mismatches\":%" PRIu64 ",\"first_guest_mismatch\":%" PRId64
 	       ",\"host_mismatches\":%" PRIu64 ",\"first_host_mismatch\":%" PRId64
@@ -503,7 +512,7 @@ static int fc_main(int argc, char **argv)
 	       ",\"resident_before_balloon\":%" PRIu64 ",\"exits\":%" PRIu64
 	       ",\"crashed\":%s,\"vcpu_seconds\":%.3f,\"verify_seconds\":%.3f"
 	       ",\"restore_seconds\":%.3f,\"seconds\":%.3f,\"uffd_from\":\"%s\",\"guest\":\"%s\",",
-	       ok ? "true" : "false", n, fc.regions, pg, total / PAGE, t.mismatches,
+	       ok ? "true" : "false", n, fc.regions, opt.working_set_pct, pg, total / PAGE, t.mismatches,
 	       expected_guest_mismatches, t.first_bad, ck.mismatched, ck.first_mismatch,
 	       ck.unreadable, ck.first_unreadable, balloon_pages, ck.zero_pages,
 	       resident_before_balloon, t.exits, t.crashed ? "true" : "false", t_run, verify_s,

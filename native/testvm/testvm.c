@@ -208,9 +208,13 @@ static struct {
 	int64_t poison_page;
 	uint64_t lose_pages;
 	int long_mode;
+	/* random-order verify: each vCPU reads only this percentage of its slice, the
+	 * first pages of its pseudo-random walk (the same pages for the same seed): a
+	 * scattered working set (the firecracker stand-in's --working-set) */
+	int working_set_pct;
 } opt = {
 	.memory = 64ULL << 20, .backing = BACK_ANON, .vcpus = 1, .seed = 1, .timeout = 300, .mce = 1, .corrupt_page = -1,
-	.mce_page = -1, .poison_page = -1,
+	.mce_page = -1, .poison_page = -1, .working_set_pct = 100,
 };
 
 static unsigned char token[64];
@@ -611,7 +615,12 @@ static void vcpu_setup(struct vcpu *v, enum guest_op op)
 	regs.rdx = (uint32_t)(v->first * GUEST_K + (uint32_t)opt.seed);
 	regs.rsp = TESTVM_STACK_GPA(v->id);
 	uint32_t remaining = (uint32_t)v->n;
-	memcpy(fw + regs.rsp, &remaining, 4);
+	if (op != OP_FILL && opt.rand_order && opt.working_set_pct < 100) {
+		remaining = (uint32_t)(v->n * (uint64_t)opt.working_set_pct / 100);
+		if (remaining == 0)
+			remaining = 1;
+	}
+	memcpy(fw + regs.rsp, &remaining, 4); /* verify_rand stops when it reaches 0 */
 	if (op == OP_FILL) {
 		entry = GUEST_OFF(opt.long_mode ? testvm_guest64_fill : testvm_guest_fill);
 		regs.rdi = v->first;

@@ -693,8 +693,11 @@ class Bench:
                 runs[name] = self.repeated(
                     lambda v=vcpus, r=remote, b=background, f=path, i=idle:  # type: ignore[misc]
                     self._fc_run(testvm, f, seed, v, r, background=b, idle_guest=i))
-            warm = self._fc_warm(testvm, {"demand_only": (small, False),
-                                          "with_stream": (snap, True)}, seed)
+            warm = self._fc_warm(testvm, {"demand_only": (small, False, 100),
+                                          "with_stream": (snap, True, 100),
+                                          "working_set_with_stream": (snap, True,
+                                                                      WARM_WORKING_SET)},
+                                 seed)
         finally:
             snap.unlink(missing_ok=True)
             small.unlink(missing_ok=True)
@@ -702,29 +705,37 @@ class Bench:
                 "order": "seq", "page_cache": "hot (the snapshot file was just written)",
                 "uffdd": runs, "warm_restore": warm}
 
-    def _fc_warm(self, testvm: Path, snaps: dict[str, tuple[Path, bool]], seed: int
+    def _fc_warm(self, testvm: Path, snaps: dict[str, tuple[Path, bool, int]], seed: int
                  ) -> Result:
         """Cold vs warm restore, back to back on fresh daemons, ``repeat`` pairs per mode:
         the cold one records its demand order (``warm_record``), the warm one replays it
-        (``warm_replay``). 4 vCPUs reading every page in a random order (no locality for
-        a stream to follow). ``snaps``: mode -> (snapshot, background stream on)."""
+        (``warm_replay``). 4 vCPUs reading pages in a random order (no locality for a
+        stream to follow): every page, or a scattered working set of a given percentage
+        of them (the same pages in both restores; the stand-in then reads the rest from
+        the host to check every byte, so its faults count in ``faults`` and
+        ``vcpu_blocked_s`` too: ``guest_seconds``, the guest's time to read its
+        working set, is the figure there). ``snaps``: mode -> (snapshot, background
+        stream on, working set %)."""
         order = self.workdir / "fc-snapshot.mem.order"
         out: Result = {"vcpus": 4, "order": "rand"}
         keys = ("pages_demand", "faults", "vcpu_blocked_s", "guest_seconds", "all_present_s")
         try:
-            for mode, (snap, background) in snaps.items():
+            for mode, (snap, background, working_set) in snaps.items():
                 pairs: list[tuple[Result, Result]] = []
                 for _ in range(self.repeat):
                     order.unlink(missing_ok=True)
                     cold = self._fc_run(testvm, snap, seed, 4, False, background=background,
-                                        idle_guest=False, order="rand", warm_record=order)
+                                        idle_guest=False, order="rand", warm_record=order,
+                                        working_set=working_set)
                     warm = self._fc_run(testvm, snap, seed, 4, False, background=background,
-                                        idle_guest=False, order="rand", warm_replay=order)
+                                        idle_guest=False, order="rand", warm_replay=order,
+                                        working_set=working_set)
                     warm["order_file_bytes"] = order.stat().st_size
                     pairs.append((cold, warm))
                 cold_m = _median_dict([c for c, _w in pairs])
                 warm_m = _median_dict([w for _c, w in pairs])
-                row: Result = {"background": background, "cold": cold_m, "warm": warm_m,
+                row: Result = {"background": background, "working_set_pct": working_set,
+                               "cold": cold_m, "warm": warm_m,
                                "warm_over_cold": {k: _ratio(warm_m.get(k), cold_m.get(k))
                                                   for k in keys}}
                 if self.repeat > 1:
@@ -736,7 +747,8 @@ class Bench:
 
     def _fc_run(self, testvm: Path, snap: Path, seed: int, vcpus: int, remote: bool, *,
                 background: bool, idle_guest: bool, order: str = "seq",
-                warm_record: Path | None = None, warm_replay: Path | None = None) -> Result:
+                warm_record: Path | None = None, warm_replay: Path | None = None,
+                working_set: int = 100) -> Result:
         self._n += 1
         name = f"fc{self._n}"
         handover_dir = self.workdir / f"{name}-ho"
@@ -781,7 +793,8 @@ class Bench:
                     handover = c.request(body, fds)["handover"]
                     return _fc_standin(c, testvm, str(handover), snap, seed, vcpus, session,
                                        dst, idle_guest=idle_guest, order=order,
-                                       recording=warm_record is not None)
+                                       recording=warm_record is not None,
+                                       working_set=working_set)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -824,11 +837,15 @@ FC_QUICK_BYTES: Final = 32 << 20
 # uffdd with Firecracker", quotes those figures; no Firecracker binary can be installed
 # here, so the bench measures only uffdd and types in no peer's figure).
 FC_DEMAND_BYTES: Final = 256 << 20
+# Warm restore's own case: the guest reads a scattered 10% of its pages (a VM that
+# resumes into a small working set), with the background stream on.
+WARM_WORKING_SET: Final = 10
 
 
 def _fc_standin(c: Client, testvm: Path, handover: str, snap: Path, seed: int, vcpus: int,
                 session: str, dst: harness.DaemonProcess, *, idle_guest: bool,
-                order: str = "seq", recording: bool = False) -> Result:
+                order: str = "seq", recording: bool = False, working_set: int = 100
+                ) -> Result:
     """Run the stand-in on a prepared session; its figures and the daemon's.
 
     ``idle_guest``: the guest starts only after ``completed`` (the stream alone, without
@@ -836,6 +853,7 @@ def _fc_standin(c: Client, testvm: Path, handover: str, snap: Path, seed: int, v
     proc = subprocess.Popen([str(testvm), "firecracker", "--handover", handover, "--snapshot",
                              str(snap), "--seed", str(seed), "--vcpus", str(vcpus),
                              "--regions", "2", "--hold", "--timeout", "600", "--order", order,
+                             "--working-set", str(working_set),
                              *(["--wait-go"] if idle_guest else [])],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
