@@ -64,7 +64,12 @@ def test_format_round_trip_and_recorder_coalesces() -> None:
     assert warmorder.decode(warmorder.encode(order)) == order
 
 
-def test_replay_streams_whole_blocks_in_first_recorded_order() -> None:
+def test_replay_streams_whole_blocks_in_first_recorded_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the rule with 64 KiB blocks (16 pages), small enough to show it on small regions;
+    # shipped blocks are a bulk chunk (2 MiB)
+    assert warmorder.REPLAY_BLOCK_BYTES == 2 << 20
+    monkeypatch.setattr(warmorder, "REPLAY_BLOCK_BYTES", 64 << 10)
     order = _order(((1, 20, 1), (0, 63, 1), (1, 3, 1), (0, 0, 17), (1, 17, 2)))
     assert warmorder.blocks(order) == ((1, 16, 16), (0, 48, 16), (1, 0, 16), (0, 0, 32))
     huge = warmorder.Order(((0, 8 << 20, 2 << 20),), ((0, 2, 1), (0, 0, 1)))
@@ -286,24 +291,25 @@ def test_partial_replay_streams_its_order_and_the_record_holds_what_was_demanded
     """A replay of some pages in a scattered order: exactly those arrive by bulk first;
     the guest demands the rest, and the new record lists only those (pages the stream
     delivered before any fault are never faulted, so never recorded)."""
-    snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 4 * MIB, seed=3)
-    pages = 4 * MIB // PAGE
+    snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 16 * MIB, seed=3)
+    pages = 16 * MIB // PAGE
     half = pages // 2
+    block = warmorder.REPLAY_BLOCK_BYTES // PAGE  # 512 pages: one bulk chunk
     layout = ((0, half * PAGE, PAGE), (half * PAGE, half * PAGE, PAGE))
     runs = ((1, 10, 10), (0, 5, 3), (1, 40, 2))
     replay = tmp_path / "replay.order"
     replay.write_bytes(warmorder.encode(warmorder.Order(layout, runs)))
-    # streamed as whole 64 KiB blocks (16 pages) around the recorded pages, in order
+    # streamed as whole 2 MiB blocks around the recorded pages, in first-recorded order
     streamed = warmorder.blocks(warmorder.Order(layout, runs))
-    assert streamed == ((1, 0, 32), (0, 0, 16), (1, 32, 16))
+    assert streamed == ((1, 0, block), (0, 0, block))
     record = tmp_path / "record.order"
     st = _restore(testvm, dest, snap, tmp_path, record=record, replay=replay,
-                  replayed_pages=64)
+                  replayed_pages=2 * block)
     assert st["warm_replay"] == "used"
-    assert st["pages_background"] == 64 and st["pages_demand"] == pages - 64, st
+    assert st["pages_background"] == 2 * block and st["pages_demand"] == pages - 2 * block, st
     got = warmorder.decode(record.read_bytes())
-    assert got.runs == ((0, 16, half - 16), (1, 48, half - 48)), got.runs
-    assert st["warm_recorded_pages"] == pages - 64
+    assert got.runs == ((0, block, half - block), (1, block, half - block)), got.runs
+    assert st["warm_recorded_pages"] == pages - 2 * block
 
 
 def test_remote_record_then_replay(testvm: Path, dest: harness.DaemonProcess,

@@ -224,10 +224,11 @@ class Recorder:
 
 
 #: A replay streams whole aligned blocks of this many bytes around each recorded page
-#: (one page for 2 MiB pages): a record is mostly single pages, and a frame per page
-#: made a replayed stream several times slower than a sequential one (README, "Warm
-#: restore", measured).
-REPLAY_BLOCK_BYTES: Final = 64 * 1024
+#: (one page for 2 MiB pages): the bulk chunk, so a replayed stream moves as fast as a
+#: sequential one. A frame per page made it several times slower, and 64 KiB blocks
+#: (16 pages per recorded page) still made a restore with the stream on slower than no
+#: replay at all (README, "Warm restore", measured).
+REPLAY_BLOCK_BYTES: Final = 2 << 20
 
 
 def blocks(order: Order) -> tuple[tuple[int, int, int], ...]:
