@@ -11,7 +11,6 @@ back at start with ``$LISTEN_FDS`` / ``$LISTEN_FDNAMES`` / ``$LISTEN_PID``).
 
 from __future__ import annotations
 
-import array
 import fcntl
 import json
 import os
@@ -19,8 +18,6 @@ import re
 import secrets
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from tests.service_manager import ServiceManager, start_under
 from tests.test_firecracker_standin import (
     MIB,
     PAGE,
@@ -49,109 +47,13 @@ from uffdd.lab.faultproxy import FaultProxy
 PREFIX = "uffdd-firecracker-"
 
 
-class Manager:
-    """systemd's side: the notification socket, and an fd store kept by FDNAME."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.path = path
-        self.store: dict[str, list[int]] = {}
-        self.removed: list[str] = []
-
-    def drain(self) -> None:
-        while True:
-            fds = array.array("i")
-            try:
-                data, anc, _flags, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
-            except TimeoutError:
-                return
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(payload[: len(payload) - len(payload) % 4])
-            fields = dict(f.split("=", 1) for f in data.decode().split("\n") if "=" in f)
-            name = fields.get("FDNAME", "")
-            if fields.get("FDSTORE") == "1":
-                self.store.setdefault(name, []).extend(fds)
-            elif fields.get("FDSTOREREMOVE") == "1":
-                self.removed.append(name)
-                for fd in self.store.pop(name, []):
-                    os.close(fd)
-            else:
-                for fd in fds:
-                    os.close(fd)
-
-    def wait_removed(self, name: str) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while name not in self.removed:
-            assert time.monotonic() < deadline, f"{name} never left the fd store"
-            self.drain()
-
-    def stored(self) -> list[tuple[str, int]]:
-        self.drain()
-        return [(name, fd) for name, fds in self.store.items() for fd in fds]
-
-    def description(self, name: str) -> dict[str, Any]:
-        """The newest description stored under ``name`` (a sealed memfd)."""
-        found = []
-        for fd in self.store[name]:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:uffdd-firecracker"):
-                found.append(json.loads(os.pread(fd, 1 << 20, 0)))
-        return max(found, key=lambda d: int(d["generation"]))
-
-    def close(self) -> None:
-        for fds in self.store.values():
-            for fd in fds:
-                os.close(fd)
-        self.store.clear()
-        self.sock.close()
-
-
-_LAUNCHER = ("import fcntl, os, sys\n"
-             "fds = [int(x) for x in sys.argv[1].split(',') if x]\n"
-             "moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]\n"
-             "for i, fd in enumerate(moved):\n"
-             "    os.dup2(fd, 3 + i)\n"
-             "    os.set_inheritable(3 + i, True)\n"
-             "for fd in fds:\n"
-             "    if not 3 <= fd < 3 + len(fds):\n"
-             "        os.close(fd)\n"
-             "if fds:\n"
-             "    os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),"
-             " LISTEN_FDNAMES=sys.argv[2])\n"
-             "os.execv(sys.argv[3], sys.argv[3:])\n")
-
-
-def start_under_manager(workdir: Path, manager: Manager, config: str, log_name: str
-                        ) -> harness.DaemonProcess:
-    """``uffdd serve`` as systemd starts it: $NOTIFY_SOCKET, and the fd store's fds from
-    3 on and no others (a tiny launcher moves them there, closes where they came in, and
-    sets LISTEN_PID to its own pid, which exec keeps)."""
-    stored = manager.stored()
-    config_path = workdir / "destination.toml"
-    config_path.write_text(config)
-    api = str(workdir / "destination.sock")
-    log_path = workdir / log_name
-    serve = [sys.executable, "-m", "uffdd", "serve", "--api-socket", api, "--peer-listen",
-             "127.0.0.1:0", "--metrics-listen", "", "--config", str(config_path)]
-    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path)}
-    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-c", _LAUNCHER, ",".join(str(fd) for _, fd in stored),
-           ":".join(name for name, _ in stored), *serve]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                pass_fds=[fd for _, fd in stored], start_new_session=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        match = re.search(r"ready api=(\S+) peer_port=(\d+)", log_path.read_text())
-        if match:
-            return harness.DaemonProcess("destination", proc, api, int(match.group(2)), 0,
-                                         log_path)
-        assert proc.poll() is None, log_path.read_text()
-        time.sleep(0.05)
-    raise AssertionError("the daemon did not start:\n" + log_path.read_text())
+def description(manager: ServiceManager, name: str) -> dict[str, Any]:
+    """The newest description stored under ``name`` (a sealed memfd)."""
+    found = []
+    for fd in manager.store[name]:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:uffdd-firecracker"):
+            found.append(json.loads(os.pread(fd, 1 << 20, 0)))
+    return max(found, key=lambda d: int(d["generation"]))
 
 
 def held_descriptions(daemon: harness.DaemonProcess) -> int:
@@ -187,8 +89,8 @@ def wait_status(client: Client, session: str, key: str, value: object) -> dict[s
 
 
 @pytest.fixture
-def manager(tmp_path: Path) -> Iterator[Manager]:
-    m = Manager(tmp_path / "notify")
+def manager(tmp_path: Path) -> Iterator[ServiceManager]:
+    m = ServiceManager(tmp_path / "notify")
     try:
         yield m
     finally:
@@ -278,7 +180,7 @@ def test_the_orchestrator_is_the_same_process_or_nobody() -> None:
     ("kill", False), ("sigterm", False), pytest.param("kill", True, marks=pytest.mark.hugetlb)])
 def test_restart_mid_restore_from_a_local_file(
         testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
-        manager: Manager, daemons: list[harness.DaemonProcess], how: str, hugetlb: bool,
+        manager: ServiceManager, daemons: list[harness.DaemonProcess], how: str, hugetlb: bool,
         request: pytest.FixtureRequest) -> None:
     """The daemon stops after the handover, with the guest's vCPUs about to fault (a
     local file source that streams nothing, so no page has arrived): the next daemon
@@ -288,7 +190,7 @@ def test_restart_mid_restore_from_a_local_file(
         request.getfixturevalue("hugepages")
     page = 2 * MIB if hugetlb else PAGE
     config = _config(handover_dir, background=False)
-    daemons.append(start_under_manager(tmp_path, manager, config, "destination-1.log"))
+    daemons.append(start_under(manager, tmp_path, config, "destination-1.log"))
     snap = write_snapshot(testvm, tmp_path / "snapshot.mem", 16 * MIB, seed=3)
     client = Client(daemons[0].api_socket)
     handover = client.prepare("fc-restart", file=str(snap))
@@ -301,13 +203,13 @@ def test_restart_mid_restore_from_a_local_file(
         name = PREFIX + "fc-restart"
         manager.drain()
         assert len(manager.store.get(name, [])) == 4, manager.store  # uffd, socket, file, desc
-        desc = manager.description(name)
+        desc = description(manager, name)
         assert desc["pid"] == vm.proc.pid and desc["source"] == "file"
         assert desc["resident"] is False and len(desc["regions"]) == 2
         stop(daemons[0], how)
         client.close()  # the orchestrator's connection went with the daemon
         vm.send("go")  # the vCPUs fault now, with no daemon to answer
-        daemons.append(start_under_manager(tmp_path, manager, config, "destination-2.log"))
+        daemons.append(start_under(manager, tmp_path, config, "destination-2.log"))
         log = daemons[1].log_text()
         assert "session=fc-restart resumed from the fd store" in log, log
         assert held_descriptions(daemons[1]) == 0
@@ -338,7 +240,7 @@ def test_restart_mid_restore_from_a_local_file(
 @pytest.mark.parametrize("how", ["kill", "sigterm"])
 def test_restart_mid_restore_from_a_source_host_keeps_what_arrived(
         testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
-        manager: Manager, daemons: list[harness.DaemonProcess], how: str) -> None:
+        manager: ServiceManager, daemons: list[harness.DaemonProcess], how: str) -> None:
     """A remote source, slowed by a proxy so that the restore is under way: kill -9 or
     a service-manager stop of the destination daemon at a quarter of the pages (the
     source hears nothing of it either way); the next one adopts the pages
@@ -358,7 +260,7 @@ def test_restart_mid_restore_from_a_source_host_keeps_what_arrived(
             os.close(fd)
         proxy.throttle(MIB)  # per lane and direction: seconds for the whole restore
         config = _config(handover_dir)
-        daemons.append(start_under_manager(tmp_path, manager, config, "destination-1.log"))
+        daemons.append(start_under(manager, tmp_path, config, "destination-1.log"))
         client = Client(daemons[1].api_socket)
         handover = client.prepare("fc-remote", peer=proxy.address, token=token)
         vm = StandIn(testvm, handover, snap, 9, ["--hold", "--vcpus", "2"], tmp_path)
@@ -371,8 +273,7 @@ def test_restart_mid_restore_from_a_source_host_keeps_what_arrived(
             stop(daemons[1], how)
             client.close()
             proxy.throttle(0)
-            daemons.append(start_under_manager(tmp_path, manager, config,
-                                               "destination-2.log"))
+            daemons.append(start_under(manager, tmp_path, config, "destination-2.log"))
             result = vm.line()
             assert result is not None, vm.stderr()
             assert_byte_exact(result, 16 * MIB // PAGE)
@@ -396,14 +297,14 @@ def test_restart_mid_restore_from_a_source_host_keeps_what_arrived(
 @pytest.mark.parametrize("how", ["kill", "sigterm"])
 def test_resident_session_resumes_resident_and_a_bad_one_fails_alone(
         testvm: Path, handover_dir: Path, tmp_path: Path,  # noqa: F811
-        manager: Manager, daemons: list[harness.DaemonProcess], how: str) -> None:
+        manager: ServiceManager, daemons: list[harness.DaemonProcess], how: str) -> None:
     """Three resident sessions; while the daemon is down, the second one's regions are
     unregistered (through the stored uffd, so its description no longer matches the
     kernel) and the third Firecracker exits. The restarted daemon resumes the first
     resident (a balloon remove still reads zeros, never snapshot bytes) and fails the
     other two alone, each with its reason."""
     config = _config(handover_dir)
-    daemons.append(start_under_manager(tmp_path, manager, config, "destination-1.log"))
+    daemons.append(start_under(manager, tmp_path, config, "destination-1.log"))
     vms: list[StandIn] = []
     try:
         with Client(daemons[0].api_socket) as client:
@@ -418,16 +319,16 @@ def test_resident_session_resumes_resident_and_a_bad_one_fails_alone(
                 assert_byte_exact(result, 8 * MIB // PAGE)
                 wait_status(client, session, "resident", True)
         manager.drain()
-        assert manager.description(PREFIX + "fc-good")["resident"] is True
+        assert description(manager, PREFIX + "fc-good")["resident"] is True
         stop(daemons[0], how)
         manager.drain()
-        bad = manager.description(PREFIX + "fc-bad")
+        bad = description(manager, PREFIX + "fc-bad")
         bad_uffd = next(fd for fd in manager.store[PREFIX + "fc-bad"]
                         if uffd.is_userfaultfd(fd))
         for region in bad["regions"]:
             uffd.unregister(bad_uffd, region["addr"], region["size"])
         vms[2].kill()  # and the third Firecracker exits meanwhile
-        daemons.append(start_under_manager(tmp_path, manager, config, "destination-2.log"))
+        daemons.append(start_under(manager, tmp_path, config, "destination-2.log"))
         log = daemons[1].log_text()
         assert "session=fc-bad cannot resume the Firecracker session" in log, log
         assert "not registered with a userfaultfd" in log, log

@@ -10,19 +10,15 @@ generous timeout (no timing thresholds).
 
 from __future__ import annotations
 
-import array
 import os
-import re
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from uffdd.lab import chaos, harness
+from tests.service_manager import ServiceManager, start_under
+from uffdd.lab import chaos
 
 RATE = 2 << 20  # bytes/s per proxied connection: 16 MiB takes a few seconds
 
@@ -177,89 +173,14 @@ def test_source_vmm_death_tells_the_destination(rig: chaos.Rig) -> None:
     assert "the source cancelled the session" in detail, detail
 
 
-class _Manager:
-    """A stand-in for systemd's notification socket that keeps what goes to the fd store."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.path = path
-        self.store: dict[str, list[int]] = {}
-        self.removed: list[str] = []
-
-    def drain(self) -> None:
-        """Read every datagram so far, keeping FDSTORE=1 fds by FDNAME as systemd does."""
-        while True:
-            fds = array.array("i")
-            try:
-                data, anc, _flags, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(64 * 4))
-            except TimeoutError:
-                return
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(payload[: len(payload) - len(payload) % 4])
-            fields = dict(f.split("=", 1) for f in data.decode().split("\n") if "=" in f)
-            name = fields.get("FDNAME", "")
-            if fields.get("FDSTORE") == "1":
-                self.store.setdefault(name, []).extend(fds)
-            elif fields.get("FDSTOREREMOVE") == "1":
-                self.removed.append(name)
-                for fd in self.store.pop(name, []):
-                    os.close(fd)
-
-
-def _daemon_under_manager(workdir: Path, manager: _Manager, stored: list[tuple[str, int]],
-                          log_name: str, name: str = "destination", peer_port: int = 0
-                          ) -> harness.DaemonProcess:
-    """Start a daemon (the destination unless ``name`` says) as systemd would:
-    $NOTIFY_SOCKET, and the fd store's fds from 3 on with $LISTEN_FDS/$LISTEN_FDNAMES/
-    $LISTEN_PID."""
-    config = workdir / f"{name}.toml"
-    config.write_text(chaos.DAEMON_CONFIG)
-    api = str(workdir / f"{name}.sock")
-    log_path = workdir / log_name
-    serve = [sys.executable, "-m", "uffdd", "serve", "--api-socket", api,
-             "--peer-listen", f"127.0.0.1:{peer_port}", "--metrics-listen", "",
-             "--config", str(config)]
-    # A tiny launcher moves the fds to 3.. and sets LISTEN_PID to its own pid (exec keeps it).
-    # Copies go above 100 first, so that moving them down never overwrites one not yet
-    # moved; dup2 onto the same number would keep close-on-exec, hence the explicit set.
-    launcher = ("import fcntl, os, sys\n"
-                "fds = [int(x) for x in sys.argv[1].split(',') if x]\n"
-                "moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in fds]\n"
-                "for i, fd in enumerate(moved):\n"
-                "    os.dup2(fd, 3 + i)\n"
-                "    os.set_inheritable(3 + i, True)\n"
-                "if fds:\n"
-                "    os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)),"
-                " LISTEN_FDNAMES=sys.argv[2])\n"
-                "os.execv(sys.argv[3], sys.argv[3:])\n")
-    env = {**os.environ, "NOTIFY_SOCKET": str(manager.path)}
-    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-c", launcher, ",".join(str(fd) for _, fd in stored),
-           ":".join(name for name, _ in stored), *serve]
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                pass_fds=[fd for _, fd in stored], start_new_session=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        match = re.search(r"ready api=(\S+) peer_port=(\d+)", log_path.read_text())
-        if match:
-            return harness.DaemonProcess(name, proc, api, int(match.group(2)), 0, log_path)
-        assert proc.poll() is None, log_path.read_text()
-        time.sleep(0.05)
-    raise AssertionError("the daemon did not start:\n" + log_path.read_text())
-
-
 def test_fd_store_keeps_session_fds_across_a_restart(rig: chaos.Rig, tmp_path: Path) -> None:
     """Under systemd: the import's fds go to the fd store, come back to the restarted
     daemon (which logs them and keeps them until the VMM re-imports), and leave the store
     when the session ends."""
-    manager = _Manager(tmp_path / "notify")
+    manager = ServiceManager(tmp_path / "notify")
     rig.dst.stop()
-    rig.dst = _daemon_under_manager(tmp_path, manager, [], "destination-1.log")
+    rig.dst = start_under(manager, tmp_path, chaos.DAEMON_CONFIG, "destination-1.log",
+                          stored=[])
     m = rig.start_migration(memory="16M", mode="minor")
     assert rig.wait_installed(m.session, m.pages // 4)
     manager.drain()
@@ -268,7 +189,8 @@ def test_fd_store_keeps_session_fds_across_a_restart(rig: chaos.Rig, tmp_path: P
     rig.dst.kill()
     rig.logs.append(rig.dst.log_path)
     stored = [(name, fd) for fd in manager.store[name]]
-    rig.dst = _daemon_under_manager(tmp_path, manager, stored, "destination-2.log")
+    rig.dst = start_under(manager, tmp_path, chaos.DAEMON_CONFIG, "destination-2.log",
+                          stored=stored)
     _byte_exact(m)
     log = rig.dst.log_text()
     assert f"session={m.session} the fd store gave back 2 fds" in log, log
@@ -289,9 +211,10 @@ def test_sigterm_under_a_service_manager_leaves_the_migration_to_the_next_daemon
     the migration failed, nothing tells the source, the import's fds stay in the fd
     store, and the restarted daemon carries on. (tests/test_systemd_real.py does this
     under a real systemd.)"""
-    manager = _Manager(tmp_path / "notify")
+    manager = ServiceManager(tmp_path / "notify")
     rig.dst.stop()
-    rig.dst = _daemon_under_manager(tmp_path, manager, [], "destination-1.log")
+    rig.dst = start_under(manager, tmp_path, chaos.DAEMON_CONFIG, "destination-1.log",
+                          stored=[])
     m = rig.start_migration(memory="16M", mode="missing")
     assert rig.wait_installed(m.session, m.pages // 4)
     assert rig.dst.stop() == 0  # SIGTERM
@@ -301,7 +224,8 @@ def test_sigterm_under_a_service_manager_leaves_the_migration_to_the_next_daemon
     assert name not in manager.removed, "a planned stop emptied the session's fd store"
     assert "left to the next daemon" in rig.dst.log_text()
     stored = [(name, fd) for fd in manager.store[name]]
-    rig.dst = _daemon_under_manager(tmp_path, manager, stored, "destination-2.log")
+    rig.dst = start_under(manager, tmp_path, chaos.DAEMON_CONFIG, "destination-2.log",
+                          stored=stored)
     _byte_exact(m)
     assert f"session={m.session} the fd store gave back 2 fds" in rig.dst.log_text()
     for fds in manager.store.values():
@@ -314,16 +238,18 @@ def test_sigterm_of_the_source_under_a_service_manager_keeps_the_migration(
     """The same planned restart on the source host: the export is left to the next
     daemon (no 'cancel' frame, no 'failed' event), the source VMM exports again to it,
     and the destination's link comes back."""
-    manager = _Manager(tmp_path / "notify")
+    manager = ServiceManager(tmp_path / "notify")
     port = rig.src.peer_port
     rig.src.stop()
-    rig.src = _daemon_under_manager(tmp_path, manager, [], "source-1.log", "source", port)
+    rig.src = start_under(manager, tmp_path, chaos.DAEMON_CONFIG, "source-1.log", stored=[],
+                         name="source", peer_port=port)
     m = rig.start_migration(memory="16M", mode="missing")
     assert rig.wait_installed(m.session, m.pages // 4)
     assert rig.src.stop() == 0  # SIGTERM
     rig.logs.append(rig.src.log_path)
     first = rig.src
-    rig.src = _daemon_under_manager(tmp_path, manager, [], "source-2.log", "source", port)
+    rig.src = start_under(manager, tmp_path, chaos.DAEMON_CONFIG, "source-2.log", stored=[],
+                         name="source", peer_port=port)
     _byte_exact(m)
     assert "the source cancelled" not in _dest_log(rig)
     assert "left to the next daemon" in first.log_text()
