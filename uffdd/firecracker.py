@@ -151,6 +151,29 @@ def export_specs(specs: list[protocol.RegionSpec]) -> list[protocol.RegionSpec]:
                                 offset=s.gpa) for s in specs]
 
 
+def mapping_claims(specs: list[protocol.RegionSpec], uffd: int, file_fd: int
+                   ) -> list[handover.ImportClaim]:
+    """The kernel checks of a handover's mappings that need no thread (the snapshot
+    file holds every region, if local; the uffd's API and features), and the claims
+    ``handover.verify_import`` then checks against Firecracker's memory. The same at the
+    handover and at a resume after a daemon restart."""
+    if file_fd >= 0:
+        for i, spec in enumerate(export_specs(specs)):
+            handover.check_file_region(file_fd, spec, f"mapping[{i}]")
+    claims = []
+    for i, spec in enumerate(specs):
+        where = f"mapping[{i}]"
+        hugetlb = spec.page_size != 4096
+        # Firecracker asks UFFDIO_API for EVENT_REMOVE only. UFFD_FEATURE_POISON is a
+        # feature bit for detection: UFFDIO_POISON works without it (the kernel lists it
+        # among the range's ioctls, which verify_import checks under the poison
+        # policy), so it is not required here.
+        handover.check_uffd(uffd, where, handover.needed_features("missing", hugetlb,
+                                                                   "crash"))
+        claims.append(handover.ImportClaim(where, spec, uffd, -1, hugetlb))
+    return claims
+
+
 # ---------------------------------------------------------------- prepare
 
 
@@ -467,20 +490,7 @@ class FirecrackerSession(ImportSession):
             registry = self.registry
             assert registry is not None
             handover.check_pages(specs, limits, registry.running_pages())
-            if self.file_fd >= 0:
-                for i, spec in enumerate(export_specs(specs)):
-                    handover.check_file_region(self.file_fd, spec, f"mapping[{i}]")
-            claims = []
-            for i, spec in enumerate(specs):
-                where = f"mapping[{i}]"
-                hugetlb = spec.page_size != 4096
-                # Firecracker asks UFFDIO_API for EVENT_REMOVE only. UFFD_FEATURE_POISON
-                # is a feature bit for detection: UFFDIO_POISON works without it (the
-                # kernel lists it among the range's ioctls, which verify_import checks
-                # under the poison policy), so it is not required here.
-                handover.check_uffd(fd, where, handover.needed_features(
-                    "missing", hugetlb, "crash"))
-                claims.append(handover.ImportClaim(where, spec, fd, -1, hugetlb))
+            claims = mapping_claims(specs, fd, self.file_fd)
             checks = await trio.to_thread.run_sync(handover.verify_import, pid, claims,
                                                    self.policy, False)
             handover.check_pages(specs, limits, registry.running_pages())
@@ -903,15 +913,7 @@ async def resume(config: Config, registry: Registry, session_id: str, fds: list[
         if not isinstance(want, dict) or (want.get("dev"), want.get("ino")) != (
                 st.st_dev, st.st_ino):
             raise ResumeError("the stored snapshot file is not the one of the description")
-        for i, spec in enumerate(export_specs(specs)):
-            handover.check_file_region(stored.file, spec, f"mapping[{i}]")
-    claims = []
-    for i, spec in enumerate(specs):
-        where = f"mapping[{i}]"
-        hugetlb = spec.page_size != 4096
-        handover.check_uffd(stored.uffd, where, handover.needed_features("missing", hugetlb,
-                                                                          "crash"))
-        claims.append(handover.ImportClaim(where, spec, stored.uffd, -1, hugetlb))
+    claims = mapping_claims(specs, stored.uffd, stored.file)
     policy = fcstore.str_field(desc, "policy")
     if policy not in ("crash", "poison"):
         raise ResumeError(f"the description's policy {policy!r} is not crash or poison")
