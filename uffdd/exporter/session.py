@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -99,6 +99,18 @@ class ExportSession(SessionBase):
         log.info("session=%s warm restore: recorded %d demanded pages in %d runs",
                  self.session_id, order.pages, len(order.runs))
 
+    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> bool:
+        """Start ``fn`` in the session's nursery; False once that nursery has closed (the
+        session ended while a lane's handshake or a refusal was under way elsewhere):
+        a start on a closed nursery raises, and it used to take the daemon down."""
+        if self._nursery is None or self.finished:
+            return False
+        try:
+            self._nursery.start_soon(fn, *args)
+        except RuntimeError:  # "Nursery is closed to new arrivals"
+            return False
+        return True
+
     def attach_lane(self, lane: str, fs: peer.FrameSocket) -> None:
         """A destination lane authenticated for this session: serve it."""
         if self._nursery is None or self.finished:
@@ -110,7 +122,8 @@ class ExportSession(SessionBase):
             self.reconnects += self.peer_address is not None
             self.peer_address = _peer_name(fs)
         _watch_for_cancel(fs, self._cancelled_by_peer_threadsafe)
-        self._nursery.start_soon(self._serve_lane, lane, fs)
+        if not self._spawn(self._serve_lane, lane, fs):
+            fs.close()
 
     def _cancelled_by_peer_threadsafe(self, reason: str, code: str) -> None:
         """The destination's 'cancel': the export ends as the import did. A region
@@ -137,10 +150,10 @@ class ExportSession(SessionBase):
         peer_address = _address_text(addr)
         now = trio.current_time()
         last = self._refusal_event_at
-        if self._nursery is None or (last is not None and now - last < _REFUSAL_EVENT_INTERVAL):
+        if last is not None and now - last < _REFUSAL_EVENT_INTERVAL:
             return
         self._refusal_event_at = now
-        self._nursery.start_soon(self.emit, {
+        self._spawn(self.emit, {
             "event": "peer-refused", "session": self.session_id, "refusals": self.refusals,
             "reason": f"a peer at {peer_address} presented a wrong token for this session "
                       f"({lane} lane); the destination VMM must be given this export's token"})
