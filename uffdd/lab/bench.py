@@ -11,7 +11,8 @@ Each scenario starts a fresh pair of daemons, so the CPU time and peak RSS read 
 
 Size: over 500 lines: the scenarios share one ``Bench`` (daemon pairs, the yardstick,
 medians, the table); the ones with machinery of their own live apart
-(``bench_concurrent``, ``versus_qemu``).
+(``bench_concurrent``, ``versus_qemu``), and take the bench as ``benchkit.BenchHost``
+with the helpers of ``benchkit``, so they do not import this module.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import re
 import secrets
 import selectors
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,16 +38,24 @@ from pathlib import Path
 from typing import Any, Final
 
 from uffdd._linux import uffd
-from uffdd._linux.mem import MADV_POPULATE_WRITE, buffer_address, madvise
+from uffdd._linux.mem import buffer_address
 from uffdd.client import Client, ClientError, GuestRegion
-from uffdd.lab import bench_concurrent, harness, twohost
+from uffdd.lab import bench_concurrent, harness, twohost, versus_qemu
+from uffdd.lab.benchkit import (
+    BenchError,
+    Result,
+    median_dict,
+    ratio,
+    scrape,
+    session_status,
+    warm_memory,
+)
 
 SCENARIOS: Final = ("demand-latency", "demand-latency-under-load", "fault-throughput", "bulk",
                     "migration", "cost", "kvm", "concurrent", "versus-qemu",
                     "firecracker-restore")
 PAGE: Final = 4096
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
-Result = dict[str, object]
 
 
 @dataclass(frozen=True)
@@ -67,10 +75,6 @@ FULL: Final = Sizes(256 << 20, (1, 4, 16, 64), 256 << 20, 1 << 30, 2 << 30,
                     (1 << 30, 4 << 30), 512 << 20)
 QUICK: Final = Sizes(8 << 20, (1, 4), 8 << 20, 16 << 20, 16 << 20, (8 << 20, 16 << 20),
                      32 << 20)
-
-
-class BenchError(RuntimeError):
-    """A scenario could not run (a tool is missing, a migration failed)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,24 +124,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fc-mib", type=int, default=None, metavar="MIB",
                    help="guest size of the firecracker-restore scenario (default: 1024, "
                         "32 with --quick)")
-
-
-def warm_memory(nbytes: int) -> None:
-    """Touch and free ``nbytes`` so the guest RAM allocated next is backed by the host.
-
-    These test machines are VMs with free page reporting: a page freed a while ago
-    costs tens of µs at its next first touch (refbench README), which a fresh guest's
-    installs would pay. refbench touches and frees twice its working set before it
-    measures (``-w``); the bench does the same in the destination VMM so the ratios
-    compare like with like (``--no-warm`` measures cold).
-    """
-    if nbytes <= 0:
-        return
-    scratch = mmap.mmap(-1, nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        madvise(buffer_address(scratch), nbytes, MADV_POPULATE_WRITE)
-    finally:
-        scratch.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -390,10 +376,10 @@ class Bench:
                                   str(self.warm_mib(memory))], "dest", self.workdir)
         d = dest.result(600)
         s = source.result(60)
-        status = _session_status(p.dst, session)
+        status = session_status(p.dst, session)
         if not d.get("verified") or d.get("hash") != s.get("hash"):
             raise BenchError(f"migration not verified: dest={d} source={s}")
-        blocked = _scrape(p.dst, "uffdd_vcpu_blocked_seconds_total")
+        blocked = scrape(p.dst, "uffdd_vcpu_blocked_seconds_total")
         return {"dest": d, "status": status, "usage": p.usage(), "blocked_s": blocked}
 
     def reference(self, *args: str) -> Result | None:
@@ -403,12 +389,12 @@ class Bench:
         key = tuple(args)
         if key not in self._ref_cache:
             runs = [self.ref.remote(*args) for _ in range(self.repeat)]
-            self._ref_cache[key] = _median_dict(runs)
+            self._ref_cache[key] = median_dict(runs)
         return self._ref_cache[key]
 
     def repeated(self, fn: Callable[[], Result]) -> Result:
         runs = [fn() for _ in range(self.repeat)]
-        out = _median_dict(runs)
+        out = median_dict(runs)
         if self.repeat > 1:
             out["runs"] = runs
         return out
@@ -453,7 +439,7 @@ class Bench:
         out: Result = {"memory_mib": mem >> 20, "threads": 1, "background": False, "uffdd": u,
                        "reference": ref, "idle": self.idle_cpu()}
         if ref:
-            out["ratio"] = {k: _ratio(u[f"touch_{k}_us"], ref[f"{k}_us"])
+            out["ratio"] = {k: ratio(u[f"touch_{k}_us"], ref[f"{k}_us"])
                             for k in ("p50", "p90", "p99")}
         return out
 
@@ -467,8 +453,8 @@ class Bench:
                                "stream first); daemon_* is per demand fault, from the fault read "
                                "to the page installed"}
         if ref:
-            out["ratio"] = {"p50": _ratio(u["daemon_p50_us"], ref["p50_us"]),
-                            "p99": _ratio(u["daemon_p99_us"], ref["p99_us"])}
+            out["ratio"] = {"p50": ratio(u["daemon_p50_us"], ref["p50_us"]),
+                            "p99": ratio(u["daemon_p99_us"], ref["p99_us"])}
         return out
 
     def fault_throughput(self) -> Result:
@@ -479,7 +465,7 @@ class Bench:
             ref = self.reference("-s", str(mem >> 20), "-t", str(t), "-o", "rand")
             row: Result = {"uffdd": u, "reference": ref}
             if ref:
-                row["ratio"] = _ratio(u["faults_per_second"], float(ref["kpages_s"]) * 1000)  # type: ignore[arg-type]
+                row["ratio"] = ratio(u["faults_per_second"], float(ref["kpages_s"]) * 1000)  # type: ignore[arg-type]
             rows[str(t)] = row
         return {"memory_mib": mem >> 20, "background": False, "order": "rand", "threads": rows}
 
@@ -500,20 +486,20 @@ class Bench:
                 runs[k].append(self._bulk_run(mem, mode, zero_copy))
         med = {}
         for k, rs in runs.items():
-            med[k] = _median_dict(rs)
+            med[k] = median_dict(rs)
             if self.repeat > 1:
                 med[k]["runs"] = rs
         ref = self.reference("-s", str(mem >> 20), "-P", "2048")
         u = med["missing"]
         out: Result = {"memory_mib": mem >> 20, "uffdd": u, "reference": ref}
         if ref:
-            out["ratio"] = _ratio(u["gb_per_s"], ref["GBps"])
+            out["ratio"] = ratio(u["gb_per_s"], ref["GBps"])
         for k in ("minor", "minor_two_copies"):
             row: Result = {"uffdd": med[k]}
             if ref:
-                row["ratio"] = _ratio(med[k]["gb_per_s"], ref["GBps"])
+                row["ratio"] = ratio(med[k]["gb_per_s"], ref["GBps"])
             out[k] = row
-        out["zero_copy_speedup"] = _ratio(med["minor"]["gb_per_s"],
+        out["zero_copy_speedup"] = ratio(med["minor"]["gb_per_s"],
                                           med["minor_two_copies"]["gb_per_s"])
         return out
 
@@ -628,7 +614,6 @@ class Bench:
 
     def versus_qemu(self) -> Result:
         """QEMU's postcopy and uffdd's on the same guest (uffdd/lab/versus_qemu.py)."""
-        from uffdd.lab import versus_qemu  # it imports this module's helpers
 
         return versus_qemu.scenario(self, required="versus-qemu" in (self.args.scenario or ()))
 
@@ -732,11 +717,11 @@ class Bench:
                                         working_set=working_set)
                     warm["order_file_bytes"] = order.stat().st_size
                     pairs.append((cold, warm))
-                cold_m = _median_dict([c for c, _w in pairs])
-                warm_m = _median_dict([w for _c, w in pairs])
+                cold_m = median_dict([c for c, _w in pairs])
+                warm_m = median_dict([w for _c, w in pairs])
                 row: Result = {"background": background, "working_set_pct": working_set,
                                "cold": cold_m, "warm": warm_m,
-                               "warm_over_cold": {k: _ratio(warm_m.get(k), cold_m.get(k))
+                               "warm_over_cold": {k: ratio(warm_m.get(k), cold_m.get(k))
                                                   for k in keys}}
                 if self.repeat > 1:
                     row["pairs"] = [{"cold": c, "warm": w} for c, w in pairs]
@@ -808,27 +793,10 @@ class Bench:
 # ====================================================================== helpers
 
 
-def _session_status(d: harness.DaemonProcess, session: str) -> Result:
-    try:
-        with Client(d.api_socket, timeout=10) as c:
-            sessions = c.status(session)
-    except ClientError:
-        return {}
-    return sessions[0] if sessions else {}
 
 
-def _scrape(d: harness.DaemonProcess, metric: str) -> float | None:
-    """One unlabelled counter from a daemon's /metrics (None when not exported)."""
-    if not d.metrics_port:
-        return None
-    try:
-        text = d.metrics_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(metric + " "):
-            return round(float(line.split()[1]), 3)
-    return None
+
+
 
 
 FC_FULL_BYTES: Final = 1 << 30
@@ -886,13 +854,13 @@ def _fc_standin(c: Client, testvm: Path, handover: str, snap: Path, seed: int, v
             result = line()
             event = c.wait_finished(session, 600)
             t_all = time.monotonic() - t_handover
-        status = _session_status(dst, session)
+        status = session_status(dst, session)
         deadline = time.monotonic() + 60
         while recording and status.get("warm_recorded_pages") is None:  # written at the end
             if time.monotonic() > deadline:
                 raise BenchError(f"the warm-order record was never written: {status}")
             time.sleep(0.05)
-            status = _session_status(dst, session)
+            status = session_status(dst, session)
         if event.get("event") != "completed" or result.get("verified") is not True:
             raise BenchError(f"restore not byte-exact: {event} {result}")
         proc.stdin.write("quit\n")
@@ -916,7 +884,7 @@ def _fc_standin(c: Client, testvm: Path, handover: str, snap: Path, seed: int, v
             "daemon_p99_us": status.get("demand_latency_p99_us"),
             "faults": status.get("faults"), "pages_demand": status.get("pages_demand"),
             "pages_background": status.get("pages_background"),
-            "vcpu_blocked_s": _scrape(dst, "uffdd_vcpu_blocked_seconds_total"),
+            "vcpu_blocked_s": scrape(dst, "uffdd_vcpu_blocked_seconds_total"),
             "warm_replay": status.get("warm_replay"),
             "warm_recorded_pages": status.get("warm_recorded_pages")}
 
@@ -942,31 +910,6 @@ def _check_pattern(ram: mmap.mmap, seed: int, memory: int, samples: int = 256) -
                             for j in range(PAGE // 8))
         bad += data != want
     return bad
-
-
-def _ratio(mine: object, ref: object) -> float | None:
-    if not isinstance(mine, int | float) or not isinstance(ref, int | float) or not ref:
-        return None
-    return round(float(mine) / float(ref), 2)
-
-
-def _median_dict(runs: list[Result]) -> Result:
-    """Median of every numeric field over runs (nested dicts too); other fields from run 0."""
-    if len(runs) == 1:
-        return dict(runs[0])
-    out: Result = {}
-    for key, first in runs[0].items():
-        values = [r.get(key) for r in runs]
-        numbers = [float(v) for v in values
-                   if isinstance(v, int | float) and not isinstance(v, bool)]
-        dicts = [v for v in values if isinstance(v, dict)]
-        if len(numbers) == len(values):
-            out[key] = round(statistics.median(numbers), 3)
-        elif len(dicts) == len(values):
-            out[key] = _median_dict(dicts)
-        else:
-            out[key] = first
-    return out
 
 
 def machine_info() -> Result:
@@ -1082,7 +1025,6 @@ def _scenario_rows(name: str, s: Result) -> list[tuple[str, str, object, object,
                          _slash(row.get("demand_p99_us_worst"), row.get("demand_p99_us_median")),
                          None, None))
     elif name == "versus-qemu":
-        from uffdd.lab import versus_qemu
 
         rows.extend(versus_qemu.table_rows(s))
     elif name == "firecracker-restore":

@@ -14,12 +14,9 @@ from __future__ import annotations
 import secrets
 import statistics
 import time
-from typing import TYPE_CHECKING
 
 from uffdd.lab import harness
-
-if TYPE_CHECKING:
-    from uffdd.lab.bench import Bench, Pair, Result
+from uffdd.lab.benchkit import BenchError, BenchHost, DaemonPair, Result, session_status
 
 FULL_WIDTHS = (1, 4, 8)
 QUICK_WIDTHS = (1, 2)
@@ -27,7 +24,7 @@ FULL_MEMORY = 512 << 20
 QUICK_MEMORY = 16 << 20
 
 
-def concurrent(bench: Bench) -> Result:
+def concurrent(bench: BenchHost) -> Result:
     widths = QUICK_WIDTHS if bench.args.quick else FULL_WIDTHS
     memory = QUICK_MEMORY if bench.args.quick else FULL_MEMORY
     rows: dict[str, Result] = {}
@@ -42,7 +39,7 @@ def concurrent(bench: Bench) -> Result:
             "widths": rows}
 
 
-def _width(bench: Bench, n: int, memory: int) -> Result:
+def _width(bench: BenchHost, n: int, memory: int) -> Result:
     p = bench.pair(background=True)
     try:
         return _migrate_together(bench, p, n, memory)
@@ -50,8 +47,7 @@ def _width(bench: Bench, n: int, memory: int) -> Result:
         p.stop()
 
 
-def _migrate_together(bench: Bench, p: Pair, n: int, memory: int) -> Result:
-    from uffdd.lab.bench import BenchError, _session_status
+def _migrate_together(bench: BenchHost, p: DaemonPair, n: int, memory: int) -> Result:
 
     if bench.vmsim is None:
         raise BenchError("native/build/uffdd-vmsim is not built: run make -C native")
@@ -83,7 +79,7 @@ def _migrate_together(bench: Bench, p: Pair, n: int, memory: int) -> Result:
             raise BenchError(f"session {session} not verified: dest={d} source={src}")
     usage = p.usage()
     seconds = [float(d["seconds"]) for d in results]  # type: ignore[arg-type]
-    p99 = [v for v in (_session_status(p.dst, s).get("demand_latency_p99_us")
+    p99 = [v for v in (session_status(p.dst, s).get("demand_latency_p99_us")
                        for s, _, _ in sessions) if isinstance(v, int | float)]
     gib = n * memory / (1 << 30)
     return {

@@ -38,22 +38,20 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, cast
 
 from uffdd.lab import harness, threadprof, twohost
-from uffdd.lab.bench import (
+from uffdd.lab.benchkit import (
     BenchError,
+    BenchHost,
     Result,
-    _median_dict,
-    _ratio,
-    _scrape,
-    _session_status,
+    median_dict,
+    ratio,
+    scrape,
+    session_status,
     warm_memory,
 )
 from uffdd.lab.qemu import QemuError, QemuVm, qemu_binary
-
-if TYPE_CHECKING:
-    from uffdd.lab.bench import Bench
 
 NAME: Final = "versus-qemu"
 VCPUS: Final = 2
@@ -78,7 +76,7 @@ PROFILED: Final = ("python", "uffdd-testvm", "qemu-system-x86")
 WINDOW: Final = "_window"
 
 
-def scenario(bench: Bench, *, required: bool) -> Result:
+def scenario(bench: BenchHost, *, required: bool) -> Result:
     """The whole scenario: every case and variant, then the ratios."""
     missing = _missing_tools()
     if missing:
@@ -165,7 +163,7 @@ def _qemu_version() -> str | None:
 
 def _repeated(repeat: int, fn: Callable[[], Result]) -> Result:
     runs = [fn() for _ in range(max(1, repeat))]
-    out = _median_dict(runs)
+    out = median_dict(runs)
     out["guest_clean"] = all(bool(r.get("guest_clean")) for r in runs)
     if len(runs) > 1:
         out["runs"] = runs
@@ -183,7 +181,7 @@ def _ratios(runs: dict[str, Result]) -> Result:
             if "error" in u or "error" in q:
                 continue
             out[f"{mine}/{peer}"] = {
-                key: _ratio(u.get(key), q.get(key))
+                key: ratio(u.get(key), q.get(key))
                 for key in ("switchover_to_complete_s", "vcpu_blocked_s", "demand_requests")}
     return out
 
@@ -199,7 +197,7 @@ def guest_verdict(serial: str, memory: int) -> Result:
             "clean": bad == 0 and checked == want and cpus == VCPUS}
 
 
-def _run_variant(bench: Bench, variant: str, kernel: Path, testvm: Path, memory: int,
+def _run_variant(bench: BenchHost, variant: str, kernel: Path, testvm: Path, memory: int,
                  order: str, seed: int, link: twohost.LinkSpec | None = None) -> Result:
     warm_memory(bench.warm_mib(memory) << 20)
     append = f"seed={seed} order={order} cpus={VCPUS}"
@@ -335,7 +333,7 @@ def _per(blocked: float | None, requests: Any) -> float | None:
 # ====================================================================== uffdd
 
 
-def uffdd_postcopy(bench: Bench, testvm: Path, kernel: Path, append: str, memory: int, *,
+def uffdd_postcopy(bench: BenchHost, testvm: Path, kernel: Path, append: str, memory: int, *,
                    minor: bool, demand_dscp: str | None = None) -> Result:
     """One migration of the guest in uffdd-testvm between two fresh uffdd daemons (with
     ``[peer] demand_dscp`` = ``demand_dscp`` when given)."""
@@ -365,8 +363,8 @@ def uffdd_postcopy(bench: Bench, testvm: Path, kernel: Path, append: str, memory
         dest.stdin.flush()
         d = _json_line(dest, RUN_TIMEOUT, "dest result", bench.workdir)
         s = _json_line(source, 120, "source result", bench.workdir)
-        status = _session_status(p.dst, session)
-        blocked = _scrape(p.dst, "uffdd_vcpu_blocked_seconds_total")
+        status = session_status(p.dst, session)
+        blocked = scrape(p.dst, "uffdd_vcpu_blocked_seconds_total")
         usage = p.usage()
         for proc in procs:
             proc.wait(60)
@@ -434,7 +432,7 @@ def table_rows(s: Result) -> list[tuple[str, str, object, object, object]]:
                                ("vcpu_blocked_s", "vCPU blocked s"),
                                ("demand_requests", "demand requests")):
                 rows.append((NAME, f"{name} {mode} {label}", u.get(key), q.get(key),
-                             _ratio(u.get(key), q.get(key))))
+                             ratio(u.get(key), q.get(key))))
         clean = all(bool(r.get("guest_clean")) for r in runs.values())
         rows.append((NAME, f"{name} guest verdicts", "clean" if clean else "NOT CLEAN",
                      None, None))
