@@ -6,6 +6,7 @@ not a skip: CI must not report green for tests it did not run.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import secrets
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from uffdd import _fastpath, schema
-from uffdd.lab import harness
+from uffdd.lab import chaos, harness
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -194,3 +195,17 @@ def hugepages() -> Iterator[None]:
         yield
     finally:
         path.write_text(str(before))
+
+
+@contextlib.contextmanager
+def chaos_rig(tmp_path: Path, *, rate: int = 0, config: str = chaos.DAEMON_CONFIG
+              ) -> Iterator[chaos.Rig]:
+    """Two daemons behind the lab's fault proxy (uffdd.lab.chaos); at the end both must
+    exit 0 with no traceback in their logs."""
+    r = chaos.Rig(tmp_path, rate=rate, config=config)
+    try:
+        yield r
+    finally:
+        codes = r.close()
+    assert not r.tracebacks(), f"daemon logs with a traceback: {r.tracebacks()}"
+    assert codes == (0, 0), f"daemons exited with {codes}"

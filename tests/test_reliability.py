@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import chaos_rig
 from tests.service_manager import ServiceManager, start_under
 from uffdd.lab import chaos
 
@@ -25,13 +26,8 @@ RATE = 2 << 20  # bytes/s per proxied connection: 16 MiB takes a few seconds
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[chaos.Rig]:
-    r = chaos.Rig(tmp_path, rate=RATE)
-    try:
+    with chaos_rig(tmp_path, rate=RATE) as r:
         yield r
-    finally:
-        codes = r.close()
-    assert not r.tracebacks(), f"daemon logs with a traceback: {r.tracebacks()}"
-    assert codes == (0, 0), f"daemons exited with {codes}"
 
 
 def _byte_exact(m: chaos.Migration) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import chaos_rig
 from uffdd.lab import chaos, harness
 
 VMM = Path(__file__).with_name("vmm_zero_copy.py")
@@ -28,13 +29,8 @@ ZERO_COPY_CONFIG = chaos.DAEMON_CONFIG.replace("[peer]\n", "[peer]\nzero_copy = 
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[chaos.Rig]:
-    r = chaos.Rig(tmp_path, rate=RATE, config=ZERO_COPY_CONFIG)
-    try:
+    with chaos_rig(tmp_path, rate=RATE, config=ZERO_COPY_CONFIG) as r:
         yield r
-    finally:
-        codes = r.close()
-    assert not r.tracebacks(), f"daemon logs with a traceback: {r.tracebacks()}"
-    assert codes == (0, 0), f"daemons exited with {codes}"
 
 
 def _dest_log(rig: chaos.Rig) -> str:
