@@ -19,21 +19,15 @@ from uffdd.peer import FrameSocket
 log = logging.getLogger("uffdd.export")
 Header = _AbcMapping[str, object]
 
-def _next_run(state: ExportState, cursor: tuple[int, int], max_bytes: int, *,
-              replay: bool = True) -> tuple[ExportRegion, int, int] | None:
-    """Claim the next run of unsent pages: a warm restore's recorded runs first, in
-    their order (not with ``replay`` False: the sequential stream's turn, ``_stream``);
-    then at or after ``cursor`` (wrapping around), or the demand hint.
-
-    Demand requests still jump the queue (the demand lane answers them, whatever bulk
-    does); while the replay lasts the hint is dropped, so bulk does not leave the
-    recorded order for the neighbourhood of a fault the record will reach anyway.
-    Without the background stream (``[peer] background = false``) only the replay is
-    streamed, then the lane ends as it would have at once."""
+def _next_run(state: ExportState, cursor: tuple[int, int], max_bytes: int
+              ) -> tuple[ExportRegion, int, int] | None:
+    """Claim the next run of unsent pages of the sequential stream, at or after
+    ``cursor`` (wrapping around), or at the demand hint. A warm restore's replay goes
+    before it (``_send_replay_batch``, in ``_stream``). Without the background stream
+    (``[peer] background = false``) there is none: the lane ends once the replay did."""
     with state.lock:
-        run = _next_replay_run(state, max_bytes) if replay else None
-        if run is not None or not state.background:
-            return run
+        if not state.background:
+            return None
         if state.hint is not None:
             cursor, state.hint = state.hint, None
         order = list(range(cursor[0], len(state.regions))) + list(range(cursor[0]))
@@ -57,7 +51,10 @@ def _next_run(state: ExportState, cursor: tuple[int, int], max_bytes: int, *,
 
 def _next_replay_run(state: ExportState, max_bytes: int
                      ) -> tuple[ExportRegion, int, int] | None:
-    """The next unsent pages of the replay's runs (the caller holds the lock)."""
+    """The next unsent pages of the replay's runs (the caller holds the lock). Demand
+    requests still jump the queue (the demand lane answers them, whatever bulk does);
+    while the replay lasts the hint is dropped, so bulk does not leave the recorded
+    order for the neighbourhood of a fault the record will reach anyway."""
     while state.replay_at < len(state.replay):
         r, first, count = state.replay[state.replay_at]
         row = state.sent[r]
@@ -133,7 +130,7 @@ def _stream(fs: FrameSocket, state: ExportState, reader: PageReader,
                 if nbytes:
                     metrics.sent("bulk", nbytes)
                     continue
-            run = _next_run(state, cursor, state.chunk_bytes, replay=False)
+            run = _next_run(state, cursor, state.chunk_bytes)
             if run is None:
                 break
             region, page, count = run
